@@ -1,0 +1,228 @@
+"""Run configuration: one YAML file per paper row, validated on load.
+
+Every section is a dataclass; unknown keys, missing required keys and values of the wrong type are refused
+with a one-line error that names the field (`finetune.lr: expected a number, got 'fast'`). The `smoke`
+section holds overrides that `neon run --smoke` merges on top (tiny random network, tiny counts).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line naming the offending field."""
+
+
+@dataclasses.dataclass
+class SyntheticConfig:
+    """Stage 1: the synthetic set S, drawn from θr with its usual mode-seeking sampler."""
+    num_images: int | None = None        # number of seeds 0..N-1 (ignored when per_class is set)
+    per_class: int | None = None         # conditional models: this many images of every class
+    labels: str = "per_class"            # 'per_class' (balanced), 'random' (drawn from the seed) or 'none'
+    seed_offset: int = 0                 # first seed
+    batch: int = 64                      # images per sampler call on one rank
+    sampler: dict[str, Any] = dataclasses.field(default_factory=dict)   # family sampler kwargs
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    """Stage 2: brief self-training of θr on S (θs)."""
+    lr: float = 1e-5
+    batch: int = 64                      # global batch (split across ranks)
+    total_images: int = 10_000           # training length, in images seen
+    warmup_images: int = 0               # linear lr ramp from 0 over this many images
+    ema: dict[str, float] | None = None  # None, {'beta': 0.9999} or {'halflife_images': 500_000}
+    snapshot_every_images: int | None = None   # None = only the final snapshot
+    optimizer: dict[str, Any] = dataclasses.field(default_factory=dict)  # overrides of the family's TrainDefaults
+    loss_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # passed to the family's loss via the bundle
+    seed: int = 0
+    log_every_images: int = 1000
+    cache_dtype: str = "float32"         # dtype of cached float examples (latents); integer tokens keep theirs
+
+
+@dataclasses.dataclass
+class SweepConfig:
+    """Stage 3: choose w (and the guidance scale) by FID on a few thousand samples."""
+    w: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.5, 1.0])
+    cfg: list[float] | None = None       # guidance scales to sweep jointly with w (AR / IMM rows)
+    cfg_key: str = "cfg"                 # name of the guidance argument in the family's sampler
+    num_images: int = 10_000
+    per_class: int | None = None         # balanced labels for the sweep samples (else random from the seed)
+    seed_offset: int = 0
+    batch: int = 64
+    tolerance: float | None = None       # early stop once FID rises this much above the best along w
+    refine: float | None = None          # after the grid, try best_w ± refine (and best cfg ± refine)
+    sampler: dict[str, Any] = dataclasses.field(default_factory=dict)
+    snapshot: str = "last"               # which self-training snapshot is θs ('last' or a file name)
+
+
+@dataclasses.dataclass
+class FinalConfig:
+    """Stage 4: the full-count evaluation of θr and θneon at the chosen (w, cfg)."""
+    num_images: int = 50_000
+    per_class: int | None = None
+    seed_offset: int = 0
+    batch: int = 64
+    sampler: dict[str, Any] = dataclasses.field(default_factory=dict)
+    evaluate_base: bool = True
+
+
+@dataclasses.dataclass
+class MetricsConfig:
+    detector: str = "inception-v3-compat"   # or 'nvidia' (NVIDIA's inception-2015-12-05 TorchScript, EDM rows)
+    weights: str | None = None              # local detector weights; None = the detector's usual location
+    inception_score: bool = True
+    precision_recall: bool = False
+
+
+@dataclasses.dataclass
+class RunConfig:
+    family: str
+    base: str | None = None                 # θr checkpoint; None only with --smoke (the family's tiny network)
+    load_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+    ref_stats: str | None = None             # reference statistics .npz (mu, sigma)
+    description: str = ""
+    metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
+    synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
+    finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
+    sweep: SweepConfig = dataclasses.field(default_factory=SweepConfig)
+    final: FinalConfig = dataclasses.field(default_factory=FinalConfig)
+    smoke: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check(value: Any, tp: Any, where: str) -> Any:
+    """Validate `value` against annotation `tp` (coercing int -> float and numeric strings -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check(value, option, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: unexpected value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if tp is Any:
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_check(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
+        return tuple(_check(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        _, vt = typing.get_args(tp)
+        return {k: _check(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, str):  # PyYAML reads '1e-5' (no dot) as a string; accept what float() accepts
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _build(cls, data: Any, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{where + '.' if where else ''}{key}: unknown field (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        path = f"{where}.{f.name}" if where else f.name
+        if f.name in data:
+            kwargs[f.name] = _check(data[f.name], hints[f.name], path)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{path}: required field is missing")
+    return cls(**kwargs)
+
+
+def deep_update(base: dict, overrides: dict) -> dict:
+    """Recursively merge `overrides` into a copy of `base` (mappings merge, everything else replaces)."""
+    out = dict(base)
+    for k, v in overrides.items():
+        out[k] = deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _semantic_checks(cfg: RunConfig) -> None:
+    if cfg.synthetic.labels not in ("per_class", "random", "none"):
+        raise ConfigError(f"synthetic.labels: expected 'per_class', 'random' or 'none', got {cfg.synthetic.labels!r}")
+    if cfg.synthetic.num_images is None and cfg.synthetic.per_class is None:
+        raise ConfigError("synthetic.num_images: set num_images or per_class")
+    for section in ("synthetic", "finetune", "sweep", "final"):
+        if getattr(cfg, section).batch <= 0:
+            raise ConfigError(f"{section}.batch: must be positive")
+    if cfg.finetune.lr <= 0:
+        raise ConfigError(f"finetune.lr: must be positive, got {cfg.finetune.lr}")
+    if cfg.finetune.ema is not None and set(cfg.finetune.ema) - {"beta", "halflife_images"}:
+        raise ConfigError(f"finetune.ema: expected 'beta' or 'halflife_images', got {sorted(cfg.finetune.ema)}")
+    if not cfg.sweep.w:
+        raise ConfigError("sweep.w: at least one merge weight is needed")
+    if cfg.metrics.detector not in ("inception-v3-compat", "nvidia"):
+        raise ConfigError(f"metrics.detector: expected 'inception-v3-compat' or 'nvidia', got {cfg.metrics.detector!r}")
+
+
+def parse_config(data: dict, smoke: bool = False, where: str = "") -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping at the top level")
+    if smoke:
+        data = deep_update({k: v for k, v in data.items() if k != "smoke"}, data.get("smoke") or {})
+    cfg = _build(RunConfig, data, "")
+    _semantic_checks(cfg)
+    return cfg
+
+
+def load_config(path: str, smoke: bool = False) -> RunConfig:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    try:
+        return parse_config(data, smoke=smoke)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

@@ -1,0 +1,127 @@
+"""The adapter protocol: what a model family tells the Neon core, and the registry that finds families by name.
+
+A family (edm, var, xar, imm, or a test family) implements `Family`. Everything else — sharding seeds across
+ranks, caching encoded examples, DDP, EMA, merging, metrics, sweeps — belongs to the core. The core never
+imports a family package: families are found through the `neon.families` entry-point group (pyproject.toml)
+or registered at run time with `register()`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.metadata
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+
+import torch
+
+
+@dataclasses.dataclass
+class Bundle:
+    """The networks of one checkpoint, as a family loaded them.
+
+    net:         the one module that self-training updates and the merge touches (the EMA network where the
+                 checkpoint has one). Its `state_dict()` keys are the keys of the merged tensors.
+    helpers:     frozen modules the family needs around `net` (VAE, VQ tokenizer); never trained, never merged.
+    num_classes: 0 for an unconditional model, else the number of real classes (labels in [0, num_classes)).
+    resolution:  side of the square uint8 images that `sample` returns.
+    source:      the file `net` was loaded from, or None for a freshly built network. Families whose official
+                 container cannot be rebuilt from scratch (EDM/IMM pickles) use it as the template in `save`.
+    info:        family-specific facts (constructor kwargs, container layout) that `save` needs.
+    """
+    net: torch.nn.Module
+    helpers: dict[str, torch.nn.Module] = dataclasses.field(default_factory=dict)
+    num_classes: int = 0
+    resolution: int = 0
+    source: str | None = None
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0
+
+    def to(self, device) -> "Bundle":
+        self.net.to(device)
+        for h in self.helpers.values():
+            h.to(device)
+        return self
+
+
+@dataclasses.dataclass
+class TrainDefaults:
+    """A family's official self-training recipe; configs override any field."""
+    optimizer: str = "adamw"                 # 'adam' or 'adamw'
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float | None = None           # max global grad norm; None = no clipping
+    autocast: str | None = None              # 'bf16' / 'fp16' on GPU where the official code uses it
+
+
+@runtime_checkable
+class Family(Protocol):
+    """The five things a family tells the core, plus a tiny network for smoke runs and tests."""
+
+    name: str
+    train_defaults: TrainDefaults
+
+    def load(self, path: str, device: torch.device | str = "cpu", **load_args) -> Bundle:
+        """Official checkpoint file (or one this project saved) -> networks in eval mode on `device`.
+        `load_args` come from the config's `load_args` (e.g. the path of a VAE or tokenizer)."""
+        ...
+
+    def tiny(self, device: torch.device | str = "cpu", seed: int = 0, **load_args) -> Bundle:
+        """A randomly initialised network of a few thousand to a few hundred thousand parameters, with the
+        same code paths as the released models; used by `neon run --smoke` and by tests."""
+        ...
+
+    def sample(self, bundle: Bundle, seeds: Sequence[int], labels: torch.Tensor | None,
+               **sampler_args) -> torch.Tensor:
+        """Generate one image per seed -> uint8 (B, H, W, 3) on CPU.
+
+        Every random draw for image i comes from a generator seeded with seeds[i], so an image depends on its
+        seed (and label) alone — not on the batch size, the rank or the world size. `labels` is int64 (B,) for
+        a conditional model and None for an unconditional one.
+        """
+        ...
+
+    def encode(self, bundle: Bundle, images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Synthetic images uint8 (B, H, W, 3) + labels -> training examples: a dict of tensors whose first
+        dimension is B (VAE latents, VQ token indices, or the images in the network's range). The core calls
+        this once per image and caches the result."""
+        ...
+
+    def loss(self, bundle: Bundle, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The family's own training loss (a scalar, mean over the batch) on a batch of `encode`'s output,
+        computed with `bundle.net` in train mode. Random draws use the global torch RNG, as the official code."""
+        ...
+
+    def save(self, bundle: Bundle, path: str) -> None:
+        """Write `bundle.net`'s weights to `path` in the official container (atomically)."""
+        ...
+
+
+_REGISTRY: dict[str, Callable[[], Family]] = {}
+
+
+def register(name: str, factory: Callable[[], Family]) -> None:
+    """Add a family at run time (tests use this for throw-away families)."""
+    _REGISTRY[name] = factory
+
+
+def available() -> list[str]:
+    names = set(_REGISTRY)
+    names.update(ep.name for ep in importlib.metadata.entry_points(group="neon.families"))
+    return sorted(names)
+
+
+def get_family(name: str) -> Family:
+    """Look a family up by name: run-time registrations first, then the `neon.families` entry points."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]()
+    for ep in importlib.metadata.entry_points(group="neon.families"):
+        if ep.name == name:
+            return ep.load()()
+    if ":" in name:  # 'package.module:Class' for families that are not installed as entry points
+        module, attr = name.split(":", 1)
+        return getattr(importlib.import_module(module), attr)()
+    raise KeyError(f"unknown family {name!r}; available: {', '.join(available())}")

@@ -1,0 +1,27 @@
+"""Shared test set-up: where the official-output fixtures live, and a quiet, reproducible torch."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fixtures_root() -> Path:
+    """$NEON_FIXTURES, or ../shared/fixtures beside the repository (as CI lays it out)."""
+    return Path(os.environ.get("NEON_FIXTURES", REPO.parent / "shared" / "fixtures")).resolve()
+
+
+@pytest.fixture(scope="session")
+def fixtures() -> Path:
+    root = fixtures_root()
+    if not root.is_dir():
+        pytest.fail(f"fixture folder {root} not found: set NEON_FIXTURES")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_torch():
+    torch.manual_seed(0)
+    yield
