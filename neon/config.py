@@ -14,8 +14,10 @@ from typing import Any
 
 import yaml
 
+from neon.errors import NeonError
 
-class ConfigError(ValueError):
+
+class ConfigError(NeonError, ValueError):
     """A configuration problem, reported as one line naming the offending field."""
 
 

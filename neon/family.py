@@ -14,6 +14,8 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from neon.errors import NeonError
+
 
 @dataclasses.dataclass
 class Bundle:
@@ -124,4 +126,4 @@ def get_family(name: str) -> Family:
     if ":" in name:  # 'package.module:Class' for families that are not installed as entry points
         module, attr = name.split(":", 1)
         return getattr(importlib.import_module(module), attr)()
-    raise KeyError(f"unknown family {name!r}; available: {', '.join(available())}")
+    raise NeonError(f"unknown family {name!r}; available: {', '.join(available())}")

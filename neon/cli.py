@@ -1,0 +1,55 @@
+"""`neon` / `python -m neon`: one command per stage of the method, each usable alone or under torchrun.
+
+Each subcommand lives with its code: module `M` provides `add_arguments(parser)` and `main(args)` for every
+command listed here, and is imported only when that command runs (so `neon merge` never loads a metrics stack).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from neon.errors import NeonError
+
+# command -> (module, help)
+COMMANDS = {
+    "sample": ("neon.sampling", "draw a synthetic set from a checkpoint (sharded, resumable) -> .npz"),
+    "finetune": ("neon.selftrain", "self-train a checkpoint on a synthetic set -> θs snapshots"),
+    "merge": ("neon.merge", "θneon = (1+w)·θr − w·θs, streamed tensor by tensor"),
+    "sweep": ("neon.sweep", "choose w (× cfg) by FID"),
+    "run": ("neon.run", "all stages from a config: sample → finetune → sweep → final evaluation"),
+    "fid": ("neon.metrics.cli", "FID / IS / precision-recall of an image set against reference statistics"),
+    "stats": ("neon.metrics.cli", "reference statistics (mu, sigma) of an image set"),
+    "toy": ("neon.toy", "the paper's 2-D Gaussian experiment (tiny diffusion + tiny AR model)"),
+}
+
+
+def _module(command: str):
+    return importlib.import_module(COMMANDS[command][0])
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neon", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        if name == command:  # only the chosen command's module is imported to add its arguments
+            getattr(_module(name), f"add_{name}_arguments")(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in COMMANDS:
+        command = None
+    args = build_parser(command).parse_args(argv)
+    try:
+        getattr(_module(args.command), f"{args.command}_main")(args)
+    except (NeonError, FileNotFoundError, FileExistsError) as e:
+        print(f"neon {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
