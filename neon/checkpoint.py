@@ -1,0 +1,324 @@
+"""Checkpoint containers, read lazily and rewritten tensor by tensor.
+
+Neon merges one module of a checkpoint — the EMA network where the container has one — and must keep
+everything else the file holds, in the same container, so the official code loads the result. Three formats:
+
+- `.pth` / `.pt` (torch.save zip): a plain state dict, or a dict holding `model_ema` / `ema` / `model` /
+  `state_dict` / `net`; read through torch's zip reader one storage at a time;
+- `.safetensors`: header + raw bytes, read with plain file reads;
+- EDM/IMM pickles (`torch_utils.persistence`): read by `neon.safe_pickle` without executing anything, tensors
+  located in the file.
+
+`open_checkpoint(path)` gives a `Checkpoint`: the merged module's tensors as lazy references, `read(key)` to get
+one, and `write(out, replace)` to copy the whole file with each of those tensors replaced by `replace(key, t)`.
+Peak memory is a few tensors, never the checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import pickle
+import shutil
+import struct
+import tempfile
+import zipfile
+from typing import Any, Callable, Iterator
+
+import torch
+
+from neon import safe_pickle
+from neon.errors import NeonError
+from neon.safe_pickle import BlobRef, Record, TensorRef
+
+# Container keys that hold the network, in the order Neon prefers them (the EMA network first).
+MODULE_KEYS = ("ema", "model_ema", "model", "state_dict", "net", "module")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Atomic writes: a reader never sees a half-written file, and a killed job leaves no partial output.
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yield a temporary path beside `path`; on success it is renamed to `path`, on error removed."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "wb"):
+    """`open(path, mode)` that appears at `path` only once closed without error."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """`torch.save(obj, path)`, atomically."""
+    with atomic_open(path) as f:
+        torch.save(obj, f)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The lazy checkpoint.
+
+_ELEMENT_SIZE: dict[torch.dtype, int] = {}
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    if dtype not in _ELEMENT_SIZE:
+        _ELEMENT_SIZE[dtype] = torch.empty((), dtype=dtype).element_size()
+    return _ELEMENT_SIZE[dtype]
+
+
+def _is_tensorish(v) -> bool:
+    return isinstance(v, (torch.Tensor, TensorRef))
+
+
+def select_module(obj: Any, path: str) -> tuple[str | None, dict]:
+    """(key, state dict) of the module Neon merges in a loaded container `obj`."""
+    if isinstance(obj, dict) and obj and all(_is_tensorish(v) for v in obj.values()):
+        return None, obj
+    if isinstance(obj, dict):
+        for key in MODULE_KEYS:
+            value = obj.get(key)
+            if isinstance(value, Record):
+                return key, safe_pickle.module_state_dict(value)
+            if isinstance(value, dict) and value and all(_is_tensorish(v) for v in value.values()):
+                return key, value
+    kinds = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+    raise NeonError(f"{path}: no network state dict found (top level: {kinds}; expected a state dict or one "
+                    f"of {', '.join(MODULE_KEYS)})")
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """One checkpoint file, its merged module's tensors not yet read.
+
+    format:     'pth', 'safetensors' or 'pickle'
+    module:     container key of the merged module (None: the whole file is one state dict)
+    class_name: the module's class where the file records it (EDM/IMM pickles), else None
+    tensors:    key -> TensorRef, in state-dict order
+    """
+    path: str
+    format: str
+    module: str | None
+    class_name: str | None
+    tensors: dict[str, TensorRef]
+    _reader: Any = None
+
+    def specs(self) -> dict[str, tuple[tuple, torch.dtype]]:
+        return {k: (ref.shape, ref.dtype) for k, ref in self.tensors.items()}
+
+    def describe(self) -> str:
+        inner = f"['{self.module}']" if self.module else ""
+        kind = f" {self.class_name}" if self.class_name else ""
+        return f"{self.format}{inner}{kind}"
+
+    # -- reading ------------------------------------------------------------------------------------------
+    def _storage_bytes(self, storage) -> bytearray:
+        if self.format == "pth":
+            return bytearray(self._zip().get_record(f"data/{storage}"))
+        with open(self.path, "rb") as f:  # pickle BlobRef, or safetensors (offset, nbytes)
+            offset, nbytes = (storage.offset, storage.nbytes) if isinstance(storage, BlobRef) else storage
+            f.seek(offset)
+            data = bytearray(nbytes)
+            if f.readinto(data) != nbytes:
+                raise NeonError(f"{self.path}: file is truncated")
+            return data
+
+    def _zip(self):
+        if self._reader is None:
+            self._reader = torch._C.PyTorchFileReader(self.path)
+        return self._reader
+
+    def _view(self, ref: TensorRef, data: bytearray) -> torch.Tensor:
+        flat = torch.frombuffer(data, dtype=ref.dtype) if len(data) else torch.empty(0, dtype=ref.dtype)
+        return flat.as_strided(ref.shape, ref.stride, ref.offset)
+
+    def read(self, key: str) -> torch.Tensor:
+        """The tensor `key` of the merged module, read from disk (a fresh CPU tensor)."""
+        ref = self.tensors[key]
+        return self._view(ref, self._storage_bytes(ref.storage)).clone()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: self.read(k) for k in self.tensors}
+
+    # -- writing ------------------------------------------------------------------------------------------
+    def _groups(self) -> dict[Any, list[str]]:
+        """Storage -> the merged-module keys that view it (usually one key per storage)."""
+        groups: dict[Any, list[str]] = {}
+        for key, ref in self.tensors.items():
+            sid = ref.storage.index if isinstance(ref.storage, BlobRef) else ref.storage
+            groups.setdefault(sid, []).append(key)
+        return groups
+
+    def _patched(self, keys: list[str], data: bytearray, replace: Callable) -> bytearray:
+        for key in keys:
+            ref = self.tensors[key]
+            new = replace(key, self._view(ref, data).clone())
+            if tuple(new.shape) != tuple(ref.shape):
+                raise NeonError(f"replacement for {key!r} has shape {tuple(new.shape)}, expected {ref.shape}")
+            self._view(ref, data).copy_(new.to(ref.dtype))
+        return data
+
+    def write(self, out: str, replace: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
+        """Copy this checkpoint to `out` (atomically), replacing each merged-module tensor t by replace(key, t)
+        (cast to the stored dtype). Everything else in the file is copied as it is."""
+        with atomic_path(out) as tmp:
+            {"pth": self._write_pth, "safetensors": self._write_safetensors,
+             "pickle": self._write_pickle}[self.format](tmp, replace)
+
+    def _write_pickle(self, tmp: str, replace) -> None:
+        # Same-length byte substitution inside the nested storage streams: every opcode, memo index and
+        # byte of embedded source stays where it was, so the official unpickler reads the result as before.
+        shutil.copyfile(self.path, tmp)
+        with open(tmp, "r+b") as f:
+            for sid, keys in self._groups().items():
+                blob = self.tensors[keys[0]].storage
+                data = self._patched(keys, self._storage_bytes(blob), replace)
+                f.seek(blob.offset)
+                f.write(data)
+
+    def _write_safetensors(self, tmp: str, replace) -> None:
+        with open(self.path, "rb") as src, open(tmp, "wb") as dst:
+            (n,) = struct.unpack("<Q", src.read(8))
+            dst.write(struct.pack("<Q", n) + src.read(n))
+            for key in sorted(self.tensors, key=lambda k: self.tensors[k].storage[0]):
+                dst.write(self._patched([key], self._storage_bytes(self.tensors[key].storage), replace))
+
+    def _write_pth(self, tmp: str, replace) -> None:
+        reader = self._zip()
+        groups = self._groups()
+        with open(tmp, "wb") as f:
+            writer = torch._C.PyTorchFileWriter(f)
+            for name in reader.get_all_records():
+                if name in ("version", ".data/serialization_id"):
+                    continue  # written by write_end_of_file
+                sid = name[len("data/"):] if name.startswith("data/") else None
+                if sid in groups:
+                    data = self._patched(groups[sid], bytearray(reader.get_record(name)), replace)
+                else:
+                    data = reader.get_record(name)
+                writer.write_record(name, bytes(data), len(data))
+            writer.write_end_of_file()
+            del writer
+
+
+def _pth_persistent_load(pid):
+    # torch.save zip format: ('storage', storage_type, key, location, numel)
+    if not isinstance(pid, tuple) or pid[0] != "storage":
+        raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+    storage_type, key = pid[1], pid[2]
+    dtype = safe_pickle._STORAGE_DTYPES.get(storage_type) if isinstance(storage_type, str) else None
+    if dtype is None:
+        raise pickle.UnpicklingError(f"unsupported storage type {storage_type!r}")
+    return BlobRef(index=key, dtype=dtype, numel=int(pid[4]))
+
+
+def _open_pth(path: str) -> Checkpoint:
+    try:
+        reader = torch._C.PyTorchFileReader(path)
+    except RuntimeError:
+        raise NeonError(f"{path}: not a torch.save zip file (legacy or corrupt checkpoint)") from None
+    import io
+    try:
+        obj = safe_pickle.SafeUnpickler(io.BytesIO(reader.get_record("data.pkl")),
+                                        persistent_load=_pth_persistent_load).load()
+    except pickle.UnpicklingError as e:
+        raise NeonError(f"{path}: {e}") from None
+    module, sd = select_module(obj, path)
+    tensors = {}
+    for k, ref in sd.items():
+        if not isinstance(ref, TensorRef):
+            raise NeonError(f"{path}: entry {k!r} is not a tensor")
+        ref.storage = ref.storage.index  # the record key 'data/<key>'
+        tensors[k] = ref
+    return Checkpoint(path, "pth", module, None, tensors, reader)
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _open_safetensors(path: str) -> Checkpoint:
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise NeonError(f"{path}: not a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise NeonError(f"{path}: not a safetensors file (bad header)") from None
+    tensors = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise NeonError(f"{path}: unsupported dtype {info['dtype']} for {key!r}")
+        begin, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        stride = tuple(torch.empty(shape, device="meta").stride())
+        tensors[key] = TensorRef((8 + n + begin, end - begin), dtype, 0, shape, stride)
+    return Checkpoint(path, "safetensors", None, None, tensors)
+
+
+def _open_pickle(path: str) -> Checkpoint:
+    obj = safe_pickle.load(path, lazy=True)
+    module, sd = select_module(obj, path)
+    class_name = obj[module].name if module and isinstance(obj.get(module), Record) else None
+    return Checkpoint(path, "pickle", module, class_name, dict(sd))
+
+
+def detect_format(path: str) -> str:
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if zipfile.is_zipfile(path):
+        return "pth"
+    if head[:1] == b"\x80":
+        return "pickle"
+    if len(head) == 8 and struct.unpack("<Q", head)[0] < os.path.getsize(path):
+        return "safetensors"
+    raise NeonError(f"{path}: unknown checkpoint format")
+
+
+def open_checkpoint(path: str) -> Checkpoint:
+    """Open a checkpoint lazily (no tensor is read)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise NeonError(f"{path}: checkpoint not found")
+    fmt = detect_format(path)
+    return {"pth": _open_pth, "safetensors": _open_safetensors, "pickle": _open_pickle}[fmt](path)
+
+
+def load_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The merged module's state dict (the EMA network where the container has one), read safely."""
+    return open_checkpoint(path).state_dict()
+
+
+def write_like(template: str, out: str, state_dict: dict[str, torch.Tensor]) -> None:
+    """Write `state_dict` in `template`'s container: a copy of the template with its network's tensors
+    replaced (keys and shapes must match). This is how EDM/IMM pickles are saved: the official loader then
+    reads the result exactly as it reads the template."""
+    ckpt = open_checkpoint(template)
+    missing = [k for k in ckpt.tensors if k not in state_dict]
+    extra = [k for k in state_dict if k not in ckpt.tensors]
+    if missing or extra:
+        raise NeonError(f"state dict does not match {template}: missing {missing[:3]}, unexpected {extra[:3]}")
+    ckpt.write(out, lambda key, _: state_dict[key].detach().cpu())
