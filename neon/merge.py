@@ -5,11 +5,15 @@ mode-seeking samples would cause (the paper's Eq. 3).
 """
 from __future__ import annotations
 
+import argparse
 import math
+import os
+import time
 from typing import Mapping
 
 import torch
 
+from neon.checkpoint import open_checkpoint
 from neon.errors import NeonError
 
 
@@ -30,8 +34,10 @@ def merge_tensor(theta_r: torch.Tensor, theta_s: torch.Tensor, w: float) -> torc
     return merged.to(theta_r.dtype)
 
 
-def check_compatible(theta_r: Mapping[str, torch.Tensor], theta_s: Mapping[str, torch.Tensor]) -> None:
-    """Refuse (naming the first offending key) unless both hold the same keys with the same shapes."""
+def check_compatible(theta_r: Mapping[str, tuple], theta_s: Mapping[str, tuple]) -> None:
+    """Refuse (naming the first offending key) unless both hold the same keys with the same shapes.
+    Values are tensors or shapes."""
+    shape = lambda v: tuple(v.shape) if hasattr(v, "shape") else tuple(v)  # noqa: E731
     for key in theta_r:
         if key not in theta_s:
             raise NeonError(f"checkpoints differ: key {key!r} is in the reference but not in the self-trained one")
@@ -39,8 +45,8 @@ def check_compatible(theta_r: Mapping[str, torch.Tensor], theta_s: Mapping[str, 
         if key not in theta_r:
             raise NeonError(f"checkpoints differ: key {key!r} is in the self-trained but not in the reference one")
     for key, t in theta_r.items():
-        if tuple(t.shape) != tuple(theta_s[key].shape):
-            raise NeonError(f"checkpoints differ: {key!r} has shape {tuple(t.shape)} vs {tuple(theta_s[key].shape)}")
+        if shape(t) != shape(theta_s[key]):
+            raise NeonError(f"checkpoints differ: {key!r} has shape {shape(t)} vs {shape(theta_s[key])}")
 
 
 def merge_state_dicts(theta_r: Mapping[str, torch.Tensor], theta_s: Mapping[str, torch.Tensor],
@@ -49,3 +55,64 @@ def merge_state_dicts(theta_r: Mapping[str, torch.Tensor], theta_s: Mapping[str,
     w = check_w(w)
     check_compatible(theta_r, theta_s)
     return {k: merge_tensor(t, theta_s[k], w) for k, t in theta_r.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files: merge two checkpoints into a third, in the reference checkpoint's container.
+
+def check_same_family(ckpt_r, ckpt_s) -> None:
+    """Refuse checkpoints that cannot be two versions of one network."""
+    if ckpt_r.class_name and ckpt_s.class_name and ckpt_r.class_name != ckpt_s.class_name:
+        raise NeonError(f"checkpoints are of different families: {ckpt_r.path} holds a {ckpt_r.class_name}, "
+                        f"{ckpt_s.path} a {ckpt_s.class_name}")
+    if not set(ckpt_r.tensors) & set(ckpt_s.tensors):
+        raise NeonError(f"checkpoints are of different families (no parameter names in common): {ckpt_r.path} "
+                        f"is {ckpt_r.describe()}, {ckpt_s.path} is {ckpt_s.describe()}")
+    check_compatible({k: r.shape for k, r in ckpt_r.tensors.items()},
+                     {k: r.shape for k, r in ckpt_s.tensors.items()})
+
+
+def output_paths(out: str, ws: list[float]) -> list[str]:
+    """One output per w: `out` itself for a single w; else `out` with '{w}' filled in, or '_w<w>' added."""
+    if len(ws) == 1:
+        return [out]
+    if "{w}" in out:
+        return [out.replace("{w}", f"{w:g}") for w in ws]
+    root, ext = os.path.splitext(out)
+    return [f"{root}_w{w:g}{ext}" for w in ws]
+
+
+def merge_files(ref: str, synth: str, w: float | list[float], out: str, force: bool = False) -> list[str]:
+    """θneon = (1+w)·θr − w·θs from checkpoint files, streamed tensor by tensor: the output is a copy of `ref`
+    (same container, everything else it holds) whose merged network (the EMA one where there is one) is
+    replaced. Nothing is written unless every check passes."""
+    ws = [check_w(x) for x in (w if isinstance(w, (list, tuple)) else [w])]
+    outs = output_paths(out, ws)
+    if not force:
+        for path in outs:
+            if os.path.exists(path):
+                raise NeonError(f"{path} exists (use --force to overwrite)")
+    for path in outs:
+        if os.path.abspath(path) in (os.path.abspath(ref), os.path.abspath(synth)):
+            raise NeonError(f"output {path} would overwrite an input")
+    ckpt_r, ckpt_s = open_checkpoint(ref), open_checkpoint(synth)
+    check_same_family(ckpt_r, ckpt_s)
+    for wi, path in zip(ws, outs):
+        ckpt_r.write(path, lambda key, t, wi=wi: merge_tensor(t, ckpt_s.read(key), wi))
+    return outs
+
+
+def add_merge_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ref", required=True, help="θr: the reference (base) checkpoint")
+    p.add_argument("--synth", required=True, help="θs: the self-trained checkpoint")
+    p.add_argument("--w", required=True, type=float, nargs="+", help="merge weight(s); one output per w")
+    p.add_argument("--out", required=True, help="output file (several w: '{w}' in the name, or _w<w> is added)")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+
+
+def merge_main(args) -> None:
+    t0 = time.time()
+    outs = merge_files(args.ref, args.synth, args.w, args.out, args.force)
+    for w, path in zip(args.w, outs):
+        print(f"w={w:g}: {path}")
+    print(f"merged in {time.time() - t0:.1f} s")

@@ -1,0 +1,188 @@
+"""`neon run CONFIG.yaml`: the whole method from one config — sample S → self-train θs → sweep w → final FID.
+
+Every stage writes into one run folder and is skipped when its output already exists, so a killed run is
+rerun with the same command. `run.json` records the config, package versions, and each stage's result.
+`--smoke` runs the same stages with the family's tiny random network and the config's `smoke:` overrides.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+from neon import dist
+from neon.checkpoint import atomic_open, load_state_dict
+from neon.config import RunConfig, load_config
+from neon.errors import NeonError
+from neon.family import Bundle, Family, get_family
+from neon.sampling import class_labels, plan_seeds, sample_to_npz
+from neon.selftrain import CACHE_FILE, encode_examples, finetune
+from neon.sweep import Sweep, build_metric, evaluate_images
+
+
+def _versions() -> dict:
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for pkg in ("torch", "torchvision", "numpy", "torch-fidelity", "timm", "diffusers", "neon-selftrain"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    out["cuda"] = torch.version.cuda if torch.cuda.is_available() else None
+    out["world_size"] = dist.world_size()
+    return out
+
+
+class RunRecord:
+    """run.json: what was asked and what each stage produced (rank 0 writes it)."""
+
+    def __init__(self, path: str, cfg: RunConfig, smoke: bool):
+        self.path = path
+        self.doc = {"config": cfg.to_dict(), "smoke": smoke, "stages": {}}
+        if os.path.isfile(path):
+            with open(path) as f:
+                self.doc["stages"] = json.load(f).get("stages", {})
+        self.doc["versions"] = _versions()
+
+    def stage(self, name: str) -> dict | None:
+        return self.doc["stages"].get(name)
+
+    def record(self, name: str, result: dict) -> None:
+        self.doc["stages"][name] = result
+        if dist.is_main():
+            with atomic_open(self.path, "w") as f:
+                json.dump(self.doc, f, indent=1, default=str)
+
+
+def load_base(family: Family, cfg: RunConfig, out: str, smoke: bool, device) -> tuple[Bundle, str | None]:
+    """θr: the configured checkpoint, or with --smoke the family's tiny network (also saved into the run)."""
+    if smoke and not cfg.base:
+        bundle = family.tiny(device, seed=0, **cfg.load_args)
+        return bundle, None
+    if not cfg.base:
+        raise NeonError("base: no checkpoint configured (set base, or use --smoke)")
+    if not os.path.isfile(cfg.base):
+        raise NeonError(f"base: checkpoint {cfg.base} not found (bash download_models.sh fetches the released ones)")
+    return family.load(cfg.base, device, **cfg.load_args), cfg.base
+
+
+def run_metric(cfg: RunConfig, out: str, device, synthetic: str):
+    """The sweep/final metric. With no reference statistics (smoke runs only), statistics of the synthetic set
+    itself stand in, so the wiring is exercised; such numbers mean nothing and are labelled so in run.json."""
+    ref = cfg.ref_stats
+    if ref is None:
+        from neon import metrics
+        ref = os.path.join(out, "smoke_ref_stats.npz")
+        if not os.path.isfile(ref):
+            metrics.compute_stats(synthetic, ref, detector=cfg.metrics.detector, weights=cfg.metrics.weights,
+                                  device=device)
+        dist.barrier()
+    elif not os.path.isfile(ref):
+        raise NeonError(f"ref_stats: {ref} not found (bash download_models.sh fetches the reference statistics)")
+    return build_metric(cfg.metrics.detector, ref, device, cfg.metrics.weights, cfg.metrics.inception_score), ref
+
+
+def run(config: str, out: str, smoke: bool = False) -> dict:
+    cfg = load_config(config, smoke=smoke)
+    family = get_family(cfg.family)
+    device = dist.init()
+    os.makedirs(out, exist_ok=True)
+    rec = RunRecord(os.path.join(out, "run.json"), cfg, smoke)
+    bundle, base_path = load_base(family, cfg, out, smoke, device)
+    theta_r = {k: v.detach().clone() for k, v in bundle.net.state_dict().items()}
+
+    # 1. The synthetic set S, drawn from θr with its usual (mode-seeking) sampler.
+    synthetic = os.path.join(out, "synthetic.npz")
+    if not os.path.isfile(synthetic):
+        s = cfg.synthetic
+        t0 = time.time()
+        seeds = plan_seeds(s.num_images, s.per_class, bundle.num_classes, s.seed_offset)
+        labels = class_labels(seeds, bundle.num_classes, "none" if s.labels == "none" else s.labels)
+        sample_to_npz(family, bundle, seeds, labels, synthetic, s.batch, s.sampler)
+        rec.record("sample", {"path": synthetic, "num_images": len(seeds), "seconds": round(time.time() - t0, 1)})
+
+    # 2. Self-training: θs.
+    ft_dir = os.path.join(out, "finetune")
+    if not (rec.stage("finetune") or {}).get("snapshots"):
+        t0 = time.time()
+        examples = encode_examples(family, bundle, synthetic, os.path.join(ft_dir, CACHE_FILE), cfg.synthetic.batch,
+                                   cfg.finetune.cache_dtype)
+        snapshots = finetune(family, bundle, examples, cfg.finetune, ft_dir)
+        bundle.net.load_state_dict(theta_r)  # back to θr for the sweep
+        rec.record("finetune", {"snapshots": snapshots, "seconds": round(time.time() - t0, 1)})
+    snapshots = rec.stage("finetune")["snapshots"]
+    theta_s_path = snapshots[-1] if cfg.sweep.snapshot == "last" else os.path.join(ft_dir, cfg.sweep.snapshot)
+
+    # 3. The sweep over w (× guidance scale).
+    metric, ref = run_metric(cfg, out, device, synthetic)
+    sweep = Sweep(family, bundle, load_state_dict(theta_s_path), cfg.sweep, metric, os.path.join(out, "sweep.json"))
+    if not (rec.stage("sweep") or {}).get("best"):
+        t0 = time.time()
+        best = sweep.run()
+        rec.record("sweep", {"best": best, "theta_s": theta_s_path, "ref_stats": ref,
+                             "points": len(sweep.points), "seconds": round(time.time() - t0, 1)})
+    best = rec.stage("sweep")["best"]
+
+    # 4. θneon at the chosen w, saved in the family's container, and the final full-count evaluation.
+    neon_path = os.path.join(out, "neon" + (os.path.splitext(base_path)[1] if base_path else ".pth"))
+    if not os.path.isfile(neon_path):
+        bundle.net.load_state_dict(sweep.merged(best["w"]))
+        if dist.is_main():
+            family.save(bundle, neon_path)
+        dist.barrier()
+    if not rec.stage("final"):
+        rec.record("final", final_evaluation(family, bundle, sweep, cfg, metric, best))
+    bundle.net.load_state_dict(theta_r)
+    if dist.is_main():
+        summarize(rec.doc, cfg)
+    return rec.doc
+
+
+def final_evaluation(family, bundle, sweep: Sweep, cfg: RunConfig, metric, best: dict) -> dict:
+    """θr and θneon on the final image count; θr at its own best guidance scale from the sweep's w=0 points."""
+    f = cfg.final
+    out = {}
+    base_points = [p for p in sweep.points.values() if p["w"] == 0]
+    base_cfg = min(base_points, key=lambda p: p["fid"])["cfg"] if base_points else best["cfg"]
+    for name, w, c in (("base", 0.0, base_cfg), ("neon", best["w"], best["cfg"])):
+        if name == "base" and not f.evaluate_base:
+            continue
+        bundle.net.load_state_dict(sweep.merged(w))
+        args = dict(f.sampler)
+        if c is not None:
+            args[cfg.sweep.cfg_key] = c
+        t0 = time.time()
+        result = evaluate_images(family, bundle, metric, f.num_images, f.per_class, f.seed_offset, f.batch, args,
+                                 desc=f"final {name}")
+        out[name] = {"w": w, "cfg": c, **result, "seconds": round(time.time() - t0, 1)}
+    return out
+
+
+def summarize(doc: dict, cfg: RunConfig) -> None:
+    final = doc["stages"].get("final", {})
+    note = "  (smoke run: statistics of S stand in for the reference; the numbers mean nothing)" \
+        if doc.get("smoke") else ""
+    for name in ("base", "neon"):
+        if name in final:
+            r = final[name]
+            cfg_txt = "" if r["cfg"] is None else f", {cfg.sweep.cfg_key}={r['cfg']:g}"
+            print(f"{name:>5}: w={r['w']:g}{cfg_txt}  FID {r['fid']:.4f} on {r['num_images']} images")
+    print(note.strip() or "", end="\n" if note else "")
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="a YAML file from configs/")
+    p.add_argument("--out", help="run folder (default runs/<config name>[-smoke])")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny random network and tiny counts from the config's smoke section (CPU, seconds)")
+
+
+def run_main(args) -> None:
+    name = os.path.splitext(os.path.basename(args.config))[0] + ("-smoke" if args.smoke else "")
+    run(args.config, args.out or os.path.join("runs", name), smoke=args.smoke)

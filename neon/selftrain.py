@@ -1,0 +1,303 @@
+"""Stage 2 — self-training: briefly fine-tune θr on its own synthetic set S to get θs.
+
+Data-parallel over torchrun ranks (gradients averaged after each backward pass), AdamW/Adam with the family's
+official settings, a linear lr ramp, optional EMA started from θr, gradient clipping, and snapshots in the
+family's official container. Everything a step does depends only on (seed, step, rank): the example order is a
+fixed stream of seeded permutations and the loss's random draws are reseeded every step, so a job killed at any
+point and rerun continues from its last saved state to bit-identical weights.
+
+Gradients are averaged by hand instead of wrapping the network in DistributedDataParallel: each family's loss
+calls its own network (several passes, no-grad target passes, helper methods), which DDP's wrapper would hide
+or forbid; one all-reduce per step over flattened buckets is the same arithmetic.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from neon import dist
+from neon.checkpoint import atomic_open, atomic_save
+from neon.config import FinetuneConfig, _build
+from neon.errors import NeonError
+from neon.family import Bundle, Family, TrainDefaults
+from neon.images import NpzImages, load_image_folder
+
+STATE_FILE = "train_state.pt"
+CACHE_FILE = "examples.pt"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Examples: the synthetic images encoded once (VAE latents, VQ tokens, ...) and cached.
+
+def _source_id(path: str) -> dict:
+    st = os.stat(path)
+    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _read_images(path: str) -> tuple[int, callable, np.ndarray | None]:
+    """(count, read(i, j) -> uint8 NHWC, labels) for an .npz or an image folder."""
+    if os.path.isdir(path):
+        images, labels = load_image_folder(path)
+        return len(images), lambda i, j: images[i:j], labels
+    s = NpzImages(path)
+    return len(s), s.read, s.labels
+
+
+@torch.no_grad()
+def encode_examples(family: Family, bundle: Bundle, data: str, cache: str | None = None, batch: int = 64,
+                    cache_dtype: str = "float32") -> dict[str, torch.Tensor]:
+    """Encode every image of `data` with the family's `encode` (each rank a share, gathered in order) and cache
+    the result in `cache`; a later call with the same data file reads the cache."""
+    if cache and os.path.isfile(cache):
+        stored = torch.load(cache, weights_only=True)
+        if stored.get("source") == _source_id(data):
+            return stored["examples"]
+    n, read, labels = _read_images(data)
+    if bundle.conditional and labels is None:
+        raise NeonError(f"{data}: the model is class-conditional but the images have no labels")
+    float_dtype = getattr(torch, cache_dtype)
+    ranges = dist.shard([(i, min(i + batch, n)) for i in range(0, n, batch)])
+    parts: dict[str, list[torch.Tensor]] = {}
+    index = []
+    for i, j in tqdm(ranges, desc="encoding S", disable=not dist.is_main(), dynamic_ncols=True):
+        lab = None if labels is None else torch.as_tensor(labels[i:j])
+        out = family.encode(bundle, torch.from_numpy(np.ascontiguousarray(read(i, j))), lab)
+        for k, v in out.items():
+            v = v.detach().cpu()
+            parts.setdefault(k, []).append(v.to(float_dtype) if v.is_floating_point() else v)
+        index.append(torch.arange(i, j))
+    order = dist.all_gather_cat(torch.cat(index)).argsort()
+    examples = {k: dist.all_gather_cat(torch.cat(v))[order] for k, v in sorted(parts.items())}
+    if cache and dist.is_main():
+        atomic_save({"source": _source_id(data), "examples": examples}, cache)
+    dist.barrier()
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The training loop.
+
+def example_indices(step: int, global_batch: int, n: int, seed: int) -> torch.Tensor:
+    """Indices of the global batch at `step`: positions [step·B, (step+1)·B) of an endless stream made of
+    seeded permutations of 0..n-1 (one per epoch)."""
+    start = step * global_batch
+    out = []
+    while len(out) < global_batch:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.extend(perm[offset:offset + global_batch - len(out)].tolist())
+    return torch.tensor(out)
+
+
+def make_optimizer(params, lr: float, d: TrainDefaults) -> torch.optim.Optimizer:
+    kind = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}.get(d.optimizer)
+    if kind is None:
+        raise NeonError(f"unknown optimizer {d.optimizer!r} (adam or adamw)")
+    return kind(params, lr=lr, betas=tuple(d.betas), eps=d.eps, weight_decay=d.weight_decay)
+
+
+def ema_beta(ema: dict | None, global_batch: int) -> float | None:
+    """Per-step EMA decay: given directly, or from a half-life in images (EDM: 0.5^(B / half-life))."""
+    if not ema:
+        return None
+    if "beta" in ema:
+        return float(ema["beta"])
+    return 0.5 ** (global_batch / float(ema["halflife_images"]))
+
+
+@torch.no_grad()
+def update_ema(ema_net: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
+    for e, p in zip(ema_net.parameters(), net.parameters()):
+        e.lerp_(p.detach(), 1 - beta)
+    for e, b in zip(ema_net.buffers(), net.buffers()):
+        e.copy_(b)
+
+
+def average_gradients(params: list[torch.nn.Parameter], bucket_bytes: int = 64 << 20) -> None:
+    """Mean of every gradient over ranks, all-reduced in flat buckets."""
+    if dist.world_size() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    bucket, size = [], 0
+    for g in grads + [None]:
+        if g is not None:
+            bucket.append(g)
+            size += g.numel() * g.element_size()
+        if bucket and (g is None or size >= bucket_bytes):
+            flat = torch.cat([b.flatten() for b in bucket])
+            torch.distributed.all_reduce(flat)
+            flat /= dist.world_size()
+            offset = 0
+            for b in bucket:
+                b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                offset += b.numel()
+            bucket, size = [], 0
+
+
+def trainable_parameters(family: Family, bundle: Bundle) -> list[torch.nn.Parameter]:
+    """The parameters self-training updates: the family's choice (e.g. IMM's fixed pos_embed stays fixed),
+    by default all of them."""
+    chooser = getattr(family, "trainable_parameters", None)
+    return list(chooser(bundle)) if chooser else list(bundle.net.parameters())
+
+
+def train_defaults(family: Family, overrides: dict) -> TrainDefaults:
+    fields = {f.name for f in dataclasses.fields(TrainDefaults)}
+    bad = set(overrides) - fields
+    if bad:
+        raise NeonError(f"finetune.optimizer: unknown setting {sorted(bad)[0]!r} (known: {', '.join(sorted(fields))})")
+    return dataclasses.replace(family.train_defaults, **overrides)
+
+
+def snapshot_path(out_dir: str, images: int, bundle: Bundle) -> str:
+    suffix = os.path.splitext(bundle.source)[1] if bundle.source else ".pth"
+    return os.path.join(out_dir, f"snapshot-{images:010d}{suffix or '.pth'}")
+
+
+def _autocast(device: torch.device, mode: str | None):
+    if device.type != "cuda" or not mode:
+        return torch.autocast("cpu", enabled=False)
+    return torch.autocast("cuda", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[mode])
+
+
+def finetune(family: Family, bundle: Bundle, examples: dict[str, torch.Tensor], cfg: FinetuneConfig,
+             out_dir: str) -> list[str]:
+    """Self-train `bundle.net` (in place) on `examples`; write snapshots (the EMA weights if EMA is on) into
+    `out_dir`. Returns the snapshot paths, the last one being θs. Resumes from `out_dir/train_state.pt`."""
+    n = len(next(iter(examples.values())))
+    world = dist.world_size()
+    if cfg.batch % world:
+        raise NeonError(f"finetune.batch {cfg.batch} is not divisible by the {world} processes")
+    steps = math.ceil(cfg.total_images / cfg.batch)
+    defaults = train_defaults(family, cfg.optimizer)
+    device = next(bundle.net.parameters()).device
+    net = bundle.net
+    net.train().requires_grad_(False)
+    params = trainable_parameters(family, bundle)
+    for p in params:
+        p.requires_grad_(True)
+    opt = make_optimizer(params, cfg.lr, defaults)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and defaults.autocast == "fp16")
+    beta = ema_beta(cfg.ema, cfg.batch)
+    ema_net = copy.deepcopy(net).eval().requires_grad_(False) if beta is not None else None
+    bundle.info["loss_args"] = dict(cfg.loss_args)
+
+    os.makedirs(out_dir, exist_ok=True)
+    state_path = os.path.join(out_dir, STATE_FILE)
+    step, snapshots = 0, []
+    if os.path.isfile(state_path):
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        if ema_net is not None:
+            ema_net.load_state_dict(state["ema"])
+        scaler.load_state_dict(state["scaler"])
+        step, snapshots = int(state["step"]), list(state["snapshots"])
+        if dist.is_main():
+            print(f"resuming self-training at step {step} of {steps} ({step * cfg.batch} images)")
+
+    local = cfg.batch // world
+    snap_every = cfg.snapshot_every_images
+    log_path = os.path.join(out_dir, "log.jsonl")
+    bar = tqdm(total=steps, initial=step, desc="self-training", unit="step", disable=not dist.is_main(),
+               dynamic_ncols=True)
+    losses, t0 = [], time.time()
+    while step < steps:
+        idx = example_indices(step, cfg.batch, n, cfg.seed)[dist.rank() * local:(dist.rank() + 1) * local]
+        batch = {k: v[idx].to(device, non_blocking=True) for k, v in examples.items()}
+        images_seen = (step + 1) * cfg.batch
+        lr = cfg.lr * min(1.0, images_seen / cfg.warmup_images) if cfg.warmup_images else cfg.lr
+        for g in opt.param_groups:
+            g["lr"] = lr
+        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, step, dist.rank()]).generate_state(1)[0]))
+
+        opt.zero_grad(set_to_none=True)
+        with _autocast(device, defaults.autocast):
+            loss = family.loss(bundle, batch)
+        scaler.scale(loss).backward()
+        mean_loss = dist.all_reduce_sum(loss.detach().float().reshape(1)) / world
+        if not torch.isfinite(mean_loss).all():
+            raise NeonError(f"self-training loss became {mean_loss.item()} at step {step} "
+                            f"({step * cfg.batch} images): stopping (try a lower finetune.lr)")
+        average_gradients(params)
+        scaler.unscale_(opt)
+        if defaults.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, defaults.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        if ema_net is not None:
+            update_ema(ema_net, net, beta)
+        step += 1
+        losses.append(mean_loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.4g}", lr=f"{lr:.3g}")
+
+        if dist.is_main() and (images_seen // cfg.log_every_images != (images_seen - cfg.batch) // cfg.log_every_images
+                               or step == steps):
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": step, "images": images_seen, "loss": float(np.mean(losses)),
+                                    "lr": lr, "seconds": round(time.time() - t0, 3)}) + "\n")
+            losses = []
+        if step == steps or (snap_every and images_seen // snap_every != (images_seen - cfg.batch) // snap_every):
+            path = snapshot_path(out_dir, images_seen, bundle)
+            if dist.is_main():
+                family.save(dataclasses.replace(bundle, net=ema_net if ema_net is not None else net), path)
+            snapshots.append(path)
+            if dist.is_main():
+                atomic_save({"step": step, "net": net.state_dict(), "opt": opt.state_dict(),
+                             "ema": ema_net.state_dict() if ema_net is not None else {},
+                             "scaler": scaler.state_dict(), "snapshots": snapshots}, state_path)
+            dist.barrier()
+    bar.close()
+    net.eval().requires_grad_(False)
+    return snapshots
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI: neon finetune
+
+def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
+    from neon.sampling import add_model_arguments
+    add_model_arguments(p)
+    p.add_argument("--data", required=True, help="synthetic set: .npz (arr_0, arr_1) or an image folder "
+                                                 "(labels from its dataset.json)")
+    p.add_argument("--out", required=True, help="output folder: snapshots, log.jsonl, train_state.pt")
+    p.add_argument("--lr", type=float, required=True)
+    p.add_argument("--batch", type=int, required=True, help="global batch size")
+    p.add_argument("--total-images", type=int, required=True, help="training length in images")
+    p.add_argument("--warmup-images", type=int, default=0, help="linear lr ramp length")
+    p.add_argument("--ema-beta", type=float, help="EMA decay per step (EMA started from θr)")
+    p.add_argument("--ema-halflife-images", type=float, help="EMA half-life in images (EDM style)")
+    p.add_argument("--snapshot-every-images", type=int)
+    p.add_argument("--opt", action="append", metavar="KEY=VALUE",
+                   help="optimizer override: optimizer=adamw, betas=[0.9,0.95], weight_decay=0.0, grad_clip=2.0")
+    p.add_argument("--loss-arg", action="append", metavar="KEY=VALUE", help="family loss argument")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--encode-batch", type=int, default=64)
+
+
+def finetune_main(args) -> None:
+    from neon.sampling import load_model, parse_kv
+    family, bundle = load_model(args)
+    ema = {"beta": args.ema_beta} if args.ema_beta else \
+        {"halflife_images": args.ema_halflife_images} if args.ema_halflife_images else None
+    cfg = _build(FinetuneConfig, {
+        "lr": args.lr, "batch": args.batch, "total_images": args.total_images, "warmup_images": args.warmup_images,
+        "ema": ema, "snapshot_every_images": args.snapshot_every_images, "optimizer": parse_kv(args.opt),
+        "loss_args": parse_kv(args.loss_arg), "seed": args.seed}, "finetune")
+    examples = encode_examples(family, bundle, args.data, os.path.join(args.out, CACHE_FILE), args.encode_batch,
+                               cfg.cache_dtype)
+    snapshots = finetune(family, bundle, examples, cfg, args.out)
+    if dist.is_main():
+        print(f"θs: {snapshots[-1]}")
+        with atomic_open(os.path.join(args.out, "finetune.json"), "w") as f:
+            json.dump({"snapshots": snapshots, "config": dataclasses.asdict(cfg)}, f, indent=1)

@@ -1,0 +1,201 @@
+"""Stage 3 — choose the merge weight: FID of θneon(w) = (1+w)·θr − w·θs over a grid of w (× guidance scale).
+
+For each guidance scale the grid is walked in increasing w and stops once FID rises more than `tolerance` above
+the best seen; then the best point's neighbours at ±`refine` are tried. Each point merges in memory, samples
+`num_images` images with fixed seeds (the same noise for every w, so differences between points are not
+sampling noise) and computes the metric. Points are saved as they finish, so a killed sweep resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from typing import Callable
+
+import torch
+
+from neon import dist
+from neon.checkpoint import atomic_open, atomic_path, load_state_dict
+from neon.config import SweepConfig, _build
+from neon.errors import NeonError
+from neon.family import Bundle, Family
+from neon.merge import check_compatible, merge_state_dicts
+from neon.sampling import class_labels, generate, plan_seeds
+
+# A metric is a factory of accumulators: acc = metric(); acc.update(uint8 NHWC); acc.finish() -> {'fid': ...}
+MetricFactory = Callable[[], object]
+
+
+def evaluate_images(family: Family, bundle: Bundle, metric: MetricFactory, num_images: int,
+                    per_class: int | None = None, seed_offset: int = 0, batch: int = 64,
+                    sampler_args: dict | None = None, desc: str | None = None) -> dict:
+    """Sample `num_images` images (seeds from `seed_offset`, split over ranks) and return the metric's result."""
+    seeds = plan_seeds(None if per_class else num_images, per_class, bundle.num_classes, seed_offset)
+    labels = class_labels(seeds, bundle.num_classes, "per_class" if per_class else "random")
+    mine = dist.shard(list(range(len(seeds))))
+    acc = metric()
+    for _, _, images in generate(family, bundle, [seeds[i] for i in mine],
+                                 None if labels is None else labels[mine], batch, sampler_args or {}, desc):
+        acc.update(torch.from_numpy(images))
+    result = dict(acc.finish())
+    result["num_images"] = len(seeds)
+    return result
+
+
+def _key(w: float, cfg: float | None) -> str:
+    return f"{w:.6g}|{cfg if cfg is None else f'{cfg:.6g}'}"
+
+
+class Sweep:
+    """The (w, cfg) points evaluated so far, saved to `path` after every point."""
+
+    def __init__(self, family: Family, bundle: Bundle, theta_s: dict, cfg: SweepConfig, metric: MetricFactory,
+                 path: str | None = None):
+        self.family, self.bundle, self.cfg, self.metric, self.path = family, bundle, cfg, metric, path
+        self.theta_r = {k: v.detach().clone() for k, v in bundle.net.state_dict().items()}
+        device = next(iter(self.theta_r.values())).device
+        self.theta_s = {k: v.to(device) for k, v in theta_s.items()}
+        check_compatible(self.theta_r, self.theta_s)
+        self.points: dict[str, dict] = {}
+        if path and os.path.isfile(path):
+            with open(path) as f:
+                saved = json.load(f)
+            if saved.get("settings") == self.settings():
+                self.points = {_key(p["w"], p["cfg"]): p for p in saved.get("points", [])}
+
+    def settings(self) -> dict:
+        c = self.cfg
+        return {"num_images": c.num_images, "per_class": c.per_class, "seed_offset": c.seed_offset,
+                "sampler": c.sampler, "cfg_key": c.cfg_key}
+
+    def merged(self, w: float) -> dict:
+        """θneon(w) = (1+w)·θr − w·θs."""
+        return merge_state_dicts(self.theta_r, self.theta_s, w)
+
+    def evaluate(self, w: float, cfg_scale: float | None) -> dict:
+        key = _key(w, cfg_scale)
+        if key not in self.points:
+            t0 = time.time()
+            self.bundle.net.load_state_dict(self.merged(w))
+            args = dict(self.cfg.sampler)
+            if cfg_scale is not None:
+                args[self.cfg.cfg_key] = cfg_scale
+            label = f"w={w:g}" + ("" if cfg_scale is None else f" {self.cfg.cfg_key}={cfg_scale:g}")
+            result = evaluate_images(self.family, self.bundle, self.metric, self.cfg.num_images, self.cfg.per_class,
+                                     self.cfg.seed_offset, self.cfg.batch, args, desc=label)
+            self.points[key] = {"w": w, "cfg": cfg_scale, **result, "seconds": round(time.time() - t0, 2)}
+            if dist.is_main():
+                print(f"{label}: FID {result['fid']:.4f}")
+            self.save()
+        return self.points[key]
+
+    def best(self) -> dict:
+        return min(self.points.values(), key=lambda p: p["fid"])
+
+    def run(self) -> dict:
+        """Walk the grid (early stop per guidance scale), then refine around the best point."""
+        for cfg_scale in (self.cfg.cfg or [None]):
+            best_here = math.inf
+            for w in sorted(self.cfg.w):
+                fid = self.evaluate(w, cfg_scale)["fid"]
+                if self.cfg.tolerance is not None and fid > best_here + self.cfg.tolerance:
+                    break  # FID is climbing away from its minimum along w
+                best_here = min(best_here, fid)
+        if self.cfg.refine:
+            b = self.best()
+            neighbours = [(b["w"] - self.cfg.refine, b["cfg"]), (b["w"] + self.cfg.refine, b["cfg"])]
+            if b["cfg"] is not None:
+                neighbours += [(b["w"], b["cfg"] - self.cfg.refine), (b["w"], b["cfg"] + self.cfg.refine)]
+            for w, c in neighbours:
+                self.evaluate(round(w, 6), None if c is None else round(c, 6))
+        self.bundle.net.load_state_dict(self.theta_r)
+        return self.best()
+
+    def save(self, extra: dict | None = None) -> None:
+        if not self.path or not dist.is_main():
+            return
+        points = sorted(self.points.values(), key=lambda p: (p["cfg"] or 0, p["w"]))
+        doc = {"settings": self.settings(), "points": points, "best": self.best() if points else None}
+        doc.update(extra or {})
+        with atomic_open(self.path, "w") as f:
+            json.dump(doc, f, indent=1)
+        plot_sweep(points, os.path.splitext(self.path)[0] + ".png", self.cfg.cfg_key)
+
+
+def plot_sweep(points: list[dict], path: str, cfg_key: str = "cfg") -> None:
+    """FID vs w, one curve per guidance scale, the best point starred."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    for c in sorted({p["cfg"] for p in points}, key=lambda c: -math.inf if c is None else c):
+        pts = sorted((p for p in points if p["cfg"] == c), key=lambda p: p["w"])
+        ax.plot([p["w"] for p in pts], [p["fid"] for p in pts], "o-", ms=3,
+                label="θneon" if c is None else f"{cfg_key} = {c:g}")
+    best = min(points, key=lambda p: p["fid"])
+    ax.plot([best["w"]], [best["fid"]], "*", ms=14, color="k", label=f"best: w = {best['w']:g}")
+    ax.axvline(0, color="0.7", lw=0.8)
+    ax.set_xlabel("merge weight w   (θneon = (1+w)·θr − w·θs)")
+    ax.set_ylabel(f"FID ({best.get('num_images', '?')} images)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The metric the sweep uses, from a run config's `metrics` section.
+
+def build_metric(detector: str, ref_stats: str, device, weights: str | None = None,
+                 inception_score: bool = False) -> MetricFactory:
+    """FID (and IS when asked) against reference statistics, with the configured feature detector."""
+    from neon import metrics
+    ref = metrics.load_stats(ref_stats)
+    extractor = metrics.FeatureExtractor(detector, weights=weights, device=device)
+
+    def factory():
+        return metrics.FIDAccumulator(extractor, ref, inception_score=inception_score)
+
+    return factory
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI: neon sweep
+
+def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
+    from neon.sampling import add_model_arguments
+    add_model_arguments(p)
+    p.add_argument("--synth", required=True, help="θs: the self-trained checkpoint")
+    p.add_argument("--ref-stats", required=True, help="reference statistics .npz (mu, sigma)")
+    p.add_argument("--out", required=True, help="output folder (sweep.json, sweep.png)")
+    p.add_argument("--w", type=float, nargs="+", required=True)
+    p.add_argument("--cfg", type=float, nargs="+", help="guidance scales swept jointly with w")
+    p.add_argument("--cfg-key", default="cfg", help="name of the guidance argument of the family's sampler")
+    p.add_argument("--num-images", type=int, default=10_000)
+    p.add_argument("--per-class", type=int)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--tolerance", type=float)
+    p.add_argument("--refine", type=float)
+    p.add_argument("--arg", action="append", metavar="KEY=VALUE", help="sampler argument")
+    p.add_argument("--detector", default="inception-v3-compat")
+    p.add_argument("--detector-weights")
+
+
+def sweep_main(args) -> None:
+    from neon.sampling import load_model, parse_kv
+    family, bundle = load_model(args)
+    cfg = _build(SweepConfig, {"w": args.w, "cfg": args.cfg, "cfg_key": args.cfg_key, "num_images": args.num_images,
+                               "per_class": args.per_class, "batch": args.batch, "tolerance": args.tolerance,
+                               "refine": args.refine, "sampler": parse_kv(args.arg)}, "sweep")
+    device = next(bundle.net.parameters()).device
+    metric = build_metric(args.detector, args.ref_stats, device, args.detector_weights)
+    sweep = Sweep(family, bundle, load_state_dict(args.synth), cfg, metric, os.path.join(args.out, "sweep.json"))
+    best = sweep.run()
+    if dist.is_main():
+        print(f"best: w={best['w']:g}" + ("" if best["cfg"] is None else f" {cfg.cfg_key}={best['cfg']:g}")
+              + f" FID {best['fid']:.4f} (w=0 points: "
+              + ", ".join(f"{p['fid']:.4f}" for p in sweep.points.values() if p["w"] == 0) + ")")
