@@ -104,10 +104,12 @@ class NpzImages:
         if self._all is not None:
             return self._all[start:stop]
         item = int(np.prod(self.shape[1:]))
+        out = np.empty((max(stop - start, 0),) + tuple(self.shape[1:]), dtype=np.uint8)
         with open(self.path, "rb") as f:  # a stored zip member is a plain byte range of the file
             f.seek(self._data_start + start * item)
-            data = f.read((stop - start) * item)
-        return np.frombuffer(data, dtype=np.uint8).reshape((stop - start,) + tuple(self.shape[1:]))
+            if f.readinto(memoryview(out).cast("B")) != out.nbytes:
+                raise NeonError(f"{self.path}: file is truncated")
+        return out
 
     def batches(self, batch: int) -> Iterable[tuple[int, np.ndarray]]:
         for i in range(0, len(self), batch):

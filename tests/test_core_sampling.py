@@ -1,0 +1,113 @@
+"""Synthetic sampling: seeds, labels, world-size invariance, resume after kill -9."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from neon.errors import NeonError
+from neon.family import get_family
+from neon.images import NpzImages, export_png, load_image_folder
+from neon.sampling import class_labels, parse_seeds, plan_seeds, sample_to_npz
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    family = get_family("tinypix")
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
+    family.save(family.tiny(num_classes=5, seed=3), str(path))
+    return str(path)
+
+
+def _sample_cmd(ckpt, out, *extra):
+    return ["-m", "neon", "sample", "--family", "tinypix", "--ckpt", ckpt, "--out", str(out), *extra]
+
+
+def test_parse_seeds_like_edm():
+    assert parse_seeds("0-3,10,12-13") == [0, 1, 2, 3, 10, 12, 13]
+    for bad in ("a-b", "3,3", "", "-4"):
+        with pytest.raises(NeonError):
+            parse_seeds(bad)
+
+
+def test_labels_per_class_random_and_list():
+    seeds = list(range(20))
+    assert class_labels(seeds, 4, "per_class").tolist() == [i % 4 for i in range(20)]
+    rnd = class_labels(seeds, 1000, "random")
+    assert rnd.tolist() == class_labels(seeds[::-1], 1000, "random")[::-1].tolist()  # depends on the seed alone
+    assert len(set(rnd.tolist())) > 15
+    assert class_labels([1, 2], 3, "list", [2, 0]).tolist() == [2, 0]
+    with pytest.raises(NeonError, match="needs labels"):
+        class_labels(seeds, 10, "none")
+    with pytest.raises(NeonError):
+        class_labels([1, 2], 3, "list", [2, 3])
+    assert class_labels(seeds, 0, "random") is None
+    assert len(plan_seeds(per_class=3, num_classes=5)) == 15
+
+
+def test_conditional_model_never_samples_without_labels(tmp_path, tiny_ckpt):
+    family = get_family("tinypix")
+    bundle = family.load(tiny_ckpt)
+    with pytest.raises(NeonError, match="labels"):
+        sample_to_npz(family, bundle, [0, 1], None, str(tmp_path / "s.npz"))
+    out = subprocess.run([sys.executable, *_sample_cmd(tiny_ckpt, tmp_path / "s.npz", "--num-images", "4",
+                                                        "--labels", "none")], env=ENV, capture_output=True, text=True)
+    assert out.returncode == 2 and "needs labels" in out.stderr
+
+
+def test_same_images_on_one_and_two_processes_and_any_batch(tmp_path, tiny_ckpt):
+    one = tmp_path / "one.npz"
+    two = tmp_path / "two.npz"
+    subprocess.run([sys.executable, *_sample_cmd(tiny_ckpt, one, "--num-images", "45", "--batch", "16")],
+                   env=ENV, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                    *_sample_cmd(tiny_ckpt, two, "--num-images", "45", "--batch", "7")[0:]],
+                   env=ENV, check=True, capture_output=True)
+    a, b = np.load(one), np.load(two)
+    assert a["arr_0"].shape == (45, 8, 8, 3) and a["arr_0"].dtype == np.uint8
+    assert np.array_equal(a["arr_0"], b["arr_0"])
+    assert np.array_equal(a["arr_1"], b["arr_1"]) and np.array_equal(a["seeds"], np.arange(45))
+    assert not os.path.exists(str(two) + ".shards")
+
+
+def test_resume_after_kill_gives_the_uninterrupted_file(tmp_path, tiny_ckpt):
+    full, resumed = tmp_path / "full.npz", tmp_path / "resumed.npz"
+    args = ["--seeds", "0-3999", "--batch", "8", "--labels", "random"]
+    subprocess.run([sys.executable, *_sample_cmd(tiny_ckpt, full, *args)], env=ENV, check=True, capture_output=True)
+    proc = subprocess.Popen([sys.executable, *_sample_cmd(tiny_ckpt, resumed, *args)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shards = str(resumed) + ".shards"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(os.listdir(shards) if os.path.isdir(shards) else []) < 20:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not resumed.exists(), "the run finished before it could be killed"
+    done = sum(len(NpzImages(os.path.join(shards, f)).seeds) for f in os.listdir(shards) if f.endswith(".npz"))
+    assert 0 < done < 4000
+    out = subprocess.run([sys.executable, *_sample_cmd(tiny_ckpt, resumed, *args)], env=ENV, check=True,
+                         capture_output=True, text=True)
+    assert "resuming" in out.stdout
+    assert resumed.read_bytes() == full.read_bytes()
+
+
+def test_png_export_round_trips_with_labels(tmp_path, tiny_ckpt):
+    family = get_family("tinypix")
+    bundle = family.load(tiny_ckpt)
+    seeds = [5, 9, 11]
+    labels = class_labels(seeds, bundle.num_classes, "random")
+    sample_to_npz(family, bundle, seeds, labels, str(tmp_path / "s.npz"), batch=2, png=str(tmp_path / "png"))
+    images, folder_labels = load_image_folder(str(tmp_path / "png"))
+    s = np.load(tmp_path / "s.npz")
+    assert np.array_equal(images, s["arr_0"]) and np.array_equal(folder_labels, labels)
+    assert sorted(os.listdir(tmp_path / "png"))[:3] == ["00000005.png", "00000009.png", "00000011.png"]
+    with pytest.raises(FileExistsError):
+        sample_to_npz(family, bundle, seeds, labels, str(tmp_path / "s.npz"))
+    export_png(NpzImages(str(tmp_path / "s.npz")), str(tmp_path / "again"))
+    assert torch.equal(torch.from_numpy(load_image_folder(str(tmp_path / "again"))[0]), torch.from_numpy(images))

@@ -1,0 +1,128 @@
+"""Self-training: resumable to the bit, EMA and lr ramp as specified, NaN stops with a clear error."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from neon.checkpoint import load_state_dict
+from neon.config import FinetuneConfig
+from neon.errors import NeonError
+from neon.family import get_family, register
+from neon.images import save_images_npz
+from neon.sampling import class_labels, sample_to_npz
+from neon.selftrain import ema_beta, encode_examples, example_indices, finetune
+from neon.testing import TinyPixFamily
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("syn")
+    family = get_family("tinypix")
+    bundle = family.tiny(num_classes=3, seed=1)
+    family.save(bundle, str(folder / "base.pth"))
+    seeds = list(range(96))
+    sample_to_npz(family, bundle, seeds, class_labels(seeds, 3, "per_class"), str(folder / "s.npz"), batch=32)
+    return folder
+
+
+def _finetune_cmd(folder, out, *extra):
+    return [sys.executable, "-m", "neon", "finetune", "--family", "tinypix", "--ckpt", str(folder / "base.pth"),
+            "--data", str(folder / "s.npz"), "--out", str(out), "--lr", "1e-3", "--batch", "8",
+            "--ema-halflife-images", "64", "--warmup-images", "40", *extra]
+
+
+def test_example_stream_covers_every_example_once_per_epoch():
+    idx = torch.cat([example_indices(s, 6, 10, seed=3) for s in range(5)])  # 30 = three epochs of 10
+    for epoch in range(3):
+        assert sorted(idx[epoch * 10:(epoch + 1) * 10].tolist()) == list(range(10))
+    assert torch.equal(example_indices(2, 6, 10, 3), idx[12:18])
+
+
+def test_ema_half_life_and_rate():
+    assert ema_beta({"halflife_images": 500_000}, 512) == pytest.approx(0.5 ** (512 / 500_000))
+    assert ema_beta({"beta": 0.9999}, 64) == 0.9999
+    assert ema_beta(None, 64) is None
+
+
+def test_killed_finetune_resumes_to_identical_weights(tmp_path, synthetic):
+    args = ["--total-images", "4000", "--snapshot-every-images", "400"]
+    subprocess.run(_finetune_cmd(synthetic, tmp_path / "full", *args), env=ENV, check=True, capture_output=True)
+    proc = subprocess.Popen(_finetune_cmd(synthetic, tmp_path / "killed", *args), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "killed" / "train_state.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not state.exists():
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "finetune.json").exists(), "training finished before it was killed"
+    out = subprocess.run(_finetune_cmd(synthetic, tmp_path / "killed", *args), env=ENV, check=True,
+                         capture_output=True, text=True)
+    assert "resuming self-training" in out.stdout
+    full = sorted((tmp_path / "full").glob("snapshot-*.pth"))
+    killed = sorted((tmp_path / "killed").glob("snapshot-*.pth"))
+    assert [p.name for p in full] == [p.name for p in killed] and len(full) == 10
+    a, b = load_state_dict(str(full[-1])), load_state_dict(str(killed[-1]))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    base = load_state_dict(str(synthetic / "base.pth"))
+    assert not torch.equal(a["conv_in.weight"], base["conv_in.weight"])  # it did train
+    log = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["images"] == 4000 and np.isfinite(log[-1]["loss"])
+
+
+def test_ema_starts_from_theta_r_and_lr_ramps(tmp_path, synthetic):
+    family = get_family("tinypix")
+    bundle = family.load(str(synthetic / "base.pth"))
+    theta_r = {k: v.clone() for k, v in bundle.net.state_dict().items()}
+    examples = encode_examples(family, bundle, str(synthetic / "s.npz"), str(tmp_path / "cache.pt"))
+    cfg = FinetuneConfig(lr=1e-3, batch=8, total_images=16, warmup_images=32, ema={"beta": 0.75})
+    snaps = finetune(family, bundle, examples, cfg, str(tmp_path / "ft"))
+    theta = bundle.net.state_dict()
+    ema = load_state_dict(snaps[-1])
+    # two steps: ema = 0.75²·θr + 0.25·0.75·θ1 + 0.25·θ2; at least it lies strictly between θr and θ
+    k = "conv_out.weight"
+    assert not torch.equal(ema[k], theta_r[k]) and not torch.equal(ema[k], theta[k])
+    assert (ema[k] - theta_r[k]).norm() < (theta[k] - theta_r[k]).norm()
+    log = [json.loads(line) for line in (tmp_path / "ft" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["lr"] == pytest.approx(1e-3 * 16 / 32)
+    cached = torch.load(tmp_path / "cache.pt", weights_only=True)
+    assert cached["examples"]["x"].shape == (96, 3, 8, 8) and cached["examples"]["label"][:4].tolist() == [0, 1, 2, 0]
+
+
+class _NaNFamily(TinyPixFamily):
+    name = "nanpix"
+
+    def loss(self, bundle, batch):
+        return super().loss(bundle, batch) * float("nan")
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path, synthetic):
+    register("nanpix", _NaNFamily)
+    family = get_family("nanpix")
+    bundle = family.load(str(synthetic / "base.pth"))
+    examples = encode_examples(family, bundle, str(synthetic / "s.npz"))
+    with pytest.raises(NeonError, match="loss became nan at step 0"):
+        finetune(family, bundle, examples, FinetuneConfig(lr=1e-3, batch=8, total_images=64), str(tmp_path / "ft"))
+    assert not list((tmp_path / "ft").glob("snapshot-*"))
+
+
+def test_image_folder_with_labels_is_training_data(tmp_path, synthetic):
+    from neon.images import NpzImages, export_png
+    export_png(NpzImages(str(synthetic / "s.npz")), str(tmp_path / "png"))
+    family = get_family("tinypix")
+    bundle = family.load(str(synthetic / "base.pth"))
+    from_folder = encode_examples(family, bundle, str(tmp_path / "png"))
+    from_npz = encode_examples(family, bundle, str(synthetic / "s.npz"))
+    assert all(torch.equal(from_folder[k], from_npz[k]) for k in from_npz)
+    save_images_npz(str(tmp_path / "nolabels.npz"), np.zeros((4, 8, 8, 3), np.uint8))
+    with pytest.raises(NeonError, match="no labels"):
+        encode_examples(family, bundle, str(tmp_path / "nolabels.npz"))
