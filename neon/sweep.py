@@ -111,17 +111,18 @@ class Sweep:
             for w, c in neighbours:
                 self.evaluate(round(w, 6), None if c is None else round(c, 6))
         self.bundle.net.load_state_dict(self.theta_r)
+        self.save(plot=True)
         return self.best()
 
-    def save(self, extra: dict | None = None) -> None:
+    def save(self, plot: bool = False) -> None:
         if not self.path or not dist.is_main():
             return
         points = sorted(self.points.values(), key=lambda p: (p["cfg"] or 0, p["w"]))
         doc = {"settings": self.settings(), "points": points, "best": self.best() if points else None}
-        doc.update(extra or {})
         with atomic_open(self.path, "w") as f:
             json.dump(doc, f, indent=1)
-        plot_sweep(points, os.path.splitext(self.path)[0] + ".png", self.cfg.cfg_key)
+        if plot and points:
+            plot_sweep(points, os.path.splitext(self.path)[0] + ".png", self.cfg.cfg_key)
 
 
 def plot_sweep(points: list[dict], path: str, cfg_key: str = "cfg") -> None:
