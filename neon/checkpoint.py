@@ -16,6 +16,8 @@ Peak memory is a few tensors, never the checkpoint.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
 import json
 import os
@@ -74,6 +76,23 @@ def atomic_save(obj: Any, path: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # The lazy checkpoint.
+
+def _libc_malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the OS. Streaming a checkpoint frees a few tensor-sized buffers per
+    tensor; glibc keeps such blocks in its heap, and without this the resident size creeps up to the size of
+    the file — the very thing streaming is for."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 _ELEMENT_SIZE: dict[torch.dtype, int] = {}
 
@@ -192,6 +211,8 @@ class Checkpoint:
                 data = self._patched(keys, self._storage_bytes(blob), replace)
                 f.seek(blob.offset)
                 f.write(data)
+                del data
+                release_memory()
 
     def _write_safetensors(self, tmp: str, replace) -> None:
         with open(self.path, "rb") as src, open(tmp, "wb") as dst:
@@ -199,6 +220,7 @@ class Checkpoint:
             dst.write(struct.pack("<Q", n) + src.read(n))
             for key in sorted(self.tensors, key=lambda k: self.tensors[k].storage[0]):
                 dst.write(self._patched([key], self._storage_bytes(self.tensors[key].storage), replace))
+                release_memory()
 
     def _write_pth(self, tmp: str, replace) -> None:
         reader = self._zip()
@@ -214,6 +236,8 @@ class Checkpoint:
                 else:
                     data = reader.get_record(name)
                 writer.write_record(name, bytes(data), len(data))
+                del data
+                release_memory()
             writer.write_end_of_file()
             del writer
 
@@ -280,7 +304,8 @@ def _open_safetensors(path: str) -> Checkpoint:
 
 
 def _open_pickle(path: str) -> Checkpoint:
-    obj = safe_pickle.load(path, lazy=True)
+    obj = safe_pickle.load(path, lazy=True)  # the unpickler's memo holds every storage's bytes until it returns
+    release_memory()
     module, sd = select_module(obj, path)
     class_name = obj[module].name if module and isinstance(obj.get(module), Record) else None
     return Checkpoint(path, "pickle", module, class_name, dict(sd))

@@ -73,6 +73,7 @@ class FinalConfig:
     batch: int = 64
     sampler: dict[str, Any] = dataclasses.field(default_factory=dict)
     evaluate_base: bool = True
+    base_cfg: float | None = None        # guidance scale for θr (default: its best among the sweep's w = 0 points)
 
 
 @dataclasses.dataclass

@@ -55,6 +55,7 @@ class TrainDefaults:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
+    decay_1d: bool = True                    # False: biases and other 1-D parameters get no weight decay (MAR/xAR)
     grad_clip: float | None = None           # max global grad norm; None = no clipping
     autocast: str | None = None              # 'bf16' / 'fp16' on GPU where the official code uses it
 

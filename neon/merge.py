@@ -25,13 +25,17 @@ def check_w(w: float) -> float:
 
 
 def merge_tensor(theta_r: torch.Tensor, theta_s: torch.Tensor, w: float) -> torch.Tensor:
-    """(1+w)·θr − w·θs for floating tensors, computed in float32 (float64 kept) and cast back to θr's dtype;
-    integer and bool tensors (step counters, index buffers) are taken from θr unchanged."""
+    """(1+w)·θr − w·θs for floating tensors, computed in float32 (float64 kept) and cast back to θr's dtype.
+
+    Where θs equals θr — frozen weights, fixed tables (RoPE, sin-cos positions), attention masks holding −inf —
+    θr is kept exactly: the formula would round such entries, and turns −inf into (1+w)(−inf) + w·inf = NaN.
+    Integer and bool tensors (step counters, index buffers) are taken from θr unchanged."""
     if not theta_r.is_floating_point():
         return theta_r.clone()
     acc = torch.float64 if theta_r.dtype == torch.float64 else torch.float32
-    merged = theta_r.to(acc) * (1.0 + w) - theta_s.to(acc) * w
-    return merged.to(theta_r.dtype)
+    r, s = theta_r.to(acc), theta_s.to(acc)
+    merged = (r * (1.0 + w) - s * w).to(theta_r.dtype)
+    return torch.where(r == s, theta_r, merged)
 
 
 def check_compatible(theta_r: Mapping[str, tuple], theta_s: Mapping[str, tuple]) -> None:

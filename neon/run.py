@@ -149,7 +149,8 @@ def final_evaluation(family, bundle, sweep: Sweep, cfg: RunConfig, metric, best:
     f = cfg.final
     out = {}
     base_points = [p for p in sweep.points.values() if p["w"] == 0]
-    base_cfg = min(base_points, key=lambda p: p["fid"])["cfg"] if base_points else best["cfg"]
+    base_cfg = f.base_cfg if f.base_cfg is not None else \
+        min(base_points, key=lambda p: p["fid"])["cfg"] if base_points else best["cfg"]
     for name, w, c in (("base", 0.0, base_cfg), ("neon", best["w"], best["cfg"])):
         if name == "base" and not f.evaluate_base:
             continue

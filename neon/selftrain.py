@@ -98,11 +98,17 @@ def example_indices(step: int, global_batch: int, n: int, seed: int) -> torch.Te
     return torch.tensor(out)
 
 
-def make_optimizer(params, lr: float, d: TrainDefaults) -> torch.optim.Optimizer:
+def make_optimizer(named_params, lr: float, d: TrainDefaults) -> torch.optim.Optimizer:
     kind = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}.get(d.optimizer)
     if kind is None:
         raise NeonError(f"unknown optimizer {d.optimizer!r} (adam or adamw)")
-    return kind(params, lr=lr, betas=tuple(d.betas), eps=d.eps, weight_decay=d.weight_decay)
+    named_params = list(named_params)
+    no_decay = [] if d.decay_1d else [p for n, p in named_params if p.ndim <= 1 or n.endswith(".bias")]
+    decay = [p for _, p in named_params if not any(p is q for q in no_decay)]
+    groups = [{"params": decay, "weight_decay": d.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return kind(groups, lr=lr, betas=tuple(d.betas), eps=d.eps)
 
 
 def ema_beta(ema: dict | None, global_batch: int) -> float | None:
@@ -143,11 +149,11 @@ def average_gradients(params: list[torch.nn.Parameter], bucket_bytes: int = 64 <
             bucket, size = [], 0
 
 
-def trainable_parameters(family: Family, bundle: Bundle) -> list[torch.nn.Parameter]:
-    """The parameters self-training updates: the family's choice (e.g. IMM's fixed pos_embed stays fixed),
-    by default all of them."""
+def trainable_parameters(family: Family, bundle: Bundle) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) pairs self-training updates: the family's choice where it makes one
+    (`family.trainable_parameters(bundle)`), by default all of them, as the official fine-tuning runs do."""
     chooser = getattr(family, "trainable_parameters", None)
-    return list(chooser(bundle)) if chooser else list(bundle.net.parameters())
+    return list(chooser(bundle)) if chooser else list(bundle.net.named_parameters())
 
 
 def train_defaults(family: Family, overrides: dict) -> TrainDefaults:
@@ -182,10 +188,11 @@ def finetune(family: Family, bundle: Bundle, examples: dict[str, torch.Tensor], 
     device = next(bundle.net.parameters()).device
     net = bundle.net
     net.train().requires_grad_(False)
-    params = trainable_parameters(family, bundle)
+    named = trainable_parameters(family, bundle)
+    params = [p for _, p in named]
     for p in params:
         p.requires_grad_(True)
-    opt = make_optimizer(params, cfg.lr, defaults)
+    opt = make_optimizer(named, cfg.lr, defaults)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and defaults.autocast == "fp16")
     beta = ema_beta(cfg.ema, cfg.batch)
     ema_net = copy.deepcopy(net).eval().requires_grad_(False) if beta is not None else None

@@ -219,3 +219,13 @@ def test_truncated_file_is_a_clear_error(tmp_path):
     with pytest.raises(NeonError, match="not found"):
         load_state_dict(str(tmp_path / "missing.pth"))
     shutil.rmtree(tmp_path)
+
+
+def test_entries_equal_in_both_are_kept_exactly_even_infinite():
+    mask = torch.tensor([[0.0, -float("inf")], [0.0, 0.0]])
+    rope = torch.tensor([0.1, 0.7, 1e-3])
+    theta_r = {"mask": mask, "rope": rope, "w": torch.tensor([1.0, 2.0])}
+    theta_s = {"mask": mask.clone(), "rope": rope.clone(), "w": torch.tensor([1.0, 3.0])}
+    merged = merge_state_dicts(theta_r, theta_s, 0.37)
+    assert torch.equal(merged["mask"], mask) and torch.equal(merged["rope"], rope)
+    assert merged["w"].tolist() == [1.0, pytest.approx(2.0 * 1.37 - 3.0 * 0.37)]

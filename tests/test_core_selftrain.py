@@ -126,3 +126,14 @@ def test_image_folder_with_labels_is_training_data(tmp_path, synthetic):
     save_images_npz(str(tmp_path / "nolabels.npz"), np.zeros((4, 8, 8, 3), np.uint8))
     with pytest.raises(NeonError, match="no labels"):
         encode_examples(family, bundle, str(tmp_path / "nolabels.npz"))
+
+
+def test_decay_1d_false_exempts_biases_from_weight_decay():
+    from neon.family import TrainDefaults
+    from neon.selftrain import make_optimizer
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    opt = make_optimizer(net.named_parameters(), 1e-3, TrainDefaults(weight_decay=0.02, decay_1d=False))
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 3]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.02, 0.0]
+    opt = make_optimizer(net.named_parameters(), 1e-3, TrainDefaults(weight_decay=0.02))
+    assert len(opt.param_groups) == 1 and len(opt.param_groups[0]["params"]) == 4
