@@ -103,7 +103,7 @@ def make_optimizer(named_params, lr: float, d: TrainDefaults) -> torch.optim.Opt
     if kind is None:
         raise NeonError(f"unknown optimizer {d.optimizer!r} (adam or adamw)")
     named_params = list(named_params)
-    no_decay = [] if d.decay_1d else [p for n, p in named_params if p.ndim <= 1 or n.endswith(".bias")]
+    no_decay = [] if d.decay_1d else [p for n, p in named_params if p.ndim == 1 or n.endswith(".bias")]
     decay = [p for _, p in named_params if not any(p is q for q in no_decay)]
     groups = [{"params": decay, "weight_decay": d.weight_decay}]
     if no_decay:

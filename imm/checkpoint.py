@@ -1,0 +1,105 @@
+"""IMM checkpoints: the released pickles (read safely), Neon copies of them, and our own container.
+
+- Released files (`imagenet256_ts_a2.pkl`, `imagenet256_s_a1.pkl`, `Neon_imm_imagenet256.pkl`) are pickles of
+  `torch_utils.persistence` objects; the official loaders use `data['ema']`. We read them with
+  `neon.safe_pickle` (nothing from the file runs), build an `IMMPrecond` from the recorded `_init_kwargs` and
+  load the `ema` weights strictly.
+- A network loaded from such a file is saved with `neon.checkpoint.write_like`: a byte-for-byte copy of the
+  template with the tensors replaced, which the official code loads exactly like the template.
+- A network with no template (the tiny one) goes into our own torch.save container, readable with
+  `torch.load(weights_only=True)`: {'ema': state_dict, 'init_kwargs': ..., 'class_name': 'IMMPrecond',
+  'neon_family': 'imm'}.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from imm.precond import IMMPrecond
+from neon import checkpoint as neon_checkpoint
+from neon import safe_pickle
+from neon.errors import NeonError
+
+# IMMPrecond's positional arguments, for a persistence record that kept some in `_init_args`.
+_POSITIONAL = ("img_resolution", "img_channels", "label_dim")
+
+
+def read_checkpoint(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(constructor kwargs, ema state dict) of an IMM pickle or of our own container."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise NeonError(f"{path}: checkpoint not found")
+    fmt = neon_checkpoint.detect_format(path)
+    if fmt == "pickle":
+        # Lazy parse (storages located, not read), then one tensor at a time: a DiT-XL/2 file is 2.7 GB.
+        data = safe_pickle.load(path, lazy=True)
+        ema = data.get("ema") if isinstance(data, dict) else None
+        if not isinstance(ema, safe_pickle.Record) or ema.name != "IMMPrecond":
+            raise NeonError(f"{path}: not an IMM checkpoint (expected data['ema'] to be an IMMPrecond, "
+                            f"got {ema!r})")
+        args = tuple((ema.state or {}).get("_init_args") or ())
+        kwargs = dict(zip(_POSITIONAL, args), **safe_pickle.init_kwargs(ema))
+        refs = safe_pickle.module_state_dict(ema)
+        return kwargs, neon_checkpoint.Checkpoint(path, "pickle", "ema", ema.name, refs).state_dict()
+    if fmt == "pth":
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch's own message is long and multi-line
+            raise NeonError(f"{path}: cannot be read as a torch.save file ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict) or data.get("neon_family") != "imm" or not isinstance(data.get("ema"), dict):
+            raise NeonError(f"{path}: not an IMM checkpoint (no IMM pickle and no neon_family='imm' container)")
+        return dict(data.get("init_kwargs") or {}), dict(data["ema"])
+    raise NeonError(f"{path}: {fmt} is not an IMM checkpoint format")
+
+
+def build_network(kwargs: dict, device: torch.device | str = "cpu", temb_type: str | None = None) -> IMMPrecond:
+    """An IMMPrecond from recorded constructor kwargs. temb_type overrides the recorded one (the official way
+    to load imagenet256_s_a1.pkl is network.temb_type=identity on top of the ts config)."""
+    kwargs = dict(kwargs)
+    if temb_type is not None:
+        kwargs["temb_type"] = temb_type
+    try:
+        with torch.device(device):
+            return IMMPrecond(**kwargs)
+    except TypeError as e:
+        raise NeonError(f"IMM network config not understood: {e}") from None
+
+
+def check_state_dict(net: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str) -> None:
+    """Refuse, in one line, a state dict whose keys or shapes differ from `net`'s."""
+    own = net.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    extra = [k for k in state_dict if k not in own]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+    if missing or extra or shapes:
+        parts = [f"{name} {items[:3]}{' ...' if len(items) > 3 else ''}" for name, items in
+                 (("missing", missing), ("unexpected", extra), ("shape mismatch", shapes)) if items]
+        raise NeonError(f"{path}: weights do not match the IMMPrecond its config describes: {'; '.join(parts)}")
+
+
+def load_network(path: str, device: torch.device | str = "cpu", temb_type: str | None = None) -> IMMPrecond:
+    """Checkpoint -> IMMPrecond in eval mode on `device`, weights loaded strictly from `ema`.
+
+    The network is built on the meta device and the checkpoint's tensors are assigned to it, so a DiT-XL/2
+    (675M parameters) is neither initialised nor held twice in memory. Mixed precision recorded in the file (the
+    Neon training config had fp16) is dropped: precision is the caller's choice (sampler / trainer autocast)."""
+    kwargs, state_dict = read_checkpoint(path)
+    kwargs["mixed_precision"] = None
+    net = build_network(kwargs, "meta", temb_type)
+    check_state_dict(net, state_dict, path)
+    net.load_state_dict(state_dict, strict=True, assign=True)
+    return net.to(device).eval().requires_grad_(False)
+
+
+def save_network(net: IMMPrecond, path: str, template: str | None = None) -> None:
+    """Write `net` atomically: into a copy of `template` (an IMM pickle or our container) when given, else into
+    our own container."""
+    state_dict = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    if template is not None:
+        neon_checkpoint.write_like(template, path, state_dict)
+        return
+    kwargs = dict(net.init_kwargs)
+    neon_checkpoint.atomic_save({"ema": state_dict, "init_kwargs": kwargs, "class_name": "IMMPrecond",
+                                 "neon_family": "imm"}, path)

@@ -1,0 +1,174 @@
+"""The VAR family as the Neon core sees it: load / tiny / sample / encode / loss / save.
+
+θ is the VAR transformer (`bundle.net`); the VQVAE is a frozen helper. Self-training data are the synthetic
+images' VQ token pyramids, encoded once (`encode`) and cached by the core; the loss is VAR's teacher-forced
+cross-entropy with label dropout (`var.loss`).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Sequence
+
+import torch
+
+from neon.errors import NeonError
+from neon.family import Bundle, TrainDefaults
+from var import checkpoint
+from var.invariant import batch_invariant
+from var.loss import var_loss
+from var.model import VAR, unwrap
+from var.sampler import sample as var_sample
+from var.vqvae import VQVAE
+
+VAE_FILE = "vae_ch160v4096z32.pth"
+AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+LOSS_ARGS = ("label_smooth", "cond_drop_rate")
+
+# A tiny VQVAE + VAR with every code path of the releases (partially shared φ, attention in the VAE, L2-normed
+# attention, AdaLN): 16x16 images, 4 scales, 30 tokens, a 64-entry codebook, 10 classes.
+TINY_VQVAE = dict(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, share_quant_resi=4)
+TINY_VAR = dict(num_classes=10, depth=2, embed_dim=64, num_heads=2, attn_l2_norm=True, drop_path_rate=0.0)
+TINY_PATCH_NUMS = (1, 2, 3, 4)
+
+
+class VARFamily:
+    name = "var"
+    # Official VAR / Neon fine-tuning: AdamW(0.9, 0.95), weight decay 0 (Neon's train.py), grad clip 2.0 (tclip).
+    # Neon's scripts train with --fp16=1 (fp16 autocast + GradScaler); bf16 needs no scaler and is the default here.
+    train_defaults = TrainDefaults(optimizer="adamw", betas=(0.9, 0.95), weight_decay=0.0, grad_clip=2.0,
+                                   autocast="bf16")
+
+    # ----------------------------------------------------------------------------------------------------
+    def load(self, path: str, device: torch.device | str = "cpu", vae_path: str | None = None,
+             patch_nums: Sequence[int] | None = None, **load_args) -> Bundle:
+        """A VAR state dict (var_d16.pth, var_d36.pth, a Neon file or one saved here) + the VQVAE file
+        (`vae_path`; default: vae_ch160v4096z32.pth beside `path`) -> Bundle in eval mode on `device`."""
+        if load_args:
+            raise NeonError(f"var: unknown load_args {sorted(load_args)} (known: vae_path, patch_nums)")
+        if vae_path is None:
+            vae_path = os.path.join(os.path.dirname(os.path.abspath(path)), VAE_FILE)
+            if not os.path.isfile(vae_path):
+                raise NeonError(f"var: the VQVAE is needed too: set load_args.vae_path (no {VAE_FILE} beside {path})")
+        var, var_kwargs = checkpoint.load_var(path, device, patch_nums=patch_nums)
+        vae, vae_kwargs = checkpoint.load_vqvae(vae_path, var.patch_nums, device)
+        return self._bundle(var, vae, source=path, var_kwargs=var_kwargs, vae_kwargs=vae_kwargs, vae_path=vae_path)
+
+    def tiny(self, device: torch.device | str = "cpu", seed: int = 0, shared_aln: bool = False, **load_args) -> Bundle:
+        """A randomly initialised tiny VQVAE + VAR (about 0.5 M parameters), the same from the same seed.
+        A run config's load_args (vae_path, patch_nums) are accepted and ignored: the tiny model has its own."""
+        unknown = set(load_args) - {"vae_path", "patch_nums"}
+        if unknown:
+            raise NeonError(f"var: unknown tiny() arguments {sorted(unknown)} "
+                            "(known: shared_aln, vae_path, patch_nums)")
+        var_kwargs = dict(TINY_VAR, shared_aln=shared_aln, patch_nums=TINY_PATCH_NUMS)
+        vae_kwargs = dict(TINY_VQVAE, v_patch_nums=TINY_PATCH_NUMS)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            vae = VQVAE(**vae_kwargs)
+            var = VAR(vae, **var_kwargs)
+            # Gates and head larger than the official init (1e-5, 0.02) so that every part moves the outputs.
+            var.init_weights(init_adaln=0.5, init_adaln_gamma=0.5, init_head=1.0)
+        var_kwargs.update(vocab_size=vae.vocab_size, Cvae=vae.Cvae)
+        return self._bundle(var.to(device).eval(), vae.to(device).eval(), source=None,
+                            var_kwargs=var_kwargs, vae_kwargs=vae_kwargs, vae_path=None)
+
+    @staticmethod
+    def _bundle(var: VAR, vae: VQVAE, source, var_kwargs, vae_kwargs, vae_path) -> Bundle:
+        if var.Cvae != vae.Cvae or var.V != vae.vocab_size:
+            raise NeonError(f"var: the VQVAE (V={vae.vocab_size}, Cvae={vae.Cvae}) does not fit the VAR "
+                            f"(V={var.V}, Cvae={var.Cvae})")
+        return Bundle(net=var, helpers={"vae": vae}, num_classes=var.num_classes, resolution=vae.resolution,
+                      source=source, info={"var_kwargs": var_kwargs, "vae_kwargs": vae_kwargs, "vae_path": vae_path})
+
+    # ----------------------------------------------------------------------------------------------------
+    def sample(self, bundle: Bundle, seeds: Sequence[int], labels: torch.Tensor | None, cfg: float = 1.5,
+               top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False, batch: int | None = None,
+               autocast: str | None = None, use_cache: bool = True) -> torch.Tensor:
+        """One image per seed -> uint8 (B, H, W, 3) on CPU.
+
+        labels: int64 (B,) in [0, num_classes] (num_classes = the null class, i.e. unconditional); required.
+        cfg, top_k, top_p, more_smooth: as the official autoregressive_infer_cfg (defaults are its defaults).
+        batch: images per network call (memory only; results do not depend on it). autocast: None, 'bf16' or 'fp16'
+        on CUDA (Neon's FID scripts sample under fp16 autocast, its generate_dataset.py in float32); CPU
+        sampling stays float32 and batch-invariant (var.invariant). Images are quantised as Neon's scripts write their
+        PNGs: floor(255·x) of x in [0, 1].
+        """
+        var, vae = unwrap(bundle.net), bundle.helpers["vae"]
+        labels = self._check_labels(bundle, seeds, labels)
+        device = next(var.parameters()).device
+        step = len(seeds) if not batch else int(batch)
+        out = []
+        was_training = var.training
+        var.eval()
+        try:
+            with self._autocast(device, autocast), batch_invariant(device.type == "cpu"):
+                for i in range(0, len(seeds), max(step, 1)):
+                    gens = [torch.Generator(device).manual_seed(int(s)) for s in seeds[i:i + step]]
+                    img = var_sample(var, vae, labels[i:i + step].to(device), gens, cfg=float(cfg),
+                                     top_k=int(top_k), top_p=float(top_p), more_smooth=bool(more_smooth),
+                                     use_cache=use_cache)
+                    out.append(img.float().clamp_(0, 1).mul_(255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
+        finally:
+            var.train(was_training)
+        return torch.cat(out) if out else torch.zeros(0, bundle.resolution, bundle.resolution, 3, dtype=torch.uint8)
+
+    @staticmethod
+    def _check_labels(bundle: Bundle, seeds: Sequence[int], labels) -> torch.Tensor:
+        if labels is None:
+            raise NeonError("var: VAR is class-conditional: labels are required (num_classes = unconditional)")
+        labels = torch.as_tensor(labels).reshape(-1)
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise NeonError(f"var: labels must be integers, got {labels.dtype}")
+        if labels.shape[0] != len(seeds):
+            raise NeonError(f"var: {len(seeds)} seeds but {labels.shape[0]} labels")
+        if labels.numel() and (labels.min() < 0 or labels.max() > bundle.num_classes):
+            raise NeonError(f"var: labels must lie in [0, {bundle.num_classes}], got {labels.min()}..{labels.max()}")
+        return labels.long()
+
+    @staticmethod
+    def _autocast(device: torch.device, autocast: str | None):
+        if autocast not in AUTOCAST:
+            raise NeonError(f"var: autocast must be one of None, 'bf16', 'fp16'; got {autocast!r}")
+        if autocast is None or device.type != "cuda":     # as the official scripts: autocast on CUDA only
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=AUTOCAST[autocast])
+
+    # ----------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, bundle: Bundle, images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """uint8 (B, H, W, 3) images + labels -> {'tokens': (B, L) int16 VQ indices coarse to fine, 'labels': (B,)}.
+
+        Images are mapped to [-1, 1] as the official loader (x/255·2 - 1) and encoded at their own size, which
+        must be the model's resolution. (Neon's trainer instead resizes each synthetic PNG to 1.125x with Lanczos
+        and random-crops it back, re-encoding every step; tokens cached once cannot carry a random crop.)
+        """
+        vae = bundle.helpers["vae"]
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise NeonError(f"var: encode expects uint8 (B, H, W, 3) images, got {images.dtype} {tuple(images.shape)}")
+        R = bundle.resolution
+        if images.shape[1] != R or images.shape[2] != R:
+            raise NeonError(f"var: images are {images.shape[1]}x{images.shape[2]}, the model makes {R}x{R}")
+        labels = self._check_labels(bundle, range(images.shape[0]), labels)
+        device = next(vae.parameters()).device
+        x = images.to(device).permute(0, 3, 1, 2).float().div_(255).mul_(2).sub_(1)
+        with batch_invariant(device.type == "cpu"):
+            tokens = torch.cat(vae.img_to_idxBl(x), dim=1)
+        dtype = torch.int16 if vae.vocab_size <= 2 ** 15 else torch.int32   # compact cache; widened in the loss
+        return {"tokens": tokens.to(dtype).cpu(), "labels": labels.cpu()}
+
+    def loss(self, bundle: Bundle, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Teacher-forced cross-entropy over all tokens (official weights 1/L, batch mean), label dropout 0.1.
+        bundle.info['loss_args'] may set label_smooth (default 0.0) and cond_drop_rate (default the model's)."""
+        args = dict(bundle.info.get("loss_args") or {})
+        unknown = set(args) - set(LOSS_ARGS)
+        if unknown:
+            raise NeonError(f"var: unknown loss_args {sorted(unknown)} (known: {', '.join(LOSS_ARGS)})")
+        var, vae = bundle.net, bundle.helpers["vae"]
+        device = next(var.parameters()).device
+        return var_loss(var, vae, batch["tokens"].to(device), batch["labels"].to(device),
+                        label_smooth=float(args.get("label_smooth", 0.0)), cond_drop_rate=args.get("cond_drop_rate"))
+
+    def save(self, bundle: Bundle, path: str) -> None:
+        """Write the VAR's weights as a plain state dict, the container of var_d16.pth and Neon's snapshots."""
+        checkpoint.save_state_dict(unwrap(bundle.net), path)

@@ -1,0 +1,165 @@
+"""The xAR family for the Neon core: xAR-B / xAR-L / xAR-H on ImageNet-256 with the MAR KL-16 VAE.
+
+- load:   release xAR-*.pth (plain state dict), Neon / training containers; `vae_path` = kl16.ckpt.
+- sample: the official per-cell Euler–Maruyama sampler (CFG ramped over cells, KV cache), each image's noise
+          from a generator seeded with its seed, decoded by the VAE to uint8 as Neon's generate_dataset.py.
+- encode: VAE posterior moments of each image and of its mirror image (MAR's cached-latent format).
+- loss:   xAR's flow-matching loss on posterior samples * 0.2325 of a random choice of the two moments
+          (= official training on cached latents: random horizontal flip, fresh posterior noise each step).
+- save:   a plain state dict (see xar/checkpoint.py for who reads it).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Sequence
+
+import torch
+
+from neon.errors import NeonError
+from neon.family import Bundle, TrainDefaults
+from xar import checkpoint
+from xar.loss import flow_matching_loss
+from xar.model import XAR, XARConfig
+from xar.sampler import MIN_STEPS, PerImageNoise, sample_tokens
+from xar.vae import LATENT_SCALE, AutoencoderKL, VAEConfig, posterior_sample
+
+# Tiny networks with the release code paths (the 16x16 latent grid in 4 cells of 8x8) for smoke runs and tests.
+# The network only knows its token grid (img_size / vae_stride = 16, kept at the release values); the tiny
+# VAE downsamples 2x, so its images are 32x32.
+TINY_XAR = XARConfig(encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2, decoder_embed_dim=32,
+                     decoder_depth=1, decoder_num_heads=2, attn_dropout=0.1, proj_dropout=0.1)
+TINY_VAE = VAEConfig(embed_dim=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, encoder_attn_levels=(1,))
+
+LOSS_ARGS = ("label_drop_prob", "logit_mean", "logit_std")
+AUTOCAST = {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module):
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+class XARFamily:
+    name = "xar"
+    # Neon xAR/train_new.py: AdamW(betas=(0.9, 0.96)), weight_decay 0.02 (biases and 1-D weights excluded by
+    # misc.add_weight_decay), grad clip 1.0, under torch.cuda.amp.autocast() = float16 with a GradScaler.
+    train_defaults = TrainDefaults(optimizer="adamw", betas=(0.9, 0.96), weight_decay=0.02, decay_1d=False,
+                                   grad_clip=1.0, autocast="fp16")
+
+    # -- loading -------------------------------------------------------------------------------------------
+    def load(self, path: str, device: torch.device | str = "cpu", vae_path: str | None = None,
+             model: str | None = None, dropout: float = 0.1) -> Bundle:
+        """path: xAR weights (any container); vae_path: kl16.ckpt (needed by sample / encode);
+        model: optional 'xar_base' / 'xar_large' / 'xar_huge' to insist on; dropout: the attention / projection
+        dropout of self-training (0.1 in the official training and eval scripts)."""
+        net, container = checkpoint.load_xar(path, device, model=model, attn_dropout=dropout, proj_dropout=dropout)
+        vae = checkpoint.load_vae(vae_path, device) if vae_path else None
+        return self._bundle(net, vae, source=path, container=container)
+
+    def tiny(self, device: torch.device | str = "cpu", seed: int = 0, **load_args) -> Bundle:
+        """Tiny random xAR + VAE (about 0.1M + 0.7M parameters, 32x32 images); `load_args` (the paths of the
+        real checkpoints) do not apply and are ignored."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net, vae = XAR(TINY_XAR), AutoencoderKL(TINY_VAE)
+        return self._bundle(net.to(device).eval(), vae.to(device).eval(), source=None, container="plain")
+
+    @staticmethod
+    def _bundle(net: XAR, vae: AutoencoderKL | None, source: str | None, container: str) -> Bundle:
+        helpers, resolution = {}, net.cfg.img_size
+        if vae is not None:
+            if vae.cfg.embed_dim != net.cfg.vae_embed_dim:
+                raise NeonError(f"xar: the network takes {net.cfg.vae_embed_dim}-channel latents, "
+                                f"the VAE makes {vae.cfg.embed_dim}")
+            helpers["vae"] = vae.requires_grad_(False)   # frozen helper: never trained, never merged
+            resolution = net.cfg.grid * vae.cfg.downsample
+        return Bundle(net=net, helpers=helpers, num_classes=net.cfg.class_num, resolution=resolution,
+                      source=source, info={"config": dataclasses.asdict(net.cfg), "container": container})
+
+    # -- sampling ------------------------------------------------------------------------------------------
+    def sample(self, bundle: Bundle, seeds: Sequence[int], labels: torch.Tensor | None, cfg: float = 1.0,
+               flow_steps: int = 50, kv_cache: bool = True, autocast: str | None = None) -> torch.Tensor:
+        """-> uint8 (B, H, W, 3) on CPU. cfg: guidance of the last cell (ramped from 1 over the cells);
+        flow_steps: SDE steps per cell (>= 3); autocast: None, 'bf16' or 'fp16' for the network and the VAE
+        on CUDA (the official scripts sample under float16 autocast there); CPU sampling stays float32."""
+        net, vae = bundle.net, self._vae(bundle)
+        device = next(net.parameters()).device
+        labels = self._labels(bundle, labels, len(seeds)).to(device)
+        if flow_steps < MIN_STEPS:
+            raise NeonError(f"xar: flow_steps must be >= {MIN_STEPS} (the official sampler fails below), got {flow_steps}")
+        if autocast not in AUTOCAST:
+            raise NeonError(f"xar: autocast must be one of None, 'bf16', 'fp16'; got {autocast!r}")
+        dtype = AUTOCAST[autocast] if device.type == "cuda" else None   # as the official scripts: CUDA only
+        noise = PerImageNoise(seeds, net.cell_tokens, net.cfg.vae_embed_dim, flow_steps, device)
+        with eval_mode(net), torch.no_grad():
+            z = sample_tokens(net, labels, flow_steps, float(cfg), noise, kv_cache=kv_cache, autocast=dtype)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                images = vae.decode(z / LATENT_SCALE)
+        return to_uint8(images)
+
+    # -- self-training -------------------------------------------------------------------------------------
+    def encode(self, bundle: Bundle, images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """uint8 (B, H, W, 3) -> {'moments', 'moments_flip': (B, 2*16, h, w) float32, 'labels': (B,) int64},
+        on CPU; the moments of the image and of its horizontal mirror, as MAR caches latents."""
+        vae = self._vae(bundle)
+        device = next(vae.parameters()).device
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise NeonError(f"xar: encode expects uint8 images (B, H, W, 3), got {images.dtype} {tuple(images.shape)}")
+        if images.shape[1] != bundle.resolution or images.shape[2] != bundle.resolution:
+            raise NeonError(f"xar: images are {images.shape[1]}x{images.shape[2]}, the model makes "
+                            f"{bundle.resolution}x{bundle.resolution}")
+        labels = self._labels(bundle, labels, images.shape[0])
+        x = (images.to(device).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5   # ToTensor + Normalize(0.5, 0.5)
+        with torch.no_grad():
+            moments, moments_flip = vae.encode(x), vae.encode(x.flip(dims=[3]))
+        return {"moments": moments.float().cpu(), "moments_flip": moments_flip.float().cpu(), "labels": labels.cpu()}
+
+    def loss(self, bundle: Bundle, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Flow-matching loss on a batch of `encode` output, with a random mirror choice and a fresh posterior
+        sample per example (global RNG). bundle.info['loss_args'] may set label_drop_prob, logit_mean, logit_std."""
+        args = dict(bundle.info.get("loss_args") or {})
+        unknown = sorted(set(args) - set(LOSS_ARGS))
+        if unknown:
+            raise NeonError(f"xar: unknown loss_args {unknown}; known: {', '.join(LOSS_ARGS)}")
+        net = bundle.net.train()
+        device = next(net.parameters()).device
+        moments = batch["moments"].to(device, torch.float32)
+        flipped = batch["moments_flip"].to(device, torch.float32)
+        mirror = torch.rand(moments.shape[0], device=device) >= 0.5   # MAR's CachedFolder: rand < 0.5 keeps the original
+        moments = torch.where(mirror[:, None, None, None], flipped, moments)
+        x0 = posterior_sample(moments) * LATENT_SCALE
+        return flow_matching_loss(net, x0, batch["labels"].to(device), **args)
+
+    def save(self, bundle: Bundle, path: str) -> None:
+        checkpoint.save_xar(bundle.net.state_dict(), path, container="plain")
+
+    # -- checks --------------------------------------------------------------------------------------------
+    @staticmethod
+    def _vae(bundle: Bundle) -> AutoencoderKL:
+        if "vae" not in bundle.helpers:
+            raise NeonError("xar: this step needs the KL-16 VAE: set load_args.vae_path (kl16.ckpt)")
+        return bundle.helpers["vae"]
+
+    @staticmethod
+    def _labels(bundle: Bundle, labels: torch.Tensor | None, n: int) -> torch.Tensor:
+        if labels is None:
+            raise NeonError("xar: the model is class-conditional; labels are required")
+        labels = torch.as_tensor(labels).long().reshape(-1)
+        if labels.numel() != n:
+            raise NeonError(f"xar: {labels.numel()} labels for {n} images")
+        if n and (labels.min() < 0 or labels.max() >= bundle.num_classes):
+            raise NeonError(f"xar: labels must be in [0, {bundle.num_classes}), got {labels.min()}..{labels.max()}")
+        return labels
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """VAE output (B, 3, H, W), roughly in [-1, 1] -> uint8 (B, H, W, 3) on CPU, truncating as Neon's
+    generate_dataset.py / calculate_fid.py do ((x + 1) / 2 * 255, clamp, .byte())."""
+    x = ((images.float() + 1) / 2 * 255).clamp(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu()

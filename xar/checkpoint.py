@@ -1,0 +1,153 @@
+"""xAR and KL-16 VAE checkpoint files: read every container the official code writes, load strictly, save.
+
+Containers read (always with torch.load(weights_only=True): nothing in a file is executed):
+- release xAR-B/L/H.pth: a plain state dict (official eval.py: model.load_state_dict(torch.load(path)));
+- Neon's training snapshots and (possibly) its release files: {'model_ema': state_dict, 'epoch': int}
+  (Neon xAR/util/misc.py save_model);
+- upstream xAR training checkpoints: {'model', 'model_ema', 'optimizer', ...}: the EMA weights are taken,
+  as Neon's calculate_fid.py does (ckpt.get('model_ema', ckpt.get('state_dict', ckpt)));
+- kl16.ckpt: {'model': state_dict}.
+
+Saved container: a plain state dict (`container='plain'`, the default). It is what the released xAR files are,
+so the upstream eval.py and Neon's generate_dataset.py load it directly, and Neon's calculate_fid.py reads it
+through its fallback `ckpt.get('model_ema', ckpt.get('state_dict', ckpt))`. `container='neon'` writes Neon's
+training-snapshot layout {'model_ema': sd, 'epoch': n} instead (read by calculate_fid.py, not by eval.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from neon.errors import NeonError
+from xar import model as xar_model
+from xar import vae as xar_vae
+
+
+def _read(path: str) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise NeonError(f"{path}: checkpoint not found") from None
+    except Exception as e:  # pickles with code, truncated files, not a torch file at all
+        raise NeonError(f"{path}: not a readable weights-only torch checkpoint ({type(e).__name__})") from None
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def read_xar_state_dict(path: str) -> tuple[dict[str, torch.Tensor], str]:
+    """-> (state dict, container) with container 'plain', 'model_ema', 'state_dict' or 'model'."""
+    obj = _read(path)
+    if isinstance(obj, Mapping):
+        for key in ("model_ema", "state_dict", "model"):   # Neon's calculate_fid order, then raw training weights
+            if _is_state_dict(obj.get(key)):
+                return dict(obj[key]), key
+    if _is_state_dict(obj):
+        return dict(obj), "plain"
+    keys = ", ".join(map(str, list(obj)[:5])) if isinstance(obj, Mapping) else type(obj).__name__
+    raise NeonError(f"{path}: no xAR state dict found (top level: {keys})")
+
+
+def read_vae_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """kl16.ckpt: {'model': state_dict} (a plain state dict is accepted too)."""
+    obj = _read(path)
+    if isinstance(obj, Mapping) and _is_state_dict(obj.get("model")):
+        return dict(obj["model"])
+    if _is_state_dict(obj):
+        return dict(obj)
+    raise NeonError(f"{path}: no VAE state dict under 'model'")
+
+
+def check_state_dict(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str) -> None:
+    """Strict: same keys and shapes as `module`, else one NeonError line naming the first differences."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    shapes = [k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s) (first {missing[0]!r})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s) (first {unexpected[0]!r})")
+    if shapes:
+        k = shapes[0]
+        problems.append(f"{len(shapes)} shape mismatch(es) (first {k!r}: file {tuple(sd[k].shape)}, "
+                        f"model {tuple(expected[k].shape)})")
+    if problems:
+        raise NeonError(f"{what}: {'; '.join(problems)}")
+
+
+def _load_into(build, sd: Mapping[str, torch.Tensor], what: str, device) -> nn.Module:
+    with torch.device("meta"):   # no memory and no init cost: every tensor comes from the file
+        module = build()
+    check_state_dict(module, sd, what)
+    module.load_state_dict(sd, strict=True, assign=True)
+    return module.float().to(device).eval()
+
+
+def load_xar(path: str, device: torch.device | str = "cpu", model: str | None = None,
+             **release_args) -> tuple[xar_model.XAR, str]:
+    """Any xAR container -> (network in eval mode, container name).
+
+    model: 'xar_base' / 'xar_large' / 'xar_huge' to insist on a release architecture; None reads it off the
+    weights. release_args: constructor arguments the weights do not determine (attn_dropout, proj_dropout, ...).
+    """
+    sd, container = read_xar_state_dict(path)
+    if model is not None:
+        if model not in xar_model.CONFIGS:
+            raise NeonError(f"unknown xAR model {model!r}; known: {', '.join(xar_model.CONFIGS)}")
+        cfg = dataclasses.replace(xar_model.CONFIGS[model], **release_args)
+        what = f"{path} does not match {model}"
+    else:
+        try:
+            cfg = xar_model.config_from_state_dict(sd, **release_args)
+        except (KeyError, IndexError, ZeroDivisionError):
+            raise NeonError(f"{path}: not an xAR checkpoint (no class_emb / z_proj / blocks as in xAR)") from None
+        what = f"{path} is not a consistent xAR checkpoint"
+    try:
+        cfg.check()
+    except ValueError as e:
+        raise NeonError(f"{path}: {e}") from None
+    return _load_into(lambda: xar_model.XAR(cfg), sd, what, device), container
+
+
+def load_vae(path: str, device: torch.device | str = "cpu") -> xar_vae.AutoencoderKL:
+    """kl16.ckpt (or a smaller VAE of the same design) -> AutoencoderKL in eval mode, loaded strictly."""
+    sd = read_vae_state_dict(path)
+    try:
+        cfg = xar_vae.config_from_state_dict(sd)
+    except (KeyError, IndexError):
+        raise NeonError(f"{path}: not a KL-VAE checkpoint (no encoder.conv_in / post_quant_conv)") from None
+    return _load_into(lambda: xar_vae.AutoencoderKL(cfg), sd, f"{path} is not a consistent KL-VAE checkpoint", device)
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """torch.save to a temporary file in the target folder, then rename over `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pth")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_xar(state_dict: Mapping[str, torch.Tensor], path: str, container: str = "plain", epoch: int = 0) -> None:
+    """Write an xAR state dict (buffers included) as a plain state dict or in Neon's {'model_ema', 'epoch'}."""
+    sd = {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
+    if container == "plain":
+        atomic_save(sd, path)
+    elif container == "neon":
+        atomic_save({"model_ema": sd, "epoch": int(epoch)}, path)
+    else:
+        raise NeonError(f"unknown xAR container {container!r}: 'plain' or 'neon'")
