@@ -1,0 +1,238 @@
+"""The EDM family for the Neon core: load, tiny, sample, encode, loss, save.
+
+- load:   an official snapshot pickle (or a file `save` wrote) -> Bundle(net = the EMA network in eval mode).
+- sample: the Heun sampler with per-image seeded latents -> uint8 images, mapped as the official generate.py.
+- encode: uint8 images -> the training loop's input, images / 127.5 − 1 in [-1, 1] (+ class indices).
+- loss:   the loss the snapshot was trained with (EDMLoss for the EDM releases, VPLoss for VP snapshots), with
+          the snapshot's augmentation pipe, reduced as the official training loop (sum per image, mean over the
+          batch). `bundle.info['loss_args']` (the config's finetune.loss_args) may override:
+            augment:   augmentation probability p (0 = off); default: the snapshot's recorded pipe
+            reduction: 'sum_per_image' (default, official) or 'mean'
+            loss_kwargs: overrides of the loss constructor (P_mean, P_std, sigma_data / beta_d, ...)
+- save:   the official container when the network came from one (a byte-for-byte copy of that pickle with
+          the weights replaced, see edm/checkpoint.py), a safetensors export for '*.safetensors', else our own
+          torch.save container.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Sequence
+
+import torch
+
+from neon.checkpoint import detect_format
+from neon.errors import NeonError
+from neon.family import Bundle, TrainDefaults
+
+from edm import checkpoint
+from edm.augment import TRAIN_PY_ARGS, AugmentPipe
+from edm.loss import LOSSES, reduce_loss
+from edm.sampler import SeededNoise, edm_sampler, latents_and_labels, to_uint8
+
+# The loss each preconditioner is trained with in EDM's train.py (--precond=vp|ve|edm).
+DEFAULT_LOSS = {"EDMPrecond": "EDMLoss", "VPPrecond": "VPLoss", "VEPrecond": "VELoss"}
+SAMPLER_ARGS = ("num_steps", "sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise")
+LOSS_ARGS = ("augment", "reduction", "loss_kwargs")
+
+# A tiny DDPM++ (SongUNet) with every code path of the released models: attention, down/up blocks, skip
+# concatenation, class and augmentation embeddings. About 190k parameters; a Heun step at 8x8 takes milliseconds.
+TINY_KWARGS = dict(model_type="SongUNet", embedding_type="positional", encoder_type="standard",
+                   decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1], model_channels=16,
+                   channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], augment_dim=9, dropout=0.13,
+                   use_fp16=False, img_channels=3)
+
+
+class EDMFamily:
+    name = "edm"
+    # EDM's train.py: torch.optim.Adam(lr, betas=[0.9, 0.999], eps=1e-8), no weight decay, no clipping
+    # (the loop only replaces NaN/Inf gradients), float32 (--fp16=False for all three rows).
+    train_defaults = TrainDefaults(optimizer="adam", betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                                   grad_clip=None)
+
+    # -- networks ---------------------------------------------------------------------------------------
+    def load(self, path: str, device: torch.device | str = "cpu", **load_args) -> Bundle:
+        if load_args:
+            raise NeonError(f"edm: unknown load_args {sorted(load_args)} (EDM checkpoints need none)")
+        net, info = checkpoint.load_snapshot(path, device)
+        return _bundle(net, info, source=os.fspath(path))
+
+    def tiny(self, device: torch.device | str = "cpu", seed: int = 0, conditional: bool = True,
+             resolution: int = 8, **load_args) -> Bundle:
+        """A random tiny EDMPrecond + SongUNet (DDPM++); `conditional` gives it 10 classes."""
+        if load_args:
+            raise NeonError(f"edm: unknown tiny load_args {sorted(load_args)} (known: conditional, resolution)")
+        init_kwargs = dict(TINY_KWARGS, img_resolution=int(resolution), label_dim=10 if conditional else 0)
+        with torch.random.fork_rng(devices=[]):   # leave the caller's RNG alone
+            torch.manual_seed(seed)
+            net = checkpoint.build_network("EDMPrecond", init_kwargs, "cpu")
+        randomize(net, seed)
+        info = dict(format=None, class_name="EDMPrecond", init_kwargs=init_kwargs, loss_class="EDMLoss",
+                    loss_kwargs={}, augment_kwargs=dict(p=0.12, **TRAIN_PY_ARGS))
+        return _bundle(net.to(device).eval(), info, source=None)
+
+    # -- sampling -------------------------------------------------------------------------------------------
+    def sample(self, bundle: Bundle, seeds: Sequence[int], labels: torch.Tensor | None,
+               autocast: str | None = None, **sampler_args) -> torch.Tensor:
+        """One image per seed -> uint8 (B, H, W, 3) on CPU.
+
+        labels: int64 (B,) class indices for a conditional model (required), None for an unconditional one.
+        sampler_args: edm_sampler's num_steps (18), sigma_min (0.002), sigma_max (80), rho (7), S_churn (0),
+        S_min, S_max, S_noise. autocast: None (float32, as the official code) or 'bf16' (CUDA only; faster,
+        not bit-compatible).
+        """
+        unknown = set(sampler_args) - set(SAMPLER_ARGS)
+        if unknown:
+            raise NeonError(f"edm sampler: unknown arguments {sorted(unknown)} (known: {', '.join(SAMPLER_ARGS)})")
+        net = bundle.net
+        device = _device(net)
+        class_labels = _one_hot(bundle, labels, len(seeds), device)
+        if len(seeds) == 0:
+            return torch.zeros((0, net.img_resolution, net.img_resolution, net.img_channels), dtype=torch.uint8)
+        noise = SeededNoise(seeds, device)
+        latents = noise.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution])
+        was_training = net.training
+        net.eval()
+        try:
+            with _autocast(autocast, device):
+                images = edm_sampler(net, latents, class_labels, randn_like=noise.randn_like, **sampler_args)
+        finally:
+            net.train(was_training)
+        return to_uint8(images).cpu()
+
+    def labels_from_seeds(self, bundle: Bundle, seeds: Sequence[int]) -> torch.Tensor | None:
+        """The class index the official generate.py draws for each seed (after the latents, from the same
+        per-seed generator): int64 (B,), or None for an unconditional model."""
+        net = bundle.net
+        return latents_and_labels(seeds, net.img_channels, net.img_resolution, net.label_dim)[1]
+
+    # -- training -------------------------------------------------------------------------------------------
+    def encode(self, bundle: Bundle, images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """uint8 (B, H, W, C) -> {'images': float32 (B, C, H, W) in [-1, 1], 'labels': int64 (B,) if conditional},
+        the official training loop's `images.to(float32) / 127.5 - 1`."""
+        net = bundle.net
+        expected = (net.img_resolution, net.img_resolution, net.img_channels)
+        if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise NeonError(f"edm encode: expected uint8 images (B, {', '.join(map(str, expected))}), got "
+                            f"{images.dtype} {tuple(images.shape)}")
+        out = {"images": images.permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1}
+        if bundle.conditional:
+            _check_labels(bundle, labels, images.shape[0])
+            out["labels"] = labels.to(torch.int64).cpu()
+        return out
+
+    def loss(self, bundle: Bundle, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The official training objective on a batch of `encode`'s output (net in train mode: dropout on)."""
+        args = dict(bundle.info.get("loss_args") or {})
+        unknown = set(args) - set(LOSS_ARGS)
+        if unknown:
+            raise NeonError(f"edm loss_args: unknown {sorted(unknown)} (known: {', '.join(LOSS_ARGS)})")
+        net = bundle.net
+        device = _device(net)
+        images = batch["images"].to(device, torch.float32)
+        labels = None
+        if bundle.conditional:
+            if "labels" not in batch:
+                raise NeonError("edm loss: conditional model but the batch has no 'labels'")
+            labels = _one_hot(bundle, batch["labels"], images.shape[0], device)
+        loss_fn = make_loss(bundle.info, args.get("loss_kwargs"))
+        pipe = make_augment_pipe(bundle.info, args.get("augment"))
+        per_element = loss_fn(net, images, labels, augment_pipe=pipe)
+        return reduce_loss(per_element, args.get("reduction", "sum_per_image"))
+
+    def save(self, bundle: Bundle, path: str) -> None:
+        info = bundle.info
+        if os.fspath(path).endswith(".safetensors"):
+            checkpoint.export_safetensors(bundle.net, path, info["class_name"], info["init_kwargs"])
+        elif bundle.source is not None and os.path.isfile(bundle.source) and detect_format(bundle.source) == "pickle":
+            checkpoint.save_pickle(bundle.net, bundle.source, path)
+        else:
+            extra = {k: info[k] for k in ("loss_class", "loss_kwargs", "augment_kwargs") if k in info}
+            checkpoint.save_container(bundle.net, path, info["class_name"], info["init_kwargs"], **extra)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def _bundle(net: torch.nn.Module, info: dict, source: str | None) -> Bundle:
+    return Bundle(net=net, num_classes=int(net.label_dim), resolution=int(net.img_resolution), source=source,
+                  info=dict(info))
+
+
+def make_loss(info: dict, overrides: dict | None = None):
+    """The loss object: the snapshot's recorded loss (else the one its preconditioner is trained with)."""
+    name = info.get("loss_class") or DEFAULT_LOSS.get(info.get("class_name"))
+    if name not in LOSSES:
+        raise NeonError(f"edm: no training loss known for {info.get('class_name')} (loss {name!r})")
+    kwargs = dict(info.get("loss_kwargs") or {})
+    kwargs.update(overrides or {})
+    try:
+        return LOSSES[name](**kwargs)
+    except TypeError as e:
+        raise NeonError(f"edm: bad {name} arguments: {e}") from None
+
+
+def make_augment_pipe(info: dict, p: float | None = None) -> AugmentPipe | None:
+    """The snapshot's augmentation pipe; p (loss_args 'augment') replaces its probability, 0 turns it off."""
+    recorded = info.get("augment_kwargs")
+    if p is None:
+        return AugmentPipe(**recorded) if recorded else None
+    if float(p) == 0:
+        return None
+    if not 0 < float(p) <= 1:
+        raise NeonError(f"edm loss_args.augment: expected a probability in [0, 1], got {p}")
+    if int(info.get("init_kwargs", {}).get("augment_dim", 0) or 0) != 9:
+        raise NeonError("edm loss_args.augment: the network has no 9-dim augmentation input (augment_dim)")
+    kwargs = dict(recorded or TRAIN_PY_ARGS)
+    kwargs["p"] = float(p)
+    return AugmentPipe(**kwargs)
+
+
+def randomize(net: torch.nn.Module, seed: int) -> None:
+    """Overwrite every learnable tensor from a generator seeded with `seed` (the fixtures' rule): GroupNorm
+    weight 1 + 0.1·N(0,1), bias 0.05·N(0,1); other weights N(0,1)/sqrt(fan_in); other biases 0.05·N(0,1).
+    Unlike the official init (near-zero output layers) every parameter then moves the output."""
+    g = torch.Generator("cpu").manual_seed(int(seed))
+    with torch.no_grad():
+        for module in net.modules():
+            is_norm = type(module).__name__ == "GroupNorm"
+            for name, p in module.named_parameters(recurse=False):
+                z = torch.randn(p.shape, generator=g)
+                if is_norm:
+                    p.copy_(1 + 0.1 * z if name == "weight" else 0.05 * z)
+                elif name == "weight":
+                    p.copy_(z / math.sqrt(p[0].numel()))
+                else:
+                    p.copy_(0.05 * z)
+
+
+def _device(net: torch.nn.Module) -> torch.device:
+    return next(net.parameters()).device
+
+
+def _check_labels(bundle: Bundle, labels, batch: int) -> None:
+    if labels is None:
+        raise NeonError(f"edm: this model is class-conditional ({bundle.num_classes} classes): labels are required")
+    if not isinstance(labels, torch.Tensor) or labels.shape != (batch,) or labels.is_floating_point():
+        raise NeonError(f"edm: labels must be an integer tensor of shape ({batch},), got "
+                        f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}")
+    if batch and (int(labels.min()) < 0 or int(labels.max()) >= bundle.num_classes):
+        raise NeonError(f"edm: labels must lie in [0, {bundle.num_classes}), "
+                        f"got {int(labels.min())}..{int(labels.max())}")
+
+
+def _one_hot(bundle: Bundle, labels, batch: int, device) -> torch.Tensor | None:
+    """(B,) class indices -> (B, label_dim) float32 one-hot; None for an unconditional model."""
+    if not bundle.conditional:
+        if labels is not None:
+            raise NeonError("edm: this model is unconditional; pass labels=None")
+        return None
+    _check_labels(bundle, labels, batch)
+    return torch.nn.functional.one_hot(labels.to(torch.int64), bundle.num_classes).to(device, torch.float32)
+
+
+def _autocast(mode: str | None, device: torch.device):
+    if mode is None:
+        return torch.autocast(device.type, enabled=False)
+    if mode != "bf16":
+        raise NeonError(f"edm sampler: autocast must be None or 'bf16', got {mode!r}")
+    return torch.autocast(device.type, dtype=torch.bfloat16)
