@@ -102,6 +102,10 @@ class Family(Protocol):
         """Write `bundle.net`'s weights to `path` in the official container (atomically)."""
         ...
 
+    # Optional hooks (looked up with getattr; a family may leave them out):
+    #   labels_from_seeds(bundle, seeds) -> int64 (B,)   the official sampler's own random class for each seed
+    #   trainable_parameters(bundle) -> [(name, param)]  what self-training updates (default: all parameters)
+
 
 _REGISTRY: dict[str, Callable[[], Family]] = {}
 

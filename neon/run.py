@@ -22,7 +22,7 @@ from neon.checkpoint import atomic_open, load_state_dict
 from neon.config import RunConfig, load_config
 from neon.errors import NeonError
 from neon.family import Bundle, Family, get_family
-from neon.sampling import class_labels, plan_seeds, sample_to_npz
+from neon.sampling import draw_labels, plan_seeds, sample_to_npz
 from neon.selftrain import CACHE_FILE, encode_examples, finetune
 from neon.sweep import Sweep, build_metric, evaluate_images
 
@@ -103,7 +103,7 @@ def run(config: str, out: str, smoke: bool = False) -> dict:
         s = cfg.synthetic
         t0 = time.time()
         seeds = plan_seeds(s.num_images, s.per_class, bundle.num_classes, s.seed_offset)
-        labels = class_labels(seeds, bundle.num_classes, "none" if s.labels == "none" else s.labels)
+        labels = draw_labels(family, bundle, seeds, s.labels)
         sample_to_npz(family, bundle, seeds, labels, synthetic, s.batch, s.sampler)
         rec.record("sample", {"path": synthetic, "num_images": len(seeds), "seconds": round(time.time() - t0, 1)})
 

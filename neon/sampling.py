@@ -85,6 +85,17 @@ def class_labels(seeds: Sequence[int], num_classes: int, mode: str = "random",
     raise NeonError(f"unknown label mode {mode!r}")
 
 
+def draw_labels(family: Family, bundle: Bundle, seeds: Sequence[int], mode: str = "random",
+                label_list: Sequence[int] | None = None) -> np.ndarray | None:
+    """`class_labels` for this model; 'random' labels come from the family's own rule where it has one
+    (`family.labels_from_seeds(bundle, seeds)`, e.g. EDM's generate.py draws the class from the image's
+    generator after its latents), so a seed gives the image the official code gives it."""
+    rule = getattr(family, "labels_from_seeds", None)
+    if mode == "random" and bundle.num_classes > 0 and rule is not None:
+        return np.asarray(rule(bundle, list(seeds)), dtype=np.int64)
+    return class_labels(seeds, bundle.num_classes, mode, label_list)
+
+
 def _done_seeds(shard_dir: str) -> set[int]:
     done: set[int] = set()
     for path in glob.glob(os.path.join(shard_dir, "shard-*.npz")):
@@ -221,14 +232,14 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--png", help="also export the images as PNGs into this folder")
 
 
-def _labels_from_args(args, seeds, num_classes):
-    mode = args.labels or ("per_class" if args.per_class else "random" if num_classes else "none")
+def _labels_from_args(args, family, bundle, seeds):
+    mode = args.labels or ("per_class" if args.per_class else "random" if bundle.num_classes else "none")
     if mode in ("random", "per_class", "none"):
-        return class_labels(seeds, num_classes, mode)
+        return draw_labels(family, bundle, seeds, mode)
     if not os.path.isfile(mode):
         raise NeonError(f"--labels: {mode!r} is neither random/per_class/none nor a file")
     values = np.load(mode) if mode.endswith(".npy") else np.loadtxt(mode, dtype=np.int64, ndmin=1)
-    return class_labels(seeds, num_classes, "list", values)
+    return draw_labels(family, bundle, seeds, "list", values)
 
 
 def sample_main(args) -> None:
@@ -237,7 +248,7 @@ def sample_main(args) -> None:
         seeds = parse_seeds(args.seeds)
     else:
         seeds = plan_seeds(args.num_images, args.per_class, bundle.num_classes)
-    labels = _labels_from_args(args, seeds, bundle.num_classes)
+    labels = _labels_from_args(args, family, bundle, seeds)
     t0 = time.time()
     sample_to_npz(family, bundle, seeds, labels, args.out, args.batch, parse_kv(args.arg), args.png)
     if dist.is_main():

@@ -22,7 +22,7 @@ from neon.config import SweepConfig, _build
 from neon.errors import NeonError
 from neon.family import Bundle, Family
 from neon.merge import check_compatible, merge_state_dicts
-from neon.sampling import class_labels, generate, plan_seeds
+from neon.sampling import draw_labels, generate, plan_seeds
 
 # A metric is a factory of accumulators: acc = metric(); acc.update(uint8 NHWC); acc.finish() -> {'fid': ...}
 MetricFactory = Callable[[], object]
@@ -33,7 +33,7 @@ def evaluate_images(family: Family, bundle: Bundle, metric: MetricFactory, num_i
                     sampler_args: dict | None = None, desc: str | None = None) -> dict:
     """Sample `num_images` images (seeds from `seed_offset`, split over ranks) and return the metric's result."""
     seeds = plan_seeds(None if per_class else num_images, per_class, bundle.num_classes, seed_offset)
-    labels = class_labels(seeds, bundle.num_classes, "per_class" if per_class else "random")
+    labels = draw_labels(family, bundle, seeds, "per_class" if per_class else "random")
     mine = dist.shard(list(range(len(seeds))))
     acc = metric()
     for _, _, images in generate(family, bundle, [seeds[i] for i in mine],
