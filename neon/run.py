@@ -186,4 +186,20 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_main(args) -> None:
     name = os.path.splitext(os.path.basename(args.config))[0] + ("-smoke" if args.smoke else "")
-    run(args.config, args.out or os.path.join("runs", name), smoke=args.smoke)
+    out = args.out or os.path.join("runs", name)
+    if is_study(args.config):  # a study config (e.g. configs/fashion_mnist_16.yaml) has its own stages
+        from neon.study import run_study
+        run_study(args.config, out, smoke=args.smoke)
+    else:
+        run(args.config, out, smoke=args.smoke)
+
+
+def is_study(config: str) -> bool:
+    """True for a config with a top-level `study:` section (see neon/study.py)."""
+    import yaml
+    try:
+        with open(config) as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return False  # load_config reports it
+    return isinstance(data, dict) and "study" in data
