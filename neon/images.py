@@ -17,6 +17,8 @@ import numpy as np
 from neon.checkpoint import atomic_path
 from neon.errors import NeonError
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
 
 def write_npz(path: str, arrays: dict[str, tuple[tuple, np.dtype, Iterable[np.ndarray]]]) -> None:
     """Write an `.npz` atomically; each array is (shape, dtype, chunks) and is streamed chunk by chunk
@@ -51,92 +53,135 @@ def save_images_npz(path: str, images: np.ndarray, labels: np.ndarray | None = N
 
 
 class NpzImages:
-    """Read an ADM-style `.npz` lazily: `len(s)`, `s.labels`, `s.seeds`, `s.read(i, j)` -> uint8 (j-i, H, W, 3)."""
+    """An ADM-style `.npz` read lazily: `len(s)`, `s.labels`, `s.seeds`, `s.read(i, j)` -> uint8 (j-i, H, W, C),
+    `s.take(indices)`. A stored (uncompressed) `arr_0` — what this project writes, and np.savez — is
+    memory-mapped, so a rank touches only the images it reads; a compressed one is read whole once."""
 
     def __init__(self, path: str):
+        path = os.fspath(path)
         if not os.path.isfile(path):
             raise NeonError(f"{path}: image set not found")
         self.path = path
         try:
-            self._zip = zipfile.ZipFile(path)
-        except zipfile.BadZipFile:
-            raise NeonError(f"{path}: not an .npz file") from None
-        names = self._zip.namelist()
-        if "arr_0.npy" not in names:
-            raise NeonError(f"{path}: no arr_0 (expected ADM-style uint8 NHWC images)")
-        self.shape, self.dtype, self._offset = self._header("arr_0.npy")
-        if self.dtype != np.uint8 or len(self.shape) != 4 or self.shape[3] not in (1, 3):
-            raise NeonError(f"{path}: arr_0 must be uint8 (N, H, W, 3), got {self.dtype} {self.shape}")
-        info = self._zip.getinfo("arr_0.npy")
-        stored = info.compress_type == zipfile.ZIP_STORED
-        if stored:
-            with open(path, "rb") as f:  # local file header: 30 bytes, then name and extra field
-                f.seek(info.header_offset + 26)
-                name_len, extra_len = struct.unpack("<HH", f.read(4))
-            self._data_start = info.header_offset + 30 + name_len + extra_len + self._offset
-        self._all = None if stored else np.load(path)["arr_0"]  # compressed files are read whole
-        self.labels = self._small("arr_1.npy") if "arr_1.npy" in names else None
-        self.seeds = self._small("seeds.npy") if "seeds.npy" in names else None
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+                if "arr_0.npy" not in names:
+                    raise NeonError(f"{path}: no arr_0 (expected ADM-style uint8 NHWC images)")
+                self.array = _stored_member(path, zf.getinfo("arr_0.npy"))
+            if self.array is None:
+                with np.load(path, allow_pickle=False) as f:
+                    self.array = f["arr_0"]
+            self.labels = _small_array(path, "arr_1") if "arr_1.npy" in names else None
+            self.seeds = _small_array(path, "seeds") if "seeds.npy" in names else None
+        except (zipfile.BadZipFile, ValueError, OSError) as e:
+            raise NeonError(f"{path}: not a readable .npz ({e})") from None
+        self.shape = tuple(self.array.shape)
+        if self.array.dtype != np.uint8 or len(self.shape) != 4 or self.shape[3] not in (1, 3):
+            raise NeonError(f"{path}: arr_0 must be uint8 (N, H, W, 3), got {self.array.dtype} {self.shape}")
         if self.labels is not None and len(self.labels) != len(self):
             raise NeonError(f"{path}: {len(self.labels)} labels for {len(self)} images")
-
-    def _header(self, name):
-        with self._zip.open(name) as f:
-            version = np.lib.format.read_magic(f)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-            if read_header is None:
-                raise NeonError(f"{self.path}: unsupported .npy version {version}")
-            shape, fortran, dtype = read_header(f)
-            if fortran:
-                raise NeonError(f"{self.path}: Fortran-ordered arrays are not supported")
-            return shape, dtype, f.tell()
-
-    def _small(self, name) -> np.ndarray:
-        with self._zip.open(name) as f:
-            return np.lib.format.read_array(f).astype(np.int64)
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        stop = min(stop, len(self))
-        if self._all is not None:
-            return self._all[start:stop]
-        item = int(np.prod(self.shape[1:]))
-        out = np.empty((max(stop - start, 0),) + tuple(self.shape[1:]), dtype=np.uint8)
-        with open(self.path, "rb") as f:  # a stored zip member is a plain byte range of the file
-            f.seek(self._data_start + start * item)
-            if f.readinto(memoryview(out).cast("B")) != out.nbytes:
-                raise NeonError(f"{self.path}: file is truncated")
-        return out
+        return np.array(self.array[start:stop])
+
+    def take(self, indices) -> np.ndarray:
+        return np.ascontiguousarray(self.array[np.asarray(indices, dtype=np.int64)])
 
     def batches(self, batch: int) -> Iterable[tuple[int, np.ndarray]]:
         for i in range(0, len(self), batch):
             yield i, self.read(i, i + batch)
 
 
-def load_image_folder(folder: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """A folder of PNG/JPEG images (sorted by path) -> uint8 NHWC, and labels from an EDM-style
-    `dataset.json` ({"labels": [[relative path, label], ...]}) when present."""
+def _stored_member(path: str, info: zipfile.ZipInfo) -> np.ndarray | None:
+    """A read-only memmap of an uncompressed .npy member of a zip (None if compressed)."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset + 26)  # zip local file header: 30 bytes, name and extra lengths at 26..29
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            return None
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+    if fortran:
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
+def _small_array(path: str, name: str) -> np.ndarray:
+    with np.load(path, allow_pickle=False) as f:
+        return f[name].astype(np.int64)
+
+
+class FolderImages:
+    """A folder of PNG/JPEG images (sorted by relative path), with labels from an EDM-style `dataset.json`
+    ({"labels": [[relative path, label], ...]}) when present; same reading methods as NpzImages."""
+
+    def __init__(self, folder: str):
+        folder = os.fspath(folder)
+        if not os.path.isdir(folder):
+            raise NeonError(f"{folder}: image folder not found")
+        self.path = folder
+        self.files = sorted(os.path.relpath(os.path.join(d, f), folder).replace(os.sep, "/")
+                            for d, _, fs in os.walk(folder) for f in fs if f.lower().endswith(IMAGE_SUFFIXES))
+        if not self.files:
+            raise NeonError(f"{folder}: no {'/'.join(IMAGE_SUFFIXES)} images found")
+        self.seeds = None
+        self.labels = None
+        meta = os.path.join(folder, "dataset.json")
+        if os.path.isfile(meta):
+            with open(meta) as f:
+                table = {k.replace("\\", "/"): v for k, v in (json.load(f).get("labels") or [])}
+            missing = [f for f in self.files if f not in table]
+            if missing:
+                raise NeonError(f"{meta}: no label for {missing[0]}")
+            self.labels = np.array([table[f] for f in self.files], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def take(self, indices) -> np.ndarray:
+        images = [_read_image(os.path.join(self.path, self.files[i])) for i in indices]
+        if len({im.shape for im in images}) > 1:
+            raise NeonError(f"{self.path}: images of different sizes in one batch; resize them to one size first")
+        return np.stack(images) if images else np.zeros((0, 0, 0, 3), np.uint8)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return self.take(range(start, min(stop, len(self))))
+
+
+def _read_image(path: str) -> np.ndarray:
+    """uint8 (H, W, 1) for a grey image, (H, W, 3) otherwise."""
     from PIL import Image
-    if not os.path.isdir(folder):
-        raise NeonError(f"{folder}: image folder not found")
-    files = sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs
-                   if f.lower().endswith((".png", ".jpg", ".jpeg")))
-    if not files:
-        raise NeonError(f"{folder}: no .png/.jpg images found")
-    images = np.stack([np.asarray(Image.open(os.path.join(folder, f)).convert("RGB")) for f in files])
-    labels = None
-    meta = os.path.join(folder, "dataset.json")
-    if os.path.isfile(meta):
-        with open(meta) as f:
-            table = dict((k.replace("\\", "/"), v) for k, v in (json.load(f).get("labels") or []))
-        missing = [f for f in files if f.replace(os.sep, "/") not in table]
-        if missing:
-            raise NeonError(f"{meta}: no label for {missing[0]}")
-        labels = np.array([table[f.replace(os.sep, "/")] for f in files], dtype=np.int64)
-    return images, labels
+    with Image.open(path) as im:
+        if im.mode in ("1", "L", "I;16", "I"):
+            return np.asarray(im.convert("L"))[..., None]
+        return np.asarray(im.convert("RGB"))
+
+
+def open_images(path: str) -> NpzImages | FolderImages:
+    """An image set on disk: an ADM-style `.npz` or a folder of images."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return FolderImages(path)
+    if os.path.isfile(path) and path.endswith(".npz"):
+        return NpzImages(path)
+    if not os.path.exists(path):
+        raise NeonError(f"image set not found: {path}")
+    raise NeonError(f"{path}: expected an .npz with arr_0 or a folder of images")
+
+
+def load_image_folder(folder: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """All images of a folder as uint8 NHWC, and their labels (None without a dataset.json)."""
+    images = FolderImages(folder)
+    return images.read(0, len(images)), images.labels
 
 
 def export_png(images: NpzImages, folder: str, batch: int = 1000) -> None:

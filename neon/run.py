@@ -7,7 +7,6 @@ rerun with the same command. `run.json` records the config, package versions, an
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.metadata
 import json
 import os
@@ -24,7 +23,7 @@ from neon.errors import NeonError
 from neon.family import Bundle, Family, get_family
 from neon.sampling import draw_labels, plan_seeds, sample_to_npz
 from neon.selftrain import CACHE_FILE, encode_examples, finetune
-from neon.sweep import Sweep, build_metric, evaluate_images
+from neon.sweep import FIDMetric, Sweep, evaluate_images
 
 
 def _versions() -> dict:
@@ -80,12 +79,15 @@ def run_metric(cfg: RunConfig, out: str, device, synthetic: str):
         from neon import metrics
         ref = os.path.join(out, "smoke_ref_stats.npz")
         if not os.path.isfile(ref):
-            metrics.compute_stats(synthetic, ref, detector=cfg.metrics.detector, weights=cfg.metrics.weights,
-                                  device=device)
+            extractor = metrics.FeatureExtractor(cfg.metrics.detector, cfg.metrics.weights, device, logits=False)
+            summary = metrics.summarize_images(synthetic, extractor, cfg.synthetic.batch, logits=False)
+            if dist.is_main():
+                metrics.save_stats(ref, summary.mu, summary.sigma, count=summary.count)
         dist.barrier()
     elif not os.path.isfile(ref):
         raise NeonError(f"ref_stats: {ref} not found (bash download_models.sh fetches the reference statistics)")
-    return build_metric(cfg.metrics.detector, ref, device, cfg.metrics.weights, cfg.metrics.inception_score), ref
+    metric = FIDMetric(cfg.metrics.detector, ref, device, cfg.metrics.weights, cfg.metrics.inception_score)
+    return metric, ref
 
 
 def run(config: str, out: str, smoke: bool = False) -> dict:

@@ -29,7 +29,7 @@ from neon.checkpoint import atomic_open, atomic_save
 from neon.config import FinetuneConfig, _build
 from neon.errors import NeonError
 from neon.family import Bundle, Family, TrainDefaults
-from neon.images import NpzImages, load_image_folder
+from neon.images import open_images
 
 STATE_FILE = "train_state.pt"
 CACHE_FILE = "examples.pt"
@@ -45,11 +45,8 @@ def _source_id(path: str) -> dict:
 
 def _read_images(path: str) -> tuple[int, callable, np.ndarray | None]:
     """(count, read(i, j) -> uint8 NHWC, labels) for an .npz or an image folder."""
-    if os.path.isdir(path):
-        images, labels = load_image_folder(path)
-        return len(images), lambda i, j: images[i:j], labels
-    s = NpzImages(path)
-    return len(s), s.read, s.labels
+    images = open_images(path)
+    return len(images), images.read, images.labels
 
 
 @torch.no_grad()

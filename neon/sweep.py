@@ -24,7 +24,7 @@ from neon.family import Bundle, Family
 from neon.merge import check_compatible, merge_state_dicts
 from neon.sampling import draw_labels, generate, plan_seeds
 
-# A metric is a factory of accumulators: acc = metric(); acc.update(uint8 NHWC); acc.finish() -> {'fid': ...}
+# A metric is a factory of accumulators: acc = metric(); acc.update(uint8 NHWC, seeds); acc.finish() -> {'fid': ...}
 MetricFactory = Callable[[], object]
 
 
@@ -36,9 +36,9 @@ def evaluate_images(family: Family, bundle: Bundle, metric: MetricFactory, num_i
     labels = draw_labels(family, bundle, seeds, "per_class" if per_class else "random")
     mine = dist.shard(list(range(len(seeds))))
     acc = metric()
-    for _, _, images in generate(family, bundle, [seeds[i] for i in mine],
-                                 None if labels is None else labels[mine], batch, sampler_args or {}, desc):
-        acc.update(torch.from_numpy(images))
+    for chunk, _, images in generate(family, bundle, [seeds[i] for i in mine],
+                                     None if labels is None else labels[mine], batch, sampler_args or {}, desc):
+        acc.update(torch.from_numpy(images), chunk)
     result = dict(acc.finish())
     result["num_images"] = len(seeds)
     return result
@@ -151,17 +151,36 @@ def plot_sweep(points: list[dict], path: str, cfg_key: str = "cfg") -> None:
 # ---------------------------------------------------------------------------------------------------------
 # The metric the sweep uses, from a run config's `metrics` section.
 
-def build_metric(detector: str, ref_stats: str, device, weights: str | None = None,
-                 inception_score: bool = False) -> MetricFactory:
-    """FID (and IS when asked) against reference statistics, with the configured feature detector."""
-    from neon import metrics
-    ref = metrics.load_stats(ref_stats)
-    extractor = metrics.FeatureExtractor(detector, weights=weights, device=device)
+class FIDMetric:
+    """FID (and IS when asked) of image batches against reference statistics; calling it starts one
+    accumulator: `acc = metric(); acc.update(uint8 images, seeds); acc.finish() -> {'fid', 'is_mean', ...}`."""
 
-    def factory():
-        return metrics.FIDAccumulator(extractor, ref, inception_score=inception_score)
+    def __init__(self, detector: str, ref_stats: str, device, weights: str | None = None,
+                 inception_score: bool = False):
+        from neon import metrics
+        self.ref = metrics.load_stats(ref_stats)
+        self.extractor = metrics.FeatureExtractor(detector, weights=weights, device=device, logits=inception_score)
+        if self.ref.dim != self.extractor.dim:
+            raise NeonError(f"{ref_stats}: statistics are {self.ref.dim}-d, the {detector} detector gives "
+                            f"{self.extractor.dim}-d features")
+        self.inception_score = inception_score
 
-    return factory
+    def __call__(self):
+        return _FIDAccumulator(self)
+
+
+class _FIDAccumulator:
+    def __init__(self, metric: FIDMetric):
+        from neon.metrics import FeatureAccumulator
+        self.metric = metric
+        self.acc = FeatureAccumulator(metric.extractor, logits=metric.inception_score)
+
+    def update(self, images, seeds) -> None:
+        self.acc.update(images, index=seeds)
+
+    def finish(self) -> dict:
+        from neon.metrics import evaluate
+        return evaluate(self.acc, self.metric.ref, inception_score=self.metric.inception_score)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -193,7 +212,7 @@ def sweep_main(args) -> None:
                                "per_class": args.per_class, "batch": args.batch, "tolerance": args.tolerance,
                                "refine": args.refine, "sampler": parse_kv(args.arg)}, "sweep")
     device = next(bundle.net.parameters()).device
-    metric = build_metric(args.detector, args.ref_stats, device, args.detector_weights)
+    metric = FIDMetric(args.detector, args.ref_stats, device, args.detector_weights)
     sweep = Sweep(family, bundle, load_state_dict(args.synth), cfg, metric, os.path.join(args.out, "sweep.json"))
     best = sweep.run()
     if dist.is_main():

@@ -2,7 +2,6 @@
 import json
 
 import numpy as np
-import pytest
 import torch
 
 from neon.config import SweepConfig
@@ -32,7 +31,7 @@ class DistanceTo:
     def __init__(self, target):
         self.target, self.values = target, []
 
-    def update(self, images):
+    def update(self, images, seeds):
         self.values.append(images.float().mean().item())
 
     def finish(self):

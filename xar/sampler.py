@@ -90,7 +90,7 @@ def sample_cells(net: XAR, labels: torch.Tensor, num_steps: int, cfg: float, noi
     """
     if num_steps < MIN_STEPS:
         raise ValueError(f"xAR's Euler–Maruyama sampler needs flow_steps >= {MIN_STEPS}, got {num_steps}")
-    B, K, T = labels.shape[0], net.cfg.clusters, net.cell_tokens
+    B, K = labels.shape[0], net.cfg.clusters
     device = labels.device
     t_steps = time_grid(num_steps).tolist()
     cfgs = [cfg_schedule(cfg, k, K) for k in range(K)]

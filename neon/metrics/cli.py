@@ -1,0 +1,117 @@
+"""`neon fid` and `neon stats`: metrics of an image set on disk, one share per torchrun rank.
+
+    neon fid --images samples.npz --ref ref.npz [--detector nvidia] [--inception-weights PATH|fid-helper]
+             [--is] [--prdc --real real.npz|folder|stats.npz] [--json out.json] [--batch 64] [--num-images N]
+    neon stats --images real.npz|folder --out ref.npz [--features]
+
+Image sets: ADM-style .npz (`arr_0` uint8 N×H×W×3) or a folder of PNG/JPEG files (sorted by path).
+Option names avoid prefixes of torchrun's own options (`--pr`, `--num` would be taken as `--print-completion`,
+`--numa-binding` by `torchrun ... -m neon fid ...`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from neon import dist
+from neon.errors import NeonError
+from neon.metrics.accumulate import Summary, summarize_images
+from neon.metrics.evaluate import evaluate
+from neon.metrics.features import DETECTORS, FeatureExtractor
+from neon.checkpoint import atomic_open
+from neon.metrics.stats import Stats, load_stats, save_stats
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", required=True, help="image set: .npz with arr_0 (uint8 NHWC) or a folder of PNGs")
+    p.add_argument("--detector", default="inception-v3-compat", choices=DETECTORS,
+                   help="feature network (default: torch-fidelity's inception-v3-compat; 'nvidia' for EDM rows)")
+    p.add_argument("--inception-weights", default=None, metavar="PATH",
+                   help="detector weights: a torch-fidelity .pth; NVIDIA's inception-2015-12-05.pkl for --detector "
+                        "nvidia; or 'fid-helper' (offline pool3 weights, either detector, no IS). Default: "
+                        "torch-fidelity's download (inception-v3-compat only)")
+    p.add_argument("--batch", type=int, default=64, help="images per network call on each rank")
+    p.add_argument("--num-images", type=int, default=None, metavar="N", help="use the first N images (default: all)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_fid_arguments(p: argparse.ArgumentParser) -> None:
+    _add_common(p)
+    p.add_argument("--ref", required=True, help="reference statistics .npz (mu, sigma): EDM fid-refs, ADM stats")
+    p.add_argument("--is", dest="inception_score", action="store_true", help="also the Inception Score (--splits parts)")
+    p.add_argument("--prdc", action="store_true", help="also precision/recall/density/coverage against --real")
+    p.add_argument("--real", help="real set for --prdc: images (.npz arr_0 / folder) or `neon stats --features` output")
+    p.add_argument("--k", type=int, default=5, help="nearest neighbours for --prdc (the paper: 5)")
+    p.add_argument("--splits", type=int, default=10, help="IS splits")
+    p.add_argument("--json", help="also write the results here (atomically)")
+
+
+def add_stats_arguments(p: argparse.ArgumentParser) -> None:
+    _add_common(p)
+    p.add_argument("--out", required=True, help="output .npz (mu, sigma float64, count)")
+    p.add_argument("--features", action="store_true", help="also store the pool features (for `neon fid --prdc`)")
+
+
+def _real_set(args, extractor: FeatureExtractor) -> Stats | Summary:
+    """Real features for --prdc: statistics saved with `neon stats --features`, or extracted from real images."""
+    if not args.real:
+        raise NeonError("--prdc needs --real (real images, or statistics saved with `neon stats --features`)")
+    real = Path(args.real)
+    if real.suffix == ".npz" and real.is_file():
+        with np.load(real, allow_pickle=False) as f:
+            keys = set(f.files)
+        if "features" in keys:
+            return load_stats(real, dim=extractor.dim)
+        if "arr_0" not in keys and "mu" in keys:
+            raise NeonError(f"--real {real}: statistics without features; make them with `neon stats --features`")
+    return summarize_images(args.real, extractor, args.batch, keep_features=True, logits=False, progress=not args.quiet)  # all real images
+
+
+def _report(result: dict) -> str:
+    lines = [f"FID {result['fid']:.4f}  ({result['num_images']} images, {result['detector']})"]
+    if "is_mean" in result:
+        lines.append(f"IS {result['is_mean']:.3f} ± {result['is_std']:.3f}" if result["is_mean"] is not None
+                     else f"IS unavailable: {result['is_unavailable']}")
+    if "precision" in result:
+        lines.append("precision {precision:.4f}  recall {recall:.4f}  density {density:.4f}  "
+                     "coverage {coverage:.4f}  (k={k})".format(**result))
+    return "\n".join(lines)
+
+
+def fid_main(args: argparse.Namespace) -> dict:
+    dist.init()
+    ref = load_stats(args.ref)  # fail before the long extraction
+    extractor = FeatureExtractor(args.detector, args.inception_weights, logits=args.inception_score)
+    if ref.dim != extractor.dim:
+        raise NeonError(f"{args.ref}: statistics are {ref.dim}-d but the detector gives {extractor.dim}-d features")
+    real = _real_set(args, extractor) if args.prdc else None
+    summary = summarize_images(args.images, extractor, args.batch, num=args.num_images, keep_features=args.prdc,
+                               logits=args.inception_score, progress=not args.quiet)
+    result = evaluate(summary, ref, inception_score=args.inception_score, splits=args.splits, real=real, k=args.k)
+    result.update(detector=args.detector, weights=args.inception_weights, images=str(args.images), ref=str(args.ref),
+                  world_size=dist.world_size())
+    if args.prdc:
+        result["k"] = args.k
+    if dist.is_main():
+        print(_report(result), flush=True)
+        if args.json:
+            with atomic_open(args.json, "w") as f:
+                f.write(json.dumps(result, indent=2) + "\n")
+    dist.barrier()
+    return result
+
+
+def stats_main(args: argparse.Namespace) -> Stats:
+    dist.init()
+    extractor = FeatureExtractor(args.detector, args.inception_weights, logits=False)
+    summary = summarize_images(args.images, extractor, args.batch, num=args.num_images,
+                               keep_features=args.features, logits=False, progress=not args.quiet)
+    stats = summary.stats(with_features=args.features)
+    if dist.is_main():
+        save_stats(args.out, stats.mu, stats.sigma, count=stats.count, features=stats.features)
+        print(f"{args.out}: mu {stats.mu.shape}, sigma {stats.sigma.shape} from {stats.count} images", flush=True)
+    dist.barrier()
+    return stats

@@ -1,0 +1,77 @@
+"""Fréchet distance between two Gaussians, FID's formula, in float64.
+
+    d² = |mu1 − mu2|² + tr Σ1 + tr Σ2 − 2 tr (Σ1 Σ2)^½
+
+tr (Σ1 Σ2)^½ is the sum of the square roots of the eigenvalues of Σ1 Σ2. Σ1 Σ2 is not symmetric, but with a
+factorization Σ1 = L Lᵀ it is similar to the symmetric positive semi-definite Lᵀ Σ2 L, whose eigenvalues a
+symmetric solver finds exactly and fast. A pivoted Cholesky factor exists for any positive semi-definite Σ1,
+so covariances of fewer samples than dimensions (rank-deficient) need no special case: the factor has
+fewer columns and the symmetric problem is smaller.
+Cost for 2048-d: one pivoted Cholesky, two triangular products and one symmetric eigenvalue solve, about a
+tenth of `scipy.linalg.sqrtm(Σ1 Σ2)`, which the ADM/EDM evaluators use.
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg
+from scipy.linalg import blas, lapack
+
+from neon.errors import NeonError
+
+
+def check_gaussian(mu: np.ndarray, sigma: np.ndarray, what: str = "statistics") -> tuple[np.ndarray, np.ndarray]:
+    """mu (D,), sigma (D, D) as finite float64 arrays, or a one-line NeonError."""
+    mu = np.asarray(mu, dtype=np.float64)
+    sigma = np.asarray(sigma, dtype=np.float64)
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise NeonError(f"{what}: expected mu (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise NeonError(f"{what}: mu/sigma contain NaN or inf")
+    return mu, sigma
+
+
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """tr (Σ1 Σ2)^½ for positive semi-definite Σ1, Σ2 (D, D) float64."""
+    # Pivoted Cholesky: Σ1[p][:, p] = L Lᵀ, stopped (LAPACK's default tol = D·eps·max Σ1_ii) where the
+    # remaining pivots are rounding noise; keeping them would add √noise per null direction to the trace.
+    c, piv, rank, info = lapack.dpstrf(sigma1, tol=-1.0, lower=1)
+    if info < 0:
+        raise NeonError(f"Fréchet distance: LAPACK dpstrf failed (info={info})")
+    p = piv - 1
+    L = np.tril(c)
+    L[:, rank:] = 0.0  # columns past the numerical rank hold the unfactored remainder
+    L = np.asfortranarray(L)
+    S2 = np.asfortranarray(sigma2[np.ix_(p, p)])
+    # M = Lᵀ Σ2 L with two triangular products (half the flops of two general ones).
+    W = blas.dtrmm(1.0, L, S2, side=1, lower=1)                   # Σ2 L
+    M = blas.dtrmm(1.0, L, W, side=0, lower=1, trans_a=1)         # Lᵀ (Σ2 L)
+    M = M[:rank, :rank]
+    eig = scipy.linalg.eigvalsh(M, overwrite_a=True, check_finite=False)  # reads the lower triangle
+    return float(np.sqrt(np.clip(eig, 0.0, None)).sum())  # clip: rounding can make zero eigenvalues negative
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """FID between N(mu1, sigma1) and N(mu2, sigma2); mu (D,), sigma (D, D), any float dtype (used as float64)."""
+    mu1, sigma1 = check_gaussian(mu1, sigma1, "first statistics")
+    mu2, sigma2 = check_gaussian(mu2, sigma2, "second statistics")
+    if mu1.shape != mu2.shape:
+        raise NeonError(f"Fréchet distance: feature dimensions differ ({mu1.shape[0]} vs {mu2.shape[0]}); "
+                        "were both statistics made with the same detector?")
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product(sigma1, sigma2))
+
+
+def gaussian_from_features(features) -> tuple[np.ndarray, np.ndarray]:
+    """mu (D,) and unbiased covariance sigma (D, D), float64, of features (N, D) — np.cov's convention."""
+    import torch
+
+    x = features if isinstance(features, torch.Tensor) else torch.as_tensor(np.asarray(features))
+    if x.ndim != 2:
+        raise NeonError(f"features: expected (N, D), got {tuple(x.shape)}")
+    if x.shape[0] < 2:
+        raise NeonError(f"need at least 2 images to compute statistics, got {x.shape[0]}")
+    x = x.to(torch.float64)
+    mu = x.mean(0)
+    xc = x - mu  # two-pass (centred) covariance: no cancellation, unlike Σx xᵀ/N − mu muᵀ
+    sigma = (xc.T @ xc) / (x.shape[0] - 1)
+    return mu.cpu().numpy(), sigma.cpu().numpy()

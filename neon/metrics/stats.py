@@ -1,0 +1,77 @@
+"""Reference statistics files: `.npz` with float64 `mu` (D,) and `sigma` (D, D).
+
+This is the layout of EDM's fid-refs and of the ADM reference batches (which also carry images and spatial
+statistics; only `mu` and `sigma` are read). Files written here may add `count` (number of images) and
+`features` (float32 (N, D) pool features, for precision/recall against this set); other readers ignore them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from neon.checkpoint import atomic_open
+from neon.errors import NeonError
+from neon.metrics.frechet import check_gaussian
+
+MIN_COUNT = 2  # a covariance needs two samples
+
+
+@dataclasses.dataclass
+class Stats:
+    """A Gaussian summary of a feature set: mu (D,) and sigma (D, D) float64; count and features when known."""
+    mu: np.ndarray
+    sigma: np.ndarray
+    count: int | None = None
+    features: np.ndarray | None = None  # (N, D) float32, only when saved for precision/recall
+
+    @property
+    def dim(self) -> int:
+        return int(self.mu.shape[0])
+
+
+def check_count(count: int | None, what: str) -> None:
+    if count is not None and count < MIN_COUNT:
+        raise NeonError(f"{what}: computed from {count} image(s); at least {MIN_COUNT} are needed")
+
+
+def load_stats(path: str | os.PathLike, dim: int | None = None) -> Stats:
+    """Read `mu`, `sigma` (and `count`, `features` if present); refuse a missing file, missing keys, wrong
+    shapes, non-finite values, a count below 2, or a feature dimension other than `dim`."""
+    path = Path(path)
+    if not path.is_file():
+        raise NeonError(f"statistics file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            keys = set(f.files)
+            if not {"mu", "sigma"} <= keys:
+                raise NeonError(f"{path}: expected arrays 'mu' and 'sigma', found {sorted(keys) or 'none'}")
+            mu, sigma = f["mu"], f["sigma"]
+            count = int(f["count"]) if "count" in keys else None
+            features = f["features"] if "features" in keys else None
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
+        raise NeonError(f"{path}: not a readable .npz ({e})") from None
+    mu, sigma = check_gaussian(mu, sigma, str(path))
+    check_count(count, str(path))
+    if dim is not None and mu.shape[0] != dim:
+        raise NeonError(f"{path}: statistics are {mu.shape[0]}-d but the detector gives {dim}-d features")
+    if features is not None and (features.ndim != 2 or features.shape[1] != mu.shape[0]):
+        raise NeonError(f"{path}: 'features' has shape {features.shape}, expected (N, {mu.shape[0]})")
+    return Stats(mu, sigma, count, features)
+
+
+def save_stats(path: str | os.PathLike, mu, sigma, count: int | None = None, features=None) -> Path:
+    """Write mu, sigma as float64 (plus count / float32 features if given) atomically: temp file, then rename."""
+    mu, sigma = check_gaussian(mu, sigma, "statistics to save")
+    check_count(count, "statistics to save")
+    arrays = {"mu": mu, "sigma": sigma}
+    if count is not None:
+        arrays["count"] = np.int64(count)
+    if features is not None:
+        arrays["features"] = np.asarray(features, dtype=np.float32)
+    with atomic_open(path) as f:
+        np.savez(f, **arrays)
+    return Path(path)
