@@ -41,6 +41,10 @@ MODULE_KEYS = ("ema", "model_ema", "model", "state_dict", "net", "module")
 # ---------------------------------------------------------------------------------------------------------
 # Atomic writes: a reader never sees a half-written file, and a killed job leaves no partial output.
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """Yield a temporary path beside `path`; on success it is renamed to `path`, on error removed."""
@@ -49,6 +53,7 @@ def atomic_path(path: str) -> Iterator[str]:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; the result should be an ordinary file
     try:
         yield tmp
         os.replace(tmp, path)
@@ -72,6 +77,30 @@ def atomic_save(obj: Any, path: str) -> None:
     """`torch.save(obj, path)`, atomically."""
     with atomic_open(path) as f:
         torch.save(obj, f)
+
+
+def cache_dir() -> str:
+    """$NEON_CACHE_DIR, else $XDG_CACHE_HOME/neon, else ~/.cache/neon."""
+    return os.environ.get("NEON_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "neon")
+
+
+def local_path(path_or_url: str) -> str:
+    """A local file for `path_or_url`: paths are returned as they are; an http(s) URL (as the official READMEs
+    pass for EDM's reference statistics) is downloaded once into the cache folder."""
+    if not path_or_url.startswith(("http://", "https://")):
+        return path_or_url
+    import urllib.request
+    target = os.path.join(cache_dir(), "downloads", os.path.basename(path_or_url.split("?")[0]))
+    if not os.path.isfile(target):
+        print(f"downloading {path_or_url} -> {target}")
+        try:
+            with urllib.request.urlopen(path_or_url) as r, atomic_open(target) as f:
+                shutil.copyfileobj(r, f, 16 << 20)
+        except OSError as e:
+            raise NeonError(f"could not download {path_or_url} ({e}); fetch it with download_models.sh "
+                            "and pass the local file") from None
+    return target
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ COMMANDS = {
     "finetune": ("neon.selftrain", "self-train a checkpoint on a synthetic set -> θs snapshots"),
     "merge": ("neon.merge", "θneon = (1+w)·θr − w·θs, streamed tensor by tensor"),
     "sweep": ("neon.sweep", "choose w (× cfg) by FID"),
+    "evaluate": ("neon.evaluate", "FID/IS of one checkpoint's samples against reference statistics"),
     "run": ("neon.run", "all stages from a config: sample → finetune → sweep → final evaluation"),
     "fid": ("neon.metrics.cli", "FID / IS / precision-recall of an image set against reference statistics"),
     "stats": ("neon.metrics.cli", "reference statistics (mu, sigma) of an image set"),
@@ -36,6 +37,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if name == command:  # only the chosen command's module is imported to add its arguments
             getattr(_module(name), f"add_{name}_arguments")(p)
     return parser
+
+
+def run_as_script(main_fn) -> None:
+    """Run a `main()` of a family front-end (`python -m edm.calculate_fid ...`): user errors as one line."""
+    try:
+        main_fn()
+    except (NeonError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main(argv: list[str] | None = None) -> None:

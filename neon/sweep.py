@@ -28,12 +28,16 @@ from neon.sampling import draw_labels, generate, plan_seeds
 MetricFactory = Callable[[], object]
 
 
-def evaluate_images(family: Family, bundle: Bundle, metric: MetricFactory, num_images: int,
+def evaluate_images(family: Family, bundle: Bundle, metric: MetricFactory, num_images: int | None = None,
                     per_class: int | None = None, seed_offset: int = 0, batch: int = 64,
-                    sampler_args: dict | None = None, desc: str | None = None) -> dict:
-    """Sample `num_images` images (seeds from `seed_offset`, split over ranks) and return the metric's result."""
-    seeds = plan_seeds(None if per_class else num_images, per_class, bundle.num_classes, seed_offset)
-    labels = draw_labels(family, bundle, seeds, "per_class" if per_class else "random")
+                    sampler_args: dict | None = None, desc: str | None = None,
+                    seeds: list[int] | None = None, labels=None) -> dict:
+    """Sample `num_images` images (seeds from `seed_offset`, or the given `seeds`; split over ranks) and
+    return the metric's result. Labels: given, balanced with `per_class`, or drawn from each seed."""
+    if seeds is None:
+        seeds = plan_seeds(None if per_class else num_images, per_class, bundle.num_classes, seed_offset)
+    if labels is None:
+        labels = draw_labels(family, bundle, seeds, "per_class" if per_class else "random")
     mine = dist.shard(list(range(len(seeds))))
     acc = metric()
     for chunk, _, images in generate(family, bundle, [seeds[i] for i in mine],

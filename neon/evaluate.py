@@ -1,0 +1,106 @@
+"""Evaluate one checkpoint: sample N images with fixed seeds (split over torchrun ranks), FID/IS against
+reference statistics, optionally keep the images. The family front-ends with the official scripts' flags
+(`python -m edm.calculate_fid`, `var.calculate_fid`, `xar.calculate_fid`, `imm.calculate_fid`) call this, as
+does `neon evaluate`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from neon import dist
+from neon.checkpoint import atomic_open, local_path
+from neon.errors import NeonError
+from neon.family import get_family
+from neon.sampling import draw_labels, parse_kv, parse_seeds, plan_seeds, sample_to_npz
+from neon.sweep import FIDMetric, evaluate_images
+
+
+def evaluate_checkpoint(family: str, ckpt: str, ref: str, *, load_args: dict | None = None,
+                        seeds: list[int] | None = None, num_images: int | None = None,
+                        per_class: int | None = None, batch: int = 64, sampler_args: dict | None = None,
+                        detector: str = "inception-v3-compat", weights: str | None = None,
+                        inception_score: bool = True, json_out: str | None = None,
+                        save_images: str | None = None, class_idx: int | None = None) -> dict:
+    """FID (and IS) of `ckpt`'s samples. Seeds: an explicit list, or 0..N-1 (N = num_images, or per_class·C
+    with balanced labels); random labels come from each seed (the family's rule where it has one), or every
+    image gets class `class_idx`."""
+    ref, ckpt = local_path(ref), local_path(ckpt)
+    if not os.path.isfile(ckpt):
+        raise NeonError(f"{ckpt}: checkpoint not found")
+    fam = get_family(family)
+    bundle = fam.load(ckpt, dist.init(), **(load_args or {}))
+    result = evaluate_bundle(fam, bundle, ref, seeds=seeds, num_images=num_images, per_class=per_class,
+                             batch=batch, sampler_args=sampler_args, detector=detector, weights=weights,
+                             inception_score=inception_score, json_out=json_out, save_images=save_images,
+                             class_idx=class_idx, extra={"checkpoint": ckpt})
+    return result
+
+
+def evaluate_bundle(fam, bundle, ref: str, *, seeds=None, num_images=None, per_class=None, batch=64,
+                    sampler_args=None, detector="inception-v3-compat", weights=None, inception_score=True,
+                    json_out=None, save_images=None, class_idx=None, labels=None, extra: dict | None = None) -> dict:
+    """`evaluate_checkpoint` for networks already loaded (`labels`: one per seed, overriding the rules)."""
+    ref = local_path(ref)
+    if not os.path.isfile(ref):
+        raise NeonError(f"{ref}: reference statistics not found (bash download_models.sh fetches them)")
+    device = next(bundle.net.parameters()).device
+    metric = FIDMetric(detector, ref, device, weights, inception_score)  # fails fast on a bad ref or detector
+    t0 = time.time()
+    if seeds is None:
+        seeds = plan_seeds(None if per_class else num_images, per_class, bundle.num_classes)
+    if labels is not None:
+        labels = draw_labels(fam, bundle, seeds, "list", labels)
+    elif class_idx is not None:
+        labels = draw_labels(fam, bundle, seeds, "list", [class_idx] * len(seeds))
+    else:
+        labels = draw_labels(fam, bundle, seeds, "per_class" if per_class else "random")
+    if save_images:  # keep the images (resumable), then measure them
+        if not os.path.isfile(save_images):
+            sample_to_npz(fam, bundle, seeds, labels, save_images, batch, sampler_args)
+        from neon import metrics
+        summary = metrics.summarize_images(save_images, metric.extractor, batch, logits=inception_score)
+        result = metrics.evaluate(summary, metric.ref, inception_score=inception_score)
+    else:
+        result = evaluate_images(fam, bundle, metric, batch=batch, sampler_args=sampler_args, desc="sampling",
+                                 seeds=seeds, labels=labels)
+    result.update(family=fam.name, ref=ref, detector=detector, sampler=sampler_args or {},
+                  world_size=dist.world_size(), seconds=round(time.time() - t0, 1), **(extra or {}))
+    if dist.is_main():
+        is_txt = "" if result.get("is_mean") is None else f"  IS {result['is_mean']:.3f} ± {result['is_std']:.3f}"
+        print(f"FID {result['fid']:.4f}{is_txt}  ({result['num_images']} images, {detector})", flush=True)
+        if json_out:
+            with atomic_open(json_out, "w") as f:
+                json.dump(result, f, indent=1)
+    dist.barrier()
+    return result
+
+
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    from neon.sampling import add_model_arguments
+    add_model_arguments(p)
+    p.add_argument("--ref", required=True, help="reference statistics .npz (mu, sigma)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--seeds", help="e.g. 0-49999 (EDM style)")
+    which.add_argument("--num-images", type=int, default=50_000, help="seeds 0..N-1, random labels")
+    which.add_argument("--per-class", type=int, help="N images of every class")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--arg", action="append", metavar="KEY=VALUE", help="sampler argument, e.g. cfg=1.5")
+    p.add_argument("--detector", default="inception-v3-compat", choices=["inception-v3-compat", "nvidia"])
+    p.add_argument("--inception-weights", help="detector weights (path, or 'fid-helper' offline)")
+    p.add_argument("--no-is", action="store_true", help="skip the Inception Score")
+    p.add_argument("--json", help="write the result as JSON")
+    p.add_argument("--save-images", help="keep the samples in this .npz (resumable)")
+
+
+def evaluate_main(args) -> None:
+    if args.tiny:
+        raise NeonError("neon evaluate needs a checkpoint (--ckpt)")
+    evaluate_checkpoint(args.family, args.ckpt, args.ref, load_args=parse_kv(args.load_arg),
+                        seeds=parse_seeds(args.seeds) if args.seeds else None,
+                        num_images=None if args.per_class else args.num_images, per_class=args.per_class,
+                        batch=args.batch, sampler_args=parse_kv(args.arg), detector=args.detector,
+                        weights=args.inception_weights, inception_score=not args.no_is, json_out=args.json,
+                        save_images=args.save_images)
