@@ -1,0 +1,3 @@
+from neon.toy.cli import main
+
+main()

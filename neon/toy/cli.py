@@ -1,0 +1,68 @@
+"""`neon toy` / `python -m neon.toy`: run the 2-D Gaussian experiment, print the table, write results and plots."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from neon.errors import NeonError
+
+RESULTS = "toy_results.json"
+
+
+def add_toy_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("."), help="output folder (default: current folder)")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer samples and steps, same logic (under a minute on 2 CPU cores)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="run seed: model init, training noise, sampling (the real data is fixed, seed 42)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: the matrices are tiny, more threads mostly wait)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def write_json(obj: dict, path: Path) -> None:
+    """Atomic JSON write: a temporary file in the same folder, then os.replace."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_outputs(result: dict, out: Path) -> list[Path]:
+    """toy_results.json (everything but the scatter-plot arrays) and the PNG figures -> their paths."""
+    from neon.toy.plots import save_figures   # matplotlib only when writing
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / RESULTS
+    write_json({k: v for k, v in result.items() if k != "samples"}, path)
+    return [path, *save_figures(result, out)]
+
+
+def toy_main(args: argparse.Namespace) -> None:
+    from neon.toy.experiment import format_table, run_toy
+
+    if args.threads < 1:
+        raise NeonError(f"--threads must be ≥ 1, got {args.threads}")
+    if args.out.exists() and not args.out.is_dir():
+        raise NeonError(f"--out {args.out} exists and is not a folder")
+    result = run_toy(quick=args.quick, seed=args.seed, progress=not args.no_progress, threads=args.threads)
+    print(format_table(result))
+    paths = write_outputs(result, args.out)
+    print(f"wrote {', '.join(str(p) for p in paths)} ({result['timings_s']['total']:.0f} s)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m neon.toy`: the same command as `neon toy`."""
+    from neon.cli import main as neon_main
+
+    neon_main(["toy", *(sys.argv[1:] if argv is None else argv)])
