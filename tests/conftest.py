@@ -2,8 +2,15 @@
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# One thread per process: pytest-xdist runs one worker per core, and several tests start subprocesses
+# (torchrun, the CLI); more threads than cores makes small tensor ops many times slower (spinning OpenMP
+# workers), not faster. Set before torch is imported so subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO = Path(__file__).resolve().parents[1]
 
