@@ -4,7 +4,8 @@
         --model_ckpt checkpoints/Neon_xARL_imagenet256.pth --cfg 2.3 --vae_path checkpoints/kl16.ckpt \\
         --num_images 50000 --batch_size 64 --flow_steps 50 --img_size 256 --fid_stats fid_stats/adm_in256_stats.npz
 
-Labels are balanced (num_images / class_num of each class), as the official prepare_labels; image i is drawn from
+Labels are balanced (image i gets class i mod class_num, as many of each class as N allows), as the official
+prepare_labels; image i is drawn from
 seed --seed + i alone, so the set does not depend on the number of GPUs. Accepted for compatibility and unused:
 --cuda, --device, --dist_url, --world_size, --local_rank, --dist_on_itp (torchrun sets the processes up).
 """
@@ -51,8 +52,6 @@ def main(argv=None) -> None:
         raise NeonError(f"--img_size {args.img_size}, but the model makes {bundle.resolution}x{bundle.resolution}")
     if args.class_num != bundle.num_classes:
         raise NeonError(f"--class_num {args.class_num}, but the model has {bundle.num_classes} classes")
-    if args.num_images % args.class_num:
-        raise NeonError(f"--num_images must be a multiple of --class_num {args.class_num} (balanced labels)")
     seeds = plan_seeds(args.num_images, seed_offset=args.seed)
     sampler = dict(cfg=args.cfg, flow_steps=args.flow_steps, autocast=None if args.autocast == "none" else args.autocast)
     evaluate_bundle(family, bundle, args.fid_stats, seeds=seeds, labels=draw_labels(family, bundle, seeds, "per_class"),

@@ -1,0 +1,106 @@
+"""Rough GPU-hours to rerun Neon for each paper row, from FLOP counts — an estimate, not a measurement.
+
+    python scripts/estimate_compute.py [--tflops-bf16 400] [--tflops-fp32 150]
+
+Image counts come from configs/*.yaml (synthetic set, self-training length, sweep grid — every point, no early
+stop — and the final 2 × 50k evaluation). Network cost per image:
+  - EDM: forward FLOPs of the release SongUNet, counted with torch's FlopCounterMode on the meta device, times
+    the sampler's 2N−1 evaluations; training 3× a forward (forward + backward);
+  - VAR, xAR, IMM (transformers): 2·P FLOPs per token per forward plus attention (4·L·d per token per layer),
+    P and the layer sizes of the release models; VAR samples each token once (KV cache) for both guidance
+    branches; xAR runs its whole network on one 64-token cell per flow step (both branches except on cell 0);
+    IMM runs the DiT once per step on both branches; IMM's loss adds a no-grad target pass (4× a forward).
+The VAE/tokenizer and the Inception detector are left out (small next to the generators). Sustained
+throughputs are assumptions: H100 at ~40% of its dense bf16 peak for the bf16/fp16 families, TF32 for EDM.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from neon.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Transformer shapes of the release models: parameters P (the manifests' counts), depth, width, tokens per image.
+TRANSFORMERS = {
+    "var_d16_256": dict(P=310.76e6, depth=16, width=1024, tokens=680),
+    "var_d36_512": dict(P=2359.0e6, depth=36, width=2304, tokens=2240),
+    "xar_b_256": dict(P=173.2e6, depth=24, width=768, tokens=256),
+    "xar_l_256": dict(P=609.5e6, depth=32, width=1024, tokens=256),
+    "imm_in256": dict(P=676.7e6, depth=28, width=1152, tokens=256),
+}
+EDM_NETWORKS = {
+    "edm_cifar10_cond": dict(img_resolution=32, label_dim=10, channel_mult=[2, 2, 2], dropout=0.13),
+    "edm_cifar10_uncond": dict(img_resolution=32, label_dim=0, channel_mult=[2, 2, 2], dropout=0.13),
+    "edm_ffhq64": dict(img_resolution=64, label_dim=0, channel_mult=[1, 2, 2, 2], dropout=0.05),
+}
+
+
+def edm_forward_flops(row: str) -> float:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from neon.family import get_family
+    get_family("edm")  # the family is installed; its builder makes the release network on the meta device
+    from edm.checkpoint import build_network
+    kw = dict(model_type="SongUNet", embedding_type="positional", encoder_type="standard", decoder_type="standard",
+              channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, num_blocks=4, attn_resolutions=[16],
+              augment_dim=9, use_fp16=False, img_channels=3, **EDM_NETWORKS[row])
+    net = build_network("EDMPrecond", kw, "meta")
+    r = kw["img_resolution"]
+    labels = torch.zeros(1, kw["label_dim"], device="meta") if kw["label_dim"] else None
+    with FlopCounterMode(display=False) as counter:
+        net(torch.zeros(1, 3, r, r, device="meta"), torch.ones(1, device="meta"), labels)
+    return float(counter.get_total_flops())
+
+
+def transformer_forward_flops(shape: dict, tokens: int, context: int | None = None) -> float:
+    """One forward over `tokens` tokens attending to `context` tokens (default: themselves)."""
+    context = tokens if context is None else context
+    return 2 * shape["P"] * tokens + 4 * shape["depth"] * shape["width"] * tokens * context
+
+
+def costs(row: str, cfg) -> tuple[float, float, str]:
+    """(sampling FLOPs per image with the row's sampler settings, training FLOPs per image, precision)."""
+    s = cfg.synthetic.sampler
+    if row in EDM_NETWORKS:
+        f = edm_forward_flops(row)
+        nfe = 2 * s.get("num_steps", 18) - 1
+        return f * nfe, 3 * f, "fp32"
+    shape = TRANSFORMERS[row]
+    L = shape["tokens"]
+    if row.startswith("var"):
+        sample = 2 * transformer_forward_flops(shape, L, L // 2)  # each token once, on average half the context
+        return sample, 3 * transformer_forward_flops(shape, L), "bf16"
+    if row.startswith("xar"):
+        steps, cells = s.get("flow_steps", 50), 4
+        per_cell = transformer_forward_flops(shape, L // cells, L // 2)
+        sample = steps * per_cell * (1 + 2 * (cells - 1))  # cell 0 unguided, the rest on both branches
+        return sample, 3 * transformer_forward_flops(shape, L), "bf16"
+    steps = s.get("steps", 8)  # IMM
+    return 2 * steps * transformer_forward_flops(shape, L), 4 * transformer_forward_flops(shape, L), "bf16"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tflops-bf16", type=float, default=400.0, help="sustained TFLOP/s, bf16/fp16 (H100 ~40%%)")
+    p.add_argument("--tflops-fp32", type=float, default=150.0, help="sustained TFLOP/s, fp32 via TF32")
+    args = p.parse_args()
+    print(f"{'row':<20} {'S':>8} {'self-train':>11} {'sweep':>8} {'final':>8} {'total GPU-h':>12}")
+    for row in [*EDM_NETWORKS, *TRANSFORMERS]:
+        cfg = load_config(str(REPO / "configs" / f"{row}.yaml"))
+        sample, train, precision = costs(row, cfg)
+        rate = 1e12 * (args.tflops_fp32 if precision == "fp32" else args.tflops_bf16)
+        n_cfg = len(cfg.sweep.cfg or [None])
+        n_points = len(cfg.sweep.w) * n_cfg + (4 if cfg.sweep.refine else 0)
+        classes = 10 if row.startswith("edm") else 1000
+        n_syn = cfg.synthetic.per_class * classes if cfg.synthetic.per_class else cfg.synthetic.num_images
+        hours = [n_syn * sample / rate / 3600, cfg.finetune.total_images * train / rate / 3600,
+                 n_points * cfg.sweep.num_images * sample / rate / 3600, 2 * cfg.final.num_images * sample / rate / 3600]
+        print(f"{row:<20} " + " ".join(f"{h:8.1f}" if i != 1 else f"{h:11.1f}" for i, h in enumerate(hours))
+              + f" {sum(hours):12.0f}")
+
+
+if __name__ == "__main__":
+    main()
