@@ -177,14 +177,18 @@ class Checkpoint:
         return f"{self.format}{inner}{kind}"
 
     # -- reading ------------------------------------------------------------------------------------------
-    def _storage_bytes(self, storage) -> bytearray:
+    def _storage_bytes(self, storage) -> torch.Tensor:
+        """The raw bytes of one storage, as a fresh uint8 tensor (one copy out of the file)."""
         if self.format == "pth":
-            return bytearray(self._zip().get_record(f"data/{storage}"))
+            name = f"data/{storage}"
+            nbytes = self._zip().get_record_size(name)
+            raw = self._zip().get_storage_from_record(name, nbytes, torch.uint8).untyped_storage()
+            return torch.empty(0, dtype=torch.uint8).set_(raw, 0, (nbytes,))
         with open(self.path, "rb") as f:  # pickle BlobRef, or safetensors (offset, nbytes)
             offset, nbytes = (storage.offset, storage.nbytes) if isinstance(storage, BlobRef) else storage
             f.seek(offset)
-            data = bytearray(nbytes)
-            if f.readinto(data) != nbytes:
+            data = torch.empty(nbytes, dtype=torch.uint8)
+            if nbytes and f.readinto(data.numpy()) != nbytes:
                 raise NeonError(f"{self.path}: file is truncated")
             return data
 
@@ -193,8 +197,8 @@ class Checkpoint:
             self._reader = torch._C.PyTorchFileReader(self.path)
         return self._reader
 
-    def _view(self, ref: TensorRef, data: bytearray) -> torch.Tensor:
-        flat = torch.frombuffer(data, dtype=ref.dtype) if len(data) else torch.empty(0, dtype=ref.dtype)
+    def _view(self, ref: TensorRef, data: torch.Tensor) -> torch.Tensor:
+        flat = data.view(ref.dtype) if data.numel() else torch.empty(0, dtype=ref.dtype)
         return flat.as_strided(ref.shape, ref.stride, ref.offset)
 
     def read(self, key: str) -> torch.Tensor:
@@ -214,10 +218,10 @@ class Checkpoint:
             groups.setdefault(sid, []).append(key)
         return groups
 
-    def _patched(self, keys: list[str], data: bytearray, replace: Callable) -> bytearray:
+    def _patched(self, keys: list[str], data: torch.Tensor, replace: Callable) -> torch.Tensor:
         for key in keys:
             ref = self.tensors[key]
-            new = replace(key, self._view(ref, data).clone())
+            new = replace(key, self._view(ref, data))
             if tuple(new.shape) != tuple(ref.shape):
                 raise NeonError(f"replacement for {key!r} has shape {tuple(new.shape)}, expected {ref.shape}")
             self._view(ref, data).copy_(new.to(ref.dtype))
@@ -225,7 +229,8 @@ class Checkpoint:
 
     def write(self, out: str, replace: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
         """Copy this checkpoint to `out` (atomically), replacing each merged-module tensor t by replace(key, t)
-        (cast to the stored dtype). Everything else in the file is copied as it is."""
+        (cast to the stored dtype; `replace` must not modify t in place). Everything else in the file is copied
+        as it is."""
         with atomic_path(out) as tmp:
             {"pth": self._write_pth, "safetensors": self._write_safetensors,
              "pickle": self._write_pickle}[self.format](tmp, replace)
@@ -239,7 +244,7 @@ class Checkpoint:
                 blob = self.tensors[keys[0]].storage
                 data = self._patched(keys, self._storage_bytes(blob), replace)
                 f.seek(blob.offset)
-                f.write(data)
+                f.write(data.numpy())
                 del data
                 release_memory()
 
@@ -248,7 +253,7 @@ class Checkpoint:
             (n,) = struct.unpack("<Q", src.read(8))
             dst.write(struct.pack("<Q", n) + src.read(n))
             for key in sorted(self.tensors, key=lambda k: self.tensors[k].storage[0]):
-                dst.write(self._patched([key], self._storage_bytes(self.tensors[key].storage), replace))
+                dst.write(self._patched([key], self._storage_bytes(self.tensors[key].storage), replace).numpy())
                 release_memory()
 
     def _write_pth(self, tmp: str, replace) -> None:
@@ -261,10 +266,11 @@ class Checkpoint:
                     continue  # written by write_end_of_file
                 sid = name[len("data/"):] if name.startswith("data/") else None
                 if sid in groups:
-                    data = self._patched(groups[sid], bytearray(reader.get_record(name)), replace)
+                    data = self._patched(groups[sid], self._storage_bytes(sid), replace)
+                    writer.write_record(name, data.untyped_storage(), data.numel())
                 else:
                     data = reader.get_record(name)
-                writer.write_record(name, bytes(data), len(data))
+                    writer.write_record(name, data, len(data))
                 del data
                 release_memory()
             writer.write_end_of_file()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import io
 import pickle
 import pickletools
@@ -128,20 +129,12 @@ class SafeUnpickler(pickle.Unpickler):
 
     def __init__(self, file: BinaryIO, lazy: bool = False, persistent_load: Callable | None = None):
         super().__init__(file)
-        self.lazy = lazy
         self.blobs: list[BlobRef] = []
+        # Not a bound method: the pickle memo keeps every global it returns, and a reference back to the
+        # unpickler would make a cycle that keeps the memo (every storage's bytes) alive until a gc pass.
+        self._storages = functools.partial(_load_from_bytes, self.blobs, lazy)
         if persistent_load is not None:
             self.persistent_load = persistent_load
-
-    def _load_from_bytes(self, b: bytes):
-        if not isinstance(b, bytes) or not b.startswith(LEGACY_MAGIC):
-            raise pickle.UnpicklingError("storage is not a torch.save byte stream")
-        if not self.lazy:
-            return torch.load(io.BytesIO(b), weights_only=True)
-        dtype, numel = _legacy_storage_header(b)
-        ref = BlobRef(len(self.blobs), dtype, numel)
-        self.blobs.append(ref)
-        return ref
 
     def find_class(self, module: str, name: str):
         path = f"{module}.{name}"
@@ -151,7 +144,7 @@ class SafeUnpickler(pickle.Unpickler):
             "torch._utils._rebuild_parameter": _rebuild_parameter,
             "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
             "torch._utils._rebuild_tensor_v2": _rebuild_tensor_ref,
-            "torch.storage._load_from_bytes": self._load_from_bytes,
+            "torch.storage._load_from_bytes": self._storages,
             "torch.Size": torch.Size,
             "torch.device": torch.device,
             "numpy.dtype": _numpy_dtype,
@@ -168,6 +161,17 @@ class SafeUnpickler(pickle.Unpickler):
         if module.startswith(_MODULE_PREFIXES) and _IDENTIFIER.match(name):
             return _stand_in(path)
         raise pickle.UnpicklingError(f"refusing to load global '{path}' (not on the allow-list)")
+
+
+def _load_from_bytes(blobs: list[BlobRef], lazy: bool, b: bytes):
+    """A storage pickled as a nested legacy torch.save stream: read it (eager), or note where it is (lazy)."""
+    if not isinstance(b, bytes) or not b.startswith(LEGACY_MAGIC):
+        raise pickle.UnpicklingError("storage is not a torch.save byte stream")
+    if not lazy:
+        return torch.load(io.BytesIO(b), weights_only=True)
+    dtype, numel = _legacy_storage_header(b)
+    blobs.append(BlobRef(len(blobs), dtype, numel))
+    return blobs[-1]
 
 
 def _legacy_storage_header(b: bytes) -> tuple[torch.dtype, int]:
