@@ -42,6 +42,15 @@ TINY_KWARGS = dict(model_type="SongUNet", embedding_type="positional", encoder_t
                    channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], augment_dim=9, dropout=0.13,
                    use_fp16=False, img_channels=3)
 
+# `build`: the DDPM++ layout of EDM's train.py --arch=ddpmpp (positional noise embedding, standard encoder and
+# decoder, [1, 1] resampling), no augmentation input, and SongUNet's own default sizes unless given.
+BUILD_KWARGS = dict(model_type="SongUNet", embedding_type="positional", encoder_type="standard",
+                    decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1], model_channels=128,
+                    channel_mult=[1, 2, 2, 2], num_blocks=4, attn_resolutions=[16], dropout=0.10, augment_dim=0,
+                    use_fp16=False)
+BUILD_ARGS = ("model_channels", "channel_mult", "channel_mult_emb", "num_blocks", "attn_resolutions", "dropout",
+              "label_dropout")
+
 
 class EDMFamily:
     name = "edm"
@@ -69,6 +78,29 @@ class EDMFamily:
         randomize(net, seed)
         info = dict(format=None, class_name="EDMPrecond", init_kwargs=init_kwargs, loss_class="EDMLoss",
                     loss_kwargs={}, augment_kwargs=dict(p=0.12, **TRAIN_PY_ARGS))
+        return _bundle(net.to(device).eval(), info, source=None)
+
+    def build(self, device: torch.device | str = "cpu", seed: int = 0, resolution: int = 32, img_channels: int = 3,
+              num_classes: int = 0, **unet_kwargs) -> Bundle:
+        """A freshly built EDMPrecond + SongUNet (DDPM++) with the official initialisation (not `tiny`'s random
+        one), to train from scratch, e.g. the Fashion-MNIST study (16×16, 1 channel, 10 classes).
+
+        resolution, img_channels: image side and colour channels of the images `sample` returns.
+        num_classes: 0 = unconditional, else class-conditional on labels in [0, num_classes).
+        unet_kwargs: SongUNet sizes (its constructor defaults in brackets): model_channels (128), channel_mult
+        ([1, 2, 2, 2]), channel_mult_emb (4), num_blocks (4), attn_resolutions ([16]), dropout (0.10),
+        label_dropout (0). No augmentation input: the bundle trains with plain EDMLoss (P_mean −1.2, P_std 1.2,
+        σ_data 0.5), no augment pipe. The same seed gives the same weights."""
+        unknown = set(unet_kwargs) - set(BUILD_ARGS)
+        if unknown:
+            raise NeonError(f"edm build: unknown arguments {sorted(unknown)} (known: {', '.join(BUILD_ARGS)})")
+        init_kwargs = dict(BUILD_KWARGS, img_resolution=int(resolution), img_channels=int(img_channels),
+                           label_dim=int(num_classes), **unet_kwargs)
+        with torch.random.fork_rng(devices=[]):   # leave the caller's RNG alone
+            torch.manual_seed(seed)
+            net = checkpoint.build_network("EDMPrecond", init_kwargs, "cpu")
+        info = dict(format=None, class_name="EDMPrecond", init_kwargs=init_kwargs, loss_class="EDMLoss",
+                    loss_kwargs={}, augment_kwargs=None)
         return _bundle(net.to(device).eval(), info, source=None)
 
     # -- sampling -------------------------------------------------------------------------------------------

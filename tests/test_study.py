@@ -1,0 +1,136 @@
+"""`neon run configs/fashion_mnist_16.yaml --smoke`: the whole Fashion-MNIST study end to end on CPU, its outputs,
+its pairing, and its stage cache (a rerun skips finished stages; a changed setting redoes only what depends on it).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from neon.cli import main as neon_main
+from neon.datasets import DEFAULT_ROOT, INSTALL_HINT, write_idx
+from neon.images import NpzImages
+from neon.run import is_study
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "fashion_mnist_16.yaml"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def config_with(tmp_path, name="study.yaml", **study_overrides) -> str:
+    """The repository's config with some `study:` fields replaced (and the smoke section kept)."""
+    data = yaml.safe_load(CONFIG.read_text())
+    data["study"].update(study_overrides)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def write_fake_split(root, split: str, n: int, seed: int) -> None:
+    """Fashion-MNIST-shaped idx files: a bright square whose place depends on the class, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(n) % 10).astype(np.uint8)
+    images = rng.integers(0, 60, size=(n, 28, 28)).astype(np.uint8)
+    for i, c in enumerate(labels):
+        r, col = 2 + 2 * (c // 5) * 5, 2 + 4 * (c % 5)
+        images[i, r:r + 8, col:col + 8] = 220
+    prefix = {"train": "train", "test": "t10k"}[split]
+    write_idx(os.path.join(root, f"{prefix}-images-idx3-ubyte.gz"), images)
+    write_idx(os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz"), labels)
+
+
+@pytest.fixture(scope="module")
+def fake_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fashion")
+    write_fake_split(root, "train", 1200, seed=0)
+    write_fake_split(root, "test", 300, seed=1)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, fake_root):
+    tmp = tmp_path_factory.mktemp("study")
+    config = config_with(tmp, data_root=fake_root)
+    out = tmp / "run"
+    neon_main(["run", config, "--smoke", "--out", str(out)])
+    return config, out
+
+
+def test_config_is_a_study_config():
+    assert is_study(str(CONFIG))
+
+
+def test_smoke_run_writes_table_json_and_plots(smoke_run):
+    _, out = smoke_run
+    doc = json.loads((out / "study.json").read_text())
+    smoke = yaml.safe_load(CONFIG.read_text())["smoke"]["study"]
+    assert doc["smoke"] is True
+    assert set(doc["arms"]) == {"ode", "control", "diverse"}
+    for arm, ws in smoke["sweep"].items():
+        rows = doc["arms"][arm]["rows"]
+        assert [r["w"] for r in rows] == sorted(set(ws) | {0.0})
+        for r in rows:
+            assert len(r["classifier_fd_values"]) == smoke["evaluation"]["seeds"]
+            assert np.isfinite(r["classifier_fd"]["mean"]) and r["classifier_fd"]["std"] >= 0
+        w0 = next(r for r in rows if r["w"] == 0)
+        assert w0["classifier_fd_diff"] == {"mean": 0.0, "std": 0.0}   # w = 0 is θr itself
+    assert 0 <= doc["classifier"]["test_accuracy"] <= 1
+    assert set(doc["criterion"]) >= {"required_ratio", "best_w", "ratio", "met"}
+    assert "classifier FD" in (out / "table.md").read_text() and "FID" not in (out / "table.md").read_text()
+    for png in ("fd_vs_w.png", "samples.png"):
+        assert (out / png).read_bytes()[:8] == PNG
+
+
+def test_every_model_is_evaluated_on_the_same_seeds_and_labels(smoke_run):
+    _, out = smoke_run
+    files = sorted((out / "eval").glob("*.npz"))
+    base = NpzImages(str(out / "eval" / "base_w0.npz"))
+    assert len(files) > 1
+    for f in files:
+        s = NpzImages(str(f))
+        assert np.array_equal(s.seeds, base.seeds) and np.array_equal(s.labels, base.labels)
+        assert s.shape[1:] == (16, 16, 1)
+    seeds = base.seeds
+    assert len(np.unique(seeds)) == len(seeds)   # the evaluation seeds' ranges are disjoint
+
+
+def test_rerun_skips_every_finished_stage(smoke_run, capsys):
+    config, out = smoke_run
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.suffix in (".pth", ".npz", ".pt")}
+    first = json.loads((out / "study.json").read_text())
+    capsys.readouterr()
+    neon_main(["run", config, "--smoke", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "base: training" not in printed and "eval " not in printed
+    after = {p: p.stat().st_mtime_ns for p in before}
+    assert before == after
+    again = json.loads((out / "study.json").read_text())
+    assert again["arms"] == first["arms"]
+
+
+def test_changed_evaluation_setting_redoes_only_the_evaluation(smoke_run, tmp_path, capsys):
+    config, out = smoke_run
+    data = yaml.safe_load(Path(config).read_text())
+    data["smoke"]["study"]["evaluation"]["seed_offset"] = 500
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(data))
+    theta_r = json.loads((out / "run.json").read_text())["stages"]["base"]["theta_r"]
+    stamp = os.stat(theta_r).st_mtime_ns
+    capsys.readouterr()
+    neon_main(["run", str(changed), "--smoke", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "base: training" not in printed and "eval     base" in printed
+    assert os.stat(theta_r).st_mtime_ns == stamp
+    assert NpzImages(str(out / "eval" / "base_w0.npz")).seeds[0] == 500
+
+
+@pytest.mark.skipif(not os.path.isdir(DEFAULT_ROOT), reason=f"needs `{INSTALL_HINT}`")
+def test_smoke_config_runs_on_the_installed_dataset(tmp_path):
+    from neon.study import run_study
+    doc = run_study(str(CONFIG), str(tmp_path / "run"), smoke=True)
+    assert doc["smoke"] and set(doc["arms"]) == {"ode", "control", "diverse"}
+    assert (tmp_path / "run" / "fd_vs_w.png").read_bytes()[:8] == PNG
