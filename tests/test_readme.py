@@ -1,0 +1,127 @@
+"""Every command README.md shows runs.
+
+Commands come from the README's ```bash blocks and from its table cells. Each is run in a workspace laid out like
+the repository after `bash download_models.sh` — the same file names in checkpoints/ and fid_stats/, holding each
+family's tiny network and placeholder statistics — with the counts scaled down for a CPU (SCALE_DOWN, below),
+the offline Inception weights, and no network. The set-up line and the test command are what .ci/run runs.
+A README command that matches no rule here, or fails, fails this test.
+"""
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text()
+PY = shlex.quote(sys.executable)
+
+# (pattern, replacement): the README's GPU-sized counts -> CPU-sized ones; everything else runs as written.
+SCALE_DOWN = [
+    (r"^torchrun --standalone --nproc_per_node=8 ", f"{PY} -m torch.distributed.run --standalone --nproc_per_node=1 "),
+    (r"^torchrun --nnodes=4 --nproc_per_node=8 (.*)--rdzv_endpoint=\$HEAD_NODE:29500 ",
+     rf"{PY} -m torch.distributed.run --nnodes=1 --nproc_per_node=2 \g<1>--rdzv_endpoint=localhost:29531 "),
+    (r"^neon ", f"{PY} -m neon "),
+    (r"^\.venv/bin/neon toy$", f"{PY} -m neon toy --quick --out toy"),
+    (r"^bash download_models\.sh", f"bash {shlex.quote(str(REPO / 'download_models.sh'))} --dry-run"),
+    (r"--num_images \d+", "--num_images 8"),
+    (r"--seeds 0-\d+", "--seeds 0-7"),
+    (r"--num_steps \d+", "--num_steps 3"),
+    (r"--flow_steps \d+", "--flow_steps 3"),
+    (r"--arg num_steps=\d+", "--arg num_steps=3"),
+    (r"--(max_)?batch_size \d+", r"--\g<1>batch_size 8"),
+    (r"--batch \d+", "--batch 4"),
+    (r"--total-images \d+", "--total-images 16"),
+    (r"--model xar_(large|base)", "--model auto"),
+    (r"--inception-weights \S+", "--inception-weights fid-helper"),
+    (r"(-m neon run configs/\S+\.yaml)", r"\g<1> --smoke"),
+]
+TINY_RESOLUTION = {"var": 16, "xar": 32, "imm": 32}
+
+
+def bash_commands() -> list[str]:
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line and not line.startswith("#"):
+                out.append(line)
+    return out
+
+
+def table_commands() -> list[str]:
+    return re.findall(r"\| `((?:torchrun|neon|python)[^`]*)` \|", README)
+
+
+def scaled(command: str) -> str:
+    for pattern, repl in SCALE_DOWN:
+        command = re.sub(pattern, repl, command)
+    family = re.search(r"-m (edm|var|xar|imm)\.calculate_fid", command)
+    if family:
+        command += " --inception_weights fid-helper"
+        if family.group(1) in TINY_RESOLUTION:
+            command = re.sub(r"--img_size \d+", f"--img_size {TINY_RESOLUTION[family.group(1)]}", command)
+    if re.search(r"-m neon fid ", command) and "--inception-weights" not in command:
+        command += " --inception-weights fid-helper"
+    return command
+
+
+SETUP = [c for c in bash_commands() if "pip install" in c]
+TESTS = [c for c in bash_commands() if "pytest" in c]
+RUNNABLE = [c for c in bash_commands() + table_commands() if c not in SETUP + TESTS]
+
+
+def test_the_readme_shows_the_two_newcomer_commands_and_ci_runs_them():
+    assert len(SETUP) == 1 and len(TESTS) == 1
+    ci = (REPO / ".ci" / "run").read_text()
+    assert TESTS[0] in ci.splitlines(), ".ci/run must run exactly the README's test command"
+    *steps, main_job = [s.strip() for s in SETUP[0].split("&&")]
+    assert main_job == ".venv/bin/neon toy" and main_job in RUNNABLE + [main_job]
+    for step in steps:  # the set-up steps, as .ci/run performs them (apt through sudo when not root)
+        assert step.replace("sudo ", "") in ci.replace("sudo_apt ", ""), step
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A folder laid out as after download_models.sh, holding tiny networks under the release names."""
+    from neon.family import get_family
+    from neon.metrics import save_stats
+    root = tmp_path_factory.mktemp("readme")
+    (root / "configs").symlink_to(REPO / "configs")
+    ck = root / "checkpoints"
+    ck.mkdir()
+    for name in ("adm_in256_stats.npz", "adm_in512_stats.npz", "cifar10-32x32.npz", "ffhq-64x64.npz"):
+        save_stats(str(root / "fid_stats" / name), np.zeros(2048), np.eye(2048))
+    edm = get_family("edm")
+    for name, conditional in (("Neon_EDM_conditional_CIFAR10.pkl", True), ("Neon_EDM_unconditional_CIFAR10.pkl", False),
+                              ("Neon_EDM_FFHQ.pkl", False), ("edm-cifar10-32x32-cond-vp.pkl", True)):
+        edm.save(edm.tiny(conditional=conditional), str(ck / name))
+    var = get_family("var")
+    bundle = var.tiny()
+    for name in ("Neon_VARd16_imagenet256.pth", "Neon_VARd36_imagenet512.pth"):
+        var.save(bundle, str(ck / name))
+    torch.save(bundle.helpers["vae"].state_dict(), ck / "vae_ch160v4096z32.pth")
+    xar = get_family("xar")
+    bundle = xar.tiny()
+    for name in ("Neon_xARL_imagenet256.pth", "Neon_xARB_imagenet256.pth"):
+        xar.save(bundle, str(ck / name))
+    torch.save({"model": bundle.helpers["vae"].state_dict()}, ck / "kl16.ckpt")
+    imm = get_family("imm")
+    bundle = imm.tiny()
+    imm.save(bundle, str(ck / "Neon_imm_imagenet256.pkl"))
+    bundle.helpers["vae"].vae.save_pretrained(str(ck / "sd-vae-ft-ema"))
+    (root / "runs").mkdir()
+    return root
+
+
+@pytest.mark.parametrize("command", RUNNABLE, ids=lambda c: c[:70])
+def test_readme_command_runs(command, workspace):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "NO_PROXY": "*"}
+    res = subprocess.run(scaled(command), shell=True, cwd=workspace, env=env, capture_output=True, text=True,
+                         executable="/bin/bash")
+    assert res.returncode == 0, f"{scaled(command)}\n{res.stdout[-1500:]}\n{res.stderr[-3000:]}"
