@@ -211,13 +211,14 @@ def parse_config(data: dict, smoke: bool = False, where: str = "") -> RunConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping at the top level")
     if smoke:
-        data = deep_update({k: v for k, v in data.items() if k != "smoke"}, data.get("smoke") or {})
+        data = apply_smoke(data)
     cfg = _build(RunConfig, data, "")
     _semantic_checks(cfg)
     return cfg
 
 
-def load_config(path: str, smoke: bool = False) -> RunConfig:
+def load_yaml(path: str, parse, **kwargs):
+    """parse(data, **kwargs) of the YAML file `path`; every problem is a one-line ConfigError naming the file."""
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
@@ -226,6 +227,15 @@ def load_config(path: str, smoke: bool = False) -> RunConfig:
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     try:
-        return parse_config(data, smoke=smoke)
+        return parse(data, **kwargs)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def apply_smoke(data: dict) -> dict:
+    """The config with its `smoke:` overrides merged in (and the section itself removed)."""
+    return deep_update({k: v for k, v in data.items() if k != "smoke"}, data.get("smoke") or {})
+
+
+def load_config(path: str, smoke: bool = False) -> RunConfig:
+    return load_yaml(path, parse_config, smoke=smoke)

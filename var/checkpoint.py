@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from typing import Any, Mapping
 
 import torch
 
+from neon.checkpoint import atomic_save
 from neon.errors import NeonError
 from var.model import VAR, level_index
 from var.vqvae import VQVAE
@@ -200,15 +200,4 @@ def load_vqvae(path: str, patch_nums, device: torch.device | str = "cpu") -> tup
 
 def save_state_dict(module: torch.nn.Module, path: str) -> None:
     """Write module.state_dict() as a plain state dict (the official container), atomically."""
-    sd = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
-    os.close(fd)
-    try:
-        torch.save(sd, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_save({k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}, path)

@@ -16,13 +16,12 @@ training-snapshot layout {'model_ema': sd, 'epoch': n} instead (read by calculat
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 
+from neon.checkpoint import atomic_save
 from neon.errors import NeonError
 from xar import model as xar_model
 from xar import vae as xar_vae
@@ -125,21 +124,6 @@ def load_vae(path: str, device: torch.device | str = "cpu") -> xar_vae.Autoencod
     except (KeyError, IndexError):
         raise NeonError(f"{path}: not a KL-VAE checkpoint (no encoder.conv_in / post_quant_conv)") from None
     return _load_into(lambda: xar_vae.AutoencoderKL(cfg), sd, f"{path} is not a consistent KL-VAE checkpoint", device)
-
-
-def atomic_save(obj: Any, path: str) -> None:
-    """torch.save to a temporary file in the target folder, then rename over `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pth")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_xar(state_dict: Mapping[str, torch.Tensor], path: str, container: str = "plain", epoch: int = 0) -> None:

@@ -10,9 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import yaml
 
-from neon.config import ConfigError, FinetuneConfig, _build, deep_update
+from neon.config import ConfigError, FinetuneConfig, _build, apply_smoke, load_yaml
 
 ARMS = ("ode", "control", "diverse")   # θs from S (ODE sampler), from real images, from S (diversity-seeking)
 
@@ -131,21 +130,11 @@ def parse_study(data: Any, smoke: bool = False) -> StudyFile:
     if not isinstance(data, dict) or "study" not in data:
         raise ConfigError("study: a study config needs a top-level 'study:' section")
     if smoke:
-        data = deep_update({k: v for k, v in data.items() if k != "smoke"}, data.get("smoke") or {})
+        data = apply_smoke(data)
     doc = _build(StudyFile, data, "")
     _checks(doc.study)
     return doc
 
 
 def load_study(path: str, smoke: bool = False) -> StudyFile:
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    try:
-        return parse_study(data, smoke=smoke)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    return load_yaml(path, parse_study, smoke=smoke)

@@ -126,6 +126,15 @@ def _best_neon(rows: list[dict]) -> dict:
     return max((r for r in rows if r["mode_seeking"]), key=lambda r: r["finetune_steps"])
 
 
+def _best_neon_model(model: nn.Module, theta_r: dict, thetas: dict, rows: list[dict]) -> tuple[dict, nn.Module]:
+    """The row shown in the samples plot, and a copy of `model` holding its θneon at the row's best w."""
+    shown = _best_neon(rows)
+    neon = copy.deepcopy(model)
+    theta_s = thetas[(shown["sampler_param"], shown["finetune_steps"])]
+    neon.load_state_dict(merge_state_dicts(theta_r, theta_s, shown["best_w"]))
+    return shown, neon
+
+
 def run_diffusion(s: DiffusionSettings, seed: int, data_seed: int, n_show: int, progress: bool = True) -> dict:
     """θr on the real points; per ζ: S, θs snapshots, FID(w) curves; the cosine sweep; scatter-plot samples."""
     gen = partial(stage_generator, seed, "diffusion")
@@ -169,10 +178,7 @@ def run_diffusion(s: DiffusionSettings, seed: int, data_seed: int, n_show: int, 
         cosines.append(preconditioned_cosine(g_d, g_s, v_hat))
     timings["gradient_cosine"] = time.perf_counter() - t0
 
-    shown = _best_neon(rows)
-    neon = copy.deepcopy(model)
-    neon.load_state_dict(merge_state_dicts(theta_r, thetas[(shown["sampler_param"], shown["finetune_steps"])],
-                                           shown["best_w"]))
+    shown, neon = _best_neon_model(model, theta_r, thetas, rows)
     show = lambda m: diffusion_lib.sample(m, x_T[:n_show], 1.0, s.sample_steps, s.eta).numpy()
     samples = dict(real=fresh_samples(n_show, gen("show-real")).numpy(), base=show(model), neon=show(neon),
                    w=shown["best_w"], sampler_param=shown["sampler_param"], finetune_steps=shown["finetune_steps"])
@@ -218,10 +224,7 @@ def run_ar(s: ARSettings, seed: int, data_seed: int, n_show: int, progress: bool
         cosines.append(preconditioned_cosine(g_d, g_s, v_hat))
     timings["gradient_cosine"] = time.perf_counter() - t0
 
-    shown = _best_neon(rows)
-    neon = copy.deepcopy(model)
-    neon.load_state_dict(merge_state_dicts(theta_r, thetas[(shown["sampler_param"], shown["finetune_steps"])],
-                                           shown["best_w"]))
+    shown, neon = _best_neon_model(model, theta_r, thetas, rows)
     samples = dict(real=fresh_samples(n_show, gen("show-real")).numpy(),
                    base=model.sample(eps[:n_show], s.tau_eval).numpy(),
                    neon=neon.sample(eps[:n_show], s.tau_eval).numpy(),
