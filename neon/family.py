@@ -79,7 +79,7 @@ class Family(Protocol):
 
     def sample(self, bundle: Bundle, seeds: Sequence[int], labels: torch.Tensor | None,
                **sampler_args) -> torch.Tensor:
-        """Generate one image per seed -> uint8 (B, H, W, 3) on CPU.
+        """Generate one image per seed -> uint8 (B, H, W, C) on CPU, C = 3 (RGB) or 1 (grey).
 
         Every random draw for image i comes from a generator seeded with seeds[i], so an image depends on its
         seed (and label) alone — not on the batch size, the rank or the world size. `labels` is int64 (B,) for
@@ -88,7 +88,7 @@ class Family(Protocol):
         ...
 
     def encode(self, bundle: Bundle, images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Synthetic images uint8 (B, H, W, 3) + labels -> training examples: a dict of tensors whose first
+        """Synthetic images uint8 (B, H, W, C) + labels -> training examples: a dict of tensors whose first
         dimension is B (VAE latents, VQ token indices, or the images in the network's range). The core calls
         this once per image and caches the result."""
         ...
@@ -105,6 +105,8 @@ class Family(Protocol):
     # Optional hooks (looked up with getattr; a family may leave them out):
     #   labels_from_seeds(bundle, seeds) -> int64 (B,)   the official sampler's own random class for each seed
     #   trainable_parameters(bundle) -> [(name, param)]  what self-training updates (default: all parameters)
+    #   build(device, seed, **sizes) -> Bundle          a fresh network at a chosen size (training from scratch,
+    #                                                    as the Fashion-MNIST study does with EDM)
 
 
 _REGISTRY: dict[str, Callable[[], Family]] = {}

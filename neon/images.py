@@ -77,7 +77,7 @@ class NpzImages:
             raise NeonError(f"{path}: not a readable .npz ({e})") from None
         self.shape = tuple(self.array.shape)
         if self.array.dtype != np.uint8 or len(self.shape) != 4 or self.shape[3] not in (1, 3):
-            raise NeonError(f"{path}: arr_0 must be uint8 (N, H, W, 3), got {self.array.dtype} {self.shape}")
+            raise NeonError(f"{path}: arr_0 must be uint8 (N, H, W, 3) or (N, H, W, 1), got {self.array.dtype} {self.shape}")
         if self.labels is not None and len(self.labels) != len(self):
             raise NeonError(f"{path}: {len(self.labels)} labels for {len(self)} images")
 

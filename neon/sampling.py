@@ -114,7 +114,7 @@ def generate(family: Family, bundle: Bundle, seeds: Sequence[int], labels: np.nd
         images = family.sample(bundle, chunk, chunk_labels, **sampler_args)
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[0] != len(chunk):
             raise NeonError(f"{family.name}.sample returned {images.dtype} {tuple(images.shape)}, "
-                            f"expected uint8 ({len(chunk)}, H, W, 3)")
+                            f"expected uint8 ({len(chunk)}, H, W, C)")
         bar.update(len(chunk) * dist.world_size())
         yield chunk, None if chunk_labels is None else chunk_labels.numpy(), images.numpy()
     bar.close()

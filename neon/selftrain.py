@@ -173,7 +173,7 @@ def _autocast(device: torch.device, mode: str | None):
 
 
 def finetune(family: Family, bundle: Bundle, examples: dict[str, torch.Tensor], cfg: FinetuneConfig,
-             out_dir: str) -> list[str]:
+             out_dir: str, desc: str = "self-training") -> list[str]:
     """Self-train `bundle.net` (in place) on `examples`; write snapshots (the EMA weights if EMA is on) into
     `out_dir`. Returns the snapshot paths, the last one being θs. Resumes from `out_dir/train_state.pt`."""
     n = len(next(iter(examples.values())))
@@ -212,7 +212,7 @@ def finetune(family: Family, bundle: Bundle, examples: dict[str, torch.Tensor], 
     local = cfg.batch // world
     snap_every = cfg.snapshot_every_images
     log_path = os.path.join(out_dir, "log.jsonl")
-    bar = tqdm(total=steps, initial=step, desc="self-training", unit="step", disable=not dist.is_main(),
+    bar = tqdm(total=steps, initial=step, desc=desc, unit="step", disable=not dist.is_main(),
                dynamic_ncols=True)
     losses, t0 = [], time.time()
     while step < steps:

@@ -173,7 +173,7 @@ def stage_base(family: Family, cfg: StudyConfig, rec: StudyRecord, data: dict, d
         params = sum(p.numel() for p in bundle.net.parameters())
         log(f"base: training {params:,}-parameter EDMPrecond/SongUNet from scratch on {len(train)} images")
         examples = encode_examples(family, bundle, data["train"], None, batch=4096)
-        snapshots = finetune(family, bundle, examples, cfg.base, folder)
+        snapshots = finetune(family, bundle, examples, cfg.base, folder, desc="training θr")
         done = rec.record("base", key, {"theta_r": snapshots[-1], "parameters": params,
                                         "final_loss": last_loss(folder), "seconds": round(time.time() - t0, 1)})
         log(f"base: done ({time.time() - t0:.0f} s)")
