@@ -90,7 +90,15 @@ class IMMFamily:
     def sample(self, bundle: Bundle, seeds: Sequence[int], labels: torch.Tensor | None, steps: int = 8,
                cfg: float | None = 1.5, autocast: str | None = None) -> torch.Tensor:
         """seeds (B,) + labels int64 (B,) -> uint8 (B, H, W, 3) on the CPU. steps: flow-map jumps (1, 2, 4, 8);
-        cfg: guidance scale (None = no guidance); autocast: None (float32 DiT) or 'bf16' / 'fp16' on CUDA."""
+        cfg: guidance scale (None = no guidance); autocast: None (float32 DiT) or 'bf16' / 'fp16' on CUDA.
+
+        On the CPU the images are computed one at a time: CPU BLAS and oneDNN pick their kernels (and so their
+        rounding) by batch size, and an image must not depend on the batch it was drawn in. GPUs run the batch.
+        """
+        if next(bundle.net.parameters()).device.type == "cpu" and len(seeds) > 1:
+            labels = None if labels is None else torch.as_tensor(labels)
+            return torch.cat([self.sample(bundle, [s], None if labels is None else labels[i:i + 1], steps, cfg,
+                                          autocast) for i, s in enumerate(seeds)])
         latents = sample_latents(_precond(bundle.net), seeds, labels, steps=steps, cfg=cfg, autocast=autocast)
         return bundle.helpers["vae"].decode(latents)
 
