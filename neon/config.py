@@ -54,6 +54,8 @@ class SweepConfig:
     w: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.5, 1.0])
     cfg: list[float] | None = None       # guidance scales to sweep jointly with w (AR / IMM rows)
     cfg_key: str = "cfg"                 # name of the guidance argument in the family's sampler
+    grid: dict[str, list[Any]] = dataclasses.field(default_factory=dict)  # other sampler arguments, each value
+                                         # a separate setting with its own best (w, cfg), e.g. IMM's {steps: [1, 8]}
     num_images: int = 10_000
     per_class: int | None = None         # balanced labels for the sweep samples (else random from the seed)
     seed_offset: int = 0

@@ -23,7 +23,7 @@ from neon.errors import NeonError
 from neon.family import Bundle, Family, get_family
 from neon.sampling import draw_labels, plan_seeds, sample_to_npz
 from neon.selftrain import CACHE_FILE, encode_examples, finetune
-from neon.sweep import FIDMetric, Sweep, evaluate_images
+from neon.sweep import FIDMetric, Sweep, _label, evaluate_images
 
 
 def _versions() -> dict:
@@ -147,36 +147,44 @@ def run(config: str, out: str, smoke: bool = False) -> dict:
 
 
 def final_evaluation(family, bundle, sweep: Sweep, cfg: RunConfig, metric, best: dict) -> dict:
-    """θr and θneon on the final image count; θr at its own best guidance scale from the sweep's w=0 points."""
-    f = cfg.final
-    out = {}
-    base_points = [p for p in sweep.points.values() if p["w"] == 0]
+    """θr and θneon on the final image count, at the best point of the sweep; θr at its own best guidance
+    scale among the sweep's w = 0 points (or final.base_cfg). With a sweep grid (e.g. IMM's step counts), also
+    each setting at its own best point, under 'per_setting'."""
+    if len(sweep.settings_grid) == 1:
+        return _final_pair(family, bundle, sweep, cfg, metric, best)
+    per_setting = [{"setting": s, **_final_pair(family, bundle, sweep, cfg, metric, sweep.best(s))}
+                   for s in sweep.settings_grid]
+    overall = next(p for p in per_setting if p["setting"] == best.get("setting", {}))
+    return {"base": overall.get("base"), "neon": overall["neon"], "per_setting": per_setting}
+
+
+def _final_pair(family, bundle, sweep: Sweep, cfg: RunConfig, metric, best: dict) -> dict:
+    f, setting = cfg.final, best.get("setting", {})
+    base_points = [p for p in sweep.points.values() if p["w"] == 0 and p.get("setting", {}) == setting]
     base_cfg = f.base_cfg if f.base_cfg is not None else \
         min(base_points, key=lambda p: p["fid"])["cfg"] if base_points else best["cfg"]
+    out = {}
     for name, w, c in (("base", 0.0, base_cfg), ("neon", best["w"], best["cfg"])):
         if name == "base" and not f.evaluate_base:
             continue
         bundle.net.load_state_dict(sweep.merged(w))
-        args = dict(f.sampler)
-        if c is not None:
-            args[cfg.sweep.cfg_key] = c
         t0 = time.time()
-        result = evaluate_images(family, bundle, metric, f.num_images, f.per_class, f.seed_offset, f.batch, args,
-                                 desc=f"final {name}")
-        out[name] = {"w": w, "cfg": c, **result, "seconds": round(time.time() - t0, 1)}
+        result = evaluate_images(family, bundle, metric, f.num_images, f.per_class, f.seed_offset, f.batch,
+                                 sweep.sampler_args(c, setting, f.sampler), desc=f"final {name}")
+        out[name] = {"w": w, "cfg": c, "setting": setting, **result, "seconds": round(time.time() - t0, 1)}
     return out
 
 
 def summarize(doc: dict, cfg: RunConfig) -> None:
     final = doc["stages"].get("final", {})
-    note = "  (smoke run: statistics of S stand in for the reference; the numbers mean nothing)" \
-        if doc.get("smoke") else ""
-    for name in ("base", "neon"):
-        if name in final:
-            r = final[name]
-            cfg_txt = "" if r["cfg"] is None else f", {cfg.sweep.cfg_key}={r['cfg']:g}"
-            print(f"{name:>5}: w={r['w']:g}{cfg_txt}  FID {r['fid']:.4f} on {r['num_images']} images")
-    print(note.strip() or "", end="\n" if note else "")
+    for pair in final.get("per_setting") or [final]:
+        for name in ("base", "neon"):
+            if pair.get(name):
+                r = pair[name]
+                where = _label(r["w"], r["cfg"], r.get("setting", {}), cfg.sweep.cfg_key)
+                print(f"{name:>5}: {where}  FID {r['fid']:.4f} on {r['num_images']} images")
+    if doc.get("smoke"):
+        print("(smoke run: statistics of S stand in for the reference; the numbers mean nothing)")
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:

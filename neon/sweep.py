@@ -8,6 +8,7 @@ sampling noise) and computes the metric. Points are saved as they finish, so a k
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -48,12 +49,19 @@ def evaluate_images(family: Family, bundle: Bundle, metric: MetricFactory, num_i
     return result
 
 
-def _key(w: float, cfg: float | None) -> str:
-    return f"{w:.6g}|{cfg if cfg is None else f'{cfg:.6g}'}"
+def _key(w: float, cfg: float | None, setting: dict) -> str:
+    return f"{w:.6g}|{cfg if cfg is None else f'{cfg:.6g}'}|{json.dumps(setting, sort_keys=True)}"
+
+
+def _label(w: float | None, cfg: float | None, setting: dict, cfg_key: str) -> str:
+    parts = [] if w is None else [f"w={w:g}"]
+    parts += [f"{k}={v}" for k, v in sorted(setting.items())]
+    return " ".join(parts + ([] if cfg is None else [f"{cfg_key}={cfg:g}"]))
 
 
 class Sweep:
-    """The (w, cfg) points evaluated so far, saved to `path` after every point."""
+    """The (w, cfg, setting) points evaluated so far, saved to `path` after every point. A setting is one
+    combination of the `grid` sampler arguments (the empty dict when there is no grid)."""
 
     def __init__(self, family: Family, bundle: Bundle, theta_s: dict, cfg: SweepConfig, metric: MetricFactory,
                  path: str | None = None):
@@ -62,12 +70,14 @@ class Sweep:
         device = next(iter(self.theta_r.values())).device
         self.theta_s = {k: v.to(device) for k, v in theta_s.items()}
         check_compatible(self.theta_r, self.theta_s)
+        names = sorted(cfg.grid)
+        self.settings_grid = [dict(zip(names, values)) for values in itertools.product(*(cfg.grid[n] for n in names))]
         self.points: dict[str, dict] = {}
         if path and os.path.isfile(path):
             with open(path) as f:
                 saved = json.load(f)
             if saved.get("settings") == self.settings():
-                self.points = {_key(p["w"], p["cfg"]): p for p in saved.get("points", [])}
+                self.points = {_key(p["w"], p["cfg"], p.get("setting", {})): p for p in saved.get("points", [])}
 
     def settings(self) -> dict:
         c = self.cfg
@@ -78,42 +88,52 @@ class Sweep:
         """θneon(w) = (1+w)·θr − w·θs."""
         return merge_state_dicts(self.theta_r, self.theta_s, w)
 
-    def evaluate(self, w: float, cfg_scale: float | None) -> dict:
-        key = _key(w, cfg_scale)
+    def sampler_args(self, cfg_scale: float | None, setting: dict, base: dict | None = None) -> dict:
+        args = {**(self.cfg.sampler if base is None else base), **setting}
+        if cfg_scale is not None:
+            args[self.cfg.cfg_key] = cfg_scale
+        return args
+
+    def evaluate(self, w: float, cfg_scale: float | None, setting: dict | None = None) -> dict:
+        setting = setting or {}
+        key = _key(w, cfg_scale, setting)
         if key not in self.points:
             t0 = time.time()
             self.bundle.net.load_state_dict(self.merged(w))
-            args = dict(self.cfg.sampler)
-            if cfg_scale is not None:
-                args[self.cfg.cfg_key] = cfg_scale
-            label = f"w={w:g}" + ("" if cfg_scale is None else f" {self.cfg.cfg_key}={cfg_scale:g}")
+            label = _label(w, cfg_scale, setting, self.cfg.cfg_key)
             result = evaluate_images(self.family, self.bundle, self.metric, self.cfg.num_images, self.cfg.per_class,
-                                     self.cfg.seed_offset, self.cfg.batch, args, desc=label)
-            self.points[key] = {"w": w, "cfg": cfg_scale, **result, "seconds": round(time.time() - t0, 2)}
+                                     self.cfg.seed_offset, self.cfg.batch, self.sampler_args(cfg_scale, setting),
+                                     desc=label)
+            self.points[key] = {"w": w, "cfg": cfg_scale, "setting": setting, **result,
+                                "seconds": round(time.time() - t0, 2)}
             if dist.is_main():
                 print(f"{label}: FID {result['fid']:.4f}")
             self.save()
         return self.points[key]
 
-    def best(self) -> dict:
-        return min(self.points.values(), key=lambda p: p["fid"])
+    def best(self, setting: dict | None = None) -> dict:
+        """The lowest-FID point (of one setting, or of all)."""
+        points = [p for p in self.points.values() if setting is None or p.get("setting", {}) == setting]
+        return min(points, key=lambda p: p["fid"])
 
     def run(self) -> dict:
-        """Walk the grid (early stop per guidance scale), then refine around the best point."""
-        for cfg_scale in (self.cfg.cfg or [None]):
-            best_here = math.inf
-            for w in sorted(self.cfg.w):
-                fid = self.evaluate(w, cfg_scale)["fid"]
-                if self.cfg.tolerance is not None and fid > best_here + self.cfg.tolerance:
-                    break  # FID is climbing away from its minimum along w
-                best_here = min(best_here, fid)
-        if self.cfg.refine:
-            b = self.best()
-            neighbours = [(b["w"] - self.cfg.refine, b["cfg"]), (b["w"] + self.cfg.refine, b["cfg"])]
-            if b["cfg"] is not None:
-                neighbours += [(b["w"], b["cfg"] - self.cfg.refine), (b["w"], b["cfg"] + self.cfg.refine)]
-            for w, c in neighbours:
-                self.evaluate(round(w, 6), None if c is None else round(c, 6))
+        """For every setting: walk the grid (early stop per guidance scale), then refine around its best point.
+        Returns the best point of all."""
+        for setting in self.settings_grid:
+            for cfg_scale in (self.cfg.cfg or [None]):
+                best_here = math.inf
+                for w in sorted(self.cfg.w):
+                    fid = self.evaluate(w, cfg_scale, setting)["fid"]
+                    if self.cfg.tolerance is not None and fid > best_here + self.cfg.tolerance:
+                        break  # FID is climbing away from its minimum along w
+                    best_here = min(best_here, fid)
+            if self.cfg.refine:
+                b, r = self.best(setting), self.cfg.refine
+                neighbours = [(b["w"] - r, b["cfg"]), (b["w"] + r, b["cfg"])]
+                if b["cfg"] is not None:
+                    neighbours += [(b["w"], b["cfg"] - r), (b["w"], b["cfg"] + r)]
+                for w, c in neighbours:
+                    self.evaluate(round(w, 6), None if c is None else round(c, 6), setting)
         self.bundle.net.load_state_dict(self.theta_r)
         self.save(plot=True)
         return self.best()
@@ -121,8 +141,12 @@ class Sweep:
     def save(self, plot: bool = False) -> None:
         if not self.path or not dist.is_main():
             return
-        points = sorted(self.points.values(), key=lambda p: (p["cfg"] or 0, p["w"]))
+        points = sorted(self.points.values(),
+                        key=lambda p: (json.dumps(p.get("setting", {}), sort_keys=True), p["cfg"] or 0, p["w"]))
         doc = {"settings": self.settings(), "points": points, "best": self.best() if points else None}
+        if len(self.settings_grid) > 1 and points:
+            doc["best_per_setting"] = [self.best(s) for s in self.settings_grid
+                                       if any(p.get("setting", {}) == s for p in points)]
         with atomic_open(self.path, "w") as f:
             json.dump(doc, f, indent=1)
         if plot and points:
@@ -135,10 +159,14 @@ def plot_sweep(points: list[dict], path: str, cfg_key: str = "cfg") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
-    for c in sorted({p["cfg"] for p in points}, key=lambda c: -math.inf if c is None else c):
-        pts = sorted((p for p in points if p["cfg"] == c), key=lambda p: p["w"])
+    curves = {}
+    for p in points:
+        curves.setdefault((json.dumps(p.get("setting", {}), sort_keys=True), p["cfg"]), []).append(p)
+    for (setting, c), pts in sorted(curves.items(), key=lambda kv: (kv[0][0], -math.inf if kv[0][1] is None
+                                                                    else kv[0][1])):
+        pts = sorted(pts, key=lambda p: p["w"])
         ax.plot([p["w"] for p in pts], [p["fid"] for p in pts], "o-", ms=3,
-                label="θneon" if c is None else f"{cfg_key} = {c:g}")
+                label=_label(None, c, json.loads(setting), cfg_key) or "θneon")
     best = min(points, key=lambda p: p["fid"])
     ax.plot([best["w"]], [best["fid"]], "*", ms=14, color="k", label=f"best: w = {best['w']:g}")
     ax.axvline(0, color="0.7", lw=0.8)

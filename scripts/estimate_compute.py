@@ -3,7 +3,7 @@
     python scripts/estimate_compute.py [--tflops-bf16 400] [--tflops-fp32 150]
 
 Image counts come from configs/*.yaml (synthetic set, self-training length, sweep grid — every point, no early
-stop — and the final 2 × 50k evaluation). Network cost per image:
+stop, every setting of a grid such as IMM's step counts — and the final 2 × 50k evaluation per setting). Network cost per image:
   - EDM: forward FLOPs of the release SongUNet, counted with torch's FlopCounterMode on the meta device, times
     the sampler's 2N−1 evaluations; training 3× a forward (forward + backward);
   - VAR, xAR, IMM (transformers): 2·P FLOPs per token per forward plus attention (4·L·d per token per layer),
@@ -93,11 +93,17 @@ def main() -> None:
         sample, train, precision = costs(row, cfg)
         rate = 1e12 * (args.tflops_fp32 if precision == "fp32" else args.tflops_bf16)
         n_cfg = len(cfg.sweep.cfg or [None])
-        n_points = len(cfg.sweep.w) * n_cfg + (4 if cfg.sweep.refine else 0)
+        n_settings = 1
+        for values in cfg.sweep.grid.values():
+            n_settings *= len(values)
+        n_points = (len(cfg.sweep.w) * n_cfg + (4 if cfg.sweep.refine else 0)) * n_settings
+        steps = cfg.sweep.grid.get("steps")
+        sweep_sample = sample * (sum(steps) / len(steps) / cfg.synthetic.sampler["steps"] if steps else 1)
         classes = 10 if row.startswith("edm") else 1000
         n_syn = cfg.synthetic.per_class * classes if cfg.synthetic.per_class else cfg.synthetic.num_images
         hours = [n_syn * sample / rate / 3600, cfg.finetune.total_images * train / rate / 3600,
-                 n_points * cfg.sweep.num_images * sample / rate / 3600, 2 * cfg.final.num_images * sample / rate / 3600]
+                 n_points * cfg.sweep.num_images * sweep_sample / rate / 3600,
+                 2 * n_settings * cfg.final.num_images * sweep_sample / rate / 3600]
         print(f"{row:<20} " + " ".join(f"{h:8.1f}" if i != 1 else f"{h:11.1f}" for i, h in enumerate(hours))
               + f" {sum(hours):12.0f}")
 

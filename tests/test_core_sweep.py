@@ -86,3 +86,21 @@ def test_a_rerun_reuses_saved_points(tmp_path):
     assert len(calls) == 2  # only w = 2 was sampled (4 images in batches of 2)
     changed = _sweep(tmp_path, target=110, w=[0, 1], sampler={"cfg": 0.5})
     assert changed.points == {}  # other sampler settings: earlier points do not apply
+
+
+class StepFamily(LineFamily):
+    """Like LineFamily, plus a `steps` sampler argument that shifts the image by 10·steps."""
+
+    def sample(self, bundle, seeds, labels, cfg=0.0, steps=0, **_):
+        return super().sample(bundle, seeds, labels, cfg=cfg + 10 * steps)
+
+
+def test_a_grid_argument_gets_its_own_best_per_setting(tmp_path):
+    bundle = Bundle(net=OneWeight())
+    cfg = SweepConfig(num_images=4, batch=2, w=[0, 0.5, 1, 1.5, 2], grid={"steps": [0, 1]})
+    sweep = Sweep(StepFamily(), bundle, {"p": torch.tensor(-1.0)}, cfg, lambda: DistanceTo(115), None)
+    best = sweep.run()
+    # steps=0: value 100 + 10w, best w = 1.5 (FID 0); steps=1: 110 + 10w, best w = 0.5 (FID 0)
+    assert {(p["setting"]["steps"], p["w"]) for p in sweep.points.values() if p["fid"] == 0} == {(0, 1.5), (1, 0.5)}
+    assert sweep.best({"steps": 0})["w"] == 1.5 and sweep.best({"steps": 1})["w"] == 0.5
+    assert best["fid"] == 0 and len(sweep.points) == 10
