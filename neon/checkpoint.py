@@ -123,15 +123,6 @@ def release_memory() -> None:
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 
-_ELEMENT_SIZE: dict[torch.dtype, int] = {}
-
-
-def _element_size(dtype: torch.dtype) -> int:
-    if dtype not in _ELEMENT_SIZE:
-        _ELEMENT_SIZE[dtype] = torch.empty((), dtype=dtype).element_size()
-    return _ELEMENT_SIZE[dtype]
-
-
 def _is_tensorish(v) -> bool:
     return isinstance(v, (torch.Tensor, TensorRef))
 
@@ -167,9 +158,6 @@ class Checkpoint:
     class_name: str | None
     tensors: dict[str, TensorRef]
     _reader: Any = None
-
-    def specs(self) -> dict[str, tuple[tuple, torch.dtype]]:
-        return {k: (ref.shape, ref.dtype) for k, ref in self.tensors.items()}
 
     def describe(self) -> str:
         inner = f"['{self.module}']" if self.module else ""

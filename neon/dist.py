@@ -86,10 +86,3 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(y)
     return y.to(x.device)
 
-
-def broadcast_object(obj, src: int = 0):
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]

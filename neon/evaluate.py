@@ -32,11 +32,10 @@ def evaluate_checkpoint(family: str, ckpt: str, ref: str, *, load_args: dict | N
         raise NeonError(f"{ckpt}: checkpoint not found")
     fam = get_family(family)
     bundle = fam.load(ckpt, dist.init(), **(load_args or {}))
-    result = evaluate_bundle(fam, bundle, ref, seeds=seeds, num_images=num_images, per_class=per_class,
-                             batch=batch, sampler_args=sampler_args, detector=detector, weights=weights,
-                             inception_score=inception_score, json_out=json_out, save_images=save_images,
-                             class_idx=class_idx, extra={"checkpoint": ckpt})
-    return result
+    return evaluate_bundle(fam, bundle, ref, seeds=seeds, num_images=num_images, per_class=per_class,
+                           batch=batch, sampler_args=sampler_args, detector=detector, weights=weights,
+                           inception_score=inception_score, json_out=json_out, save_images=save_images,
+                           class_idx=class_idx, extra={"checkpoint": ckpt})
 
 
 def evaluate_bundle(fam, bundle, ref: str, *, seeds=None, num_images=None, per_class=None, batch=64,

@@ -59,11 +59,10 @@ class RunRecord:
                 json.dump(self.doc, f, indent=1, default=str)
 
 
-def load_base(family: Family, cfg: RunConfig, out: str, smoke: bool, device) -> tuple[Bundle, str | None]:
-    """θr: the configured checkpoint, or with --smoke the family's tiny network (also saved into the run)."""
+def load_base(family: Family, cfg: RunConfig, smoke: bool, device) -> tuple[Bundle, str | None]:
+    """θr and its file: the configured checkpoint, or with --smoke the family's tiny network (no file)."""
     if smoke and not cfg.base:
-        bundle = family.tiny(device, seed=0, **cfg.load_args)
-        return bundle, None
+        return family.tiny(device, seed=0, **cfg.load_args), None
     if not cfg.base:
         raise NeonError("base: no checkpoint configured (set base, or use --smoke)")
     if not os.path.isfile(cfg.base):
@@ -96,7 +95,7 @@ def run(config: str, out: str, smoke: bool = False) -> dict:
     device = dist.init()
     os.makedirs(out, exist_ok=True)
     rec = RunRecord(os.path.join(out, "run.json"), cfg, smoke)
-    bundle, base_path = load_base(family, cfg, out, smoke, device)
+    bundle, base_path = load_base(family, cfg, smoke, device)
     theta_r = {k: v.detach().clone() for k, v in bundle.net.state_dict().items()}
 
     # 1. The synthetic set S, drawn from θr with its usual (mode-seeking) sampler.
