@@ -66,7 +66,7 @@ def test_same_images_on_one_and_two_processes_and_any_batch(tmp_path, tiny_ckpt)
     two = tmp_path / "two.npz"
     subprocess.run([sys.executable, *_sample_cmd(tiny_ckpt, one, "--num-images", "45", "--batch", "16")],
                    env=ENV, check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                     *_sample_cmd(tiny_ckpt, two, "--num-images", "45", "--batch", "7")[0:]],
                    env=ENV, check=True, capture_output=True)
     a, b = np.load(one), np.load(two)

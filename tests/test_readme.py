@@ -9,6 +9,7 @@ A README command that matches no rule here, or fails, fails this test.
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ PY = shlex.quote(sys.executable)
 SCALE_DOWN = [
     (r"^torchrun --standalone --nproc_per_node=8 ", f"{PY} -m torch.distributed.run --standalone --nproc_per_node=1 "),
     (r"^torchrun --nnodes=4 --nproc_per_node=8 (.*)--rdzv_endpoint=\$HEAD_NODE:29500 ",
-     rf"{PY} -m torch.distributed.run --nnodes=1 --nproc_per_node=2 \g<1>--rdzv_endpoint=localhost:29531 "),
+     rf"{PY} -m torch.distributed.run --nnodes=1 --nproc_per_node=2 \g<1>--rdzv_endpoint=localhost:FREE_PORT "),
     (r"^neon ", f"{PY} -m neon "),
     (r"^\.venv/bin/neon toy$", f"{PY} -m neon toy --quick --out toy"),
     (r"^bash download_models\.sh", f"bash {shlex.quote(str(REPO / 'download_models.sh'))} --dry-run"),
@@ -58,9 +59,16 @@ def table_commands() -> list[str]:
     return re.findall(r"\| `((?:torchrun|neon|python)[^`]*)` \|", README)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
 def scaled(command: str) -> str:
     for pattern, repl in SCALE_DOWN:
         command = re.sub(pattern, repl, command)
+    command = command.replace("FREE_PORT", str(free_port()))  # other tests may run torchrun at the same time
     family = re.search(r"-m (edm|var|xar|imm)\.calculate_fid", command)
     if family:
         command += " --inception_weights fid-helper"
