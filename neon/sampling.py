@@ -162,6 +162,8 @@ def sample_to_npz(family: Family, bundle: Bundle, seeds: Sequence[int], labels: 
     os.makedirs(shard_dir, exist_ok=True)
     dist.barrier()
     done = _done_seeds(shard_dir)
+    # Every rank must split the same list of missing seeds: nobody writes a shard until all have looked.
+    dist.barrier()
     todo = [(i, s) for i, s in enumerate(seeds) if s not in done]
     mine = dist.shard(todo)
     my_seeds = [s for _, s in mine]
