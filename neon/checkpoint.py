@@ -19,9 +19,9 @@ import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
+import io
 import json
 import os
-import pickle
 import shutil
 import struct
 import tempfile
@@ -265,36 +265,63 @@ class Checkpoint:
             del writer
 
 
-def _pth_persistent_load(pid):
-    # torch.save zip format: ('storage', storage_type, key, location, numel)
-    if not isinstance(pid, tuple) or pid[0] != "storage":
-        raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
-    storage_type, key = pid[1], pid[2]
-    dtype = safe_pickle._STORAGE_DTYPES.get(storage_type) if isinstance(storage_type, str) else None
-    if dtype is None:
-        raise pickle.UnpicklingError(f"unsupported storage type {storage_type!r}")
-    return BlobRef(index=key, dtype=dtype, numel=int(pid[4]))
-
-
 def _open_pth(path: str) -> Checkpoint:
     try:
         reader = torch._C.PyTorchFileReader(path)
     except RuntimeError:
         raise NeonError(f"{path}: not a torch.save zip file (legacy or corrupt checkpoint)") from None
-    import io
-    try:
-        obj = safe_pickle.SafeUnpickler(io.BytesIO(reader.get_record("data.pkl")),
-                                        persistent_load=_pth_persistent_load).load()
-    except pickle.UnpicklingError as e:
-        raise NeonError(f"{path}: {e}") from None
+    obj = read_pth_object(path, reader)
     module, sd = select_module(obj, path)
     tensors = {}
     for k, ref in sd.items():
         if not isinstance(ref, TensorRef):
             raise NeonError(f"{path}: entry {k!r} is not a tensor")
-        ref.storage = ref.storage.index  # the record key 'data/<key>'
-        tensors[k] = ref
+        tensors[k] = dataclasses.replace(ref, storage=ref.storage.index)  # the record key 'data/<key>'
     return Checkpoint(path, "pth", module, None, tensors, reader)
+
+
+def read_pth_object(path: str, reader=None) -> Any:
+    """The object a torch.save zip holds, tensors as `TensorRef`s (storage: BlobRef whose index is the record
+    key), read with the restricted unpickler; every storage is checked against the size of its record."""
+    reader = reader or torch._C.PyTorchFileReader(path)
+    try:
+        data = reader.get_record("data.pkl")
+    except RuntimeError:
+        raise NeonError(f"{path}: a zip without data.pkl (not a torch.save checkpoint)") from None
+    blobs: dict[str, BlobRef] = {}
+
+    def persistent_load(pid):
+        blob = safe_pickle.storage_ref(pid)
+        return blobs.setdefault(blob.index, blob)
+
+    obj = safe_pickle.unpickle(io.BytesIO(data), path, persistent_load=persistent_load)
+    records = set(reader.get_all_records())
+    for key, blob in blobs.items():
+        if f"data/{key}" not in records:
+            raise NeonError(f"{path}: storage {key} has no record data/{key}")
+        size = reader.get_record_size(f"data/{key}")
+        if size != blob.nbytes:
+            raise NeonError(f"{path}: storage {key} claims {blob.nbytes} bytes, its record holds {size}")
+    return obj
+
+
+def read_pth(path: str) -> Any:
+    """A whole torch.save zip (e.g. an upstream training checkpoint with 'args': argparse.Namespace) read with
+    the restricted unpickler: tensors are real CPU tensors, other objects plain data or inert `Record`s."""
+    reader = torch._C.PyTorchFileReader(path)
+    obj = read_pth_object(path, reader)
+    storages: dict[str, torch.Tensor] = {}
+
+    def tensor(ref: TensorRef) -> torch.Tensor:
+        key = ref.storage.index
+        if key not in storages:
+            nbytes = reader.get_record_size(f"data/{key}")
+            raw = reader.get_storage_from_record(f"data/{key}", nbytes, torch.uint8).untyped_storage()
+            flat = torch.empty(0, dtype=torch.uint8).set_(raw, 0, (nbytes,))
+            storages[key] = flat.view(ref.dtype) if nbytes else torch.empty(0, dtype=ref.dtype)
+        return storages[key].as_strided(ref.shape, ref.stride, ref.offset)
+
+    return safe_pickle.map_tensors(obj, tensor)
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -22,6 +22,7 @@ import pickle
 import pickletools
 import re
 import struct
+import zipfile
 from typing import Any, BinaryIO, Callable
 
 import torch
@@ -34,6 +35,10 @@ LEGACY_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)
 # Module prefixes whose classes may appear by reference (pickled torch.nn / timm modules inside IMM's DiT).
 _MODULE_PREFIXES = ("torch.nn.modules.", "timm.layers.", "timm.models.")
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class Refused(pickle.UnpicklingError):
+    """The stream is a pickle, but asks for something this reader does not allow or that does not add up."""
 
 
 class Record:
@@ -62,27 +67,37 @@ def _stand_in(path: str) -> type:
 def _reconstruct_persistent_obj(meta: dict) -> Record:
     # torch_utils.persistence: meta = {type, version, module_src, class_name, state}. module_src is never run.
     if not isinstance(meta, dict) or meta.get("type") != "class":
-        raise pickle.UnpicklingError("unexpected torch_utils.persistence record")
+        raise Refused("unexpected torch_utils.persistence record")
     return Record("persistent", str(meta.get("class_name")), (), meta.get("state"))
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *state):
+    if not isinstance(data, (torch.Tensor, TensorRef)):
+        raise Refused(f"parameter data is a {type(data).__name__}, not a tensor")
     return data
+
+
+class _NumpyDtype(Record):
+    """numpy.dtype(*args) as pickled: REDUCE, then BUILD with the dtype's state. The dtype itself is a cached
+    singleton that a BUILD would rewrite for the whole process, so the state is only compared with its own."""
+
+    def __init__(self, *args):
+        import numpy as np
+        super().__init__("object", "numpy.dtype", args)
+        self.dtype = np.dtype(*args)
+        if self.dtype.hasobject:
+            raise Refused("refusing numpy object dtype")
+
+    def __setstate__(self, state):
+        if state != self.dtype.__reduce__()[2]:
+            raise Refused(f"numpy dtype {self.dtype} with a state that is not its own")
 
 
 def _numpy_scalar(dtype, data=None):
     import numpy as np
-    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes):
-        raise pickle.UnpicklingError("refusing a numpy scalar that is not plain numeric data")
-    return np.frombuffer(data, dtype=dtype)[0]
-
-
-def _numpy_dtype(*args):
-    import numpy as np
-    dtype = np.dtype(*args)
-    if dtype.hasobject:
-        raise pickle.UnpicklingError("refusing numpy object dtype")
-    return dtype
+    if not isinstance(dtype, _NumpyDtype) or not isinstance(data, bytes) or len(data) != dtype.dtype.itemsize:
+        raise Refused("refusing a numpy scalar that is not plain numeric data")
+    return np.frombuffer(data, dtype=dtype.dtype)[0]
 
 
 _STORAGE_DTYPES = {
@@ -116,57 +131,135 @@ class TensorRef:
     stride: tuple
 
 
+def _int_tuple(v, what: str) -> tuple:
+    if not isinstance(v, (tuple, list, torch.Size)) or not all(type(i) is int and i >= 0 for i in v):
+        raise Refused(f"tensor {what} {v!r} is not a tuple of non-negative integers")
+    return tuple(v)
+
+
+def view_extent(offset: int, shape: tuple, stride: tuple) -> int:
+    """Elements of storage a strided view needs: one past its last element (0 for an empty view)."""
+    if 0 in shape:
+        return 0
+    return offset + sum((n - 1) * s for n, s in zip(shape, stride)) + 1
+
+
 def _rebuild_tensor_ref(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
                         metadata=None):
+    """A tensor view into a storage, checked to lie inside it before anything reads or allocates."""
+    size, stride = _int_tuple(size, "shape"), _int_tuple(stride, "stride")
+    if type(storage_offset) is not int or storage_offset < 0 or len(size) != len(stride):
+        raise Refused(f"bad tensor view (offset {storage_offset!r}, shape {size}, stride {stride})")
     if isinstance(storage, BlobRef):
-        return TensorRef(storage, storage.dtype, storage_offset, tuple(size), tuple(stride))
-    return torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad,
-                                           backward_hooks or collections.OrderedDict())
+        numel = storage.numel
+    elif isinstance(storage, torch.storage.TypedStorage):
+        numel = storage._size()
+    else:
+        raise Refused(f"tensor storage is a {type(storage).__name__}, not a storage")
+    if view_extent(storage_offset, size, stride) > numel:
+        raise Refused(f"tensor of shape {size} at offset {storage_offset} reaches past the end of "
+                                     f"its storage ({numel} elements)")
+    if isinstance(storage, BlobRef):
+        return TensorRef(storage, storage.dtype, storage_offset, size, stride)
+    return torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, False,
+                                           collections.OrderedDict())
 
 
-class SafeUnpickler(pickle.Unpickler):
-    """`pickle.Unpickler` whose globals come from an allow-list; anything else raises UnpicklingError."""
+# The one allow-list: dotted name -> what it becomes. Callables that build data only (no I/O, no imports).
+def _allowed(storages: Callable) -> dict[str, Any]:
+    return {
+        "torch_utils.persistence._reconstruct_persistent_obj": _reconstruct_persistent_obj,
+        "collections.OrderedDict": collections.OrderedDict,
+        "torch._utils._rebuild_parameter": _rebuild_parameter,
+        "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
+        "torch._utils._rebuild_tensor_v2": _rebuild_tensor_ref,
+        "torch.storage._load_from_bytes": storages,
+        "torch.Size": torch.Size,
+        "torch.device": torch.device,
+        "numpy.dtype": _NumpyDtype,
+        "numpy.core.multiarray.scalar": _numpy_scalar,
+        "numpy._core.multiarray.scalar": _numpy_scalar,
+        "argparse.Namespace": _stand_in("argparse.Namespace"),  # upstream training checkpoints' 'args'
+    }
 
-    def __init__(self, file: BinaryIO, lazy: bool = False, persistent_load: Callable | None = None):
-        super().__init__(file)
-        self.blobs: list[BlobRef] = []
+
+class _BoundedFile:
+    """A file whose reads may not ask for more bytes than it has left: a length field claiming terabytes
+    (BINBYTES8, FRAME, LONG4, ...) is refused before anything is allocated."""
+
+    def __init__(self, f: BinaryIO):
+        self.f = f
+        here = f.tell()
+        self.size = f.seek(0, io.SEEK_END)
+        f.seek(here)
+
+    def _check(self, n: int) -> None:
+        left = self.size - self.f.tell()
+        if n is not None and n > left:
+            raise Refused(f"a length field claims {n} bytes, only {left} remain")
+
+    def read(self, n: int = -1) -> bytes:
+        self._check(n)
+        return self.f.read(n)
+
+    def readinto(self, b) -> int:
+        self._check(len(b))
+        return self.f.readinto(b)
+
+    def readline(self) -> bytes:
+        return self.f.readline(1 << 20)
+
+
+class SafeUnpickler(pickle._Unpickler):
+    """Python's unpickler with globals from one allow-list (plus `extra` names and `prefixes` whose classes
+    become inert `Record`s); anything else raises UnpicklingError. The pure-Python unpickler, so that opcodes
+    can be checked too: BUILD may set state only on a `Record` (not on an allowed function's `__defaults__`,
+    a cached numpy dtype or a `TensorRef` already validated), and EXT opcodes are refused."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, file: BinaryIO, lazy: bool = False, persistent_load: Callable | None = None,
+                 extra: dict[str, Any] | None = None, prefixes: tuple[str, ...] = (),
+                 blobs: list[BlobRef] | None = None):
+        super().__init__(_BoundedFile(file))
+        self.blobs: list[BlobRef] = [] if blobs is None else blobs
         # Not a bound method: the pickle memo keeps every global it returns, and a reference back to the
         # unpickler would make a cycle that keeps the memo (every storage's bytes) alive until a gc pass.
-        self._storages = functools.partial(_load_from_bytes, self.blobs, lazy)
+        self._allowed = {**_allowed(functools.partial(_load_from_bytes, self.blobs, lazy)), **(extra or {})}
+        self._prefixes = _MODULE_PREFIXES + tuple(prefixes)
         if persistent_load is not None:
             self.persistent_load = persistent_load
 
     def find_class(self, module: str, name: str):
         path = f"{module}.{name}"
-        allowed = {
-            "torch_utils.persistence._reconstruct_persistent_obj": _reconstruct_persistent_obj,
-            "collections.OrderedDict": collections.OrderedDict,
-            "torch._utils._rebuild_parameter": _rebuild_parameter,
-            "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
-            "torch._utils._rebuild_tensor_v2": _rebuild_tensor_ref,
-            "torch.storage._load_from_bytes": self._storages,
-            "torch.Size": torch.Size,
-            "torch.device": torch.device,
-            "numpy.dtype": _numpy_dtype,
-            "numpy.core.multiarray.scalar": _numpy_scalar,
-            "numpy._core.multiarray.scalar": _numpy_scalar,
-            "argparse.Namespace": _stand_in(path),
-        }
-        if path in allowed:
-            return allowed[path]
+        if path in self._allowed:
+            return self._allowed[path]
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         if module == "torch" and name in _STORAGE_DTYPES:
             return name  # only ever used as a storage-type tag in persistent ids
-        if module.startswith(_MODULE_PREFIXES) and _IDENTIFIER.match(name):
+        if module.startswith(self._prefixes) and _IDENTIFIER.match(name):
             return _stand_in(path)
-        raise pickle.UnpicklingError(f"refusing to load global '{path}' (not on the allow-list)")
+        raise Refused(f"refusing to load global '{path}' (not on the allow-list)")
+
+    def load_build(self):
+        state = self.stack.pop()
+        if not isinstance(self.stack[-1], Record):
+            raise Refused(f"refusing to set state on a {type(self.stack[-1]).__name__}")
+        self.stack[-1].__setstate__(state)
+    dispatch[pickle.BUILD[0]] = load_build
+
+    def load_ext(self):
+        raise Refused("refusing an EXT opcode (extension registry lookup)")
+    for _op in (pickle.EXT1, pickle.EXT2, pickle.EXT4):
+        dispatch[_op[0]] = load_ext
+    del _op
 
 
 def _load_from_bytes(blobs: list[BlobRef], lazy: bool, b: bytes):
     """A storage pickled as a nested legacy torch.save stream: read it (eager), or note where it is (lazy)."""
     if not isinstance(b, bytes) or not b.startswith(LEGACY_MAGIC):
-        raise pickle.UnpicklingError("storage is not a torch.save byte stream")
+        raise Refused("storage is not a torch.save byte stream")
     if not lazy:
         return torch.load(io.BytesIO(b), weights_only=True)
     dtype, numel = _legacy_storage_header(b)
@@ -188,14 +281,14 @@ def _legacy_storage_header(b: bytes) -> tuple[torch.dtype, int]:
     SafeUnpickler(f, persistent_load=persistent_load).load()
     SafeUnpickler(f).load()  # the key list
     if len(tags) != 1 or tags[0][0] != "storage":
-        raise pickle.UnpicklingError("unexpected legacy storage stream")
+        raise Refused("unexpected legacy storage stream")
     _, storage_type, _, _, numel, view = tags[0]
     if view is not None or storage_type not in _STORAGE_DTYPES:
-        raise pickle.UnpicklingError(f"unsupported legacy storage {storage_type!r}")
+        raise Refused(f"unsupported legacy storage {storage_type!r}")
     (count,) = struct.unpack("<q", f.read(8))
     dtype = _STORAGE_DTYPES[storage_type]
     if count != numel or len(b) - f.tell() != numel * torch.empty((), dtype=dtype).element_size():
-        raise pickle.UnpicklingError("legacy storage stream has an unexpected length")
+        raise Refused("legacy storage stream has an unexpected length")
     return dtype, numel
 
 
@@ -218,18 +311,125 @@ def locate_blobs(path: str, blobs: list[BlobRef]) -> None:
         raise NeonError(f"{path}: found {k} storages in the stream, expected {len(blobs)}")
 
 
+def unpickle(data: BinaryIO, where: str, **kwargs) -> Any:
+    """`SafeUnpickler(data, **kwargs).load()`; any failure is one NeonError line naming `where`."""
+    try:
+        return SafeUnpickler(data, **kwargs).load()
+    except NeonError:
+        raise
+    except Refused as e:
+        raise NeonError(f"{where}: {e}") from None
+    except pickle.UnpicklingError as e:
+        raise NeonError(f"{where}: not a readable pickle ({e})") from None
+    except (EOFError, struct.error) as e:
+        raise NeonError(f"{where}: truncated or not a pickle ({e})") from None
+    except Exception as e:  # a malformed stream: stack underflow, a bad memo index, wrong argument types...
+        raise NeonError(f"{where}: not a readable pickle ({type(e).__name__}: {e})") from None
+
+
 def load(path: str, lazy: bool = False) -> Any:
     """Unpickle `path` with the allow-list. lazy=True: tensors are `TensorRef`s into the file."""
-    try:
-        with open(path, "rb") as f:
-            unpickler = SafeUnpickler(f, lazy=lazy)
-            obj = unpickler.load()
-    except pickle.UnpicklingError as e:
-        raise NeonError(f"{path}: {e}") from None
-    except (EOFError, struct.error) as e:
-        raise NeonError(f"{path}: truncated or not a pickle ({e})") from None
+    blobs: list[BlobRef] = []
+    with open(path, "rb") as f:
+        obj = unpickle(f, path, lazy=lazy, blobs=blobs)
     if lazy:
-        locate_blobs(path, unpickler.blobs)
+        locate_blobs(path, blobs)
+    return obj
+
+
+_RECORD_KEY = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+
+
+def storage_ref(pid) -> BlobRef:
+    """A torch zip archive's persistent id ('storage', storage type, key, location, numel) -> a BlobRef whose
+    index is the record key (the storage's bytes are the archive's `data/<key>`), every field checked."""
+    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+        raise Refused(f"unexpected persistent id {str(pid)[:80]!r}")
+    _, storage_type, key, location, numel = pid
+    dtype = _STORAGE_DTYPES.get(storage_type) if isinstance(storage_type, str) else None
+    if dtype is None:
+        raise Refused(f"unsupported storage type {str(storage_type)[:40]!r}")
+    if not isinstance(key, str) or not _RECORD_KEY.match(key) or not isinstance(location, str):
+        raise Refused(f"bad storage key or location in persistent id {str(pid)[:80]!r}")
+    if type(numel) is not int or numel < 0:
+        raise Refused(f"bad storage size {numel!r} in persistent id")
+    return BlobRef(index=key, dtype=dtype, numel=numel)
+
+
+# TorchScript archives (torch.jit.save): data.pkl pickles each module as `__torch__.<class>` with its
+# attributes as state; these helpers rebuild plain lists. The archive's code/ folder is never read.
+def _plain_list(kind: type) -> Callable:
+    def build(items):
+        if not isinstance(items, list) or not all(isinstance(i, kind) for i in items):
+            raise Refused(f"a TorchScript {kind.__name__} list holds other things")
+        return items
+    return build
+
+
+TORCHSCRIPT_NAMES = {
+    "torch.jit._pickle.build_intlist": _plain_list(int),
+    "torch.jit._pickle.build_doublelist": _plain_list(float),
+    "torch.jit._pickle.build_boollist": _plain_list(bool),
+    "torch.jit._pickle.build_tensorlist": _plain_list(TensorRef),
+    "torch.jit._pickle.restore_type_tag": lambda value, type_str=None: value,
+}
+
+
+def read_torchscript(data: bytes, where: str) -> Any:
+    """The module tree pickled in a TorchScript archive's data.pkl (modules are `Record`s, tensors real CPU
+    tensors read from `data/<key>`), without compiling or running anything the archive holds."""
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+        roots = [n[:-len("data.pkl")] for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+    except (zipfile.BadZipFile, ValueError) as e:
+        raise NeonError(f"{where}: not a readable zip archive ({e})") from None
+    if len(roots) != 1:
+        raise NeonError(f"{where}: expected one <root>/data.pkl in the archive, found {len(roots)}")
+
+    def record(name: str, nbytes: int | None = None) -> bytes:
+        try:
+            info = zf.getinfo(roots[0] + name)
+        except KeyError:
+            raise NeonError(f"{where}: the archive has no record {name}") from None
+        if info.compress_type != zipfile.ZIP_STORED:  # torch stores every record; nothing to decompress
+            raise NeonError(f"{where}: record {name} is compressed, which torch never writes")
+        if nbytes is not None and info.file_size != nbytes:
+            raise NeonError(f"{where}: record {name} holds {info.file_size} bytes, its tensor claims {nbytes}")
+        return zf.read(info)
+
+    obj = unpickle(io.BytesIO(record("data.pkl")), f"{where} (data.pkl)", persistent_load=storage_ref,
+                   extra=TORCHSCRIPT_NAMES, prefixes=("__torch__.",))
+    storages: dict[str, torch.Tensor] = {}
+
+    def tensor(ref: TensorRef) -> torch.Tensor:
+        blob = ref.storage
+        if blob.index not in storages:
+            raw = bytearray(record(f"data/{blob.index}", blob.nbytes))
+            storages[blob.index] = torch.frombuffer(raw, dtype=blob.dtype) if raw else torch.empty(0, dtype=blob.dtype)
+        return storages[blob.index].as_strided(ref.shape, ref.stride, ref.offset)
+
+    return map_tensors(obj, tensor)
+
+
+def map_tensors(obj: Any, fn: Callable, seen: set | None = None) -> Any:
+    """`obj` with every TensorRef t replaced by fn(t), inside dicts, lists, tuples and Records' state."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, TensorRef):
+        return fn(obj)
+    if id(obj) in seen:
+        return obj
+    if isinstance(obj, Record):
+        seen.add(id(obj))
+        obj.state = map_tensors(obj.state, fn, seen)
+    elif isinstance(obj, dict):
+        seen.add(id(obj))
+        for k in list(obj):
+            obj[k] = map_tensors(obj[k], fn, seen)
+    elif isinstance(obj, list):
+        seen.add(id(obj))
+        obj[:] = [map_tensors(v, fn, seen) for v in obj]
+    elif isinstance(obj, tuple):
+        return type(obj)(map_tensors(v, fn, seen) for v in obj) if type(obj) is tuple else obj
     return obj
 
 

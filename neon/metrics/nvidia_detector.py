@@ -2,30 +2,32 @@
 executing anything from the file.
 
 EDM's fid.py does `pickle.load(f)` and calls `net(images_uint8_nchw, return_features=True)`. Unpickling runs
-whatever the pickle names, so the file is read here in one of these ways, none of which runs its code:
-- a `torch_utils.persistence` pickle (StyleGAN3's format for its networks, whose embedded source every public
-  port of this detector was taken from): a restricted unpickler turns each pickled object into an inert
-  record (the embedded source is never compiled), rebuilds only tensors, and the weights run in
-  `NvidiaInception`, our implementation of that detector's forward on torch-fidelity's layers;
-- a pickle holding a TorchScript archive as a byte string: the pickle is only parsed (pickletools), the
-  archive goes to `torch.jit.load`, and only TorchScript runs;
-- a bare TorchScript file (StyleGAN2-ADA's `inception-2015-12-05.pt`): `torch.jit.load`;
-- 'fid-helper': `NvidiaInception` with the offline pool3 weights of neon.metrics.convert_fid_helper (no logits).
+whatever the pickle names, and loading TorchScript runs the archive's own code (its `__setstate__` methods at
+load time, which can write files through `aten::from_file`). So only the weights are read, with the restricted
+unpickler of `neon.safe_pickle`, and they run in `NvidiaInception`, our implementation of that detector's
+forward on torch-fidelity's layers (the detector is one fixed architecture). The file may be:
+- a `torch_utils.persistence` pickle (StyleGAN3's format for its networks): each object becomes an inert
+  record, the embedded source is never compiled;
+- a bare TorchScript archive (StyleGAN2-ADA's `inception-2015-12-05.pt`), or a pickle holding one as a byte
+  string (found by parsing the pickle with pickletools, never unpickling it): the tensors of the archive's
+  data.pkl are read; its code/ folder is never compiled;
+- 'fid-helper': the offline pool3 weights of neon.metrics.convert_fid_helper (no logits).
 """
 from __future__ import annotations
 
 import io
 import os
-import pickle
 import pickletools
-import warnings
 import zipfile
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 
+from neon import safe_pickle
 from neon.errors import NeonError
+from neon.metrics.compat import compat_architecture, load_compat_state_dict
+from neon.metrics.convert_fid_helper import ensure_converted
+from neon.metrics.layout import inception_state_dict
 
 ZIP_MAGIC = b"PK\x03\x04"
 INPUT_SIZE = 299
@@ -56,7 +58,6 @@ class NvidiaInception(torch.nn.Module):
 
     def __init__(self, compat_state: dict[str, torch.Tensor]):  # torch-fidelity layout (neon.metrics.layout)
         super().__init__()
-        from neon.metrics.features import compat_architecture
         self.net = compat_architecture()
         torch.nn.Module.load_state_dict(self.net, compat_state)  # the skeleton's own load_state_dict is a no-op
         self.output = self.net.fc
@@ -80,7 +81,7 @@ def is_torchscript_archive(blob: bytes) -> bool:
         return False
     try:
         names = zipfile.ZipFile(io.BytesIO(blob)).namelist()
-    except zipfile.BadZipFile:
+    except (zipfile.BadZipFile, ValueError):
         return False
     return any(n.endswith("/data.pkl") for n in names) and any("/code/" in n for n in names)
 
@@ -106,129 +107,62 @@ def embedded_archives(data: bytes) -> list[bytes]:
     return found
 
 
-def _jit_load(blob: bytes) -> torch.jit.ScriptModule:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
-        return torch.jit.load(io.BytesIO(blob), map_location="cpu")
-
-
 # ---- torch_utils.persistence pickles -------------------------------------------------------------------
 
-class _Record:
-    """Stands in for any object the pickle builds (a persistent network, an nn.Sequential, a pooling layer):
-    it keeps the pickled state, has no behaviour, and nothing of the original class runs."""
-    class_name = "?"
-
-    def __init__(self, *args, **kwargs):
-        self.state = {}
-
-    def __setstate__(self, state):
-        self.state = state if isinstance(state, dict) else {}
-
-
-def _persistent_record(meta) -> _Record:
-    """Replaces torch_utils.persistence._reconstruct_persistent_obj, which would exec meta['module_src']."""
-    record = _Record()
-    record.class_name = str(meta.get("class_name", "?")) if isinstance(meta, dict) else "?"
-    state = meta.get("state") if isinstance(meta, dict) else None
-    record.state = dict(state) if isinstance(state, dict) else {}
-    return record
-
-
-def _storage_from_bytes(blob: bytes):
-    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)  # tensors only
-
-
-def _latin1(text: str, encoding: str = "latin1") -> bytes:
-    if encoding not in ("latin1", "latin-1"):
-        raise NeonError(f"detector pickle: unexpected text encoding {encoding!r}")
+def _latin1(text: str, encoding: str = "latin1") -> bytes:  # protocol 2's way of pickling bytes
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise safe_pickle.Refused("unexpected text encoding")
     return text.encode("latin-1")
 
 
-def _reconstructor(cls, base, state):  # copyreg._reconstructor, for protocol 0/1 pickles of our records
-    if not (isinstance(cls, type) and issubclass(cls, _Record)):
-        raise NeonError("detector pickle: refusing to reconstruct a non-module object")
+def _reconstructor(cls, base, state):  # copyreg._reconstructor, for protocol 0/1 pickles of module records
+    if not (isinstance(cls, type) and issubclass(cls, safe_pickle.Record)):
+        raise safe_pickle.Refused("refusing to reconstruct a non-module object")
     return cls()
 
 
-_ALLOWED = {
-    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_record,
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
-    ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
-    ("_codecs", "encode"): _latin1,
-    ("copyreg", "_reconstructor"): _reconstructor,
-    ("collections", "OrderedDict"): OrderedDict,
-    ("builtins", "set"): set, ("__builtin__", "set"): set,
-    ("builtins", "object"): object, ("__builtin__", "object"): object,
-    ("dnnlib.util", "EasyDict"): dict,
+# What StyleGAN3's pickles name beyond the checkpoint allow-list; module classes (torch.nn and those of the
+# embedded source, `_imported_module_*`) become inert records.
+_DETECTOR_NAMES = {
+    "_codecs.encode": _latin1,
+    "copyreg._reconstructor": _reconstructor,
+    "builtins.set": set, "__builtin__.set": set,
+    "builtins.object": object, "__builtin__.object": object,
+    "dnnlib.util.EasyDict": dict,
 }
-
-
-class _RecordUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if (module, name) in _ALLOWED:
-            return _ALLOWED[(module, name)]
-        if module.startswith("torch.nn.modules.") or module.startswith("_imported_module_"):
-            return type(name, (_Record,), {"class_name": name})  # a module class: an inert record of its state
-        raise NeonError(f"detector pickle names {module}.{name}, which is not part of an Inception network; refusing")
-
-
-def _record_tensors(record: _Record, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Parameters and buffers of a record tree, under nn.Module's dotted names."""
-    out = {}
-    for group in ("_parameters", "_buffers"):
-        for name, t in (record.state.get(group) or {}).items():
-            if isinstance(t, torch.Tensor):
-                out[prefix + name] = t.detach()
-    for name, child in (record.state.get("_modules") or {}).items():
-        if isinstance(child, _Record):
-            out.update(_record_tensors(child, f"{prefix}{name}."))
-    return out
-
-
-def _record_geometry(root: _Record):
-    def geometry(path: str):
-        node = root.state["_modules"]["layers"]
-        for name in path.split("."):
-            node = node.state["_modules"][name]
-        return (node.state["stride"], node.state["padding"]) if "stride" in node.state else None
-    return geometry
 
 
 def load_persistent_inception(data: bytes, path: str) -> NvidiaInception:
     """NvidiaInception with the weights of a torch_utils.persistence pickle of NVIDIA's InceptionV3."""
-    from neon.metrics.layout import compat_state_dict
+    root = safe_pickle.unpickle(io.BytesIO(data), path, extra=_DETECTOR_NAMES, prefixes=("_imported_module_",))
+    return _inception(root, path)
+
+
+def _inception(root, path: str) -> NvidiaInception:
     try:
-        root = _RecordUnpickler(io.BytesIO(data)).load()
+        return NvidiaInception(inception_state_dict(root))
     except NeonError as e:
         raise NeonError(f"{path}: {e}") from None
-    except Exception as e:
-        raise NeonError(f"{path}: not a readable detector pickle ({type(e).__name__}: {e})") from None
-    if not isinstance(root, _Record) or "layers" not in (root.state.get("_modules") or {}):
-        raise NeonError(f"{path}: no Inception network ('layers') in this pickle")
-    return NvidiaInception(compat_state_dict(_record_tensors(root), "layers.", _record_geometry(root)))
 
 
 # ---- entry point -----------------------------------------------------------------------------------------
 
-def load_nvidia_detector(path: str | os.PathLike) -> torch.nn.Module:
+def load_nvidia_detector(path: str | os.PathLike) -> NvidiaInception:
     """NVIDIA's detector on CPU, from its pickle, a TorchScript file, or 'fid-helper' (see the module doc)."""
     if str(path) == "fid-helper":
-        from neon.metrics.convert_fid_helper import ensure_converted
-        from neon.metrics.features import load_compat_state_dict
         return NvidiaInception(load_compat_state_dict(ensure_converted()))
     try:
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
         raise NeonError(f"detector file not found: {path}") from None
+    except IsADirectoryError:
+        raise NeonError(f"{path}: is a directory, expected the detector file") from None
     if is_torchscript_archive(data):
-        return _jit_load(data)
+        return _inception(safe_pickle.read_torchscript(data, str(path)), str(path))
     archives = embedded_archives(data)
     if len(archives) > 1:
         raise NeonError(f"{path}: {len(archives)} TorchScript archives inside; expected one")
     if archives:
-        return _jit_load(archives[0])
+        return _inception(safe_pickle.read_torchscript(archives[0], str(path)), str(path))
     return load_persistent_inception(data, str(path))

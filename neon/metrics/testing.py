@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from neon.metrics.features import compat_architecture
+from neon.metrics.compat import compat_architecture
 from neon.checkpoint import atomic_save
 
 
