@@ -3,11 +3,13 @@
 #
 #   bash download_models.sh               # everything in download_manifest.tsv
 #   bash download_models.sh --only NAME   # some entries (repeatable; NAME or file name as in the manifest)
-#   bash download_models.sh --dry-run     # print every file: source -> destination, expected SHA-256
+#   bash download_models.sh --dry-run     # print every file: source -> destination, expected SHA-256, size
 #
-# Downloads resume (hf's own resume; curl -C - for URLs). Every file is checked against the SHA-256 in the
-# manifest: a mismatch deletes the file and fails. Where the manifest has no hash yet ('-'), the hash of the first
-# download is written into the manifest (trust on first use) and checked from then on.
+# Every file is checked against the SHA-256 in the manifest. Where the manifest has no hash yet ('-'), the hash
+# (and size) of the first download is written into the manifest (trust on first use) and checked from then on.
+# A download goes to a temporary name beside its destination and is moved into place only once verified; an
+# existing file that does not verify is left as it is (move it away to fetch it again), and nothing this run
+# did not create is deleted. URL downloads resume from their .part file.
 # NEON_DOWNLOAD_MANIFEST and NEON_DOWNLOAD_ROOT override the manifest and the folder destinations are relative to
 # (tests use local ones).
 set -euo pipefail
@@ -21,12 +23,14 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) dry_run=1 ;;
     --only) shift; [ $# -gt 0 ] || { echo "download_models.sh: --only needs a NAME" >&2; exit 2; }; only+=("$1") ;;
-    -h|--help) sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "download_models.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
 [ -f "$manifest" ] || { echo "download_models.sh: manifest $manifest not found" >&2; exit 2; }
+
+die() { echo "download_models.sh: $*" >&2; exit "${status:-1}"; }
 
 wanted() {  # wanted NAME FILE
   [ ${#only[@]} -eq 0 ] && return 0
@@ -36,71 +40,123 @@ wanted() {  # wanted NAME FILE
 }
 
 sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
+size_of() { stat -c %s "$1"; }
 
-record_hash() {  # record_hash NAME HASH: fill in the manifest's '-' for NAME
+human() {  # human BYTES: 1.2 GB
+  awk -v b="$1" 'BEGIN { split("B KB MB GB TB", u); i = 1; while (b >= 1000 && i < 5) { b /= 1000; i++ }
+                         printf(i == 1 ? "%d %s" : "%.1f %s", b, u[i]) }'
+}
+
+check_relative() {  # check_relative NAME FIELD PATH: a plain relative path inside its root
+  local name="$1" field="$2" path="$3" part
+  case "$path" in
+    ''|/*) status=2 die "$name: $field '$path' must be a relative path inside $dest_root" ;;
+  esac
+  IFS=/ read -r -a parts <<< "$path"
+  for part in "${parts[@]}"; do
+    case "$part" in ''|.|..) status=2 die "$name: $field '$path' has an empty, '.' or '..' component" ;; esac
+  done
+}
+
+check_no_symlink() {  # check_no_symlink NAME DEST: no component of dest_root/DEST is a symbolic link
+  local name="$1" path="$dest_root" part
+  IFS=/ read -r -a parts <<< "$2"
+  for part in "${parts[@]}"; do
+    path="$path/$part"
+    [ -L "$path" ] && status=2 die "$name: $path is a symbolic link; refusing to write through it"
+  done
+  return 0
+}
+
+record() {  # record NAME HASH SIZE: fill in the manifest's '-' hash (and size) for NAME, keeping its mode
   local tmp
   tmp="$(mktemp "$manifest.XXXXXX")"
-  awk -F'\t' -v OFS='\t' -v n="$1" -v h="$2" '!/^#/ && $1 == n && $6 == "-" { $6 = h } { print }' "$manifest" > "$tmp"
+  chmod "$(stat -c %a "$manifest")" "$tmp"
+  awk -F'\t' -v OFS='\t' -v n="$1" -v h="$2" -v s="$3" \
+    '!/^#/ && $1 == n && $6 == "-" { $6 = h; if ($7 == "" || $7 == "-") $7 = s } { print }' "$manifest" > "$tmp"
   mv "$tmp" "$manifest"
 }
 
-fetch() {  # fetch KIND SOURCE FILE DEST
-  local kind="$1" source="$2" file="$3" dest="$4"
-  mkdir -p "$(dirname "$dest")"
+staging=""
+cleanup() { [ -z "$staging" ] || rm -rf -- "$staging"; }  # only ever a folder this run created
+trap cleanup EXIT
+
+fetch() {  # fetch KIND SOURCE FILE TARGET: sets `fetched`, the downloaded (unverified) file or folder
+  local kind="$1" source="$2" file="$3" target="$4"
+  mkdir -p "$(dirname "$target")"
   case "$kind" in
-    hf)
-      command -v hf >/dev/null 2>&1 || { echo "download_models.sh: the 'hf' command is missing: pip install -U huggingface_hub" >&2; exit 1; }
-      local dir
-      dir="$(dirname "$dest")"
-      hf download "$source" "$file" --local-dir "$dir" >/dev/null
-      [ "$dir/$file" = "$dest" ] || mv "$dir/$file" "$dest" ;;
-    hf-folder)
-      command -v hf >/dev/null 2>&1 || { echo "download_models.sh: the 'hf' command is missing: pip install -U huggingface_hub" >&2; exit 1; }
-      hf download "$source" config.json "$file" --local-dir "$dest" >/dev/null ;;
+    hf|hf-folder)
+      command -v hf >/dev/null 2>&1 || die "the 'hf' command is missing: pip install -U huggingface_hub"
+      staging="$(mktemp -d "$(dirname "$target")/.$(basename "$target").download.XXXXXX")"
+      if [ "$kind" = hf ]; then
+        hf download "$source" "$file" --local-dir "$staging" >/dev/null
+        fetched="$staging/$file"
+      else
+        hf download "$source" config.json "$file" --local-dir "$staging/folder" >/dev/null
+        rm -rf -- "$staging/folder/.cache"
+        fetched="$staging/folder"
+      fi ;;
     url)
-      curl -fL --retry 3 -C - --progress-bar -o "$dest.part" "$source"
-      mv "$dest.part" "$dest" ;;
-    *) echo "download_models.sh: unknown kind '$kind' in $manifest" >&2; exit 2 ;;
+      [ -L "$target.part" ] && status=2 die "$target.part is a symbolic link; refusing to write through it"
+      curl -fL --retry 3 -C - --progress-bar -o "$target.part" "$source"
+      fetched="$target.part" ;;
+    *) status=2 die "unknown kind '$kind' in $manifest" ;;
   esac
 }
 
 count=0
-while IFS=$'\t' read -r name kind source file dest sha; do
+while IFS=$'\t' read -r name kind source file dest sha size; do
   case "$name" in ''|'#'*) continue ;; esac
   wanted "$name" "$file" || continue
   count=$((count + 1))
+  size="${size:--}"
+  check_relative "$name" dest "$dest"
+  [ "$kind" = url ] || check_relative "$name" file "$file"
   target="$dest_root/$dest"
-  checked="$target"
-  [ "$kind" = "hf-folder" ] && checked="$target/$file"
+  inner=""
+  [ "$kind" = "hf-folder" ] && inner="/$file"
   where="$source"
   [ "$kind" = "url" ] || where="hf:$source/$file"
   if [ "$dry_run" = 1 ]; then
     if [ "$sha" = "-" ]; then hash_note="sha256 unknown: recorded on first download"; else hash_note="sha256 $sha"; fi
-    printf '%-26s %s -> %s  [%s]\n' "$name" "$where" "$dest" "$hash_note"
+    if [ "$size" != "-" ]; then size_note="$(human "$size")"; else size_note="size unknown"; fi
+    [ -e "$target$inner" ] && size_note="$size_note, present: $(human "$(size_of "$target$inner")")"
+    printf '%-26s %s -> %s  [%s, %s]\n' "$name" "$where" "$dest" "$hash_note" "$size_note"
     continue
   fi
-  if [ -f "$checked" ] && { [ "$sha" = "-" ] || [ "$(sha256_of "$checked")" = "$sha" ]; }; then
-    echo "✓ $dest"
-    [ "$sha" = "-" ] && record_hash "$name" "$(sha256_of "$checked")"
+  check_no_symlink "$name" "$dest$inner"
+  if [ -e "$target" ]; then
+    [ -f "$target$inner" ] || die "$dest exists but holds no $file; move it away to download it again"
+    got="$(sha256_of "$target$inner")"
+    if [ "$sha" = "-" ]; then
+      record "$name" "$got" "$(size_of "$target$inner")"
+      echo "✓ $dest (already present: recorded its SHA-256 $got, trust on first use)"
+    elif [ "$got" = "$sha" ]; then
+      echo "✓ $dest"
+    else
+      die "$dest exists and does not match the manifest (SHA-256 $got, expected $sha); left as it is: move it away to download it again"
+    fi
     continue
   fi
   echo "↓ $name: $where -> $dest"
   fetch "$kind" "$source" "$file" "$target"
-  got="$(sha256_of "$checked")"
+  got="$(sha256_of "$fetched$inner")"
+  if [ "$sha" != "-" ] && [ "$got" != "$sha" ]; then
+    rm -rf -- "$fetched"  # this run's download, never the destination
+    die "SHA-256 mismatch for $dest: expected $sha, got $got (download deleted)"
+  fi
   if [ "$sha" = "-" ]; then
-    record_hash "$name" "$got"
+    record "$name" "$got" "$(size_of "$fetched$inner")"
     echo "  no published SHA-256 for $name: recorded $got in $(basename "$manifest") (trust on first use)"
-  elif [ "$got" != "$sha" ]; then
-    rm -rf "$target"
-    echo "download_models.sh: SHA-256 mismatch for $dest: expected $sha, got $got (file deleted)" >&2
-    exit 1
   else
     echo "  sha256 ok"
   fi
+  mv -T -n -- "$fetched" "$target"
+  [ -e "$fetched" ] && die "$dest appeared while downloading; left as it is, the download is at $fetched"
+  cleanup; staging=""
 done < "$manifest"
 
 if [ "$count" = 0 ]; then
-  echo "download_models.sh: nothing matches --only ${only[*]}" >&2
-  exit 2
+  status=2 die "nothing matches --only ${only[*]}"
 fi
 [ "$dry_run" = 1 ] || echo "done: $count file(s) in checkpoints/ and fid_stats/"
