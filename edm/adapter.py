@@ -186,8 +186,8 @@ class EDMFamily:
 # ---------------------------------------------------------------------------------------------------------
 
 def _bundle(net: torch.nn.Module, info: dict, source: str | None) -> Bundle:
-    return Bundle(net=net, num_classes=int(net.label_dim), resolution=int(net.img_resolution), source=source,
-                  info=dict(info))
+    return Bundle(net=net, num_classes=int(net.label_dim), resolution=int(net.img_resolution),
+                  channels=int(net.img_channels), source=source, info=dict(info))
 
 
 def make_loss(info: dict, overrides: dict | None = None):

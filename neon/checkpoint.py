@@ -24,13 +24,12 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 import zipfile
 from typing import Any, Callable, Iterator
 
 import torch
 
-from neon import safe_pickle
+from neon import paths, safe_pickle
 from neon.errors import NeonError
 from neon.safe_pickle import BlobRef, Record, TensorRef
 
@@ -47,12 +46,14 @@ os.umask(_UMASK)
 
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
-    """Yield a temporary path beside `path`; on success it is renamed to `path`, on error removed."""
-    path = os.fspath(path)
+    """Yield a temporary path beside `path` (`paths.temp_path`); on success it is renamed to `path`, on error
+    removed. A process killed meanwhile leaves it behind: the next write into the folder removes it."""
+    path = paths.output_file(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
+    paths.remove_stale_temps(folder)
+    tmp = paths.temp_path(path)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; the result should be an ordinary file
     try:
         yield tmp
@@ -376,9 +377,7 @@ def detect_format(path: str) -> str:
 def open_checkpoint(path: str) -> Checkpoint:
     """Open a checkpoint lazily (no tensor is read)."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise NeonError(f"{path}: checkpoint not found")
-    fmt = detect_format(path)
+    fmt = detect_format(paths.input_file(path, "checkpoint"))
     return {"pth": _open_pth, "safetensors": _open_safetensors, "pickle": _open_pickle}[fmt](path)
 
 

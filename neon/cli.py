@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import os
 import sys
+import time
 
 from neon.errors import NeonError
 
@@ -22,7 +25,11 @@ COMMANDS = {
     "fid": ("neon.metrics.cli", "FID / IS / precision-recall of an image set against reference statistics"),
     "stats": ("neon.metrics.cli", "reference statistics (mu, sigma) of an image set"),
     "toy": ("neon.toy", "the paper's 2-D Gaussian experiment (tiny diffusion + tiny AR model)"),
+    "torchrun": ("neon.launch", "torchrun whose report of a refused job ends on the job's one-line error"),
 }
+
+USER_ERROR = 2  # exit status of a refused command (bad input); a crash exits with 1, a signal with -N
+USER_ERRORS = (NeonError, FileNotFoundError, FileExistsError)
 
 
 def _module(command: str):
@@ -39,26 +46,48 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def fail(line: str) -> None:
+    """Report a refused command as one line and exit with USER_ERROR.
+
+    Under torchrun the line is printed once, by rank 0, and every rank also writes it into torchrun's error file
+    (TORCHELASTIC_ERROR_FILE, the JSON its agent reads after a worker dies), so that torchrun's failure report
+    shows the line and `neon torchrun` prints it as the last line of all."""
+    from neon.launch import LAUNCHER_PRINTS
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        stamp = str(int(time.time()))
+        record = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": stamp}},
+                  "neon_error": line}
+        try:
+            with open(error_file, "w") as f:
+                json.dump(record, f)
+        except OSError:
+            error_file = None  # then say it here
+    if int(os.environ.get("RANK", "0")) == 0 and not (error_file and os.environ.get(LAUNCHER_PRINTS)):
+        print(line, file=sys.stderr, flush=True)
+    sys.exit(USER_ERROR)
+
+
 def run_as_script(main_fn) -> None:
     """Run a `main()` of a family front-end (`python -m edm.calculate_fid ...`): user errors as one line."""
     try:
         main_fn()
-    except (NeonError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except USER_ERRORS as e:
+        fail(f"error: {e}")
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["torchrun"]:  # its arguments are torchrun's: not parsed here
+        return _module("torchrun").launch(argv[1:])
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in COMMANDS:
         command = None
     args = build_parser(command).parse_args(argv)
     try:
         getattr(_module(args.command), f"{args.command}_main")(args)
-    except (NeonError, FileNotFoundError, FileExistsError) as e:
-        print(f"neon {args.command}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except USER_ERRORS as e:
+        fail(f"neon {args.command}: error: {e}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ class Bundle:
     helpers:     frozen modules the family needs around `net` (VAE, VQ tokenizer); never trained, never merged.
     num_classes: 0 for an unconditional model, else the number of real classes (labels in [0, num_classes)).
     resolution:  side of the square uint8 images that `sample` returns.
+    channels:    colour channels of those images (and of the images `encode` takes): 3 (RGB) or 1 (grey).
     source:      the file `net` was loaded from, or None for a freshly built network. Families whose official
                  container cannot be rebuilt from scratch (EDM/IMM pickles) use it as the template in `save`.
     info:        family-specific facts (constructor kwargs, container layout) that `save` needs.
@@ -34,6 +35,7 @@ class Bundle:
     helpers: dict[str, torch.nn.Module] = dataclasses.field(default_factory=dict)
     num_classes: int = 0
     resolution: int = 0
+    channels: int = 3
     source: str | None = None
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -105,6 +107,8 @@ class Family(Protocol):
     # Optional hooks (looked up with getattr; a family may leave them out):
     #   labels_from_seeds(bundle, seeds) -> int64 (B,)   the official sampler's own random class for each seed
     #   trainable_parameters(bundle) -> [(name, param)]  what self-training updates (default: all parameters)
+    #   allows_null_class = True                         label num_classes means "no class" and may be asked
+    #                                                    for (VAR: its classifier-free guidance row)
     #   build(device, seed, **sizes) -> Bundle          a fresh network at a chosen size (training from scratch,
     #                                                    as the Fashion-MNIST study does with EDM)
 

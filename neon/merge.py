@@ -13,6 +13,7 @@ from typing import Mapping
 
 import torch
 
+from neon import paths
 from neon.checkpoint import open_checkpoint
 from neon.errors import NeonError
 
@@ -91,7 +92,7 @@ def merge_files(ref: str, synth: str, w: float | list[float], out: str, force: b
     (same container, everything else it holds) whose merged network (the EMA one where there is one) is
     replaced. Nothing is written unless every check passes."""
     ws = [check_w(x) for x in (w if isinstance(w, (list, tuple)) else [w])]
-    outs = output_paths(out, ws)
+    outs = [paths.output_file(path, "checkpoint file") for path in output_paths(out, ws)]
     if not force:
         for path in outs:
             if os.path.exists(path):

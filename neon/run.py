@@ -16,13 +16,13 @@ import time
 
 import torch
 
-from neon import dist
+from neon import dist, paths
 from neon.checkpoint import atomic_open, load_state_dict
 from neon.config import RunConfig, load_config
 from neon.errors import NeonError
 from neon.family import Bundle, Family, get_family
 from neon.sampling import draw_labels, plan_seeds, sample_to_npz
-from neon.selftrain import CACHE_FILE, encode_examples, finetune
+from neon.selftrain import CACHE_FILE, check_finetune_config, encode_examples, finetune
 from neon.sweep import FIDMetric, Sweep, _label, evaluate_images
 
 
@@ -89,11 +89,29 @@ def run_metric(cfg: RunConfig, out: str, device, synthetic: str):
     return metric, ref
 
 
+def check_run_inputs(cfg: RunConfig, smoke: bool, out: str) -> None:
+    """What a run needs from the start, checked before its folder exists: a refused run leaves nothing."""
+    paths.output_folder(out)
+    if not cfg.base and not smoke:
+        raise NeonError("base: no checkpoint configured (set base, or use --smoke)")
+    for field, path, what in (("base", cfg.base, "checkpoint"), ("ref_stats", cfg.ref_stats, "statistics file")):
+        if path is not None and os.path.isdir(path):
+            raise NeonError(f"{field}: {path} is a folder, expected a {what}")
+        if path is not None and not os.path.isfile(path):
+            raise NeonError(f"{field}: {what} {path} not found (bash download_models.sh fetches the released ones)")
+    check_finetune_config(cfg.finetune)
+
+
 def run(config: str, out: str, smoke: bool = False) -> dict:
-    cfg = load_config(config, smoke=smoke)
+    cfg = load_config(paths.input_file(config, "config file"), smoke=smoke)
     family = get_family(cfg.family)
     device = dist.init()
-    os.makedirs(out, exist_ok=True)
+    check_run_inputs(cfg, smoke, out)
+    with paths.made_folder(out):
+        return _run(family, cfg, out, smoke, device)
+
+
+def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device) -> dict:
     rec = RunRecord(os.path.join(out, "run.json"), cfg, smoke)
     bundle, base_path = load_base(family, cfg, smoke, device)
     theta_r = {k: v.detach().clone() for k, v in bundle.net.state_dict().items()}
@@ -194,11 +212,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_main(args) -> None:
+    paths.input_file(args.config, "config file")
     name = os.path.splitext(os.path.basename(args.config))[0] + ("-smoke" if args.smoke else "")
     out = args.out or os.path.join("runs", name)
     if is_study(args.config):  # a study config (e.g. configs/fashion_mnist_16.yaml) has its own stages
         from neon.study import run_study
-        run_study(args.config, out, smoke=args.smoke)
+        with paths.made_folder(out):
+            run_study(args.config, out, smoke=args.smoke)
     else:
         run(args.config, out, smoke=args.smoke)
 

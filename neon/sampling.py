@@ -7,6 +7,7 @@ shard, and rank 0 joins the shards, in the order of the requested seeds, into on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import os
 import shutil
@@ -18,7 +19,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from neon import dist
+from neon import dist, paths
 from neon.errors import NeonError
 from neon.family import Bundle, Family, get_family
 from neon.images import NpzImages, export_png, save_images_npz, write_npz
@@ -61,9 +62,10 @@ def plan_seeds(num_images: int | None = None, per_class: int | None = None, num_
 
 
 def class_labels(seeds: Sequence[int], num_classes: int, mode: str = "random",
-                 label_list: Sequence[int] | None = None) -> np.ndarray | None:
+                 label_list: Sequence[int] | None = None, null_class: bool = False) -> np.ndarray | None:
     """Labels for `seeds`: 'per_class' (the i-th seed gets class i mod C, so every prefix is balanced),
-    'random' (drawn from the seed alone), 'list' (given), 'none' (unconditional models only)."""
+    'random' (drawn from the seed alone), 'list' (given), 'none' (unconditional models only).
+    null_class: a given list may also hold C, the model's unconditional class (see `allows_null_class`)."""
     if num_classes <= 0:
         if mode == "list" and label_list is not None:
             raise NeonError("labels were given for an unconditional model")
@@ -76,13 +78,28 @@ def class_labels(seeds: Sequence[int], num_classes: int, mode: str = "random",
         return np.array([np.random.default_rng([int(s), LABEL_STREAM]).integers(num_classes) for s in seeds],
                         dtype=np.int64)
     if mode == "list":
-        labels = np.asarray(label_list, dtype=np.int64)
+        labels = np.asarray(label_list)
+        if labels.dtype.kind not in "iu":
+            raise NeonError(f"labels must be integers, got {labels.dtype}")
         if labels.shape != (len(seeds),):
             raise NeonError(f"{len(labels)} labels given for {len(seeds)} seeds")
-        if labels.min() < 0 or labels.max() >= num_classes:
-            raise NeonError(f"labels must lie in [0, {num_classes})")
-        return labels
+        check_label_range(labels, num_classes, null_class)
+        return labels.astype(np.int64)
     raise NeonError(f"unknown label mode {mode!r}")
+
+
+def check_label_range(labels: np.ndarray, num_classes: int, null_class: bool = False, where: str = "") -> None:
+    """Refuse labels outside [0, C) — or [0, C] where C, the unconditional class, is allowed."""
+    top = num_classes + int(null_class)
+    if len(labels) and (labels.min() < 0 or labels.max() >= top):
+        allowed = f"[0, {num_classes}] ({num_classes}: unconditional)" if null_class else f"[0, {num_classes})"
+        raise NeonError(f"{where}labels must lie in {allowed}, got {labels.min()}..{labels.max()}")
+
+
+def allows_null_class(family: Family) -> bool:
+    """Whether the family's models take the label C = num_classes as 'no class' (VAR's classifier-free
+    guidance row, which its sampler accepts as a label): a fact the family declares as `allows_null_class`."""
+    return bool(getattr(family, "allows_null_class", False))
 
 
 def draw_labels(family: Family, bundle: Bundle, seeds: Sequence[int], mode: str = "random",
@@ -93,7 +110,7 @@ def draw_labels(family: Family, bundle: Bundle, seeds: Sequence[int], mode: str 
     rule = getattr(family, "labels_from_seeds", None)
     if mode == "random" and bundle.num_classes > 0 and rule is not None:
         return np.asarray(rule(bundle, list(seeds)), dtype=np.int64)
-    return class_labels(seeds, bundle.num_classes, mode, label_list)
+    return class_labels(seeds, bundle.num_classes, mode, label_list, allows_null_class(family))
 
 
 def _done_seeds(shard_dir: str) -> set[int]:
@@ -156,10 +173,35 @@ def sample_to_npz(family: Family, bundle: Bundle, seeds: Sequence[int], labels: 
     Every rank calls this; rank 0 joins and returns when the file exists."""
     if bundle.conditional and labels is None:
         raise NeonError("the model is class-conditional: it needs labels")
-    if os.path.exists(out):
+    if os.path.exists(paths.output_file(out, ".npz file")):
         raise FileExistsError(f"{out} exists")
-    shard_dir = out + ".shards"
-    os.makedirs(shard_dir, exist_ok=True)
+    if png:
+        paths.output_folder(png)
+    with paths.made_folder(out + ".shards") as shard_dir, _exclusive(out):
+        _sample_shards(family, bundle, seeds, labels, out, shard_dir, batch, sampler_args)
+    if dist.is_main() and png:
+        export_png(NpzImages(out), png)
+    dist.barrier()
+    return out
+
+
+@contextlib.contextmanager
+def _exclusive(out: str):
+    """Rank 0 holds `<out>.lock` while the ranks write `out`: a second job on the same output refuses at once
+    (every rank of it) instead of racing this one for the same shards."""
+    held, error = contextlib.ExitStack(), None
+    if dist.is_main():
+        try:
+            held.enter_context(paths.output_lock(out))
+        except NeonError as e:
+            error = e
+    if dist.all_reduce_sum(torch.tensor([float(error is not None)])).item():
+        raise error or NeonError(f"{out}: in use by another job")
+    with held:
+        yield
+
+
+def _sample_shards(family, bundle, seeds, labels, out, shard_dir, batch, sampler_args) -> None:
     dist.barrier()
     done = _done_seeds(shard_dir)
     # Every rank must split the same list of missing seeds: nobody writes a shard until all have looked.
@@ -178,10 +220,7 @@ def sample_to_npz(family: Family, bundle: Bundle, seeds: Sequence[int], labels: 
     if dist.is_main():
         _join(shard_dir, list(seeds), labels, out)
         shutil.rmtree(shard_dir)
-        if png:
-            export_png(NpzImages(out), png)
     dist.barrier()
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -214,9 +253,7 @@ def load_model(args) -> tuple[Family, Bundle]:
         return family, family.tiny(device, **load_args)
     if not args.ckpt:
         raise NeonError("--ckpt is required (or --tiny)")
-    if not os.path.isfile(args.ckpt):
-        raise NeonError(f"{args.ckpt}: checkpoint not found")
-    return family, family.load(args.ckpt, device, **load_args)
+    return family, family.load(paths.input_file(args.ckpt, "checkpoint"), device, **load_args)
 
 
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
@@ -238,10 +275,17 @@ def _labels_from_args(args, family, bundle, seeds):
     mode = args.labels or ("per_class" if args.per_class else "random" if bundle.num_classes else "none")
     if mode in ("random", "per_class", "none"):
         return draw_labels(family, bundle, seeds, mode)
-    if not os.path.isfile(mode):
+    if not os.path.exists(mode):
         raise NeonError(f"--labels: {mode!r} is neither random/per_class/none nor a file")
-    values = np.load(mode) if mode.endswith(".npy") else np.loadtxt(mode, dtype=np.int64, ndmin=1)
-    return draw_labels(family, bundle, seeds, "list", values)
+    paths.input_file(mode, "label file (.npy, or text with one integer per line)")
+    try:
+        values = np.load(mode) if mode.endswith(".npy") else np.loadtxt(mode, dtype=np.int64, ndmin=1)
+    except (ValueError, OSError, EOFError) as e:
+        raise NeonError(f"{mode}: not a label file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    try:
+        return draw_labels(family, bundle, seeds, "list", values)
+    except NeonError as e:
+        raise NeonError(f"{mode}: {e}") from None
 
 
 def sample_main(args) -> None:

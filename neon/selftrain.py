@@ -24,12 +24,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from neon import dist
+from neon import dist, paths
 from neon.checkpoint import atomic_open, atomic_save
 from neon.config import FinetuneConfig, _build
 from neon.errors import NeonError
 from neon.family import Bundle, Family, TrainDefaults
 from neon.images import open_images
+from neon.sampling import allows_null_class, check_label_range
 
 STATE_FILE = "train_state.pt"
 CACHE_FILE = "examples.pt"
@@ -267,6 +268,57 @@ def finetune(family: Family, bundle: Bundle, examples: dict[str, torch.Tensor], 
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Bad input, refused before anything is written.
+
+def check_finetune_config(cfg: FinetuneConfig) -> None:
+    """Refuse sizes that cannot train: a non-positive batch, length or interval, a batch the ranks cannot split."""
+    positive = {"batch": cfg.batch, "total_images": cfg.total_images, "log_every_images": cfg.log_every_images}
+    if cfg.snapshot_every_images is not None:
+        positive["snapshot_every_images"] = cfg.snapshot_every_images
+    for name, value in positive.items():
+        if value <= 0:
+            raise NeonError(f"finetune.{name}: must be positive, got {value}")
+    if cfg.warmup_images < 0:
+        raise NeonError(f"finetune.warmup_images: must be 0 or more, got {cfg.warmup_images}")
+    if not cfg.lr > 0:
+        raise NeonError(f"finetune.lr: must be positive, got {cfg.lr}")
+    ema = cfg.ema or {}
+    if ema and not (list(ema) == ["beta"] and 0 <= ema["beta"] < 1
+                    or list(ema) == ["halflife_images"] and ema["halflife_images"] > 0):
+        raise NeonError(f"finetune.ema: expected beta in [0, 1) or a positive halflife_images, got {cfg.ema}")
+    if cfg.batch % dist.world_size():
+        raise NeonError(f"finetune.batch {cfg.batch} is not divisible by the {dist.world_size()} processes")
+
+
+def check_finetune_data(family: Family, bundle: Bundle, data: str) -> None:
+    """Refuse a training set the model cannot learn from: empty, images of another size or channel count than
+    the model's, missing labels, or labels outside the model's classes (as `neon sample` refuses them)."""
+    images = open_images(data)
+    if len(images) == 0:
+        raise NeonError(f"{data}: the image set is empty")
+    got = tuple(images.read(0, 1).shape[1:])
+    want = (bundle.resolution, bundle.resolution, bundle.channels)
+    if bundle.resolution and got != want:
+        raise NeonError(f"{data}: images are {got[0]}x{got[1]} with {got[2]} channels, the model's are "
+                        f"{want[0]}x{want[1]} with {want[2]}")
+    if not bundle.conditional:
+        return
+    if images.labels is None:
+        raise NeonError(f"{data}: the model is class-conditional but the images have no labels")
+    check_label_range(np.asarray(images.labels), bundle.num_classes, allows_null_class(family), f"{data}: ")
+
+
+def check_finetune_inputs(family: Family, bundle: Bundle, cfg: FinetuneConfig, data: str, out: str,
+                          encode_batch: int) -> None:
+    """Everything `neon finetune` is given, checked before its output folder exists."""
+    check_finetune_config(cfg)
+    if encode_batch <= 0:
+        raise NeonError(f"--encode-batch: must be positive, got {encode_batch}")
+    paths.output_folder(out)
+    check_finetune_data(family, bundle, data)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # CLI: neon finetune
 
 def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
@@ -298,9 +350,11 @@ def finetune_main(args) -> None:
         "lr": args.lr, "batch": args.batch, "total_images": args.total_images, "warmup_images": args.warmup_images,
         "ema": ema, "snapshot_every_images": args.snapshot_every_images, "optimizer": parse_kv(args.opt),
         "loss_args": parse_kv(args.loss_arg), "seed": args.seed}, "finetune")
-    examples = encode_examples(family, bundle, args.data, os.path.join(args.out, CACHE_FILE), args.encode_batch,
-                               cfg.cache_dtype)
-    snapshots = finetune(family, bundle, examples, cfg, args.out)
+    check_finetune_inputs(family, bundle, cfg, args.data, args.out, args.encode_batch)
+    with paths.made_folder(args.out):
+        examples = encode_examples(family, bundle, args.data, os.path.join(args.out, CACHE_FILE), args.encode_batch,
+                                   cfg.cache_dtype)
+        snapshots = finetune(family, bundle, examples, cfg, args.out)
     if dist.is_main():
         print(f"θs: {snapshots[-1]}")
         with atomic_open(os.path.join(args.out, "finetune.json"), "w") as f:

@@ -38,6 +38,9 @@ class VARFamily:
     # Neon's scripts train with --fp16=1 (fp16 autocast + GradScaler); bf16 needs no scaler and is the default here.
     train_defaults = TrainDefaults(optimizer="adamw", betas=(0.9, 0.95), weight_decay=0.0, grad_clip=2.0,
                                    autocast="bf16")
+    # Label num_classes is the class embedding's unconditional row (classifier-free guidance); the official
+    # sampler takes it as a label, so a label list may ask for unconditional images.
+    allows_null_class = True
 
     # ----------------------------------------------------------------------------------------------------
     def load(self, path: str, device: torch.device | str = "cpu", vae_path: str | None = None,

@@ -1,0 +1,170 @@
+"""Paths given on the command line: checked before anything is written, and nothing left behind by a killed job.
+
+- Inputs must be regular files (`input_file`); an output must not be a folder where a file goes, nor lie below
+  a file (`output_file`, `output_folder`). Missing folders above an output are created when it is written.
+- A folder made for a job that then fails while it is still empty is removed again (`made_folder`).
+- Every file is written through a temporary file beside it, `.<name>.neon-tmp-<host>-<pid>`: a later write into
+  the same folder recognises the leftovers of dead processes of this host by their name and removes them
+  (`temp_path`, `remove_stale_temps`).
+- A job writing one output for a long time (`neon sample`) holds `<out>.lock` (`output_lock`).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+from typing import Iterator
+
+from neon.errors import NeonError
+
+TEMP_TAG = ".neon-tmp-"
+_HOST = socket.gethostname().split(".")[0][:32] or "localhost"
+_SWEPT: set[str] = set()  # folders this process has already cleared of stale temporary files
+
+
+def input_file(path: str, what: str = "file") -> str:
+    """`path` if it is an existing regular file; else a one-line NeonError saying what is there instead."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise NeonError(f"{path}: is a folder, expected a {what}")
+    if not os.path.exists(path):
+        raise NeonError(f"{path}: {what} not found")
+    if not os.path.isfile(path):
+        raise NeonError(f"{path}: not a regular file (expected a {what})")
+    return path
+
+
+def _check_parent(path: str) -> None:
+    """Refuse a `path` whose folder cannot be made: the nearest existing folder above it is a file."""
+    above = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise NeonError(f"{path}: {above} is not a folder")
+
+
+def output_file(path: str, what: str = "file") -> str:
+    """`path` if a file can be written there (existing or not: callers decide about overwriting)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise NeonError(f"{path}: is a folder, expected an output {what}")
+    _check_parent(path)
+    return path
+
+
+def output_folder(path: str) -> str:
+    """`path` if it is a folder or one can be made there."""
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NeonError(f"{path}: exists and is not a folder")
+    _check_parent(path)
+    return path
+
+
+@contextlib.contextmanager
+def made_folder(path: str) -> Iterator[str]:
+    """Make folder `path` (and missing parents) for a job; if the job fails while they are empty, remove the
+    folders this call made, so a refused command leaves nothing behind."""
+    output_folder(path)
+    made = []
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        made.append(p)
+        p = os.path.dirname(p)
+    os.makedirs(path, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        for folder in made:  # deepest first; a folder that holds anything is kept (and so are those above it)
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Temporary files.
+
+def temp_path(path: str) -> str:
+    """The temporary file of this process for `path`: beside it, hidden, named after it, this host and PID."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}{TEMP_TAG}{_HOST}-{os.getpid()}")
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _stale(name: str) -> bool:
+    """True for a temporary file of a dead process of this host (other hosts' PIDs cannot be checked here)."""
+    if not name.startswith(".") or TEMP_TAG not in name:
+        return False
+    host, _, pid = name.rsplit(TEMP_TAG, 1)[1].rpartition("-")
+    return host == _HOST and pid.isdigit() and not pid_alive(int(pid))
+
+
+def remove_stale_temps(folder: str) -> None:
+    """Delete the temporary files that killed processes left in `folder` (once per folder and process: a job
+    writing thousands of files into one folder lists it once)."""
+    folder = os.path.abspath(folder)
+    if folder in _SWEPT:
+        return
+    _SWEPT.add(folder)
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if _stale(name):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Locks.
+
+@contextlib.contextmanager
+def output_lock(path: str) -> Iterator[str]:
+    """Hold `<path>.lock` while this job writes `path`; refuse with the holder's PID if another job holds it.
+
+    The lock is an flock on the file, which the kernel drops when its process dies however it dies: a lock file
+    left by a killed job (its PID dead) is taken over by the next one. The file records "PID host" so the refusal
+    can say who holds it."""
+    lock = os.fspath(path) + ".lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").split()
+            os.close(fd)
+            who = f"PID {holder[0]}" + (f" on {holder[1]}" if len(holder) > 1 and holder[1] != _HOST else "") \
+                if holder else "another process"
+            raise NeonError(f"{path}: in use by {who} (another job is writing it; {lock} is its lock)") from None
+        # The holder before us may have removed the file between our open and our flock: lock the file that
+        # is at `lock` now, not an unlinked one.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {_HOST}\n".encode())
+        yield lock
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(lock)
+        os.close(fd)
