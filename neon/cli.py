@@ -1,7 +1,10 @@
 """`neon` / `python -m neon`: one command per stage of the method, each usable alone or under torchrun.
 
-Each subcommand lives with its code: module `M` provides `add_arguments(parser)` and `main(args)` for every
-command listed here, and is imported only when that command runs (so `neon merge` never loads a metrics stack).
+Each subcommand lives with its code: its module provides `add_<command>_arguments(parser)` and
+`<command>_main(args)`, and is imported only when that command runs (so `neon merge` never loads a metrics
+stack). The core's commands are listed here; an experiment or another package adds its own through the
+`neon.commands` entry-point group (its module also provides `HELP`, one line), as `experiments/toy` adds
+`neon toy`.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import sys
 import time
 
 from neon.errors import NeonError
+from neon.registry import Registry
 
 # command -> (module, help)
 COMMANDS = {
@@ -24,22 +28,32 @@ COMMANDS = {
     "run": ("neon.run", "all stages from a config: sample → finetune → sweep → final evaluation"),
     "fid": ("neon.metrics.cli", "FID / IS / precision-recall of an image set against reference statistics"),
     "stats": ("neon.metrics.cli", "reference statistics (mu, sigma) of an image set"),
-    "toy": ("neon.toy", "the paper's 2-D Gaussian experiment (tiny diffusion + tiny AR model)"),
     "torchrun": ("neon.launch", "torchrun whose report of a refused job ends on the job's one-line error"),
 }
+PLUGINS = Registry("neon.commands", "command")
 
 USER_ERROR = 2  # exit status of a refused command (bad input); a crash exits with 1, a signal with -N
 USER_ERRORS = (NeonError, FileNotFoundError, FileExistsError)
 
 
 def _module(command: str):
-    return importlib.import_module(COMMANDS[command][0])
+    if command in COMMANDS:
+        return importlib.import_module(COMMANDS[command][0])
+    return PLUGINS.get(command)
+
+
+def commands() -> dict[str, str]:
+    """command -> one line of help: the core's, then those that installed packages add."""
+    out = {name: help_ for name, (_, help_) in COMMANDS.items()}
+    for name in PLUGINS.names():
+        out.setdefault(name, getattr(PLUGINS.get(name), "HELP", ""))
+    return out
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neon", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (_, help_) in COMMANDS.items():
+    for name, help_ in commands().items():
         p = sub.add_parser(name, help=help_, description=help_)
         if name == command:  # only the chosen command's module is imported to add its arguments
             getattr(_module(name), f"add_{name}_arguments")(p)
@@ -81,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["torchrun"]:  # its arguments are torchrun's: not parsed here
         return _module("torchrun").launch(argv[1:])
     command = next((a for a in argv if not a.startswith("-")), None)
-    if command not in COMMANDS:
+    if command not in COMMANDS and command not in PLUGINS:
         command = None
     args = build_parser(command).parse_args(argv)
     try:

@@ -86,9 +86,13 @@ class MetricsConfig:
     precision_recall: bool = False
 
 
+METHOD_KIND = "neon"   # a config's `kind` when it names none: the paper's method, run by neon/run.py
+
+
 @dataclasses.dataclass
 class RunConfig:
     family: str
+    kind: str = METHOD_KIND                 # which runner reads the file; an experiment registers its own kind
     base: str | None = None                 # θr checkpoint; None only with --smoke (the family's tiny network)
     load_args: dict[str, Any] = dataclasses.field(default_factory=dict)
     ref_stats: str | None = None             # reference statistics .npz (mu, sigma)
@@ -192,6 +196,9 @@ def deep_update(base: dict, overrides: dict) -> dict:
 
 
 def _semantic_checks(cfg: RunConfig) -> None:
+    if cfg.kind != METHOD_KIND:
+        raise ConfigError(f"kind: {cfg.kind!r} is not a run of the method ({METHOD_KIND!r}); `neon run` hands such "
+                          "a file to the runner registered for its kind")
     if cfg.synthetic.labels not in ("per_class", "random", "none"):
         raise ConfigError(f"synthetic.labels: expected 'per_class', 'random' or 'none', got {cfg.synthetic.labels!r}")
     if cfg.synthetic.num_images is None and cfg.synthetic.per_class is None:
@@ -237,6 +244,16 @@ def load_yaml(path: str, parse, **kwargs):
 def apply_smoke(data: dict) -> dict:
     """The config with its `smoke:` overrides merged in (and the section itself removed)."""
     return deep_update({k: v for k, v in data.items() if k != "smoke"}, data.get("smoke") or {})
+
+
+def config_kind(path: str) -> str:
+    """The `kind` a config file declares (which runner reads it), `METHOD_KIND` where it declares none."""
+    def kind(data):
+        value = data.get("kind", METHOD_KIND) if isinstance(data, dict) else METHOD_KIND
+        if not isinstance(value, str):
+            raise ConfigError(f"kind: expected a string, got {value!r}")
+        return value
+    return load_yaml(path, kind)
 
 
 def load_config(path: str, smoke: bool = False) -> RunConfig:

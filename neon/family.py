@@ -8,13 +8,11 @@ or registered at run time with `register()`.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.metadata
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from neon.errors import NeonError
+from neon.registry import Registry, load_attribute
 
 
 @dataclasses.dataclass
@@ -113,28 +111,21 @@ class Family(Protocol):
     #                                                    as the Fashion-MNIST study does with EDM)
 
 
-_REGISTRY: dict[str, Callable[[], Family]] = {}
+FAMILIES = Registry("neon.families", "family")
 
 
 def register(name: str, factory: Callable[[], Family]) -> None:
     """Add a family at run time (tests use this for throw-away families)."""
-    _REGISTRY[name] = factory
+    FAMILIES.register(name, factory)
 
 
 def available() -> list[str]:
-    names = set(_REGISTRY)
-    names.update(ep.name for ep in importlib.metadata.entry_points(group="neon.families"))
-    return sorted(names)
+    return FAMILIES.names()
 
 
 def get_family(name: str) -> Family:
-    """Look a family up by name: run-time registrations first, then the `neon.families` entry points."""
-    if name in _REGISTRY:
-        return _REGISTRY[name]()
-    for ep in importlib.metadata.entry_points(group="neon.families"):
-        if ep.name == name:
-            return ep.load()()
-    if ":" in name:  # 'package.module:Class' for families that are not installed as entry points
-        module, attr = name.split(":", 1)
-        return getattr(importlib.import_module(module), attr)()
-    raise NeonError(f"unknown family {name!r}; available: {', '.join(available())}")
+    """Look a family up by name: run-time registrations first, then the `neon.families` entry points, then
+    'package.module:Class' for families that are not installed."""
+    if name not in FAMILIES and ":" in name:
+        return load_attribute(name)()
+    return FAMILIES.get(name)()

@@ -18,9 +18,10 @@ import torch
 
 from neon import dist, paths
 from neon.checkpoint import atomic_open, load_state_dict
-from neon.config import RunConfig, load_config
+from neon.config import METHOD_KIND, RunConfig, config_kind, load_config
 from neon.errors import NeonError
 from neon.family import Bundle, Family, get_family
+from neon.registry import Registry
 from neon.sampling import draw_labels, plan_seeds, sample_to_npz
 from neon.selftrain import CACHE_FILE, check_finetune_config, encode_examples, finetune
 from neon.sweep import FIDMetric, Sweep, _label, evaluate_images
@@ -211,24 +212,18 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="tiny random network and tiny counts from the config's smoke section (CPU, seconds)")
 
 
+# Config kinds other than the method's (experiments such as experiments/fashion_mnist) register a runner,
+# `runner(config_path, out, smoke=...)`, under their kind in the `neon.runs` entry-point group.
+RUNNERS = Registry("neon.runs", "config kind")
+
+
 def run_main(args) -> None:
     paths.input_file(args.config, "config file")
     name = os.path.splitext(os.path.basename(args.config))[0] + ("-smoke" if args.smoke else "")
     out = args.out or os.path.join("runs", name)
-    if is_study(args.config):  # a study config (e.g. configs/fashion_mnist_16.yaml) has its own stages
-        from neon.study import run_study
-        with paths.made_folder(out):
-            run_study(args.config, out, smoke=args.smoke)
-    else:
+    kind = config_kind(args.config)
+    if kind == METHOD_KIND:
         run(args.config, out, smoke=args.smoke)
-
-
-def is_study(config: str) -> bool:
-    """True for a config with a top-level `study:` section (see neon/study.py)."""
-    import yaml
-    try:
-        with open(config) as f:
-            data = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError):
-        return False  # load_config reports it
-    return isinstance(data, dict) and "study" in data
+    else:  # an experiment's own stages: a refusal still leaves no empty run folder
+        with paths.made_folder(out):
+            RUNNERS.get(kind)(args.config, out, smoke=args.smoke)

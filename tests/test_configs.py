@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from neon.config import ConfigError, load_config, parse_config
-from neon.run import is_study
+from neon.config import METHOD_KIND, ConfigError, config_kind, load_config, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml"))
-PAPER_ROWS = [c for c in CONFIGS if not is_study(str(c))]
+PAPER_ROWS = [c for c in CONFIGS if config_kind(str(c)) == METHOD_KIND]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 

@@ -9,7 +9,7 @@ import struct
 import numpy as np
 import pytest
 
-from neon.datasets import (DEFAULT_ROOT, INSTALL_HINT, downsample_16, load_fashion_mnist, read_idx, to_model_range,
+from experiments.fashion_mnist.datasets import (DEFAULT_ROOT, INSTALL_HINT, downsample_16, load_fashion_mnist, read_idx, to_model_range,
                            write_idx)
 from neon.errors import NeonError
 

@@ -12,9 +12,11 @@ import pytest
 import yaml
 
 from neon.cli import main as neon_main
-from neon.datasets import DEFAULT_ROOT, INSTALL_HINT, write_idx
+from experiments.fashion_mnist.datasets import DEFAULT_ROOT, INSTALL_HINT, write_idx
 from neon.images import NpzImages
-from neon.run import is_study
+from experiments.fashion_mnist.config import KIND
+from neon.config import config_kind
+from neon.run import RUNNERS
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "fashion_mnist_16.yaml"
@@ -60,8 +62,14 @@ def smoke_run(tmp_path_factory, fake_root):
     return config, out
 
 
-def test_config_is_a_study_config():
-    assert is_study(str(CONFIG))
+def test_config_is_a_study_config_and_its_kind_is_registered():
+    assert config_kind(str(CONFIG)) == KIND
+    assert RUNNERS.get(KIND) is run_study_entry()
+
+
+def run_study_entry():
+    from experiments.fashion_mnist import run_study
+    return run_study
 
 
 def test_smoke_run_writes_table_json_and_plots(smoke_run):
@@ -130,7 +138,7 @@ def test_changed_evaluation_setting_redoes_only_the_evaluation(smoke_run, tmp_pa
 
 @pytest.mark.skipif(not os.path.isdir(DEFAULT_ROOT), reason=f"needs `{INSTALL_HINT}`")
 def test_smoke_config_runs_on_the_installed_dataset(tmp_path):
-    from neon.study import run_study
+    from experiments.fashion_mnist import run_study
     doc = run_study(str(CONFIG), str(tmp_path / "run"), smoke=True)
     assert doc["smoke"] and set(doc["arms"]) == {"ode", "control", "diverse"}
     assert (tmp_path / "run" / "fd_vs_w.png").read_bytes()[:8] == PNG

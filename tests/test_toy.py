@@ -8,10 +8,10 @@ import pytest
 import scipy.linalg
 import torch
 
-from neon.toy import ar, diffusion
-from neon.toy.alignment import gradient_moments, preconditioned_cosine
-from neon.toy.experiment import QUICK, ROW_KEYS, ToySettings, run_toy
-from neon.toy.gaussian import fid, frechet_distance_2d, stage_generator, target, training_set
+from experiments.toy import ar, diffusion
+from experiments.toy.alignment import gradient_moments, preconditioned_cosine
+from experiments.toy.experiment import QUICK, ROW_KEYS, ToySettings, run_toy
+from experiments.toy.gaussian import fid, frechet_distance_2d, stage_generator, target, training_set
 
 SEED = 0   # quick mode at this seed shows every claim; the report lists how other seeds fare
 
@@ -19,7 +19,7 @@ SEED = 0   # quick mode at this seed shows every claim; the report lists how oth
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     """One quick run per test session (about 20-30 s on one core), with its files written."""
-    from neon.toy.cli import write_outputs
+    from experiments.toy.cli import write_outputs
 
     out = tmp_path_factory.mktemp("toy")
     result = run_toy(quick=True, seed=SEED, progress=False)
@@ -168,7 +168,7 @@ def test_tiny_run_is_reproduced_by_a_rerun():
 
 def test_cli_writes_results_and_plots(tmp_path, monkeypatch, capsys):
     from neon import cli
-    from neon.toy import experiment
+    from experiments.toy import experiment
 
     monkeypatch.setattr(experiment, "QUICK", tiny_settings())
     threads = torch.get_num_threads()

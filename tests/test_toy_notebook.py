@@ -40,6 +40,6 @@ def test_toy_appendix_notebook_runs_in_quick_mode(tmp_path, monkeypatch, kernel_
 
 
 def test_python_dash_m_neon_toy_is_the_toy_command():
-    help_text = subprocess.run([sys.executable, "-m", "neon.toy", "--help"], capture_output=True, text=True,
+    help_text = subprocess.run([sys.executable, "-m", "experiments.toy", "--help"], capture_output=True, text=True,
                                check=True).stdout
     assert "--quick" in help_text and "--out" in help_text and "--seed" in help_text

@@ -1,4 +1,4 @@
-"""`neon toy` / `python -m neon.toy`: run the 2-D Gaussian experiment, print the table, write results and plots."""
+"""`neon toy` / `python -m experiments.toy`: run the 2-D Gaussian experiment, print the table, write results and plots."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from neon.errors import NeonError
 
+HELP = "the paper's 2-D Gaussian experiment (tiny diffusion + tiny AR model)"   # `neon toy --help`
 RESULTS = "toy_results.json"
 
 
@@ -39,7 +40,7 @@ def write_json(obj: dict, path: Path) -> None:
 
 def write_outputs(result: dict, out: Path) -> list[Path]:
     """toy_results.json (everything but the scatter-plot arrays) and the PNG figures -> their paths."""
-    from neon.toy.plots import save_figures   # matplotlib only when writing
+    from experiments.toy.plots import save_figures   # matplotlib only when writing
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -49,7 +50,7 @@ def write_outputs(result: dict, out: Path) -> list[Path]:
 
 
 def toy_main(args: argparse.Namespace) -> None:
-    from neon.toy.experiment import format_table, run_toy
+    from experiments.toy.experiment import format_table, run_toy
 
     if args.threads < 1:
         raise NeonError(f"--threads must be ≥ 1, got {args.threads}")
@@ -62,7 +63,7 @@ def toy_main(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m neon.toy`: the same command as `neon toy`."""
+    """`python -m experiments.toy`: the same command as `neon toy`."""
     from neon.cli import main as neon_main
 
     neon_main(["toy", *(sys.argv[1:] if argv is None else argv)])

@@ -13,6 +13,7 @@ from typing import Any
 
 from neon.config import ConfigError, FinetuneConfig, _build, apply_smoke, load_yaml
 
+KIND = "fashion_mnist"
 ARMS = ("ode", "control", "diverse")   # θs from S (ODE sampler), from real images, from S (diversity-seeking)
 
 
@@ -97,6 +98,7 @@ class StudyConfig:
 @dataclasses.dataclass
 class StudyFile:
     study: StudyConfig
+    kind: str = KIND                     # the `neon run` config kind this experiment registers
     description: str = ""
     smoke: dict[str, Any] = dataclasses.field(default_factory=dict)
 

@@ -22,11 +22,11 @@ from torch import nn
 from tqdm import tqdm
 
 from neon.merge import merge_state_dicts
-from neon.toy import ar as ar_lib
-from neon.toy import diffusion as diffusion_lib
-from neon.toy.alignment import gradient_moments, preconditioned_cosine
-from neon.toy.gaussian import fid, fresh_samples, stage_generator, training_set
-from neon.toy.train import finetune, fit, init_model, state
+from experiments.toy import ar as ar_lib
+from experiments.toy import diffusion as diffusion_lib
+from experiments.toy.alignment import gradient_moments, preconditioned_cosine
+from experiments.toy.gaussian import fid, fresh_samples, stage_generator, training_set
+from experiments.toy.train import finetune, fit, init_model, state
 
 
 def grid(lo: float, hi: float, n: int) -> tuple[float, ...]:

@@ -9,7 +9,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Ellipse
 
-from neon.toy.gaussian import target
+from experiments.toy.gaussian import target
 
 TITLE = dict(diffusion="diffusion", ar="autoregressive")
 SYMBOL = dict(diffusion="ζ", ar="τ")

@@ -8,8 +8,8 @@ import numpy as np
 
 from neon.checkpoint import atomic_open, atomic_path
 from neon.images import NpzImages, image_grid
-from neon.study.config import ARMS, StudyConfig
-from neon.study.evaluate import best_row, summarize_arm
+from experiments.fashion_mnist.config import ARMS, StudyConfig
+from experiments.fashion_mnist.evaluate import best_row, summarize_arm
 
 ARM_TITLES = {"ode": "Neon, S from the ODE sampler (Heun, deterministic)",
               "control": "control, fine-tuned on real training images",

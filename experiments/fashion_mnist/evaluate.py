@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from neon.metrics import frechet_distance, gaussian_from_features
-from neon.study.classifier import FeatureCNN, predict
+from experiments.fashion_mnist.classifier import FeatureCNN, predict
 
 METRICS = ("classifier_fd", "pixel_fd")
 

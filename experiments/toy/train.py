@@ -1,4 +1,7 @@
-"""Adam on a fixed point set, in order, batch by batch — used for the base models and for self-training."""
+"""Adam on a fixed point set, in order, batch by batch — used for the base models and for self-training.
+
+Not neon.selftrain's loop: that one trains a family's checkpoint on encoded image files and snapshots to disk;
+the toy trains bare 2-D models in memory, keeping a state dict at each of many epochs."""
 from __future__ import annotations
 
 import copy

@@ -14,6 +14,6 @@ split; not FID) and pixel FD, both against the test split.
 Modules: config (the `study:` schema), classifier (the feature CNN), evaluate (metrics and paired summaries),
 pipeline (the cached stages, `run_study`), report (table, study.json, plots).
 """
-from neon.study.pipeline import run_study
+from experiments.fashion_mnist.pipeline import run_study
 
 __all__ = ["run_study"]

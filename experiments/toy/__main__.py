@@ -1,0 +1,3 @@
+from experiments.toy.cli import main
+
+main()

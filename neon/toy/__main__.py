@@ -1,3 +1,0 @@
-from neon.toy.cli import main
-
-main()
