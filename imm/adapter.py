@@ -88,14 +88,15 @@ class IMMFamily:
 
     # -- the protocol --------------------------------------------------------------------------------------
     def sample(self, bundle: Bundle, seeds: Sequence[int], labels: torch.Tensor | None, steps: int = 8,
-               cfg: float | None = 1.5, autocast: str | None = None) -> torch.Tensor:
+               cfg: float | None = 1.5, autocast: str | None = None, batch_invariant: bool = False) -> torch.Tensor:
         """seeds (B,) + labels int64 (B,) -> uint8 (B, H, W, 3) on the CPU. steps: flow-map jumps (1, 2, 4, 8);
         cfg: guidance scale (None = no guidance); autocast: None (float32 DiT) or 'bf16' / 'fp16' on CUDA.
 
-        On the CPU the images are computed one at a time: CPU BLAS and oneDNN pick their kernels (and so their
-        rounding) by batch size, and an image must not depend on the batch it was drawn in. GPUs run the batch.
+        The batch runs through the DiT and the VAE decoder at once, as the official sampler. batch_invariant:
+        compute the images one at a time instead (BLAS, oneDNN and CUDA pick kernels, and so their rounding, by
+        batch size), so that an image does not depend on the batch it was drawn in.
         """
-        if next(bundle.net.parameters()).device.type == "cpu" and len(seeds) > 1:
+        if batch_invariant and len(seeds) > 1:
             labels = None if labels is None else torch.as_tensor(labels)
             return torch.cat([self.sample(bundle, [s], None if labels is None else labels[i:i + 1], steps, cfg,
                                           autocast) for i, s in enumerate(seeds)])

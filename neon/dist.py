@@ -1,7 +1,8 @@
 """torchrun helpers: one process or many, NCCL on GPU and gloo on CPU, same results either way.
 
-Work is split by seed, never by position in a batch: rank r takes every world_size-th seed starting at r, so the
-set of images (and each image) does not depend on how many processes draw them.
+Work is dealt in units that do not depend on the number of processes: rank r takes every world_size-th unit
+starting at r (`shard`). Sampling deals whole batches of consecutive seeds (neon.sampling.plan_batches), so each
+image is computed in the same batch, and comes out the same, however many processes draw the set.
 """
 from __future__ import annotations
 

@@ -81,9 +81,14 @@ class Family(Protocol):
                **sampler_args) -> torch.Tensor:
         """Generate one image per seed -> uint8 (B, H, W, C) on CPU, C = 3 (RGB) or 1 (grey).
 
-        Every random draw for image i comes from a generator seeded with seeds[i], so an image depends on its
-        seed (and label) alone — not on the batch size, the rank or the world size. `labels` is int64 (B,) for
-        a conditional model and None for an unconditional one.
+        Every random draw for image i comes from a generator seeded with seeds[i], never from a stream shared by
+        the batch, so the images of a batch depend on its seeds and labels (in order), not on the rank or the
+        world size; the core cuts the seed list into fixed batches before dealing them to ranks. Run the batch
+        through the network at once (the fast path): its floating-point rounding may then depend on the batch
+        composition, since BLAS, oneDNN and CUDA pick kernels by shape. A family may also take a keyword
+        `batch_invariant: bool = False`; with True each image must come out as if sampled alone (per-image
+        arithmetic or one image at a time). Without it the core calls `sample` seed by seed when asked for
+        batch-invariant images. `labels` is int64 (B,) for a conditional model and None for an unconditional one.
         """
         ...
 

@@ -1,14 +1,21 @@
 """Stage 1 — the synthetic set S: draw images from θr with its usual sampler, sharded over ranks, resumable.
 
-Each image depends on its seed (and label) alone, so the set is the same on any number of processes. Ranks write
-shards of finished images atomically into `<out>.shards/`; a rerun after a kill skips every seed already in a
-shard, and rank 0 joins the shards, in the order of the requested seeds, into one ADM-style `.npz`.
+Every random draw of an image comes from its seed, and the seed list is cut into fixed batches of `batch`
+consecutive seeds before anything is dealt to ranks. A batch therefore holds the same seeds, and the network
+sees the same inputs, on 1, 8 or 64 processes: for a given batch size and device type the set is byte-identical
+on any number of processes, with every family's fast batched sampler (on CPU and GPU alike). It does depend on
+the batch size, since CPU BLAS, oneDNN and CUDA pick kernels (and so their last bits) by batch shape; with
+`batch_invariant` every image is computed as if drawn alone and depends on its seed and label only.
+
+Ranks write one shard per batch atomically into `<out>.shards/`; a rerun after a kill skips the batches already
+there, and rank 0 streams the shards, in the order of the requested seeds, into one ADM-style `.npz`.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import glob
+import inspect
 import os
 import shutil
 import time
@@ -113,54 +120,81 @@ def draw_labels(family: Family, bundle: Bundle, seeds: Sequence[int], mode: str 
     return class_labels(seeds, bundle.num_classes, mode, label_list, allows_null_class(family))
 
 
-def _done_seeds(shard_dir: str) -> set[int]:
-    done: set[int] = set()
-    for path in glob.glob(os.path.join(shard_dir, "shard-*.npz")):
-        done.update(int(s) for s in NpzImages(path).seeds)
-    return done
+def plan_batches(num_seeds: int, batch: int) -> list[range]:
+    """Positions 0..num_seeds-1 cut into batches of `batch` consecutive positions (the last one may be short).
+
+    The cut depends on the seed list and the batch size only, never on the number of processes: batch k holds
+    the same seeds on 1, 8 or 64 ranks, so the network computes every image in the same company."""
+    if not isinstance(batch, int) or batch < 1:
+        raise NeonError(f"batch must be a positive integer, got {batch!r}")
+    return [range(i, min(i + batch, num_seeds)) for i in range(0, num_seeds, batch)]
+
+
+def deal(batches: Sequence[range], r: int | None = None, n: int | None = None) -> list[range]:
+    """Rank r's share (default: this rank's) of n ranks: every n-th whole batch starting at r."""
+    return dist.shard(list(batches), r, n)
+
+
+def draw_batch(family: Family, bundle: Bundle, seeds: Sequence[int], labels: torch.Tensor | None,
+               sampler_args: dict, batch_invariant: bool = False) -> torch.Tensor:
+    """One batch -> uint8 (B, H, W, C). batch_invariant: compute every image as if it were drawn alone, so it
+    does not depend on the batch size either: with the family's own batch-invariant arithmetic where its
+    `sample` takes a `batch_invariant` argument, else one `sample` call per seed."""
+    if not batch_invariant:
+        images = family.sample(bundle, seeds, labels, **sampler_args)
+    elif "batch_invariant" in inspect.signature(family.sample).parameters:
+        images = family.sample(bundle, seeds, labels, batch_invariant=True, **sampler_args)
+    else:
+        images = torch.cat([family.sample(bundle, [s], None if labels is None else labels[i:i + 1], **sampler_args)
+                            for i, s in enumerate(seeds)])
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[0] != len(seeds):
+        raise NeonError(f"{family.name}.sample returned {images.dtype} {tuple(images.shape)}, "
+                        f"expected uint8 ({len(seeds)}, H, W, C)")
+    return images
 
 
 def generate(family: Family, bundle: Bundle, seeds: Sequence[int], labels: np.ndarray | None, batch: int,
-             sampler_args: dict, progress: str | None = None):
-    """Yield (seeds, labels, uint8 images) batch by batch for this rank's `seeds` (no files)."""
-    bar = tqdm(total=len(seeds) * dist.world_size(), desc=progress, unit="img",
+             sampler_args: dict, progress: str | None = None, batch_invariant: bool = False,
+             total: int | None = None):
+    """Yield (seeds, labels, uint8 images) for consecutive batches of `batch` of `seeds` (no files).
+    total: images counted by the progress bar (default: len(seeds) on every rank)."""
+    bar = tqdm(total=total or len(seeds) * dist.world_size(), desc=progress, unit="img",
                disable=not progress or not dist.is_main(), dynamic_ncols=True)
-    for i in range(0, len(seeds), batch):
-        chunk = list(seeds[i:i + batch])
-        chunk_labels = None if labels is None else torch.as_tensor(labels[i:i + batch])
-        images = family.sample(bundle, chunk, chunk_labels, **sampler_args)
-        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[0] != len(chunk):
-            raise NeonError(f"{family.name}.sample returned {images.dtype} {tuple(images.shape)}, "
-                            f"expected uint8 ({len(chunk)}, H, W, C)")
+    for part in plan_batches(len(seeds), batch):
+        chunk = [seeds[i] for i in part]
+        chunk_labels = None if labels is None else torch.as_tensor(labels[part.start:part.stop])
+        images = draw_batch(family, bundle, chunk, chunk_labels, sampler_args, batch_invariant)
         bar.update(len(chunk) * dist.world_size())
         yield chunk, None if chunk_labels is None else chunk_labels.numpy(), images.numpy()
     bar.close()
 
 
-def _join(shard_dir: str, seeds: Sequence[int], labels: np.ndarray | None, out: str, block: int = 4096) -> None:
-    shards = [NpzImages(p) for p in sorted(glob.glob(os.path.join(shard_dir, "shard-*.npz")))]
-    where = {}
-    for k, shard in enumerate(shards):
-        for j, s in enumerate(shard.seeds):
-            where[int(s)] = (k, j)
-    missing = [s for s in seeds if s not in where]
-    if missing:
-        raise NeonError(f"{shard_dir}: {len(missing)} seeds have no image (first: {missing[0]})")
-    shape = (len(seeds),) + tuple(shards[0].shape[1:])
+def _shard_path(shard_dir: str, k: int) -> str:
+    return os.path.join(shard_dir, f"shard-{k:08d}.npz")
 
-    def image_blocks():
-        for i in range(0, len(seeds), block):
-            rows = [where[s] for s in seeds[i:i + block]]
-            out_block = np.empty((len(rows),) + shape[1:], dtype=np.uint8)
-            for k in sorted({k for k, _ in rows}):
-                idx = [(n, j) for n, (kk, j) in enumerate(rows) if kk == k]
-                lo, hi = min(j for _, j in idx), max(j for _, j in idx) + 1
-                part = shards[k].read(lo, hi)
-                for n, j in idx:
-                    out_block[n] = part[j - lo]
-            yield out_block
 
-    arrays = {"arr_0": (shape, np.uint8, image_blocks())}
+def _done_batches(shard_dir: str, seeds: Sequence[int], batches: Sequence[range]) -> set[int]:
+    """Indices of the batches whose shard is on disk; a shard that is not exactly a batch of this plan is an error
+    (the folder was begun with another seed list or --batch, and resuming would mix two cuts)."""
+    done = set()
+    for path in sorted(glob.glob(os.path.join(shard_dir, "shard-*.npz"))):
+        name = os.path.basename(path)[len("shard-"):-len(".npz")]
+        k = int(name) if name.isdigit() else -1
+        held = NpzImages(path).seeds
+        if not 0 <= k < len(batches) or held is None or \
+                held.tolist() != [seeds[i] for i in batches[k]]:
+            raise NeonError(f"{path}: not a batch of this run (begun with another seed list or --batch?); "
+                            f"rerun with the same arguments or remove {shard_dir}")
+        done.add(k)
+    return done
+
+
+def _join(shard_dir: str, num_batches: int, labels: np.ndarray | None, seeds: Sequence[int], out: str) -> None:
+    """Concatenate the shards of batches 0..num_batches-1 into `out`, one shard in memory at a time."""
+    first = NpzImages(_shard_path(shard_dir, 0))
+    shape = (len(seeds),) + tuple(first.shape[1:])
+    arrays = {"arr_0": (shape, np.uint8, (NpzImages(_shard_path(shard_dir, k)).read(0, None)
+                                          for k in range(num_batches)))}
     if labels is not None:
         arrays["arr_1"] = (labels.shape, np.int64, [labels])
     arrays["seeds"] = ((len(seeds),), np.int64, [np.asarray(seeds, dtype=np.int64)])
@@ -168,9 +202,15 @@ def _join(shard_dir: str, seeds: Sequence[int], labels: np.ndarray | None, out: 
 
 
 def sample_to_npz(family: Family, bundle: Bundle, seeds: Sequence[int], labels: np.ndarray | None, out: str,
-                  batch: int = 64, sampler_args: dict | None = None, png: str | None = None) -> str:
+                  batch: int = 64, sampler_args: dict | None = None, png: str | None = None,
+                  batch_invariant: bool = False) -> str:
     """Draw one image per seed into `out` (.npz), resuming from `<out>.shards/` if a previous run was killed.
-    Every rank calls this; rank 0 joins and returns when the file exists."""
+    Every rank calls this; rank 0 joins and returns when the file exists.
+
+    The seed list is cut into batches of `batch` consecutive seeds (`plan_batches`), whole batches are dealt to
+    the ranks, and a rerun skips the batches already on disk. So for a given batch size and device type the
+    file is byte-identical on any number of processes, resumed or not, with each family's batched sampler.
+    batch_invariant: images that do not depend on the batch size either (`draw_batch`; slower)."""
     if bundle.conditional and labels is None:
         raise NeonError("the model is class-conditional: it needs labels")
     if os.path.exists(paths.output_file(out, ".npz file")):
@@ -178,7 +218,7 @@ def sample_to_npz(family: Family, bundle: Bundle, seeds: Sequence[int], labels: 
     if png:
         paths.output_folder(png)
     with paths.made_folder(out + ".shards") as shard_dir, _exclusive(out):
-        _sample_shards(family, bundle, seeds, labels, out, shard_dir, batch, sampler_args)
+        _sample_shards(family, bundle, seeds, labels, out, shard_dir, batch, sampler_args, batch_invariant)
     if dist.is_main() and png:
         export_png(NpzImages(out), png)
     dist.barrier()
@@ -201,24 +241,30 @@ def _exclusive(out: str):
         yield
 
 
-def _sample_shards(family, bundle, seeds, labels, out, shard_dir, batch, sampler_args) -> None:
+def _sample_shards(family, bundle, seeds, labels, out, shard_dir, batch, sampler_args,
+                   batch_invariant) -> None:
+    batches = plan_batches(len(seeds), batch)
     dist.barrier()
-    done = _done_seeds(shard_dir)
-    # Every rank must split the same list of missing seeds: nobody writes a shard until all have looked.
+    done = _done_batches(shard_dir, seeds, batches)
+    # Every rank must deal the same list of missing batches: nobody writes a shard until all have looked.
     dist.barrier()
-    todo = [(i, s) for i, s in enumerate(seeds) if s not in done]
-    mine = dist.shard(todo)
-    my_seeds = [s for _, s in mine]
-    my_labels = None if labels is None else labels[[i for i, _ in mine]]
+    todo = [k for k in range(len(batches)) if k not in done]
     if dist.is_main() and done:
-        print(f"resuming: {len(done)} of {len(seeds)} images already drawn")
-    for chunk, chunk_labels, images in generate(family, bundle, my_seeds, my_labels, batch, sampler_args or {},
-                                                progress=f"sampling {os.path.basename(out)}"):
-        save_images_npz(os.path.join(shard_dir, f"shard-{chunk[0]:010d}-{len(chunk)}.npz"), images,
-                        chunk_labels, np.asarray(chunk, dtype=np.int64))
+        print(f"resuming: {sum(len(batches[k]) for k in done)} of {len(seeds)} images already drawn")
+    bar = tqdm(total=sum(len(batches[k]) for k in todo), desc=f"sampling {os.path.basename(out)}", unit="img",
+               disable=not dist.is_main(), dynamic_ncols=True)
+    for k in dist.shard(todo):
+        part = batches[k]
+        chunk = [seeds[i] for i in part]
+        chunk_labels = None if labels is None else torch.as_tensor(labels[part.start:part.stop])
+        images = draw_batch(family, bundle, chunk, chunk_labels, sampler_args or {}, batch_invariant)
+        save_images_npz(_shard_path(shard_dir, k), images.numpy(),
+                        None if chunk_labels is None else chunk_labels.numpy(), np.asarray(chunk, dtype=np.int64))
+        bar.update(len(chunk) * dist.world_size())
+    bar.close()
     dist.barrier()
     if dist.is_main():
-        _join(shard_dir, list(seeds), labels, out)
+        _join(shard_dir, len(batches), labels, seeds, out)
         shutil.rmtree(shard_dir)
     dist.barrier()
 
@@ -266,7 +312,11 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", default=None,
                    help="random | per_class | none | a .npy/.txt file with one label per seed "
                         "(default: per_class with --per-class, else random for conditional models)")
-    p.add_argument("--batch", type=int, default=64, help="images per sampler call on one rank")
+    p.add_argument("--batch", type=int, default=64,
+                   help="images per sampler call; the seed list is cut into batches of this many consecutive seeds, "
+                        "so the images depend on it (not on the number of processes)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="compute every image as if drawn alone: images independent of --batch too (slower)")
     p.add_argument("--arg", action="append", metavar="KEY=VALUE", help="sampler argument, e.g. num_steps=18")
     p.add_argument("--png", help="also export the images as PNGs into this folder")
 
@@ -296,6 +346,7 @@ def sample_main(args) -> None:
         seeds = plan_seeds(args.num_images, args.per_class, bundle.num_classes)
     labels = _labels_from_args(args, family, bundle, seeds)
     t0 = time.time()
-    sample_to_npz(family, bundle, seeds, labels, args.out, args.batch, parse_kv(args.arg), args.png)
+    sample_to_npz(family, bundle, seeds, labels, args.out, args.batch, parse_kv(args.arg), args.png,
+                  batch_invariant=args.batch_invariant)
     if dist.is_main():
         print(f"wrote {args.out}: {len(seeds)} images in {time.time() - t0:.1f} s")

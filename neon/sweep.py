@@ -23,7 +23,7 @@ from neon.config import SweepConfig, _build
 from neon.errors import NeonError
 from neon.family import Bundle, Family
 from neon.merge import check_compatible, merge_state_dicts
-from neon.sampling import draw_labels, generate, plan_seeds
+from neon.sampling import deal, draw_labels, generate, plan_batches, plan_seeds
 
 # A metric is a factory of accumulators: acc = metric(); acc.update(uint8 NHWC, seeds); acc.finish() -> {'fid': ...}
 MetricFactory = Callable[[], object]
@@ -39,7 +39,8 @@ def evaluate_images(family: Family, bundle: Bundle, metric: MetricFactory, num_i
         seeds = plan_seeds(None if per_class else num_images, per_class, bundle.num_classes, seed_offset)
     if labels is None:
         labels = draw_labels(family, bundle, seeds, "per_class" if per_class else "random")
-    mine = dist.shard(list(range(len(seeds))))
+    # Whole batches per rank, so every image is computed in the same batch on any number of processes.
+    mine = [i for part in deal(plan_batches(len(seeds), batch)) for i in part]
     acc = metric()
     for chunk, _, images in generate(family, bundle, [seeds[i] for i in mine],
                                      None if labels is None else labels[mine], batch, sampler_args or {}, desc):

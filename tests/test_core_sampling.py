@@ -12,9 +12,13 @@ import torch
 from neon.errors import NeonError
 from neon.family import get_family
 from neon.images import NpzImages, export_png, load_image_folder
-from neon.sampling import class_labels, parse_seeds, plan_seeds, sample_to_npz
+from neon.sampling import class_labels, deal, parse_seeds, plan_batches, plan_seeds, sample_to_npz
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+sys.path.insert(0, os.path.dirname(__file__))
+from batch_dependent_family import BatchDependentPix, BatchDependentPixWithMode  # noqa: E402
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+       "PYTHONPATH": os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +115,81 @@ def test_png_export_round_trips_with_labels(tmp_path, tiny_ckpt):
         sample_to_npz(family, bundle, seeds, labels, str(tmp_path / "s.npz"))
     export_png(NpzImages(str(tmp_path / "s.npz")), str(tmp_path / "again"))
     assert torch.equal(torch.from_numpy(load_image_folder(str(tmp_path / "again"))[0]), torch.from_numpy(images))
+
+
+def test_seeds_are_cut_into_batches_before_whole_batches_are_dealt_to_ranks():
+    batches = plan_batches(23, 4)
+    assert [list(b) for b in batches][-2:] == [[16, 17, 18, 19], [20, 21, 22]]
+    for n in (1, 2, 3, 7):
+        dealt = [deal(batches, r, n) for r in range(n)]
+        assert sorted((b for share in dealt for b in share), key=lambda b: b.start) == batches
+        assert max(map(len, dealt)) - min(map(len, dealt)) <= 1
+    with pytest.raises(NeonError, match="batch"):
+        plan_batches(5, 0)
+
+
+def _batch_dependent(tmp_path, batch, name="s.npz", family=None, **kwargs):
+    family = family or BatchDependentPix()
+    bundle = family.tiny(num_classes=3, seed=1)
+    seeds = list(range(100, 113))
+    out = sample_to_npz(family, bundle, seeds, class_labels(seeds, 3, "random"), str(tmp_path / name), batch,
+                        **kwargs)
+    return np.load(out)["arr_0"]
+
+
+def test_images_of_a_batch_dependent_family_are_the_same_on_one_and_two_processes(tmp_path, tiny_ckpt):
+    """The family's images depend on the batch they are drawn in; the same --batch gives the same bytes on any
+    number of processes, because the seed list is cut into batches before they are dealt."""
+    common = ["-m", "neon", "sample", "--family", "batch_dependent_family:BatchDependentPix", "--ckpt", tiny_ckpt,
+              "--num-images", "13", "--batch", "4"]
+    one, two = tmp_path / "one.npz", tmp_path / "two.npz"
+    subprocess.run([sys.executable, *common, "--out", str(one)], env=ENV, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common,
+                    "--out", str(two)], env=ENV, check=True, capture_output=True)
+    assert one.read_bytes() == two.read_bytes()
+    assert not np.array_equal(_batch_dependent(tmp_path, 4, "four.npz"), _batch_dependent(tmp_path, 5, "five.npz"))
+
+
+@pytest.mark.parametrize("family", [BatchDependentPix, BatchDependentPixWithMode])
+def test_batch_invariant_images_do_not_depend_on_the_batch_size(tmp_path, family):
+    """With batch_invariant every image is computed as if alone: by the family's own mode where its sample
+    takes `batch_invariant`, else one sample call per seed."""
+    family.calls = 0
+    three = _batch_dependent(tmp_path, 3, "three.npz", family(), batch_invariant=True)
+    seven = _batch_dependent(tmp_path, 7, "seven.npz", family(), batch_invariant=True)
+    assert np.array_equal(three, seven)
+    assert not np.array_equal(three, _batch_dependent(tmp_path, 3, "plain.npz", family()))
+    if family is BatchDependentPixWithMode:
+        assert family.calls == 5 + 2 + 5   # batched calls in its own mode, never seed by seed
+
+
+class _KilledAfter(BatchDependentPix):
+    """Dies in the middle of a run, after `left` batches."""
+
+    def __init__(self, left):
+        self.left = left
+
+    def sample(self, *args, **kwargs):
+        if self.left == 0:
+            raise KeyboardInterrupt
+        self.left -= 1
+        return super().sample(*args, **kwargs)
+
+
+def test_resume_by_whole_batches_gives_the_uninterrupted_file(tmp_path):
+    full = _batch_dependent(tmp_path, 3, "full.npz")
+    with pytest.raises(KeyboardInterrupt):
+        _batch_dependent(tmp_path, 3, "resumed.npz", _KilledAfter(2))
+    assert len(os.listdir(tmp_path / "resumed.npz.shards")) == 2
+    assert np.array_equal(_batch_dependent(tmp_path, 3, "resumed.npz"), full)
+    assert (tmp_path / "full.npz").read_bytes() == (tmp_path / "resumed.npz").read_bytes()
+    assert not (tmp_path / "resumed.npz.shards").exists()
+
+
+def test_resume_with_another_batch_size_is_refused_and_keeps_the_shards(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        _batch_dependent(tmp_path, 3, "s.npz", _KilledAfter(2))
+    with pytest.raises(NeonError, match="another seed list or --batch"):
+        _batch_dependent(tmp_path, 4, "s.npz")
+    assert len(os.listdir(tmp_path / "s.npz.shards")) == 2 and not (tmp_path / "s.npz").exists()
+    assert np.array_equal(_batch_dependent(tmp_path, 3, "s.npz"), _batch_dependent(tmp_path, 3, "again.npz"))

@@ -38,12 +38,14 @@ def test_sample_shape_and_range(family, bundle):
 @pytest.mark.parametrize("steps,cfg", [(8, 1.5), (2, None)])
 def test_same_image_per_seed_at_batch_sizes_1_and_3(family, bundle, steps, cfg):
     """Every random draw comes from the image's seed, so batch 1 and batch 3 give the same image: bit for bit
-    through the family's sampler (on the CPU it runs image by image), and to float32 rounding through the batched
+    through the family's batch-invariant mode (image by image), and to float32 rounding through the batched
     network (GEMM / conv kernels depend on the batch size)."""
     seeds, labels = [11, 12, 13], torch.tensor([0, 5, 9])
     assert torch.equal(initial_latents(bundle.net, seeds)[1], initial_latents(bundle.net, [12])[0])
     latents = sample_latents(bundle.net, seeds, labels, steps=steps, cfg=cfg)
-    images = family.sample(bundle, seeds, labels, steps=steps, cfg=cfg)
+    images = family.sample(bundle, seeds, labels, steps=steps, cfg=cfg, batch_invariant=True)
+    batched = family.sample(bundle, seeds, labels, steps=steps, cfg=cfg)
+    assert (batched.int() - images.int()).abs().max() <= 1
     for i, seed in enumerate(seeds):
         alone = sample_latents(bundle.net, [seed], labels[i:i + 1], steps=steps, cfg=cfg)
         torch.testing.assert_close(alone[0], latents[i], atol=1e-5, rtol=0, msg=f"seed {seed}")

@@ -15,7 +15,7 @@ import torch
 from neon.errors import NeonError
 from neon.family import Bundle, TrainDefaults
 from var import checkpoint
-from var.invariant import batch_invariant
+from var.invariant import batch_invariant as batch_invariant_mode
 from var.loss import var_loss
 from var.model import VAR, unwrap
 from var.sampler import sample as var_sample
@@ -87,25 +87,30 @@ class VARFamily:
     # ----------------------------------------------------------------------------------------------------
     def sample(self, bundle: Bundle, seeds: Sequence[int], labels: torch.Tensor | None, cfg: float = 1.5,
                top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False, batch: int | None = None,
-               autocast: str | None = None, use_cache: bool = True) -> torch.Tensor:
+               autocast: str | None = None, use_cache: bool = True, batch_invariant: bool = False) -> torch.Tensor:
         """One image per seed -> uint8 (B, H, W, 3) on CPU.
 
         labels: int64 (B,) in [0, num_classes] (num_classes = the null class, i.e. unconditional); required.
         cfg, top_k, top_p, more_smooth: as the official autoregressive_infer_cfg (defaults are its defaults).
-        batch: images per network call (memory only; results do not depend on it). autocast: None, 'bf16' or 'fp16'
-        on CUDA (Neon's FID scripts sample under fp16 autocast, its generate_dataset.py in float32); CPU
-        sampling stays float32 and batch-invariant (var.invariant). Images are quantised as Neon's scripts write their
-        PNGs: floor(255·x) of x in [0, 1].
+        batch: images per network call (default: all). autocast: None, 'bf16' or 'fp16' on CUDA (Neon's FID
+        scripts sample under fp16 autocast, its generate_dataset.py in float32); CPU sampling stays float32.
+        The batch runs with the fastest kernels (oneDNN on), whose last bits may depend on the batch shape.
+        batch_invariant: an image that does not depend on its batch: per-image arithmetic on CPU
+        (var.invariant), one image at a time on other devices. Images are quantised as Neon's scripts write
+        their PNGs: floor(255·x) of x in [0, 1].
         """
         var, vae = unwrap(bundle.net), bundle.helpers["vae"]
         labels = self._check_labels(bundle, seeds, labels)
         device = next(var.parameters()).device
         step = len(seeds) if not batch else int(batch)
+        if batch_invariant and device.type != "cpu":
+            step = 1
         out = []
         was_training = var.training
         var.eval()
         try:
-            with self._autocast(device, autocast), batch_invariant(device.type == "cpu"):
+            per_image_arithmetic = batch_invariant and device.type == "cpu"
+            with self._autocast(device, autocast), batch_invariant_mode(per_image_arithmetic):
                 for i in range(0, len(seeds), max(step, 1)):
                     gens = [torch.Generator(device).manual_seed(int(s)) for s in seeds[i:i + step]]
                     img = var_sample(var, vae, labels[i:i + step].to(device), gens, cfg=float(cfg),
@@ -155,7 +160,7 @@ class VARFamily:
         labels = self._check_labels(bundle, range(images.shape[0]), labels)
         device = next(vae.parameters()).device
         x = images.to(device).permute(0, 3, 1, 2).float().div_(255).mul_(2).sub_(1)
-        with batch_invariant(device.type == "cpu"):
+        with batch_invariant_mode(device.type == "cpu"):
             tokens = torch.cat(vae.img_to_idxBl(x), dim=1)
         dtype = torch.int16 if vae.vocab_size <= 2 ** 15 else torch.int32   # compact cache; widened in the loss
         return {"tokens": tokens.to(dtype).cpu(), "labels": labels.cpu()}

@@ -8,8 +8,10 @@ differ, and now and then a pixel lands on the other side of a uint8 step. Inside
     that matrix's shape only);
   - convolutions bypass oneDNN (PyTorch's own kernel computes each image with the same product).
 Attention, normalisation, interpolation and the sampler's element-wise steps are per-row already. The mode is
-for CPU sampling and encoding (tests, smoke runs, CPU workers); CUDA kernels make no such promise, and on a GPU
-an image is reproducible for a fixed batch size and device.
+slower (no oneDNN; the VQVAE decoder's convolutions dominate), so sampling uses it only when asked for
+(`VARFamily.sample(batch_invariant=True)`, `neon sample --batch-invariant`); encoding uses it on CPU so that
+cached tokens do not depend on the encoding batch. CUDA kernels make no such promise; on a GPU an image is
+reproducible for a fixed batch composition and device type.
 """
 from __future__ import annotations
 
