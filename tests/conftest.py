@@ -15,9 +15,12 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 REPO = Path(__file__).resolve().parents[1]
 
 
+DEFAULT_FIXTURES = REPO / "tests" / "fixtures"   # the official outputs travel with the repository
+
+
 def fixtures_root() -> Path:
-    """$NEON_FIXTURES, or ../shared/fixtures beside the repository (as CI lays it out)."""
-    return Path(os.environ.get("NEON_FIXTURES", REPO.parent / "shared" / "fixtures")).resolve()
+    """$NEON_FIXTURES (another fixture set made the same way), or tests/fixtures of this repository."""
+    return Path(os.environ.get("NEON_FIXTURES") or DEFAULT_FIXTURES).resolve()
 
 
 @pytest.fixture(scope="session")
