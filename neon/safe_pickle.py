@@ -243,10 +243,13 @@ class SafeUnpickler(pickle._Unpickler):
         raise Refused(f"refusing to load global '{path}' (not on the allow-list)")
 
     def load_build(self):
-        state = self.stack.pop()
-        if not isinstance(self.stack[-1], Record):
-            raise Refused(f"refusing to set state on a {type(self.stack[-1]).__name__}")
-        self.stack[-1].__setstate__(state)
+        state, inst = self.stack.pop(), self.stack[-1]
+        if type(inst) is collections.OrderedDict and isinstance(state, dict) and all(type(k) is str for k in state):
+            inst.__dict__.update(state)  # a state dict's `_metadata`: attributes of a fresh dict, nothing more
+        elif isinstance(inst, Record):
+            inst.__setstate__(state)
+        else:
+            raise Refused(f"refusing to set state on a {type(inst).__name__}")
     dispatch[pickle.BUILD[0]] = load_build
 
     def load_ext(self):
