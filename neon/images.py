@@ -115,6 +115,15 @@ def read_member(path: str, zf: zipfile.ZipFile, member: NpyMember) -> np.ndarray
         raise NeonError(f"{path}: array {member.name!r} is not readable ({e})") from None
 
 
+def npz_names(path: str) -> set[str]:
+    """The array names of an `.npz`, nothing read."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise NeonError(f"{path}: not a readable .npz ({e})") from None
+
+
 def read_npz(path: str, required: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """The named arrays of an `.npz` (missing `required` ones refused), each header checked first."""
     path = os.fspath(path)
