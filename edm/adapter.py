@@ -60,10 +60,12 @@ class EDMFamily:
                                    grad_clip=None)
 
     # -- networks ---------------------------------------------------------------------------------------
-    def load(self, path: str, device: torch.device | str = "cpu", **load_args) -> Bundle:
+    def load(self, path: str, device: torch.device | str = "cpu", trust_architecture: bool = False,
+             **load_args) -> Bundle:
+        """trust_architecture: load a pickle whose embedded source is not an official release's (warned)."""
         if load_args:
-            raise NeonError(f"edm: unknown load_args {sorted(load_args)} (EDM checkpoints need none)")
-        net, info = checkpoint.load_snapshot(path, device)
+            raise NeonError(f"edm: unknown load_args {sorted(load_args)} (known: trust_architecture)")
+        net, info = checkpoint.load_snapshot(path, device, bool(trust_architecture))
         return _bundle(net, info, source=os.fspath(path))
 
     def tiny(self, device: torch.device | str = "cpu", seed: int = 0, conditional: bool = True,

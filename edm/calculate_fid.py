@@ -32,12 +32,15 @@ def main(argv=None) -> None:
     p.add_argument("--inception_weights", default="checkpoints/inception-2015-12-05.pkl",
                    help="detector weights ('fid-helper': offline pool3 weights)")
     p.add_argument("--json", help="also write the result as JSON")
+    p.add_argument("--trust-architecture", action="store_true",
+                   help="load a pickle whose embedded source is not an official release's (warned)")
     args = p.parse_args(argv)
     sampler = dict(num_steps=args.num_steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
                    S_churn=args.s_churn, S_min=args.s_min, S_max=args.s_max, S_noise=args.s_noise)
     evaluate_checkpoint("edm", args.network_pkl, args.ref, seeds=parse_seeds(args.seeds), batch=args.max_batch_size,
                         sampler_args=sampler, detector=args.detector, weights=args.inception_weights,
-                        inception_score=False, json_out=args.json, class_idx=args.class_idx)
+                        inception_score=False, json_out=args.json, class_idx=args.class_idx,
+                        load_args={"trust_architecture": True} if args.trust_architecture else None)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,21 @@ from edm.networks import PRECONDS
 
 FAMILY = "edm"
 
+# Normalised SHA-256 (neon.safe_pickle.source_sha256) of every official version of the files whose classes EDM
+# pickles carry as `module_src`: NVlabs/edm training/networks.py (EDMPrecond, VPPrecond, SongUNet, DhariwalUNet
+# and their blocks), training/loss.py (EDMLoss, VPLoss, VELoss) and training/augment.py (AugmentPipe), at every
+# commit of the official repository that changed them; the Neon repository (SinaAlemohammad/Neon @76496c3,
+# edm/training/) holds the same three files byte for byte as NVlabs/edm @b2a26c9. Obtained by hashing
+# `git show <commit>:<path>` of each file in those repositories' history (the released pickles embed the text of
+# the file their class came from, inspect.getsource of its module). A fork with other code is refused.
+OFFICIAL_SOURCES = {
+    "2294828d5f59f5fd008f7141e6b8af2095918f2ce019f280a933e4779b5c3cef": "NVlabs/edm@0a2ff34 training/networks.py",
+    "5db27dcd96674b95c72d5e6491b879cdc35e24039ada3411b4b46a28ed1fe284":
+        "NVlabs/edm@b2a26c9..008a4e5 training/networks.py (= SinaAlemohammad/Neon@76496c3 edm/training/networks.py)",
+    "b26f0937bc72b18cc5f9869c86035ca9b872138cdfae7994237e9733951e4415": "NVlabs/edm@0a2ff34..008a4e5 training/loss.py",
+    "fd411af7c2d74489ce11a245293047369fc044d00a9aeed1c0bd46b322c8a8b5": "NVlabs/edm@0a2ff34..008a4e5 training/augment.py",
+}
+
 
 def plain(value: Any) -> Any:
     """Constructor kwargs as plain Python values (numpy scalars -> float/int, tuples -> lists), so they survive
@@ -85,28 +100,31 @@ def network_from_state(class_name: str, init_kwargs: dict, state_dict: dict[str,
 # ---------------------------------------------------------------------------------------------------------
 # Reading.
 
-def load_snapshot(path: str, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
+def load_snapshot(path: str, device: torch.device | str = "cpu",
+                  trust_architecture: bool = False) -> tuple[torch.nn.Module, dict]:
     """(the 'ema' network in eval mode on `device`, info). info: format ('pickle', 'container' or
     'safetensors'), class_name, init_kwargs, and for pickles the recorded loss ('loss_class', 'loss_kwargs')
-    and augmentation ('augment_kwargs', None when the snapshot has no augment pipe)."""
+    and augmentation ('augment_kwargs', None when the snapshot has no augment pipe). A pickle whose embedded
+    source is not an official release's is refused unless trust_architecture (see OFFICIAL_SOURCES)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise NeonError(f"{path}: checkpoint not found")
     fmt = detect_format(path)
     if fmt == "pickle":
-        return _load_pickle(path, device)
+        return _load_pickle(path, device, trust_architecture)
     if fmt == "pth":
         return _load_container(path, device)
     return _load_safetensors(path, device)
 
 
-def load_network(path: str, device: torch.device | str = "cpu") -> torch.nn.Module:
+def load_network(path: str, device: torch.device | str = "cpu", trust_architecture: bool = False) -> torch.nn.Module:
     """The 'ema' network of an EDM checkpoint, in eval mode on `device` (see the module docstring)."""
-    return load_snapshot(path, device)[0]
+    return load_snapshot(path, device, trust_architecture)[0]
 
 
-def _load_pickle(path: str, device) -> tuple[torch.nn.Module, dict]:
+def _load_pickle(path: str, device, trust_architecture: bool = False) -> tuple[torch.nn.Module, dict]:
     data = safe_pickle.load(path)
+    safe_pickle.check_sources(data, OFFICIAL_SOURCES, path, trust_architecture)
     ema = data.get("ema") if isinstance(data, dict) else None
     if not isinstance(ema, safe_pickle.Record) or ema.kind != "persistent":
         raise NeonError(f"{path}: not an EDM snapshot (expected a dict with a persistent 'ema' network)")

@@ -61,11 +61,12 @@ class IMMFamily:
 
     # -- networks ------------------------------------------------------------------------------------------
     def load(self, path: str, device: torch.device | str = "cpu", vae_path: str | None = None,
-             temb_type: str | None = None, vae_fp16: bool = True) -> Bundle:
+             temb_type: str | None = None, vae_fp16: bool = True, trust_architecture: bool = False) -> Bundle:
         """path: IMM checkpoint; vae_path: local diffusers folder of sd-vae-ft-ema (default: the hub id), or
         'tiny' for the tiny VAE (smoke runs reloading a tiny network); temb_type: override the recorded
-        second-time input ('identity' for imagenet256_s_a1.pkl)."""
-        net = load_network(path, device, temb_type)
+        second-time input ('identity' for imagenet256_s_a1.pkl); trust_architecture: load a pickle whose
+        embedded source is not an official release's (warned)."""
+        net = load_network(path, device, temb_type, bool(trust_architecture))
         vae = tiny_vae(device=device) if vae_path == "tiny" else load_vae(vae_path, device, fp16=vae_fp16)
         return self._bundle(net, vae, source=str(path))
 

@@ -35,9 +35,12 @@ def main(argv=None) -> None:
     p.add_argument("--inception_weights", default=None, help="torch-fidelity weights ('fid-helper': offline)")
     p.add_argument("--no_isc", action="store_true")
     p.add_argument("--json", help="also write the result as JSON")
+    p.add_argument("--trust-architecture", action="store_true",
+                   help="load a pickle whose embedded source is not an official release's (warned)")
     args = p.parse_args(argv)
     family = get_family("imm")
-    bundle = family.load(local_path(args.model_ckpt), dist.init(), vae_path=args.vae_path, temb_type=args.temb_type)
+    bundle = family.load(local_path(args.model_ckpt), dist.init(), vae_path=args.vae_path, temb_type=args.temb_type,
+                         trust_architecture=args.trust_architecture)
     if args.img_size != bundle.resolution:
         raise NeonError(f"--img_size {args.img_size}, but the model makes {bundle.resolution}x{bundle.resolution}")
     seeds = plan_seeds(args.num_images, seed_offset=args.seed)

@@ -21,12 +21,28 @@ from neon import checkpoint as neon_checkpoint
 from neon import safe_pickle
 from neon.errors import NeonError
 
+# Normalised SHA-256 (neon.safe_pickle.source_sha256) of the files whose classes IMM pickles carry as
+# `module_src`: lumalabs/imm training/preconds.py (IMMPrecond), training/dit.py (DiT and its blocks),
+# training/encoders.py and training/unets.py, unchanged since their first commit (0ab7362) through c9473e9; and
+# the Neon repository's imm/training/ (SinaAlemohammad/Neon @76496c3), whose preconds.py appends its training
+# methods (a different file) and whose dit.py / encoders.py / unets.py equal lumalabs/imm's. Obtained by hashing
+# `git show <commit>:<path>` over each repository's history; the released pickles embed their class's module
+# text (inspect.getsource). A fork with other code is refused.
+OFFICIAL_SOURCES = {
+    "e1c9fc979962cb77e3ae9472b00b4ca9d940da1f1483e446bce88397fbb34e4b": "lumalabs/imm@0ab7362..c9473e9 training/preconds.py",
+    "52efdb9d82f7b8f3819d02252344ede29a512d30c549589f93472136b6dd9923": "SinaAlemohammad/Neon@76496c3 imm/training/preconds.py",
+    "9b28e657e11e4d3367ba00a00461f3badd7fc116426808c03d472692de7c2fc7": "lumalabs/imm@0ab7362..c9473e9 training/dit.py",
+    "198d21859c0972c58ded20473e9245367cbe24a77bff164f9f5c5295e287e4b3": "lumalabs/imm@0ab7362..c9473e9 training/encoders.py",
+    "798655ff3321de6eac0c4977103f0398c4a6fa974a38217a6b9e5eb06e0cde3d": "lumalabs/imm@0ab7362..c9473e9 training/unets.py",
+}
+
 # IMMPrecond's positional arguments, for a persistence record that kept some in `_init_args`.
 _POSITIONAL = ("img_resolution", "img_channels", "label_dim")
 
 
-def read_checkpoint(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(constructor kwargs, ema state dict) of an IMM pickle or of our own container."""
+def read_checkpoint(path: str, trust_architecture: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(constructor kwargs, ema state dict) of an IMM pickle or of our own container. A pickle whose embedded
+    source is not an official release's is refused unless trust_architecture (see OFFICIAL_SOURCES)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise NeonError(f"{path}: checkpoint not found")
@@ -34,6 +50,7 @@ def read_checkpoint(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     if fmt == "pickle":
         # Lazy parse (storages located, not read), then one tensor at a time: a DiT-XL/2 file is 2.7 GB.
         data = safe_pickle.load(path, lazy=True)
+        safe_pickle.check_sources(data, OFFICIAL_SOURCES, path, trust_architecture)
         ema = data.get("ema") if isinstance(data, dict) else None
         if not isinstance(ema, safe_pickle.Record) or ema.name != "IMMPrecond":
             raise NeonError(f"{path}: not an IMM checkpoint (expected data['ema'] to be an IMMPrecond, "
@@ -79,13 +96,14 @@ def check_state_dict(net: torch.nn.Module, state_dict: dict[str, torch.Tensor], 
         raise NeonError(f"{path}: weights do not match the IMMPrecond its config describes: {'; '.join(parts)}")
 
 
-def load_network(path: str, device: torch.device | str = "cpu", temb_type: str | None = None) -> IMMPrecond:
+def load_network(path: str, device: torch.device | str = "cpu", temb_type: str | None = None,
+                 trust_architecture: bool = False) -> IMMPrecond:
     """Checkpoint -> IMMPrecond in eval mode on `device`, weights loaded strictly from `ema`.
 
     The network is built on the meta device and the checkpoint's tensors are assigned to it, so a DiT-XL/2
     (675M parameters) is neither initialised nor held twice in memory. Mixed precision recorded in the file (the
     Neon training config had fp16) is dropped: precision is the caller's choice (sampler / trainer autocast)."""
-    kwargs, state_dict = read_checkpoint(path)
+    kwargs, state_dict = read_checkpoint(path, trust_architecture)
     kwargs["mixed_precision"] = None
     net = build_network(kwargs, "meta", temb_type)
     check_state_dict(net, state_dict, path)

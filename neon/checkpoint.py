@@ -21,6 +21,7 @@ import ctypes.util
 import dataclasses
 import io
 import json
+import math
 import os
 import shutil
 import struct
@@ -331,27 +332,60 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
 
 
 def _open_safetensors(path: str) -> Checkpoint:
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) != 8:
             raise NeonError(f"{path}: not a safetensors file")
         (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise NeonError(f"{path}: safetensors header claims {n} bytes, the file has {size - 8} after its length")
         try:
             header = json.loads(f.read(n))
         except ValueError:
             raise NeonError(f"{path}: not a safetensors file (bad header)") from None
-    tensors = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise NeonError(f"{path}: unsupported dtype {info['dtype']} for {key!r}")
-        begin, end = info["data_offsets"]
-        shape = tuple(info["shape"])
-        stride = tuple(torch.empty(shape, device="meta").stride())
-        tensors[key] = TensorRef((8 + n + begin, end - begin), dtype, 0, shape, stride)
+    if not isinstance(header, dict):
+        raise NeonError(f"{path}: safetensors header is a {type(header).__name__}, not a JSON object")
+    tensors = {key: _safetensors_entry(path, key, info, 8 + n) for key, info in header.items() if key != "__metadata__"}
+    _check_ranges(path, tensors, size)
     return Checkpoint(path, "safetensors", None, None, tensors)
+
+
+def _safetensors_entry(path: str, key: str, info: Any, data_start: int) -> TensorRef:
+    """One header entry as a TensorRef whose storage is (file offset, nbytes), every field checked."""
+    where = f"{path}: tensor {key!r}"
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise NeonError(f"{where}: header entry needs dtype, shape and data_offsets")
+    dtype = _SAFETENSORS_DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+    if dtype is None:
+        raise NeonError(f"{where}: unsupported dtype {str(info['dtype'])[:20]}")
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise NeonError(f"{where}: shape {str(shape)[:40]} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
+        raise NeonError(f"{where}: data_offsets {str(offsets)[:40]} is not [begin, end]")
+    begin, end = offsets
+    if end < begin:
+        raise NeonError(f"{where}: data_offsets end {end} < begin {begin}")
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if end - begin != nbytes:
+        raise NeonError(f"{where}: data_offsets span {end - begin} bytes, shape {tuple(shape)} {info['dtype']} needs "
+                        f"{nbytes}")
+    stride = tuple(torch.empty(shape, device="meta").stride())
+    return TensorRef((data_start + begin, end - begin), dtype, 0, tuple(shape), stride)
+
+
+def _check_ranges(path: str, tensors: dict[str, TensorRef], file_size: int) -> None:
+    """Every tensor's bytes inside the file, no two overlapping (a merge would write one over the other)."""
+    spans = sorted((ref.storage[0], ref.storage[0] + ref.storage[1], key) for key, ref in tensors.items())
+    previous_end, previous = 0, None
+    for begin, end, key in spans:
+        if end > file_size:
+            raise NeonError(f"{path}: tensor {key!r} ends at byte {end}, past the end of the file ({file_size})")
+        if begin < previous_end and end > begin:
+            raise NeonError(f"{path}: tensors {previous!r} and {key!r} overlap in the file")
+        if end > begin:
+            previous_end, previous = end, key
 
 
 def _open_pickle(path: str) -> Checkpoint:
@@ -369,7 +403,7 @@ def detect_format(path: str) -> str:
         return "pth"
     if head[:1] == b"\x80":
         return "pickle"
-    if len(head) == 8 and struct.unpack("<Q", head)[0] < os.path.getsize(path):
+    if path.endswith(".safetensors") or len(head) == 8 and struct.unpack("<Q", head)[0] < os.path.getsize(path):
         return "safetensors"
     raise NeonError(f"{path}: unknown checkpoint format")
 

@@ -14,7 +14,7 @@ from neon import dist
 from neon.checkpoint import atomic_open, local_path
 from neon.errors import NeonError
 from neon.family import get_family
-from neon.sampling import draw_labels, parse_kv, parse_seeds, plan_seeds, sample_to_npz
+from neon.sampling import draw_labels, model_load_args, parse_kv, parse_seeds, plan_seeds, sample_to_npz
 from neon.sweep import FIDMetric, evaluate_images
 
 
@@ -97,7 +97,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
 def evaluate_main(args) -> None:
     if args.tiny:
         raise NeonError("neon evaluate needs a checkpoint (--ckpt)")
-    evaluate_checkpoint(args.family, args.ckpt, args.ref, load_args=parse_kv(args.load_arg),
+    evaluate_checkpoint(args.family, args.ckpt, args.ref, load_args=model_load_args(args),
                         seeds=parse_seeds(args.seeds) if args.seeds else None,
                         num_images=None if args.per_class else args.num_images, per_class=args.per_class,
                         batch=args.batch, sampler_args=parse_kv(args.arg), detector=args.detector,

@@ -5,6 +5,7 @@ joined from shards, and read back in slices without loading `arr_0` whole.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -52,6 +53,93 @@ def save_images_npz(path: str, images: np.ndarray, labels: np.ndarray | None = N
     write_npz(path, arrays)
 
 
+# ---- reading .npz members, every header checked before a byte of data is read -------------------------------
+
+# Deflate cannot expand data more than about 1032-fold: a member claiming more is not a real deflate stream.
+_DEFLATE_MAX_RATIO = 1032
+
+
+@dataclasses.dataclass
+class NpyMember:
+    """One `.npy` member of a zip, its header checked against the zip's own record of the member."""
+    name: str
+    shape: tuple
+    dtype: np.dtype
+    fortran: bool
+    info: zipfile.ZipInfo
+    header_len: int          # bytes of .npy magic + header before the data
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def npy_member(path: str, zf: zipfile.ZipFile, name: str) -> NpyMember:
+    """The header of `name.npy` in `zf`, refused (one NeonError line) unless the data it declares is exactly
+    what the zip member holds: no object dtype, no size past the file, no compressed size a zip bomb claims."""
+    where = f"{path}: array {name!r}"
+    info = zf.getinfo(name + ".npy")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise NeonError(f"{where} uses zip compression method {info.compress_type} (only stored or deflated)")
+    if info.compress_type == zipfile.ZIP_DEFLATED and info.file_size > _DEFLATE_MAX_RATIO * info.compress_size + 1024:
+        raise NeonError(f"{where} claims {info.file_size} bytes from {info.compress_size} compressed ones, more than "
+                        f"deflate can produce")
+    if info.compress_type == zipfile.ZIP_STORED and info.header_offset + info.file_size > os.path.getsize(path):
+        raise NeonError(f"{where} claims {info.file_size} bytes, past the end of the file")
+    try:
+        with zf.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                raise NeonError(f"{where}: unsupported .npy version {version}")
+            shape, fortran, dtype = read_header(f)
+            header_len = f.tell()
+    except (ValueError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise NeonError(f"{where}: not a readable .npy header ({e})") from None
+    if dtype.hasobject:
+        raise NeonError(f"{where} has an object dtype (pickled Python objects), which is never read")
+    member = NpyMember(name, tuple(int(n) for n in shape), dtype, bool(fortran), info, header_len)
+    if header_len + member.nbytes != info.file_size:
+        raise NeonError(f"{where} declares shape {member.shape} {dtype} ({member.nbytes} bytes) but the member "
+                        f"holds {info.file_size - header_len}")
+    return member
+
+
+def read_member(path: str, zf: zipfile.ZipFile, member: NpyMember) -> np.ndarray:
+    """The whole array of a checked member (its size is known to be what the zip holds)."""
+    try:
+        with zf.open(member.info) as f:
+            return np.lib.format.read_array(f, allow_pickle=False)
+    except (ValueError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise NeonError(f"{path}: array {member.name!r} is not readable ({e})") from None
+
+
+def npz_names(path: str) -> set[str]:
+    """The array names of an `.npz`, nothing read."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise NeonError(f"{path}: not a readable .npz ({e})") from None
+
+
+def read_npz(path: str, required: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """The named arrays of an `.npz` (missing `required` ones refused), each header checked first."""
+    path = os.fspath(path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
+            missing = [n for n in required if n not in names]
+            if missing:
+                raise NeonError(f"{path}: expected arrays {' and '.join(map(repr, required))}, found "
+                                f"{sorted(names) or 'none'}")
+            members = [npy_member(path, zf, n) for n in (*required, *optional) if n in names]
+            return {m.name: read_member(path, zf, m) for m in members}
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise NeonError(f"{path}: not a readable .npz ({e})") from None
+
+
 class NpzImages:
     """An ADM-style `.npz` read lazily: `len(s)`, `s.labels`, `s.seeds`, `s.read(i, j)` -> uint8 (j-i, H, W, C),
     `s.take(indices)`. A stored (uncompressed) `arr_0` — what this project writes, and np.savez — is
@@ -67,19 +155,22 @@ class NpzImages:
                 names = zf.namelist()
                 if "arr_0.npy" not in names:
                     raise NeonError(f"{path}: no arr_0 (expected ADM-style uint8 NHWC images)")
-                self.array = _stored_member(path, zf.getinfo("arr_0.npy"))
-            if self.array is None:
-                with np.load(path, allow_pickle=False) as f:
-                    self.array = f["arr_0"]
-            self.labels = _small_array(path, "arr_1") if "arr_1.npy" in names else None
-            self.seeds = _small_array(path, "seeds") if "seeds.npy" in names else None
+                images = npy_member(path, zf, "arr_0")
+                self.shape = images.shape
+                if images.dtype != np.uint8 or len(self.shape) != 4 or self.shape[3] not in (1, 3):
+                    raise NeonError(f"{path}: arr_0 must be uint8 (N, H, W, 3) or (N, H, W, 1), got "
+                                    f"{images.dtype} {self.shape}")
+                extra = {n: npy_member(path, zf, n) for n in ("arr_1", "seeds") if n + ".npy" in names}
+                for name, member in extra.items():  # checked before reading: one value per image
+                    if len(member.shape) != 1 or member.shape[0] != len(self):
+                        what = "labels" if name == "arr_1" else "seeds"
+                        raise NeonError(f"{path}: {what} ({name}) of shape {member.shape} for {len(self)} images")
+                self.labels, self.seeds = (read_member(path, zf, extra[n]).astype(np.int64) if n in extra else None
+                                           for n in ("arr_1", "seeds"))
+                self.array = _stored_memmap(path, images) if images.info.compress_type == zipfile.ZIP_STORED \
+                    and not images.fortran else read_member(path, zf, images)
         except (zipfile.BadZipFile, ValueError, OSError) as e:
             raise NeonError(f"{path}: not a readable .npz ({e})") from None
-        self.shape = tuple(self.array.shape)
-        if self.array.dtype != np.uint8 or len(self.shape) != 4 or self.shape[3] not in (1, 3):
-            raise NeonError(f"{path}: arr_0 must be uint8 (N, H, W, 3) or (N, H, W, 1), got {self.array.dtype} {self.shape}")
-        if self.labels is not None and len(self.labels) != len(self):
-            raise NeonError(f"{path}: {len(self.labels)} labels for {len(self)} images")
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -95,29 +186,17 @@ class NpzImages:
             yield i, self.read(i, i + batch)
 
 
-def _stored_member(path: str, info: zipfile.ZipInfo) -> np.ndarray | None:
-    """A read-only memmap of an uncompressed .npy member of a zip (None if compressed)."""
-    if info.compress_type != zipfile.ZIP_STORED:
-        return None
+def _stored_memmap(path: str, member: NpyMember) -> np.ndarray:
+    """A read-only memmap of an uncompressed member's data."""
     with open(path, "rb") as f:
-        f.seek(info.header_offset + 26)  # zip local file header: 30 bytes, name and extra lengths at 26..29
+        f.seek(member.info.header_offset + 26)  # zip local file header: 30 bytes, name and extra lengths at 26..29
         name_len, extra_len = struct.unpack("<HH", f.read(4))
-        f.seek(info.header_offset + 30 + name_len + extra_len)
-        version = np.lib.format.read_magic(f)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-        if read_header is None:
-            return None
-        shape, fortran, dtype = read_header(f)
-        offset = f.tell()
-    if fortran:
-        return None
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
-
-
-def _small_array(path: str, name: str) -> np.ndarray:
-    with np.load(path, allow_pickle=False) as f:
-        return f[name].astype(np.int64)
+    offset = member.info.header_offset + 30 + name_len + extra_len + member.header_len
+    if offset + member.nbytes > os.path.getsize(path):
+        raise NeonError(f"{path}: array {member.name!r} reaches past the end of the file")
+    if member.nbytes == 0:
+        return np.zeros(member.shape, member.dtype)
+    return np.memmap(path, dtype=member.dtype, mode="r", offset=offset, shape=member.shape)
 
 
 class FolderImages:

@@ -17,13 +17,15 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import hashlib
 import io
 import pickle
 import pickletools
 import re
 import struct
+import sys
 import zipfile
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterator, Mapping
 
 import torch
 
@@ -43,7 +45,9 @@ class Refused(pickle.UnpicklingError):
 
 class Record:
     """An object rebuilt as data: `kind` ('persistent', 'module' or 'object'), `name` (class name or dotted
-    path), constructor `args`, pickled `state`. Nothing of the original class is imported or run."""
+    path), constructor `args`, pickled `state`, and for a persistent record the normalised hash of its embedded
+    `source` (see `source_sha256`). Nothing of the original class is imported or run."""
+    source: str | None = None
 
     def __init__(self, kind: str = "object", name: str = "", args: tuple = (), state: Any = None):
         self.kind, self.name, self.args, self.state = kind, name, args, state
@@ -65,10 +69,69 @@ def _stand_in(path: str) -> type:
 
 
 def _reconstruct_persistent_obj(meta: dict) -> Record:
-    # torch_utils.persistence: meta = {type, version, module_src, class_name, state}. module_src is never run.
+    # torch_utils.persistence: meta = {type, version, module_src, class_name, state}. module_src is never run;
+    # only its hash is kept, for `check_sources`.
     if not isinstance(meta, dict) or meta.get("type") != "class":
         raise Refused("unexpected torch_utils.persistence record")
-    return Record("persistent", str(meta.get("class_name")), (), meta.get("state"))
+    record = Record("persistent", str(meta.get("class_name")), (), meta.get("state"))
+    record.source = source_sha256(meta.get("module_src"))
+    return record
+
+
+# ---- embedded source ---------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=64)
+def _normalised_sha256(text: str) -> str | None:
+    lines = [line.rstrip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
+    if all(not line.strip() or line.lstrip().startswith("#") for line in lines):
+        return None  # no code at all: it defines nothing, so nothing can differ from our definition
+    return hashlib.sha256(("\n".join(lines).rstrip("\n") + "\n").encode("utf-8")).hexdigest()
+
+
+def source_sha256(text: Any) -> str | None:
+    """SHA-256 of a module's source with line endings, trailing whitespace and trailing blank lines normalised
+    (a checkout's CRLF or an editor's stripped spaces do not change what runs); None for source with no code
+    (comments only, as in files whose source was stripped), '?' when it is not text."""
+    return _normalised_sha256(text) if isinstance(text, str) else "?"
+
+
+def persistent_records(obj: Any, seen: set | None = None) -> Iterator[Record]:
+    """Every torch_utils.persistence record in a loaded object, depth first."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, Record):
+        if obj.kind == "persistent":
+            yield obj
+        yield from persistent_records(obj.state, seen)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from persistent_records(v, seen)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from persistent_records(v, seen)
+
+
+def check_sources(obj: Any, known: Mapping[str, str], path: str, trust: bool = False) -> None:
+    """Refuse a pickle whose classes carry source other than the `known` releases' (hash -> where it is from):
+    we rebuild each network from our own code, which matches the official source only. trust=True (the CLI's
+    --trust-architecture) rebuilds it anyway, with a warning."""
+    unknown: dict[str, str] = {}
+    for record in persistent_records(obj):
+        digest = getattr(record, "source", None)
+        if digest is not None and digest not in known:
+            unknown.setdefault(record.name, digest)
+    if not unknown:
+        return
+    names = ", ".join(unknown)
+    digest = next(iter(unknown.values()))[:16]
+    if not trust:
+        raise NeonError(f"{path}: the embedded source of {names} (sha256 {digest}...) is not an official release's; "
+                        "a modified network would be rebuilt here from the official code. Pass --trust-architecture "
+                        "(load arg trust_architecture=true) to load it anyway")
+    print(f"warning: {path}: {names} carry unrecognised source (sha256 {digest}...); rebuilt from Neon's own "
+          "code as --trust-architecture asks, which may not be what that source computes", file=sys.stderr)
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *state):
@@ -243,10 +306,13 @@ class SafeUnpickler(pickle._Unpickler):
         raise Refused(f"refusing to load global '{path}' (not on the allow-list)")
 
     def load_build(self):
-        state = self.stack.pop()
-        if not isinstance(self.stack[-1], Record):
-            raise Refused(f"refusing to set state on a {type(self.stack[-1]).__name__}")
-        self.stack[-1].__setstate__(state)
+        state, inst = self.stack.pop(), self.stack[-1]
+        if type(inst) is collections.OrderedDict and isinstance(state, dict) and all(type(k) is str for k in state):
+            inst.__dict__.update(state)  # a state dict's `_metadata`: attributes of a fresh dict, nothing more
+        elif isinstance(inst, Record):
+            inst.__setstate__(state)
+        else:
+            raise Refused(f"refusing to set state on a {type(inst).__name__}")
     dispatch[pickle.BUILD[0]] = load_build
 
     def load_ext(self):

@@ -289,12 +289,22 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiny", action="store_true", help="use the family's tiny random network (tests)")
     p.add_argument("--load-arg", action="append", metavar="KEY=VALUE",
                    help="passed to the family's loader, e.g. vae_path=checkpoints/kl16.ckpt")
+    p.add_argument("--trust-architecture", action="store_true",
+                   help="EDM/IMM: load a pickle whose embedded source is not an official release's (warned)")
+
+
+def model_load_args(args) -> dict:
+    """The loader's arguments: --load-arg KEY=VALUE pairs, and trust_architecture for --trust-architecture."""
+    load_args = parse_kv(args.load_arg)
+    if getattr(args, "trust_architecture", False):
+        load_args["trust_architecture"] = True
+    return load_args
 
 
 def load_model(args) -> tuple[Family, Bundle]:
     family = get_family(args.family)
     device = dist.init()
-    load_args = parse_kv(args.load_arg)
+    load_args = model_load_args(args)
     if args.tiny:
         return family, family.tiny(device, **load_args)
     if not args.ckpt:

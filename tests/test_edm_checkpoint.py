@@ -80,8 +80,10 @@ def test_embedded_module_source_is_never_executed(tmp_path, monkeypatch):
     path = tmp_path / "snapshot.pkl"
     with open(path, "wb") as f:
         pickle.dump({"ema": Persistent()}, f)
-    with pytest.raises(NeonError, match="weights do not match EDMPrecond"):  # read as data: no weights in it
+    with pytest.raises(NeonError, match="embedded source of EDMPrecond .* is not an official release's"):
         checkpoint.load_network(str(path))
+    with pytest.raises(NeonError, match="weights do not match EDMPrecond"):  # read as data: no weights in it
+        checkpoint.load_network(str(path), trust_architecture=True)
     assert not marker.exists()
 
 
@@ -163,3 +165,49 @@ def test_truncated_pickle_is_a_neon_error(tmp_path):
     out.write_bytes(source[: len(source) // 2])
     with pytest.raises(NeonError):
         checkpoint.load_network(str(out))
+
+
+# ---- embedded source: only the official releases' is rebuilt from our code ---------------------------------
+
+def test_pickle_whose_embedded_source_is_not_official_is_refused_naming_the_class(tmp_path):
+    from forked_source import fork_source
+    for path in PICKLES:
+        fork = tmp_path / f"fork_{path.name}"
+        assert fork_source(path, fork) > 0
+        ema = safe_pickle.load(str(path))["ema"]
+        with pytest.raises(NeonError, match=rf"fork_{path.name}: the embedded source of .*{ema.name}") as e:
+            checkpoint.load_network(str(fork))
+        assert "\n" not in str(e.value) and "--trust-architecture" in str(e.value)
+
+
+def test_trust_architecture_loads_a_forked_pickle_with_a_warning(tmp_path, capsys):
+    from forked_source import fork_source
+    path = PICKLES[0]
+    fork_source(path, tmp_path / "fork.pkl")
+    net = EDMFamily().load(str(tmp_path / "fork.pkl"), trust_architecture=True).net
+    assert "warning:" in capsys.readouterr().err
+    reference = checkpoint.load_network(str(path)).state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in net.state_dict().items())
+
+
+def test_source_hash_ignores_line_endings_and_trailing_spaces_only():
+    code = "class EDMPrecond:\n    sigma_data = 0.5\n"
+    digest = safe_pickle.source_sha256(code)
+    assert safe_pickle.source_sha256(code.replace("\n", "\r\n")) == digest
+    assert safe_pickle.source_sha256("class EDMPrecond:   \n    sigma_data = 0.5\n\n\n") == digest
+    assert safe_pickle.source_sha256(code.replace("0.5", "0.6")) != digest
+    assert safe_pickle.source_sha256("# no code here\n\n") is None
+    assert set(checkpoint.OFFICIAL_SOURCES) and all(len(h) == 64 for h in checkpoint.OFFICIAL_SOURCES)
+
+
+def test_cli_flag_trust_architecture_reaches_the_loader(tmp_path, capsys):
+    from forked_source import fork_source
+    from neon.cli import build_parser
+    from neon.sampling import load_model
+    fork_source(PICKLES[0], tmp_path / "fork.pkl")
+    argv = ["sample", "--family", "edm", "--ckpt", str(tmp_path / "fork.pkl"), "--out", str(tmp_path / "x.npz"),
+            "--seeds", "0-1"]
+    with pytest.raises(NeonError, match="--trust-architecture"):
+        load_model(build_parser("sample").parse_args(argv))
+    load_model(build_parser("sample").parse_args(argv + ["--trust-architecture"]))
+    assert "warning:" in capsys.readouterr().err

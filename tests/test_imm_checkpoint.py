@@ -93,3 +93,15 @@ def test_temb_type_override_keeps_weights(official_pickle):
         assert torch.equal(a, b)
     with pytest.raises(NeonError):
         load_network(official_pickle, temb_type="sideways")
+
+
+def test_pickle_whose_embedded_source_is_not_official_is_refused_unless_trusted(official_pickle, tmp_path, capsys):
+    from forked_source import fork_source
+    assert fork_source(official_pickle, tmp_path / "fork.pkl") > 0
+    with pytest.raises(NeonError, match=r"fork.pkl: the embedded source of .*IMMPrecond.*--trust-architecture") as e:
+        load_network(tmp_path / "fork.pkl")
+    assert "\n" not in str(e.value)
+    net = load_network(tmp_path / "fork.pkl", trust_architecture=True)
+    assert "warning:" in capsys.readouterr().err
+    reference = load_network(official_pickle).state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in net.state_dict().items())

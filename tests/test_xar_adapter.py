@@ -1,4 +1,7 @@
 """The xAR family adapter on its tiny random model: seeds, the Neon round trip, containers and errors."""
+import argparse
+import pickle
+
 import pytest
 import torch
 
@@ -99,6 +102,20 @@ def test_neon_container_loads_and_prefers_model_ema(bundle, tmp_path):
     for name in ("neon.pth", "train.pth"):
         got, container = checkpoint.read_xar_state_dict(str(tmp_path / name))
         assert container == "model_ema" and all(torch.equal(got[k], sd[k]) for k in sd)
+
+
+def test_upstream_training_checkpoint_with_args_namespace_loads(bundle, tmp_path):
+    """upstream util/misc.py save_model: {'model', 'model_ema', 'optimizer', 'epoch', 'args': Namespace}."""
+    ema = {k: v.clone() for k, v in bundle.net.state_dict().items()}
+    raw = {k: v * 0 if v.is_floating_point() else v for k, v in ema.items()}
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))])
+    torch.save({"model": raw, "model_ema": ema, "optimizer": opt.state_dict(), "epoch": 4,
+                "args": argparse.Namespace(model="xar_base", lr=1e-4)}, tmp_path / "checkpoint-last.pth")
+    with pytest.raises(pickle.UnpicklingError):  # weights-only torch.load (the reader before) refuses the Namespace
+        torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
+    got, container = checkpoint.read_xar_state_dict(str(tmp_path / "checkpoint-last.pth"))
+    assert container == "model_ema" and list(got) == list(ema)
+    assert all(torch.equal(got[k], ema[k]) for k in ema)
 
 
 def test_save_is_atomic_and_leaves_no_temporary_files(bundle, tmp_path):

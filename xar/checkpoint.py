@@ -1,11 +1,13 @@
 """xAR and KL-16 VAE checkpoint files: read every container the official code writes, load strictly, save.
 
-Containers read (always with torch.load(weights_only=True): nothing in a file is executed):
+Containers read (with neon's restricted unpickler, or torch.load(weights_only=True) for legacy non-zip files:
+nothing in a file is executed):
 - release xAR-B/L/H.pth: a plain state dict (official eval.py: model.load_state_dict(torch.load(path)));
 - Neon's training snapshots and (possibly) its release files: {'model_ema': state_dict, 'epoch': int}
   (Neon xAR/util/misc.py save_model);
-- upstream xAR training checkpoints: {'model', 'model_ema', 'optimizer', ...}: the EMA weights are taken,
-  as Neon's calculate_fid.py does (ckpt.get('model_ema', ckpt.get('state_dict', ckpt)));
+- upstream xAR training checkpoints (util/misc.py save_model): {'model', 'model_ema', 'optimizer', 'epoch',
+  'args': argparse.Namespace}: the EMA weights are taken, as Neon's calculate_fid.py does
+  (ckpt.get('model_ema', ckpt.get('state_dict', ckpt))); the Namespace is read as an inert record;
 - kl16.ckpt: {'model': state_dict}.
 
 Saved container: a plain state dict (`container='plain'`, the default). It is what the released xAR files are,
@@ -16,22 +18,29 @@ training-snapshot layout {'model_ema': sd, 'epoch': n} instead (read by calculat
 from __future__ import annotations
 
 import dataclasses
+import os
+import zipfile
 from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 
-from neon.checkpoint import atomic_save
+from neon.checkpoint import atomic_save, read_pth
 from neon.errors import NeonError
 from xar import model as xar_model
 from xar import vae as xar_vae
 
 
 def _read(path: str) -> Any:
-    try:
+    if not os.path.isfile(path):
+        raise NeonError(f"{path}: checkpoint not found")
+    if zipfile.is_zipfile(path):  # torch.save's format: the restricted unpickler (reads upstream's 'args' too)
+        try:
+            return read_pth(path)
+        except RuntimeError as e:
+            raise NeonError(f"{path}: not a readable torch checkpoint ({e})") from None
+    try:  # a legacy (non-zip) torch.save file
         return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise NeonError(f"{path}: checkpoint not found") from None
     except Exception as e:  # pickles with code, truncated files, not a torch file at all
         raise NeonError(f"{path}: not a readable weights-only torch checkpoint ({type(e).__name__})") from None
 

@@ -18,6 +18,7 @@ import torch
 
 from neon import dist
 from neon.errors import NeonError
+from neon.images import open_images
 from neon.metrics.features import FeatureExtractor
 from neon.metrics.frechet import gaussian_from_features
 from neon.metrics.inception_score import inception_score
@@ -101,7 +102,6 @@ def summarize_images(path: str, extractor: FeatureExtractor, batch: int = 64, nu
     world_size-th image; collective, every rank gets the Summary."""
     from tqdm import tqdm
 
-    from neon.images import open_images
     images = open_images(path)
     n = len(images) if num is None else num
     if n > len(images):

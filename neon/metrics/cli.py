@@ -14,10 +14,10 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 
 from neon import dist
 from neon.errors import NeonError
+from neon.images import npz_names
 from neon.metrics.accumulate import Summary, summarize_images
 from neon.metrics.evaluate import evaluate
 from neon.metrics.features import DETECTORS, FeatureExtractor
@@ -61,8 +61,7 @@ def _real_set(args, extractor: FeatureExtractor) -> Stats | Summary:
         raise NeonError("--prdc needs --real (real images, or statistics saved with `neon stats --features`)")
     real = Path(args.real)
     if real.suffix == ".npz" and real.is_file():
-        with np.load(real, allow_pickle=False) as f:
-            keys = set(f.files)
+        keys = npz_names(str(real))
         if "features" in keys:
             return load_stats(real, dim=extractor.dim)
         if "arr_0" not in keys and "mu" in keys:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from neon.checkpoint import atomic_open
 from neon.errors import NeonError
+from neon.images import read_npz
 from neon.metrics.frechet import check_gaussian
 
 MIN_COUNT = 2  # a covariance needs two samples
@@ -44,16 +44,11 @@ def load_stats(path: str | os.PathLike, dim: int | None = None) -> Stats:
     path = Path(path)
     if not path.is_file():
         raise NeonError(f"statistics file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            keys = set(f.files)
-            if not {"mu", "sigma"} <= keys:
-                raise NeonError(f"{path}: expected arrays 'mu' and 'sigma', found {sorted(keys) or 'none'}")
-            mu, sigma = f["mu"], f["sigma"]
-            count = int(f["count"]) if "count" in keys else None
-            features = f["features"] if "features" in keys else None
-    except (ValueError, OSError, zipfile.BadZipFile) as e:
-        raise NeonError(f"{path}: not a readable .npz ({e})") from None
+    arrays = read_npz(str(path), required=("mu", "sigma"), optional=("count", "features"))
+    mu, sigma, features = arrays["mu"], arrays["sigma"], arrays.get("features")
+    if "count" in arrays and arrays["count"].size != 1:
+        raise NeonError(f"{path}: 'count' has shape {arrays['count'].shape}, expected a single number")
+    count = int(arrays["count"]) if "count" in arrays else None
     mu, sigma = check_gaussian(mu, sigma, str(path))
     check_count(count, str(path))
     if dim is not None and mu.shape[0] != dim:
