@@ -154,9 +154,33 @@ def test_sample_refuses_bad_paths_and_label_files(capsys, tmp_path, base):
         (_sample(base, tmp_path / "s.npz", "--labels", tmp_path / "words.txt"), "not a label file"),
         (_sample(base, tmp_path / "s.npz", "--labels", tmp_path / "floats.npy"), "labels must be integers"),
         (_sample(base, tmp_path / "s.npz", "--labels", tmp_path / "too_big.txt"), f"labels must lie in [0, {c})"),
+        (_sample(base, tmp_path / "s.npz", "--batch", "0"), "batch: must be positive"),
     ]
     for argv, message in cases:
         assert message in _refused(capsys, argv, tmp_path)
+
+
+def test_outputs_of_the_metric_commands_are_refused_before_the_work(capsys, tmp_path, base):
+    (tmp_path / "a_folder").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    evaluate = ["evaluate", "--family", "tinypix", "--ckpt", base["ckpt"], "--ref", tmp_path / "a_file",
+                "--num-images", "4"]
+    cases = [
+        (evaluate + ["--json", tmp_path / "a_folder"], "is a folder, expected an output JSON file"),
+        (evaluate + ["--json", tmp_path / "a_file" / "r.json"], "is not a folder"),
+        (evaluate + ["--batch", "0"], "--batch: must be positive"),
+        (["evaluate", "--family", "tinypix", "--ckpt", tmp_path / "a_folder", "--ref", tmp_path / "a_file"],
+         "is a folder, expected a checkpoint"),
+        (["evaluate", "--family", "tinypix", "--ckpt", base["ckpt"], "--ref", tmp_path / "a_folder"],
+         "is a folder, expected reference statistics"),
+        (["fid", "--images", base["data"], "--ref", tmp_path / "a_folder"], "is a folder, expected a statistics file"),
+        (["fid", "--images", base["data"], "--ref", tmp_path / "a_file", "--json", tmp_path / "a_folder"],
+         "is a folder, expected an output JSON file"),
+        (["stats", "--images", base["data"], "--out", tmp_path / "a_folder"], "is a folder, expected an output"),
+        (["stats", "--images", base["data"], "--out", tmp_path / "a_file" / "s.npz"], "is not a folder"),
+    ]
+    for argv, message in cases:
+        assert message in _refused(capsys, [str(a) for a in argv], tmp_path)
 
 
 def test_merge_into_a_folder_is_refused_before_merging_even_with_force(capsys, tmp_path, base):
