@@ -9,7 +9,7 @@ import yaml
 from neon import cli
 from neon.errors import NeonError
 from neon.family import get_family, register
-from neon.images import NpzImages, save_images_npz
+from neon.images import NpzImages
 from neon.sampling import class_labels, draw_labels, sample_to_npz
 from neon.testing import TinyPixFamily
 
@@ -58,10 +58,11 @@ def _variant(base, tmp_path, kind) -> str:
         "other_resolution": (images.repeat(2, axis=1).repeat(2, axis=2), labels),
         "empty": (images[:0], labels[:0]),
         "no_labels": (images, None),
+        "fractional_labels": (images, labels + 0.5),
     }[kind]
     path = tmp_path / "inputs" / f"{kind}.npz"
     path.parent.mkdir(exist_ok=True)
-    save_images_npz(str(path), images, labels)
+    np.savez(path, arr_0=images, **({} if labels is None else {"arr_1": labels}))
     return str(path)
 
 
@@ -72,6 +73,7 @@ BAD_DATA = [  # (kind, what the one line must say)
     ("other_resolution", "the model's are {r}x{r}"),
     ("empty", "empty"),
     ("no_labels", "no labels"),
+    ("fractional_labels", "labels must be integers"),
 ]
 
 
