@@ -10,7 +10,7 @@ import json
 import os
 import time
 
-from neon import dist
+from neon import dist, paths
 from neon.checkpoint import atomic_open, local_path
 from neon.errors import NeonError
 from neon.family import get_family
@@ -27,9 +27,11 @@ def evaluate_checkpoint(family: str, ckpt: str, ref: str, *, load_args: dict | N
     """FID (and IS) of `ckpt`'s samples. Seeds: an explicit list, or 0..N-1 (N = num_images, or per_class·C
     with balanced labels); random labels come from each seed (the family's rule where it has one), or every
     image gets class `class_idx`."""
-    ref, ckpt = local_path(ref), local_path(ckpt)
-    if not os.path.isfile(ckpt):
-        raise NeonError(f"{ckpt}: checkpoint not found")
+    ref, ckpt = local_path(ref), paths.input_file(local_path(ckpt), "checkpoint")
+    if json_out:
+        paths.output_file(json_out, "JSON file")  # refused now, not after the sampling
+    if batch <= 0:
+        raise NeonError(f"--batch: must be positive, got {batch}")
     fam = get_family(family)
     bundle = fam.load(ckpt, dist.init(), **(load_args or {}))
     return evaluate_bundle(fam, bundle, ref, seeds=seeds, num_images=num_images, per_class=per_class,
@@ -43,6 +45,8 @@ def evaluate_bundle(fam, bundle, ref: str, *, seeds=None, num_images=None, per_c
                     json_out=None, save_images=None, class_idx=None, labels=None, extra: dict | None = None) -> dict:
     """`evaluate_checkpoint` for networks already loaded (`labels`: one per seed, overriding the rules)."""
     ref = local_path(ref)
+    if os.path.isdir(ref):
+        raise NeonError(f"{ref}: is a folder, expected reference statistics")
     if not os.path.isfile(ref):
         raise NeonError(f"{ref}: reference statistics not found (bash download_models.sh fetches them)")
     device = next(bundle.net.parameters()).device

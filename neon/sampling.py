@@ -213,6 +213,8 @@ def sample_to_npz(family: Family, bundle: Bundle, seeds: Sequence[int], labels: 
     batch_invariant: images that do not depend on the batch size either (`draw_batch`; slower)."""
     if bundle.conditional and labels is None:
         raise NeonError("the model is class-conditional: it needs labels")
+    if batch <= 0:
+        raise NeonError(f"batch: must be positive, got {batch}")
     if os.path.exists(paths.output_file(out, ".npz file")):
         raise FileExistsError(f"{out} exists")
     if png:

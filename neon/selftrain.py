@@ -29,7 +29,7 @@ from neon.checkpoint import atomic_open, atomic_save
 from neon.config import FinetuneConfig, _build
 from neon.errors import NeonError
 from neon.family import Bundle, Family, TrainDefaults
-from neon.images import open_images
+from neon.images import NpzImages, open_images
 from neon.sampling import allows_null_class, check_label_range
 
 STATE_FILE = "train_state.pt"
@@ -305,6 +305,10 @@ def check_finetune_data(family: Family, bundle: Bundle, data: str) -> None:
         return
     if images.labels is None:
         raise NeonError(f"{data}: the model is class-conditional but the images have no labels")
+    if isinstance(images, NpzImages):  # the reader casts labels to int64: 2.7 would silently become class 2
+        with np.load(data, allow_pickle=False) as f:
+            if f["arr_1"].dtype.kind not in "iu":
+                raise NeonError(f"{data}: labels must be integers, got {f['arr_1'].dtype}")
     check_label_range(np.asarray(images.labels), bundle.num_classes, allows_null_class(family), f"{data}: ")
 
 

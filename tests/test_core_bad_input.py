@@ -9,7 +9,7 @@ import yaml
 from neon import cli
 from neon.errors import NeonError
 from neon.family import get_family, register
-from neon.images import NpzImages, save_images_npz
+from neon.images import NpzImages
 from neon.sampling import class_labels, draw_labels, sample_to_npz
 from neon.testing import TinyPixFamily
 
@@ -58,10 +58,11 @@ def _variant(base, tmp_path, kind) -> str:
         "other_resolution": (images.repeat(2, axis=1).repeat(2, axis=2), labels),
         "empty": (images[:0], labels[:0]),
         "no_labels": (images, None),
+        "fractional_labels": (images, labels + 0.5),
     }[kind]
     path = tmp_path / "inputs" / f"{kind}.npz"
     path.parent.mkdir(exist_ok=True)
-    save_images_npz(str(path), images, labels)
+    np.savez(path, arr_0=images, **({} if labels is None else {"arr_1": labels}))
     return str(path)
 
 
@@ -72,6 +73,7 @@ BAD_DATA = [  # (kind, what the one line must say)
     ("other_resolution", "the model's are {r}x{r}"),
     ("empty", "empty"),
     ("no_labels", "no labels"),
+    ("fractional_labels", "labels must be integers"),
 ]
 
 
@@ -154,9 +156,33 @@ def test_sample_refuses_bad_paths_and_label_files(capsys, tmp_path, base):
         (_sample(base, tmp_path / "s.npz", "--labels", tmp_path / "words.txt"), "not a label file"),
         (_sample(base, tmp_path / "s.npz", "--labels", tmp_path / "floats.npy"), "labels must be integers"),
         (_sample(base, tmp_path / "s.npz", "--labels", tmp_path / "too_big.txt"), f"labels must lie in [0, {c})"),
+        (_sample(base, tmp_path / "s.npz", "--batch", "0"), "batch: must be positive"),
     ]
     for argv, message in cases:
         assert message in _refused(capsys, argv, tmp_path)
+
+
+def test_outputs_of_the_metric_commands_are_refused_before_the_work(capsys, tmp_path, base):
+    (tmp_path / "a_folder").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    evaluate = ["evaluate", "--family", "tinypix", "--ckpt", base["ckpt"], "--ref", tmp_path / "a_file",
+                "--num-images", "4"]
+    cases = [
+        (evaluate + ["--json", tmp_path / "a_folder"], "is a folder, expected an output JSON file"),
+        (evaluate + ["--json", tmp_path / "a_file" / "r.json"], "is not a folder"),
+        (evaluate + ["--batch", "0"], "--batch: must be positive"),
+        (["evaluate", "--family", "tinypix", "--ckpt", tmp_path / "a_folder", "--ref", tmp_path / "a_file"],
+         "is a folder, expected a checkpoint"),
+        (["evaluate", "--family", "tinypix", "--ckpt", base["ckpt"], "--ref", tmp_path / "a_folder"],
+         "is a folder, expected reference statistics"),
+        (["fid", "--images", base["data"], "--ref", tmp_path / "a_folder"], "is a folder, expected a statistics file"),
+        (["fid", "--images", base["data"], "--ref", tmp_path / "a_file", "--json", tmp_path / "a_folder"],
+         "is a folder, expected an output JSON file"),
+        (["stats", "--images", base["data"], "--out", tmp_path / "a_folder"], "is a folder, expected an output"),
+        (["stats", "--images", base["data"], "--out", tmp_path / "a_file" / "s.npz"], "is not a folder"),
+    ]
+    for argv, message in cases:
+        assert message in _refused(capsys, [str(a) for a in argv], tmp_path)
 
 
 def test_merge_into_a_folder_is_refused_before_merging_even_with_force(capsys, tmp_path, base):

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 
-from neon import dist
+from neon import dist, paths
 from neon.errors import NeonError
 from neon.images import npz_names
 from neon.metrics.accumulate import Summary, summarize_images
@@ -81,6 +81,8 @@ def _report(result: dict) -> str:
 
 
 def fid_main(args: argparse.Namespace) -> dict:
+    if args.json:
+        paths.output_file(args.json, "JSON file")  # refused now, not after the extraction
     dist.init()
     ref = load_stats(args.ref)  # fail before the long extraction
     extractor = FeatureExtractor(args.detector, args.inception_weights, logits=args.inception_score)
@@ -104,6 +106,7 @@ def fid_main(args: argparse.Namespace) -> dict:
 
 
 def stats_main(args: argparse.Namespace) -> Stats:
+    paths.output_file(args.out, ".npz file")  # refused now, not after the extraction
     dist.init()
     extractor = FeatureExtractor(args.detector, args.inception_weights, logits=False)
     summary = summarize_images(args.images, extractor, args.batch, num=args.num_images,

@@ -42,6 +42,8 @@ def load_stats(path: str | os.PathLike, dim: int | None = None) -> Stats:
     """Read `mu`, `sigma` (and `count`, `features` if present); refuse a missing file, missing keys, wrong
     shapes, non-finite values, a count below 2, or a feature dimension other than `dim`."""
     path = Path(path)
+    if path.is_dir():
+        raise NeonError(f"{path}: is a folder, expected a statistics file")
     if not path.is_file():
         raise NeonError(f"statistics file not found: {path}")
     arrays = read_npz(str(path), required=("mu", "sigma"), optional=("count", "features"))
