@@ -13,7 +13,7 @@ from torch import nn
 
 from neon.checkpoint import atomic_save, open_checkpoint
 from neon.errors import NeonError
-from neon.family import Bundle, TrainDefaults
+from neon.family import Arg, Bundle, Family, TrainDefaults
 
 
 class TinyDenoiser(nn.Module):
@@ -44,19 +44,21 @@ class TinyDenoiser(nn.Module):
 SIGMAS = (4.0, 1.5, 0.5, 0.1)
 
 
-class TinyPixFamily:
+class TinyPixFamily(Family):
     name = "tinypix"
     train_defaults = TrainDefaults(optimizer="adam", betas=(0.9, 0.999), weight_decay=0.0, grad_clip=1.0)
+    SAMPLER_ARGS = (Arg("num_steps", int, 4, f"Euler steps, at most {len(SIGMAS)} (the first noise levels)"),)
+    TINY_ARGS = (Arg("num_classes", int, 0, "0 = unconditional, else class-conditional"),)
 
     def _bundle(self, net: TinyDenoiser, source: str | None, device) -> Bundle:
         net.eval().requires_grad_(False).to(device)
         return Bundle(net=net, num_classes=net.num_classes, resolution=net.resolution, source=source)
 
-    def tiny(self, device="cpu", seed: int = 0, num_classes: int = 0, **_) -> Bundle:
+    def tiny(self, device="cpu", seed: int = 0, num_classes: int = 0) -> Bundle:
         torch.manual_seed(seed)
         return self._bundle(TinyDenoiser(num_classes=int(num_classes)), None, device)
 
-    def load(self, path: str, device="cpu", **_) -> Bundle:
+    def load(self, path: str, device="cpu") -> Bundle:
         ckpt = open_checkpoint(path)
         sd = ckpt.state_dict()
         if "conv_in.weight" not in sd:
@@ -67,7 +69,7 @@ class TinyPixFamily:
         return self._bundle(net, path, device)
 
     @torch.no_grad()
-    def sample(self, bundle: Bundle, seeds: Sequence[int], labels=None, num_steps: int = 4, **_) -> torch.Tensor:
+    def sample(self, bundle: Bundle, seeds: Sequence[int], labels=None, num_steps: int = 4) -> torch.Tensor:
         if bundle.conditional and labels is None:
             raise NeonError("tinypix: a conditional model needs labels")
         device = next(bundle.net.parameters()).device
