@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import fixtures_root
+from neon.checkpoint import load_strict
 from var import checkpoint
 from var.adapter import VARFamily
 from var.loss import per_token_loss, var_loss
@@ -282,4 +283,4 @@ def test_release_manifest_strict_loads_on_meta(name, fixtures):
     assert ours == entries
     assert sum(p.numel() for p in model.parameters()) == manifest["num_parameters"]
     state = {k: torch.empty(s, dtype=getattr(torch, d), device="meta") for k, s, d in entries}
-    checkpoint.load_strict(model, state, name)
+    load_strict(lambda: cls(**kwargs), state, name)

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import torch
 
-from neon.checkpoint import atomic_save
+from neon.checkpoint import atomic_save, load_strict
 from neon.errors import NeonError
 from var.model import VAR, level_index
 from var.vqvae import VQVAE
@@ -154,27 +154,8 @@ def build(cls, kwargs: dict, device: torch.device | str = "meta") -> torch.nn.Mo
         return cls(**kwargs)
 
 
-def load_strict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str) -> None:
-    """load_state_dict(strict=True) with shapes checked first, reported as one line."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        raise NeonError(f"{what} does not match the model: keys {'; '.join(parts)}")
-    for k, t in own.items():
-        if k == "quantize.ema_vocab_hit_SV":
-            continue   # VQVAE.load_state_dict keeps its own when the number of scales differs
-        if tuple(sd[k].shape) != tuple(t.shape):
-            raise NeonError(f"{what} does not match the model: {k} has shape {tuple(sd[k].shape)}, "
-                            f"expected {tuple(t.shape)}")
-    # Floating tensors take the model's dtype (float32), as a copying load_state_dict would.
-    sd = {k: v.to(own[k].dtype) if v.is_floating_point() and v.dtype != own[k].dtype else v for k, v in sd.items()}
-    model.load_state_dict(sd, strict=True, assign=True)
+# VQVAE.load_state_dict keeps its own ema_vocab_hit_SV when the number of scales differs.
+ANY_SHAPE = ("quantize.ema_vocab_hit_SV",)
 
 
 def load_var(path: str, device: torch.device | str = "cpu", patch_nums=None, **overrides) -> tuple[VAR, dict]:
@@ -182,8 +163,7 @@ def load_var(path: str, device: torch.device | str = "cpu", patch_nums=None, **o
     sd = read_state_dict(path, "VAR checkpoint")
     kwargs = infer_var_kwargs(shapes_of(sd), sd.get("lvl_1L"), patch_nums)
     kwargs.update(overrides)
-    var = build(VAR, kwargs)
-    load_strict(var, sd, f"VAR checkpoint {path!r}")
+    var = load_strict(lambda: VAR(**kwargs), sd, f"VAR checkpoint {path!r} does not match the model")
     if not torch.equal(var.lvl_1L.cpu(), level_index(var.patch_nums)):   # the mask is derived from lvl_1L
         raise NeonError(f"VAR checkpoint {path!r}: its lvl_1L is not the token layout of patch_nums {var.patch_nums}")
     return var.to(device).eval(), kwargs
@@ -193,8 +173,7 @@ def load_vqvae(path: str, patch_nums, device: torch.device | str = "cpu") -> tup
     """A VQVAE checkpoint file -> (frozen VQVAE on device, its constructor kwargs)."""
     sd = read_state_dict(path, "VQVAE checkpoint")
     kwargs = infer_vqvae_kwargs(shapes_of(sd), patch_nums)
-    vae = build(VQVAE, kwargs)
-    load_strict(vae, sd, f"VQVAE checkpoint {path!r}")
+    vae = load_strict(lambda: VQVAE(**kwargs), sd, f"VQVAE checkpoint {path!r} does not match the model", ANY_SHAPE)
     return vae.to(device).eval().requires_grad_(False), kwargs
 
 

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from neon.checkpoint import atomic_save
+from neon.checkpoint import atomic_save, load_strict
 from neon.errors import NeonError
 from xar import model as xar_model
 from xar import vae as xar_vae
@@ -63,31 +63,8 @@ def read_vae_state_dict(path: str) -> dict[str, torch.Tensor]:
     raise NeonError(f"{path}: no VAE state dict under 'model'")
 
 
-def check_state_dict(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str) -> None:
-    """Strict: same keys and shapes as `module`, else one NeonError line naming the first differences."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    shapes = [k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s) (first {missing[0]!r})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s) (first {unexpected[0]!r})")
-    if shapes:
-        k = shapes[0]
-        problems.append(f"{len(shapes)} shape mismatch(es) (first {k!r}: file {tuple(sd[k].shape)}, "
-                        f"model {tuple(expected[k].shape)})")
-    if problems:
-        raise NeonError(f"{what}: {'; '.join(problems)}")
-
-
 def _load_into(build, sd: Mapping[str, torch.Tensor], what: str, device) -> nn.Module:
-    with torch.device("meta"):   # no memory and no init cost: every tensor comes from the file
-        module = build()
-    check_state_dict(module, sd, what)
-    module.load_state_dict(sd, strict=True, assign=True)
-    return module.float().to(device).eval()
+    return load_strict(build, sd, what).float().to(device).eval()
 
 
 def load_xar(path: str, device: torch.device | str = "cpu", model: str | None = None,
