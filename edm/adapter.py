@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Sequence
 
@@ -21,6 +20,8 @@ import torch
 from neon.checkpoint import detect_format
 from neon.errors import NeonError
 from neon.family import Arg, Bundle, Family, TrainDefaults
+from neon.testing import fan_in_rule
+from neon.testing import randomize as random_weights
 
 from neon.config import check_args
 
@@ -230,22 +231,16 @@ def make_augment_pipe(info: dict, p: float | None = None) -> AugmentPipe | None:
     return AugmentPipe(**kwargs)
 
 
+def _tiny_rule(module, name, full_name, p):
+    """The fixtures' rule: GroupNorm weight 1 + 0.1·N(0,1), bias 0.05·N(0,1); other tensors the fan-in rule."""
+    if type(module).__name__ == "GroupNorm":
+        return (lambda z: 1 + 0.1 * z) if name == "weight" else (lambda z: 0.05 * z)
+    return fan_in_rule(module, name, full_name, p)
+
+
 def randomize(net: torch.nn.Module, seed: int) -> None:
-    """Overwrite every learnable tensor from a generator seeded with `seed` (the fixtures' rule): GroupNorm
-    weight 1 + 0.1·N(0,1), bias 0.05·N(0,1); other weights N(0,1)/sqrt(fan_in); other biases 0.05·N(0,1).
-    Unlike the official init (near-zero output layers) every parameter then moves the output."""
-    g = torch.Generator("cpu").manual_seed(int(seed))
-    with torch.no_grad():
-        for module in net.modules():
-            is_norm = type(module).__name__ == "GroupNorm"
-            for name, p in module.named_parameters(recurse=False):
-                z = torch.randn(p.shape, generator=g)
-                if is_norm:
-                    p.copy_(1 + 0.1 * z if name == "weight" else 0.05 * z)
-                elif name == "weight":
-                    p.copy_(z / math.sqrt(p[0].numel()))
-                else:
-                    p.copy_(0.05 * z)
+    """Every learnable tensor of a tiny EDM network from `seed` (neon.testing.randomize, the fixtures' rule)."""
+    random_weights(net, seed, _tiny_rule)
 
 
 def _device(net: torch.nn.Module) -> torch.device:

@@ -25,6 +25,7 @@ from imm.sampler import check_labels, one_hot, sample_latents
 from imm.vae import load_vae, tiny_vae
 from neon.errors import NeonError
 from neon.family import Arg, Bundle, Family, TrainDefaults
+from neon.testing import randomize
 
 # IMMLoss's arguments at the Neon fine-tuning settings (imm/configs/im256.yaml `loss:`) where it sets them;
 # configs override them via finetune.loss_args.
@@ -49,22 +50,13 @@ TINY_CONFIG = dict(img_resolution=4, img_channels=4, label_dim=10, model_type="D
                    f_type="euler_fm", temb_type="stride", time_scale=1000, sigma_data=0.5, eps=0.0, T=0.994)
 
 
-def _randomize(net: torch.nn.Module, seed: int) -> None:
-    """Give every learnable weight a random value (DiT's own init zeroes the output layers, which would make the
-    tiny network the identity map): matrices N(0, 1/fan_in), label table N(0, 0.5^2), vectors N(0, 0.05^2).
-    The frozen sin-cos pos_embed keeps its table."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if name.endswith("pos_embed"):
-                continue
-            if name.endswith("embedding_table.weight"):
-                std = 0.5
-            elif p.ndim >= 2:
-                std = p[0].numel() ** -0.5
-            else:
-                std = 0.05
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
+def _tiny_rule(module, name, full_name, p):
+    """DiT's own init zeroes the output layers, which would make the tiny network the identity map: matrices
+    N(0, 1/fan_in), label table N(0, 0.5²), vectors N(0, 0.05²); the frozen sin-cos pos_embed keeps its table."""
+    if full_name.endswith("pos_embed"):
+        return None
+    std = 0.5 if full_name.endswith("embedding_table.weight") else p[0].numel() ** -0.5 if p.ndim >= 2 else 0.05
+    return lambda z: z * std
 
 
 class IMMFamily(Family):
@@ -99,7 +91,7 @@ class IMMFamily(Family):
         AutoencoderKL (always the same one, so `load(..., vae_path='tiny')` decodes a saved tiny network alike).
         vae_path and vae_fp16 are accepted for config compatibility and ignored."""
         net = build_network(TINY_CONFIG, "cpu", temb_type)
-        _randomize(net, seed)
+        randomize(net, seed, _tiny_rule)
         return self._bundle(net.to(device).eval().requires_grad_(False), tiny_vae(device=device), source=None)
 
     @staticmethod
