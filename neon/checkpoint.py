@@ -418,3 +418,40 @@ def load_strict(build: Callable[[], torch.nn.Module], state_dict: Mapping[str, t
     if left:   # a buffer outside the state dict that the constructor did not fill
         raise NeonError(f"{what}: no weights for {_examples(left)}")
     return module
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Unwrapping a container to its state dict (the families' readers of plain torch files).
+
+# Prefixes that DistributedDataParallel and torch.compile put on every key.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def is_state_dict(obj: Any) -> bool:
+    """A non-empty mapping of name -> tensor."""
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(_is_tensorish(v) for v in obj.values())
+
+
+def unwrap_state_dict(obj: Any, keys: tuple[str, ...] = MODULE_KEYS, where: str = "checkpoint",
+                      depth: int = 4) -> tuple[str, dict]:
+    """(where it was, the state dict) of a container: the object itself when it is a state dict ('plain'), else
+    the one under the first of `keys` it has, nested up to `depth` wrappers deep (e.g. 'trainer.var_wo_ddp');
+    the wrapper prefixes that DDP and torch.compile add to every key are removed."""
+    found: list[str] = []
+    for _ in range(depth + 1):
+        if is_state_dict(obj):
+            sd = dict(obj)
+            for prefix in WRAPPER_PREFIXES:
+                if all(k.startswith(prefix) for k in sd):
+                    sd = {k[len(prefix):]: v for k, v in sd.items()}
+            return ".".join(found) or "plain", sd
+        if not isinstance(obj, Mapping):
+            break
+        key = next((k for k in keys if isinstance(obj.get(k), Mapping)), None)
+        if key is None:
+            break
+        found.append(key)
+        obj = obj[key]
+    top = ", ".join(map(str, list(obj)[:5])) if isinstance(obj, Mapping) else type(obj).__name__
+    raise NeonError(f"{where} holds no state dict (top level: {top}; expected name -> tensor, or one under "
+                    f"{', '.join(keys)})")

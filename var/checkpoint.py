@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import torch
 
-from neon.checkpoint import atomic_save, load_strict
+from neon.checkpoint import atomic_save, load_strict, unwrap_state_dict
 from neon.errors import NeonError
 from var.model import VAR, level_index
 from var.vqvae import VQVAE
@@ -30,7 +30,6 @@ RELEASE_PATCH_NUMS = {
     512: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32),  # var_d36 (d36-s)
 }
 WRAPPER_KEYS = ("trainer", "var_wo_ddp", "vae_local", "model", "state_dict", "module", "net")
-STRIP_PREFIXES = ("module.", "_orig_mod.")
 
 Shapes = Mapping[str, tuple]
 
@@ -52,20 +51,7 @@ def read_state_dict(path: str, what: str = "checkpoint") -> dict[str, torch.Tens
 
 def unwrap_container(obj: Any, where: str = "checkpoint") -> dict[str, torch.Tensor]:
     """A state dict, possibly nested under wrapper keys (e.g. {'trainer': {'var_wo_ddp': sd}}) -> the state dict."""
-    for _ in range(4):
-        if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            sd = dict(obj)
-            for prefix in STRIP_PREFIXES:
-                if all(k.startswith(prefix) for k in sd):
-                    sd = {k[len(prefix):]: v for k, v in sd.items()}
-            return sd
-        if not isinstance(obj, Mapping):
-            break
-        inner = next((obj[k] for k in WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
-        if inner is None:
-            break
-        obj = inner
-    raise NeonError(f"{where} holds no state dict (expected name -> tensor, or one under {', '.join(WRAPPER_KEYS)})")
+    return unwrap_state_dict(obj, WRAPPER_KEYS, where)[1]
 
 
 def shapes_of(sd: Mapping[str, torch.Tensor]) -> dict[str, tuple]:

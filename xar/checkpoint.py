@@ -21,10 +21,14 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from neon.checkpoint import atomic_save, load_strict
+from neon.checkpoint import atomic_save, load_strict, unwrap_state_dict
 from neon.errors import NeonError
 from xar import model as xar_model
 from xar import vae as xar_vae
+
+
+# Where xAR containers keep the network: Neon's calculate_fid order, then raw training weights.
+XAR_KEYS = ("model_ema", "state_dict", "model")
 
 
 def _read(path: str) -> Any:
@@ -36,31 +40,15 @@ def _read(path: str) -> Any:
         raise NeonError(f"{path}: not a readable weights-only torch checkpoint ({type(e).__name__})") from None
 
 
-def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
-
-
 def read_xar_state_dict(path: str) -> tuple[dict[str, torch.Tensor], str]:
     """-> (state dict, container) with container 'plain', 'model_ema', 'state_dict' or 'model'."""
-    obj = _read(path)
-    if isinstance(obj, Mapping):
-        for key in ("model_ema", "state_dict", "model"):   # Neon's calculate_fid order, then raw training weights
-            if _is_state_dict(obj.get(key)):
-                return dict(obj[key]), key
-    if _is_state_dict(obj):
-        return dict(obj), "plain"
-    keys = ", ".join(map(str, list(obj)[:5])) if isinstance(obj, Mapping) else type(obj).__name__
-    raise NeonError(f"{path}: no xAR state dict found (top level: {keys})")
+    container, sd = unwrap_state_dict(_read(path), XAR_KEYS, f"{path} (xAR weights)", depth=1)
+    return sd, container
 
 
 def read_vae_state_dict(path: str) -> dict[str, torch.Tensor]:
     """kl16.ckpt: {'model': state_dict} (a plain state dict is accepted too)."""
-    obj = _read(path)
-    if isinstance(obj, Mapping) and _is_state_dict(obj.get("model")):
-        return dict(obj["model"])
-    if _is_state_dict(obj):
-        return dict(obj)
-    raise NeonError(f"{path}: no VAE state dict under 'model'")
+    return unwrap_state_dict(_read(path), ("model",), f"{path} (KL-16 VAE)", depth=1)[1]
 
 
 def _load_into(build, sd: Mapping[str, torch.Tensor], what: str, device) -> nn.Module:
