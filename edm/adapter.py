@@ -5,25 +5,25 @@
 - encode: uint8 images -> the training loop's input, images / 127.5 − 1 in [-1, 1] (+ class indices).
 - loss:   the loss the snapshot was trained with (EDMLoss for the EDM releases, VPLoss for VP snapshots), with
           the snapshot's augmentation pipe, reduced as the official training loop (sum per image, mean over the
-          batch). `bundle.info['loss_args']` (the config's finetune.loss_args) may override:
-            augment:   augmentation probability p (0 = off); default: the snapshot's recorded pipe
-            reduction: 'sum_per_image' (default, official) or 'mean'
-            loss_kwargs: overrides of the loss constructor (P_mean, P_std, sigma_data / beta_d, ...)
+          batch). The config's finetune.loss_args may override it (LOSS_ARGS below).
 - save:   the official container when the network came from one (a byte-for-byte copy of that pickle with
           the weights replaced, see edm/checkpoint.py), a safetensors export for '*.safetensors', else our own
           torch.save container.
 """
 from __future__ import annotations
 
-import math
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
 from neon.checkpoint import detect_format
 from neon.errors import NeonError
-from neon.family import Bundle, TrainDefaults
+from neon.family import Arg, Bundle, Family, TrainDefaults
+from neon.testing import fan_in_rule
+from neon.testing import randomize as random_weights
+
+from neon.config import check_args
 
 from edm import checkpoint
 from edm.augment import TRAIN_PY_ARGS, AugmentPipe
@@ -32,8 +32,6 @@ from edm.sampler import SeededNoise, edm_sampler, latents_and_labels, to_uint8
 
 # The loss each preconditioner is trained with in EDM's train.py (--precond=vp|ve|edm).
 DEFAULT_LOSS = {"EDMPrecond": "EDMLoss", "VPPrecond": "VPLoss", "VEPrecond": "VELoss"}
-SAMPLER_ARGS = ("num_steps", "sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise")
-LOSS_ARGS = ("augment", "reduction", "loss_kwargs")
 
 # A tiny DDPM++ (SongUNet) with every code path of the released models: attention, down/up blocks, skip
 # concatenation, class and augmentation embeddings. About 190k parameters; a Heun step at 8x8 takes milliseconds.
@@ -48,31 +46,57 @@ BUILD_KWARGS = dict(model_type="SongUNet", embedding_type="positional", encoder_
                     decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1], model_channels=128,
                     channel_mult=[1, 2, 2, 2], num_blocks=4, attn_resolutions=[16], dropout=0.10, augment_dim=0,
                     use_fp16=False)
-BUILD_ARGS = ("model_channels", "channel_mult", "channel_mult_emb", "num_blocks", "attn_resolutions", "dropout",
-              "label_dropout")
 
 
-class EDMFamily:
+class EDMFamily(Family):
     name = "edm"
+    # edm_sampler's arguments (EDM's Algorithm 2 with the stochastic churn of Table 5), as generate.py names them.
+    SAMPLER_ARGS = (
+        Arg("num_steps", int, 18, "Heun steps N"),
+        Arg("sigma_min", float, 0.002, "lowest noise level of the time steps"),
+        Arg("sigma_max", float, 80.0, "highest noise level of the time steps"),
+        Arg("rho", float, 7.0, "time-step exponent ρ"),
+        Arg("S_churn", float, 0.0, "total noise added back (0 = the deterministic ODE sampler)"),
+        Arg("S_min", float, 0.0, "lowest σ at which noise is added back"),
+        Arg("S_max", float, float("inf"), "highest σ at which noise is added back"),
+        Arg("S_noise", float, 1.0, "scale of the noise added back"),
+        Arg("autocast", str | None, None, "None (float32, as the official code) or 'bf16' (CUDA; not bit-exact)"),
+    )
+    LOSS_ARGS = (
+        Arg("augment", float | None, None, "augmentation probability p (0 = off); None: the snapshot's pipe"),
+        Arg("reduction", str, "sum_per_image", "'sum_per_image' (the official loop) or 'mean'"),
+        Arg("loss_kwargs", dict[str, Any] | None, None, "loss constructor overrides (P_mean, P_std, sigma_data...)"),
+    )
+    LOAD_ARGS = (    # a snapshot pickle holds everything its network needs
+        Arg("trust_architecture", bool, False, "load a pickle whose embedded source is no official release's"),
+    )
+    TINY_ARGS = (
+        Arg("conditional", bool, True, "10 classes (True) or unconditional"),
+        Arg("resolution", int, 8, "image side"),
+    )
+    BUILD_ARGS = (   # SongUNet sizes (its constructor defaults)
+        Arg("model_channels", int, 128, "base channel count"),
+        Arg("channel_mult", list[int], [1, 2, 2, 2], "channel multiplier per resolution level"),
+        Arg("channel_mult_emb", int, 4, "embedding width multiplier"),
+        Arg("num_blocks", int, 4, "residual blocks per level"),
+        Arg("attn_resolutions", list[int], [16], "resolutions with self-attention"),
+        Arg("dropout", float, 0.10, "dropout probability of the residual blocks"),
+        Arg("label_dropout", float, 0.0, "probability of dropping the class label in training"),
+    )
     # EDM's train.py: torch.optim.Adam(lr, betas=[0.9, 0.999], eps=1e-8), no weight decay, no clipping
     # (the loop only replaces NaN/Inf gradients), float32 (--fp16=False for all three rows).
     train_defaults = TrainDefaults(optimizer="adam", betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                                    grad_clip=None)
 
     # -- networks ---------------------------------------------------------------------------------------
-    def load(self, path: str, device: torch.device | str = "cpu", trust_architecture: bool = False,
-             **load_args) -> Bundle:
+    def load(self, path: str, device: torch.device | str = "cpu", trust_architecture: bool = False) -> Bundle:
         """trust_architecture: load a pickle whose embedded source is not an official release's (warned)."""
-        if load_args:
-            raise NeonError(f"edm: unknown load_args {sorted(load_args)} (known: trust_architecture)")
         net, info = checkpoint.load_snapshot(path, device, bool(trust_architecture))
         return _bundle(net, info, source=os.fspath(path))
 
     def tiny(self, device: torch.device | str = "cpu", seed: int = 0, conditional: bool = True,
-             resolution: int = 8, **load_args) -> Bundle:
+             resolution: int = 8) -> Bundle:
         """A random tiny EDMPrecond + SongUNet (DDPM++); `conditional` gives it 10 classes."""
-        if load_args:
-            raise NeonError(f"edm: unknown tiny load_args {sorted(load_args)} (known: conditional, resolution)")
         init_kwargs = dict(TINY_KWARGS, img_resolution=int(resolution), label_dim=10 if conditional else 0)
         with torch.random.fork_rng(devices=[]):   # leave the caller's RNG alone
             torch.manual_seed(seed)
@@ -89,13 +113,9 @@ class EDMFamily:
 
         resolution, img_channels: image side and colour channels of the images `sample` returns.
         num_classes: 0 = unconditional, else class-conditional on labels in [0, num_classes).
-        unet_kwargs: SongUNet sizes (its constructor defaults in brackets): model_channels (128), channel_mult
-        ([1, 2, 2, 2]), channel_mult_emb (4), num_blocks (4), attn_resolutions ([16]), dropout (0.10),
-        label_dropout (0). No augmentation input: the bundle trains with plain EDMLoss (P_mean −1.2, P_std 1.2,
-        σ_data 0.5), no augment pipe. The same seed gives the same weights."""
-        unknown = set(unet_kwargs) - set(BUILD_ARGS)
-        if unknown:
-            raise NeonError(f"edm build: unknown arguments {sorted(unknown)} (known: {', '.join(BUILD_ARGS)})")
+        unet_kwargs: SongUNet sizes, BUILD_ARGS. No augmentation input: the bundle trains with plain EDMLoss
+        (P_mean −1.2, P_std 1.2, σ_data 0.5), no augment pipe. The same seed gives the same weights."""
+        check_args(self.BUILD_ARGS, unet_kwargs, "edm build")
         init_kwargs = dict(BUILD_KWARGS, img_resolution=int(resolution), img_channels=int(img_channels),
                            label_dim=int(num_classes), **unet_kwargs)
         with torch.random.fork_rng(devices=[]):   # leave the caller's RNG alone
@@ -111,13 +131,8 @@ class EDMFamily:
         """One image per seed -> uint8 (B, H, W, 3) on CPU.
 
         labels: int64 (B,) class indices for a conditional model (required), None for an unconditional one.
-        sampler_args: edm_sampler's num_steps (18), sigma_min (0.002), sigma_max (80), rho (7), S_churn (0),
-        S_min, S_max, S_noise. autocast: None (float32, as the official code) or 'bf16' (CUDA only; faster,
-        not bit-compatible).
+        sampler_args, autocast: SAMPLER_ARGS.
         """
-        unknown = set(sampler_args) - set(SAMPLER_ARGS)
-        if unknown:
-            raise NeonError(f"edm sampler: unknown arguments {sorted(unknown)} (known: {', '.join(SAMPLER_ARGS)})")
         net = bundle.net
         device = _device(net)
         class_labels = _one_hot(bundle, labels, len(seeds), device)
@@ -155,12 +170,10 @@ class EDMFamily:
             out["labels"] = labels.to(torch.int64).cpu()
         return out
 
-    def loss(self, bundle: Bundle, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The official training objective on a batch of `encode`'s output (net in train mode: dropout on)."""
-        args = dict(bundle.info.get("loss_args") or {})
-        unknown = set(args) - set(LOSS_ARGS)
-        if unknown:
-            raise NeonError(f"edm loss_args: unknown {sorted(unknown)} (known: {', '.join(LOSS_ARGS)})")
+    def loss(self, bundle: Bundle, batch: dict[str, torch.Tensor], augment: float | None = None,
+             reduction: str = "sum_per_image", loss_kwargs: dict | None = None) -> torch.Tensor:
+        """The official training objective on a batch of `encode`'s output (net in train mode: dropout on);
+        the arguments are LOSS_ARGS."""
         net = bundle.net
         device = _device(net)
         images = batch["images"].to(device, torch.float32)
@@ -169,10 +182,10 @@ class EDMFamily:
             if "labels" not in batch:
                 raise NeonError("edm loss: conditional model but the batch has no 'labels'")
             labels = _one_hot(bundle, batch["labels"], images.shape[0], device)
-        loss_fn = make_loss(bundle.info, args.get("loss_kwargs"))
-        pipe = make_augment_pipe(bundle.info, args.get("augment"))
+        loss_fn = make_loss(bundle.info, loss_kwargs)
+        pipe = make_augment_pipe(bundle.info, augment)
         per_element = loss_fn(net, images, labels, augment_pipe=pipe)
-        return reduce_loss(per_element, args.get("reduction", "sum_per_image"))
+        return reduce_loss(per_element, reduction)
 
     def save(self, bundle: Bundle, path: str) -> None:
         info = bundle.info
@@ -221,22 +234,16 @@ def make_augment_pipe(info: dict, p: float | None = None) -> AugmentPipe | None:
     return AugmentPipe(**kwargs)
 
 
+def _tiny_rule(module, name, full_name, p):
+    """The fixtures' rule: GroupNorm weight 1 + 0.1·N(0,1), bias 0.05·N(0,1); other tensors the fan-in rule."""
+    if type(module).__name__ == "GroupNorm":
+        return (lambda z: 1 + 0.1 * z) if name == "weight" else (lambda z: 0.05 * z)
+    return fan_in_rule(module, name, full_name, p)
+
+
 def randomize(net: torch.nn.Module, seed: int) -> None:
-    """Overwrite every learnable tensor from a generator seeded with `seed` (the fixtures' rule): GroupNorm
-    weight 1 + 0.1·N(0,1), bias 0.05·N(0,1); other weights N(0,1)/sqrt(fan_in); other biases 0.05·N(0,1).
-    Unlike the official init (near-zero output layers) every parameter then moves the output."""
-    g = torch.Generator("cpu").manual_seed(int(seed))
-    with torch.no_grad():
-        for module in net.modules():
-            is_norm = type(module).__name__ == "GroupNorm"
-            for name, p in module.named_parameters(recurse=False):
-                z = torch.randn(p.shape, generator=g)
-                if is_norm:
-                    p.copy_(1 + 0.1 * z if name == "weight" else 0.05 * z)
-                elif name == "weight":
-                    p.copy_(z / math.sqrt(p[0].numel()))
-                else:
-                    p.copy_(0.05 * z)
+    """Every learnable tensor of a tiny EDM network from `seed` (neon.testing.randomize, the fixtures' rule)."""
+    random_weights(net, seed, _tiny_rule)
 
 
 def _device(net: torch.nn.Module) -> torch.device:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from neon import safe_pickle
-from neon.checkpoint import atomic_open, atomic_save, detect_format, write_like
+from neon.checkpoint import atomic_open, atomic_save, detect_format, load_strict, write_like
 from neon.errors import NeonError
 
 from edm.networks import PRECONDS
@@ -85,15 +85,10 @@ def build_network(class_name: str, init_kwargs: dict, device: torch.device | str
 
 def network_from_state(class_name: str, init_kwargs: dict, state_dict: dict[str, torch.Tensor],
                        device: torch.device | str = "cpu") -> torch.nn.Module:
-    """Build on the meta device (no init cost), load the weights strictly, move to `device`, eval mode."""
-    net = build_network(class_name, init_kwargs, "meta")
-    try:
-        net.load_state_dict(state_dict, strict=True, assign=True)
-    except RuntimeError as e:
-        raise NeonError(f"weights do not match {class_name}: {' '.join(str(e).split())[:300]}") from None
-    leftovers = [n for n, t in list(net.named_parameters()) + list(net.named_buffers()) if t.is_meta]
-    if leftovers:
-        raise NeonError(f"{class_name}: no weights for {leftovers[:3]}")
+    """Our network with the weights loaded strictly (built on the meta device: no init cost), on `device`,
+    in eval mode."""
+    net = load_strict(lambda: build_network(class_name, init_kwargs, "meta"), state_dict,
+                      f"weights do not match {class_name}")
     return net.to(device).eval()
 
 

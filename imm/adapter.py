@@ -24,11 +24,25 @@ from imm.loss import IMMLoss
 from imm.sampler import check_labels, one_hot, sample_latents
 from imm.vae import load_vae, tiny_vae
 from neon.errors import NeonError
-from neon.family import Bundle, TrainDefaults
+from neon.family import Arg, Bundle, Family, TrainDefaults
+from neon.testing import randomize
 
-# The Neon fine-tuning loss settings (imm/configs/im256.yaml `loss:`); configs override them via loss_args.
-LOSS_DEFAULTS = dict(sigma=1.0, sample_t_mode="uniform", matrix_size=4, sample_repeat=1, a=2, b=4, k=12,
-                     label_dropout=0.1, min_tr_gap=1e-4)
+# IMMLoss's arguments at the Neon fine-tuning settings (imm/configs/im256.yaml `loss:`) where it sets them;
+# configs override them via finetune.loss_args.
+LOSS_ARGS = (
+    Arg("sigma", float, 1.0, "kernel bandwidth"),
+    Arg("sample_t_mode", str, "uniform", "'uniform' in t (Neon) or 'lognormal' in eta (IMM's default)"),
+    Arg("P_mean", float, -1.1, "lognormal mode: log-eta mean"),
+    Arg("P_std", float, 2.0, "lognormal mode: log-eta standard deviation"),
+    Arg("matrix_size", int, 4, "M: samples per group sharing (t, r, s)"),
+    Arg("sample_repeat", int, 1, "only 1 (the official code breaks otherwise)"),
+    Arg("a", float, 2, "wout: alpha_t^a"),
+    Arg("b", float, 4, "wout: sigmoid(b - logsnr_t)"),
+    Arg("k", int, 12, "r = t one step of eta_high / 2^k earlier"),
+    Arg("label_dropout", float, 0.1, "probability of training f_st on the null class"),
+    Arg("min_tr_gap", float | None, 1e-4, "r <= t - min_tr_gap"),
+)
+LOSS_DEFAULTS = {a.name: a.default for a in LOSS_ARGS if a.name not in ("P_mean", "P_std")}
 
 # A DiT of ~60k parameters on 4x4x4 latents (32x32 images through the tiny VAE), same code paths as DiT-XL/2.
 TINY_CONFIG = dict(img_resolution=4, img_channels=4, label_dim=10, model_type="DiT", patch_size=2, hidden_size=32,
@@ -36,26 +50,29 @@ TINY_CONFIG = dict(img_resolution=4, img_channels=4, label_dim=10, model_type="D
                    f_type="euler_fm", temb_type="stride", time_scale=1000, sigma_data=0.5, eps=0.0, T=0.994)
 
 
-def _randomize(net: torch.nn.Module, seed: int) -> None:
-    """Give every learnable weight a random value (DiT's own init zeroes the output layers, which would make the
-    tiny network the identity map): matrices N(0, 1/fan_in), label table N(0, 0.5^2), vectors N(0, 0.05^2).
-    The frozen sin-cos pos_embed keeps its table."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if name.endswith("pos_embed"):
-                continue
-            if name.endswith("embedding_table.weight"):
-                std = 0.5
-            elif p.ndim >= 2:
-                std = p[0].numel() ** -0.5
-            else:
-                std = 0.05
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
+def _tiny_rule(module, name, full_name, p):
+    """DiT's own init zeroes the output layers, which would make the tiny network the identity map: matrices
+    N(0, 1/fan_in), label table N(0, 0.5²), vectors N(0, 0.05²); the frozen sin-cos pos_embed keeps its table."""
+    if full_name.endswith("pos_embed"):
+        return None
+    std = 0.5 if full_name.endswith("embedding_table.weight") else p[0].numel() ** -0.5 if p.ndim >= 2 else 0.05
+    return lambda z: z * std
 
 
-class IMMFamily:
+class IMMFamily(Family):
     name = "imm"
+    SAMPLER_ARGS = (
+        Arg("steps", int, 8, "flow-map jumps (the release presets: 1, 2, 4, 8)"),
+        Arg("cfg", float | None, 1.5, "guidance scale (None = no guidance)"),
+        Arg("autocast", str | None, None, "None (float32 DiT) or 'bf16' / 'fp16' on CUDA"),
+    )
+    LOSS_ARGS = LOSS_ARGS
+    LOAD_ARGS = (
+        Arg("vae_path", str | None, None, "local diffusers folder of sd-vae-ft-ema (None: the hub id; 'tiny')"),
+        Arg("temb_type", str | None, None, "override the recorded second-time input ('identity' for s_a1)"),
+        Arg("vae_fp16", bool, True, "run the SD-VAE in float16"),
+        Arg("trust_architecture", bool, False, "load a pickle whose embedded source is no official release's"),
+    )
     train_defaults = TrainDefaults(optimizer="adamw", betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                                    grad_clip=None, autocast="fp16")
 
@@ -76,7 +93,7 @@ class IMMFamily:
         AutoencoderKL (always the same one, so `load(..., vae_path='tiny')` decodes a saved tiny network alike).
         vae_path and vae_fp16 are accepted for config compatibility and ignored."""
         net = build_network(TINY_CONFIG, "cpu", temb_type)
-        _randomize(net, seed)
+        randomize(net, seed, _tiny_rule)
         return self._bundle(net.to(device).eval().requires_grad_(False), tiny_vae(device=device), source=None)
 
     @staticmethod
@@ -115,15 +132,11 @@ class IMMFamily:
         moments = bundle.helpers["vae"].encode_moments(images)
         return {"moments": moments.cpu(), "labels": labels.to(torch.int64).cpu()}
 
-    def loss(self, bundle: Bundle, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean IMM loss over the batch's groups of `matrix_size` (the per-rank batch must be a multiple of it).
-        Draws, in order, from the global RNG: the posterior latents, then the loss's times, label dropout and
-        noise (the official order)."""
-        args = {**LOSS_DEFAULTS, **bundle.info.get("loss_args", {})}
-        try:
-            loss_fn = IMMLoss(**args)
-        except TypeError as e:
-            raise NeonError(f"IMM loss_args not understood: {e}") from None
+    def loss(self, bundle: Bundle, batch: dict[str, torch.Tensor], **loss_args) -> torch.Tensor:
+        """Mean IMM loss over the batch's groups of `matrix_size` (the per-rank batch must be a multiple of it);
+        loss_args: LOSS_ARGS. Draws, in order, from the global RNG: the posterior latents, then the loss's
+        times, label dropout and noise (the official order)."""
+        loss_fn = IMMLoss(**{**LOSS_DEFAULTS, **loss_args})
         net = _precond(bundle.net)
         device = next(net.parameters()).device
         y = bundle.helpers["vae"].moments_to_latents(batch["moments"].to(device))

@@ -83,19 +83,6 @@ def build_network(kwargs: dict, device: torch.device | str = "cpu", temb_type: s
         raise NeonError(f"IMM network config not understood: {e}") from None
 
 
-def check_state_dict(net: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str) -> None:
-    """Refuse, in one line, a state dict whose keys or shapes differ from `net`'s."""
-    own = net.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    extra = [k for k in state_dict if k not in own]
-    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
-    if missing or extra or shapes:
-        parts = [f"{name} {items[:3]}{' ...' if len(items) > 3 else ''}" for name, items in
-                 (("missing", missing), ("unexpected", extra), ("shape mismatch", shapes)) if items]
-        raise NeonError(f"{path}: weights do not match the IMMPrecond its config describes: {'; '.join(parts)}")
-
-
 def load_network(path: str, device: torch.device | str = "cpu", temb_type: str | None = None,
                  trust_architecture: bool = False) -> IMMPrecond:
     """Checkpoint -> IMMPrecond in eval mode on `device`, weights loaded strictly from `ema`.
@@ -105,9 +92,8 @@ def load_network(path: str, device: torch.device | str = "cpu", temb_type: str |
     Neon training config had fp16) is dropped: precision is the caller's choice (sampler / trainer autocast)."""
     kwargs, state_dict = read_checkpoint(path, trust_architecture)
     kwargs["mixed_precision"] = None
-    net = build_network(kwargs, "meta", temb_type)
-    check_state_dict(net, state_dict, path)
-    net.load_state_dict(state_dict, strict=True, assign=True)
+    net = neon_checkpoint.load_strict(lambda: build_network(kwargs, "meta", temb_type), state_dict,
+                                      f"{path}: weights do not match the IMMPrecond its config describes")
     return net.to(device).eval().requires_grad_(False)
 
 

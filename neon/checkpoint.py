@@ -26,6 +26,7 @@ import os
 import shutil
 import struct
 import zipfile
+from collections.abc import Collection, Mapping
 from typing import Any, Callable, Iterator
 
 import torch
@@ -430,3 +431,87 @@ def write_like(template: str, out: str, state_dict: dict[str, torch.Tensor]) -> 
     if missing or extra:
         raise NeonError(f"state dict does not match {template}: missing {missing[:3]}, unexpected {extra[:3]}")
     ckpt.write(out, lambda key, _: state_dict[key].detach().cpu())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Strict loading into our own networks (every family's loader).
+
+def _examples(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+
+
+def check_state_dict(expected: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor], what: str,
+                     any_shape: Collection[str] = ()) -> None:
+    """Same keys and shapes as `expected`, else one NeonError line naming the first differences:
+    '{what}: 1 missing (e.g. k); 2 unexpected (e.g. a, b); 1 shape mismatch (e.g. k has shape (7,), expected (3,))'.
+    any_shape: keys whose shape the module sets itself on load."""
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [k for k, t in expected.items() if k in state_dict and k not in any_shape
+              and tuple(state_dict[k].shape) != tuple(t.shape)]
+    problems = [f"{len(missing)} missing (e.g. {_examples(missing)})"] if missing else []
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {_examples(unexpected)})")
+    if shapes:
+        k = shapes[0]
+        problems.append(f"{len(shapes)} shape mismatch (e.g. {k} has shape {tuple(state_dict[k].shape)}, "
+                        f"expected {tuple(expected[k].shape)})")
+    if problems:
+        raise NeonError(f"{what}: {'; '.join(problems)}")
+
+
+def load_strict(build: Callable[[], torch.nn.Module], state_dict: Mapping[str, torch.Tensor], what: str,
+                any_shape: Collection[str] = ()) -> torch.nn.Module:
+    """The module `build()` makes, built on the meta device (no memory, no initialisation: a DiT-XL/2 is
+    neither initialised nor held twice) with `state_dict`'s tensors assigned to it. Keys and shapes must match
+    (`check_state_dict`); floating tensors take the module's dtype, as a copying load_state_dict would. The
+    module stays where the tensors are (the caller moves it)."""
+    with torch.device("meta"):
+        module = build()
+    own = module.state_dict()
+    check_state_dict(own, state_dict, what, any_shape)
+    cast = {k: v.to(own[k].dtype) if v.is_floating_point() and v.dtype != own[k].dtype else v
+            for k, v in state_dict.items()}
+    module.load_state_dict(cast, strict=True, assign=True)
+    left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers())
+            if t.is_meta and n not in state_dict]
+    if left:   # a buffer outside the state dict that the constructor did not fill
+        raise NeonError(f"{what}: no weights for {_examples(left)}")
+    return module
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Unwrapping a container to its state dict (the families' readers of plain torch files).
+
+# Prefixes that DistributedDataParallel and torch.compile put on every key.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def is_state_dict(obj: Any) -> bool:
+    """A non-empty mapping of name -> tensor."""
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(_is_tensorish(v) for v in obj.values())
+
+
+def unwrap_state_dict(obj: Any, keys: tuple[str, ...] = MODULE_KEYS, where: str = "checkpoint",
+                      depth: int = 4) -> tuple[str, dict]:
+    """(where it was, the state dict) of a container: the object itself when it is a state dict ('plain'), else
+    the one under the first of `keys` it has, nested up to `depth` wrappers deep (e.g. 'trainer.var_wo_ddp');
+    the wrapper prefixes that DDP and torch.compile add to every key are removed."""
+    found: list[str] = []
+    for _ in range(depth + 1):
+        if is_state_dict(obj):
+            sd = dict(obj)
+            for prefix in WRAPPER_PREFIXES:
+                if all(k.startswith(prefix) for k in sd):
+                    sd = {k[len(prefix):]: v for k, v in sd.items()}
+            return ".".join(found) or "plain", sd
+        if not isinstance(obj, Mapping):
+            break
+        key = next((k for k in keys if isinstance(obj.get(k), Mapping)), None)
+        if key is None:
+            break
+        found.append(key)
+        obj = obj[key]
+    top = ", ".join(map(str, list(obj)[:5])) if isinstance(obj, Mapping) else type(obj).__name__
+    raise NeonError(f"{where} holds no state dict (top level: {top}; expected name -> tensor, or one under "
+                    f"{', '.join(keys)})")

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from neon.errors import NeonError
+from neon.family import Arg, Family, get_family
 
 
 class ConfigError(NeonError, ValueError):
@@ -125,7 +126,7 @@ def _check(value: Any, tp: Any, where: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{where}: unexpected value {value!r}")
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
+        return build_config(tp, value, where)
     if tp is Any:
         return value
     if origin is list:
@@ -169,7 +170,8 @@ def _check(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {tp}")
 
 
-def _build(cls, data: Any, where: str):
+def build_config(cls, data: Any, where: str):
+    """The dataclass `cls` from the mapping `data`, every field checked (`where` names it in errors)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -216,13 +218,44 @@ def _semantic_checks(cfg: RunConfig) -> None:
         raise ConfigError(f"metrics.detector: expected 'inception-v3-compat' or 'nvidia', got {cfg.metrics.detector!r}")
 
 
-def parse_config(data: dict, smoke: bool = False, where: str = "") -> RunConfig:
+def check_args(declared: typing.Sequence[Arg], given: dict, where: str) -> None:
+    """Refuse a keyword that is not declared, or a value of the wrong type, in one line naming it and the known
+    names (`synthetic.sampler.num_stepz: unknown argument (known: num_steps, sigma_min, ...)`)."""
+    known = {a.name: a for a in declared}
+    for key, value in given.items():
+        path = f"{where} {key}" if where.startswith("-") else f"{where}.{key}"
+        if key not in known:
+            raise ConfigError(f"{path}: unknown argument (known: {', '.join(known) or 'none'})")
+        _check(value, known[key].type, path)
+
+
+def check_family_args(cfg: RunConfig, family: Family, smoke: bool = False) -> None:
+    """Every sampler, loss and load argument of `cfg` is one that `family` declares, with a value of its type."""
+    load_args = family.LOAD_ARGS + (family.TINY_ARGS if smoke and not cfg.base else ())
+    check_args(load_args, cfg.load_args, "load_args")
+    for section in ("synthetic", "sweep", "final"):
+        check_args(family.SAMPLER_ARGS, getattr(cfg, section).sampler, f"{section}.sampler")
+    sampler = {a.name: a for a in family.SAMPLER_ARGS}
+    for key, values in cfg.sweep.grid.items():
+        for i, value in enumerate(values):
+            check_args(family.SAMPLER_ARGS, {key: value}, f"sweep.grid[{i}]")
+    if cfg.sweep.cfg is not None and cfg.sweep.cfg_key not in sampler:
+        raise ConfigError(f"sweep.cfg_key: {cfg.sweep.cfg_key!r} is not a sampler argument of {family.name} "
+                          f"(known: {', '.join(sampler) or 'none'})")
+    check_args(family.LOSS_ARGS, cfg.finetune.loss_args, "finetune.loss_args")
+
+
+def parse_config(data: dict, smoke: bool = False, where: str = "", family_args: bool = False) -> RunConfig:
+    """The run config in `data`; with `family_args`, its sampler, loss and load arguments are also checked
+    against what its family declares."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping at the top level")
     if smoke:
         data = apply_smoke(data)
-    cfg = _build(RunConfig, data, "")
+    cfg = build_config(RunConfig, data, "")
     _semantic_checks(cfg)
+    if family_args:
+        check_family_args(cfg, get_family(cfg.family), smoke)
     return cfg
 
 
@@ -257,4 +290,5 @@ def config_kind(path: str) -> str:
 
 
 def load_config(path: str, smoke: bool = False) -> RunConfig:
-    return load_yaml(path, parse_config, smoke=smoke)
+    """The run config in the YAML file `path`, every field checked, and every family argument too."""
+    return load_yaml(path, parse_config, smoke=smoke, family_args=True)

@@ -1,6 +1,6 @@
 """The adapter protocol: what a model family tells the Neon core, and the registry that finds families by name.
 
-A family (edm, var, xar, imm, or a test family) implements `Family`. Everything else — sharding seeds across
+A family (edm, var, xar, imm, or a test family) subclasses `Family` and declares the arguments it accepts. Everything else — sharding seeds across
 ranks, caching encoded examples, DDP, EMA, merging, metrics, sweeps — belongs to the core. The core never
 imports a family package: families are found through the `neon.families` entry-point group (pyproject.toml)
 or registered at run time with `register()`.
@@ -8,10 +8,11 @@ or registered at run time with `register()`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Sequence
 
 import torch
 
+from neon.errors import NeonError
 from neon.registry import Registry, load_attribute
 
 
@@ -60,22 +61,46 @@ class TrainDefaults:
     autocast: str | None = None              # 'bf16' / 'fp16' on GPU where the official code uses it
 
 
-@runtime_checkable
-class Family(Protocol):
-    """The five things a family tells the core, plus a tiny network for smoke runs and tests."""
-
+@dataclasses.dataclass(frozen=True)
+class Arg:
+    """One keyword argument a family accepts: the config and the CLI check names and types against these."""
     name: str
-    train_defaults: TrainDefaults
+    type: Any          # an annotation neon.config checks values against: int, float, str, bool, list[int], X | None
+    default: Any       # what the family uses when the argument is not given (None: the family's own rule)
+    help: str          # one line of meaning, in the paper's or the official script's terms
+
+
+def arg_names(args: Sequence[Arg]) -> list[str]:
+    return [a.name for a in args]
+
+
+class Family:
+    """The five things a family tells the core (`load`, `sample`, `encode`, `loss`, `save`), a tiny network for
+    smoke runs and tests, and the keyword arguments each of them accepts. A family subclasses this and
+    overrides the five methods and `tiny`; the optional hooks below have defaults.
+
+    The declared arguments (tuples of `Arg`) are the only keywords the core passes on: the config
+    (`neon.config`) and the CLI (`--arg`, `--load-arg`, `--loss-arg`) refuse any other name, so an adapter
+    never checks for typos itself.
+    """
+
+    name: str = ""
+    train_defaults: TrainDefaults = TrainDefaults()
+    SAMPLER_ARGS: tuple[Arg, ...] = ()   # keywords of `sample` (a config's synthetic/sweep/final `sampler`)
+    LOSS_ARGS: tuple[Arg, ...] = ()      # keywords of `loss` (a config's `finetune.loss_args`)
+    LOAD_ARGS: tuple[Arg, ...] = ()      # keywords of `load` (a config's `load_args`: VAE paths, ...)
+    TINY_ARGS: tuple[Arg, ...] = ()      # keywords of `tiny` besides LOAD_ARGS (a smoke run's `load_args`)
+    BUILD_ARGS: tuple[Arg, ...] = ()     # keywords of `build` (network sizes)
 
     def load(self, path: str, device: torch.device | str = "cpu", **load_args) -> Bundle:
-        """Official checkpoint file (or one this project saved) -> networks in eval mode on `device`.
-        `load_args` come from the config's `load_args` (e.g. the path of a VAE or tokenizer)."""
-        ...
+        """Official checkpoint file (or one this project saved) -> networks in eval mode on `device`."""
+        raise NotImplementedError
 
-    def tiny(self, device: torch.device | str = "cpu", seed: int = 0, **load_args) -> Bundle:
+    def tiny(self, device: torch.device | str = "cpu", seed: int = 0, **tiny_args) -> Bundle:
         """A randomly initialised network of a few thousand to a few hundred thousand parameters, with the
-        same code paths as the released models; used by `neon run --smoke` and by tests."""
-        ...
+        same code paths as the released models; used by `neon run --smoke` and by tests. It accepts LOAD_ARGS
+        too (a smoke run passes the config's load_args) and ignores those that name files."""
+        raise NotImplementedError
 
     def sample(self, bundle: Bundle, seeds: Sequence[int], labels: torch.Tensor | None,
                **sampler_args) -> torch.Tensor:
@@ -90,30 +115,44 @@ class Family(Protocol):
         arithmetic or one image at a time). Without it the core calls `sample` seed by seed when asked for
         batch-invariant images. `labels` is int64 (B,) for a conditional model and None for an unconditional one.
         """
-        ...
+        raise NotImplementedError
 
     def encode(self, bundle: Bundle, images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Synthetic images uint8 (B, H, W, C) + labels -> training examples: a dict of tensors whose first
         dimension is B (VAE latents, VQ token indices, or the images in the network's range). The core calls
         this once per image and caches the result."""
-        ...
+        raise NotImplementedError
 
-    def loss(self, bundle: Bundle, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(self, bundle: Bundle, batch: dict[str, torch.Tensor], **loss_args) -> torch.Tensor:
         """The family's own training loss (a scalar, mean over the batch) on a batch of `encode`'s output,
         computed with `bundle.net` in train mode. Random draws use the global torch RNG, as the official code."""
-        ...
+        raise NotImplementedError
 
     def save(self, bundle: Bundle, path: str) -> None:
         """Write `bundle.net`'s weights to `path` in the official container (atomically)."""
-        ...
+        raise NotImplementedError
 
-    # Optional hooks (looked up with getattr; a family may leave them out):
-    #   labels_from_seeds(bundle, seeds) -> int64 (B,)   the official sampler's own random class for each seed
-    #   trainable_parameters(bundle) -> [(name, param)]  what self-training updates (default: all parameters)
-    #   allows_null_class = True                         label num_classes means "no class" and may be asked
-    #                                                    for (VAR: its classifier-free guidance row)
-    #   build(device, seed, **sizes) -> Bundle          a fresh network at a chosen size (training from scratch,
-    #                                                    as the Fashion-MNIST study does with EDM)
+    # -- optional hooks ------------------------------------------------------------------------------------
+    def labels_from_seeds(self, bundle: Bundle, seeds: Sequence[int]) -> torch.Tensor | None:
+        """The official sampler's own random class for each seed, int64 (B,); None: the family has no rule of
+        its own and the core draws the labels from the seeds."""
+        return None
+
+    def trainable_parameters(self, bundle: Bundle) -> list[tuple[str, torch.nn.Parameter]]:
+        """(name, parameter) pairs self-training updates: all of them, as the official fine-tuning runs do."""
+        return list(bundle.net.named_parameters())
+
+    # allows_null_class = True: label num_classes means "no class" and may be asked for (VAR: its
+    # classifier-free guidance row); a class attribute, read by neon.sampling.allows_null_class.
+    allows_null_class: bool = False
+
+    def build(self, device: torch.device | str = "cpu", seed: int = 0, **build_args) -> Bundle:
+        """A fresh network at a chosen size, to train from scratch (as the Fashion-MNIST study does with EDM)."""
+        raise NeonError(f"{self.name}: this family cannot build a network from scratch (no `build`)")
+
+    @classmethod
+    def can_build(cls) -> bool:
+        return cls.build is not Family.build
 
 
 FAMILIES = Registry("neon.families", "family")

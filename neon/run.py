@@ -24,7 +24,7 @@ from neon.family import Bundle, Family, get_family
 from neon.registry import Registry
 from neon.sampling import draw_labels, plan_seeds, sample_to_npz
 from neon.selftrain import CACHE_FILE, check_finetune_config, encode_examples, finetune
-from neon.sweep import FIDMetric, Sweep, _label, evaluate_images
+from neon.sweep import FIDMetric, Sweep, _label, evaluate_images, state_dict_copy
 
 
 def _versions() -> dict:
@@ -115,7 +115,6 @@ def run(config: str, out: str, smoke: bool = False) -> dict:
 def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device) -> dict:
     rec = RunRecord(os.path.join(out, "run.json"), cfg, smoke)
     bundle, base_path = load_base(family, cfg, smoke, device)
-    theta_r = {k: v.detach().clone() for k, v in bundle.net.state_dict().items()}
 
     # 1. The synthetic set S, drawn from θr with its usual (mode-seeking) sampler.
     synthetic = os.path.join(out, "synthetic.npz")
@@ -133,15 +132,16 @@ def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device) -> dict:
         t0 = time.time()
         examples = encode_examples(family, bundle, synthetic, os.path.join(ft_dir, CACHE_FILE), cfg.synthetic.batch,
                                    cfg.finetune.cache_dtype)
-        snapshots = finetune(family, bundle, examples, cfg.finetune, ft_dir)
-        bundle.net.load_state_dict(theta_r)  # back to θr for the sweep
+        snapshots = finetune(family, bundle, examples, cfg.finetune, ft_dir)   # trains a copy: bundle keeps θr
         rec.record("finetune", {"snapshots": snapshots, "seconds": round(time.time() - t0, 1)})
     snapshots = rec.stage("finetune")["snapshots"]
     theta_s_path = snapshots[-1] if cfg.sweep.snapshot == "last" else os.path.join(ft_dir, cfg.sweep.snapshot)
 
     # 3. The sweep over w (× guidance scale).
     metric, ref = run_metric(cfg, out, device, synthetic)
-    sweep = Sweep(family, bundle, load_state_dict(theta_s_path), cfg.sweep, metric, os.path.join(out, "sweep.json"))
+    theta_r = state_dict_copy(bundle.net)
+    sweep = Sweep(family, bundle, theta_r, load_state_dict(theta_s_path), cfg.sweep, metric,
+                  os.path.join(out, "sweep.json"))
     if not (rec.stage("sweep") or {}).get("best"):
         t0 = time.time()
         best = sweep.run()

@@ -27,6 +27,7 @@ import yaml
 from tqdm import tqdm
 
 from neon import dist, paths
+from neon.config import check_args
 from neon.errors import NeonError
 from neon.family import Bundle, Family, get_family
 from neon.images import NpzImages, export_png, save_images_npz, write_npz
@@ -114,9 +115,10 @@ def draw_labels(family: Family, bundle: Bundle, seeds: Sequence[int], mode: str 
     """`class_labels` for this model; 'random' labels come from the family's own rule where it has one
     (`family.labels_from_seeds(bundle, seeds)`, e.g. EDM's generate.py draws the class from the image's
     generator after its latents), so a seed gives the image the official code gives it."""
-    rule = getattr(family, "labels_from_seeds", None)
-    if mode == "random" and bundle.num_classes > 0 and rule is not None:
-        return np.asarray(rule(bundle, list(seeds)), dtype=np.int64)
+    if mode == "random" and bundle.num_classes > 0:
+        own = family.labels_from_seeds(bundle, list(seeds))
+        if own is not None:
+            return np.asarray(own, dtype=np.int64)
     return class_labels(seeds, bundle.num_classes, mode, label_list, allows_null_class(family))
 
 
@@ -158,6 +160,7 @@ def generate(family: Family, bundle: Bundle, seeds: Sequence[int], labels: np.nd
              total: int | None = None):
     """Yield (seeds, labels, uint8 images) for consecutive batches of `batch` of `seeds` (no files).
     total: images counted by the progress bar (default: len(seeds) on every rank)."""
+    check_args(family.SAMPLER_ARGS, sampler_args, "sampler")
     bar = tqdm(total=total or len(seeds) * dist.world_size(), desc=progress, unit="img",
                disable=not progress or not dist.is_main(), dynamic_ncols=True)
     for part in plan_batches(len(seeds), batch):
@@ -307,6 +310,7 @@ def load_model(args) -> tuple[Family, Bundle]:
     family = get_family(args.family)
     device = dist.init()
     load_args = model_load_args(args)
+    check_args(family.LOAD_ARGS + (family.TINY_ARGS if args.tiny else ()), load_args, "--load-arg")
     if args.tiny:
         return family, family.tiny(device, **load_args)
     if not args.ckpt:
@@ -358,7 +362,9 @@ def sample_main(args) -> None:
         seeds = plan_seeds(args.num_images, args.per_class, bundle.num_classes)
     labels = _labels_from_args(args, family, bundle, seeds)
     t0 = time.time()
-    sample_to_npz(family, bundle, seeds, labels, args.out, args.batch, parse_kv(args.arg), args.png,
+    sampler_args = parse_kv(args.arg)
+    check_args(family.SAMPLER_ARGS, sampler_args, "--arg")
+    sample_to_npz(family, bundle, seeds, labels, args.out, args.batch, sampler_args, args.png,
                   batch_invariant=args.batch_invariant)
     if dist.is_main():
         print(f"wrote {args.out}: {len(seeds)} images in {time.time() - t0:.1f} s")

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from neon import dist, paths
 from neon.checkpoint import atomic_open, atomic_save
-from neon.config import FinetuneConfig, _build
+from neon.config import FinetuneConfig, build_config, check_args
 from neon.errors import NeonError
 from neon.family import Bundle, Family, TrainDefaults
 from neon.images import NpzImages, open_images
@@ -147,13 +147,6 @@ def average_gradients(params: list[torch.nn.Parameter], bucket_bytes: int = 64 <
             bucket, size = [], 0
 
 
-def trainable_parameters(family: Family, bundle: Bundle) -> list[tuple[str, torch.nn.Parameter]]:
-    """(name, parameter) pairs self-training updates: the family's choice where it makes one
-    (`family.trainable_parameters(bundle)`), by default all of them, as the official fine-tuning runs do."""
-    chooser = getattr(family, "trainable_parameters", None)
-    return list(chooser(bundle)) if chooser else list(bundle.net.named_parameters())
-
-
 def train_defaults(family: Family, overrides: dict) -> TrainDefaults:
     fields = {f.name for f in dataclasses.fields(TrainDefaults)}
     bad = set(overrides) - fields
@@ -173,97 +166,142 @@ def _autocast(device: torch.device, mode: str | None):
     return torch.autocast("cuda", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[mode])
 
 
+def copy_net(bundle: Bundle) -> torch.nn.Module:
+    """A deep copy of `bundle.net` that shares the frozen helpers (a network may keep a reference to its VAE,
+    as VAR does; copying that too would cost memory and train nothing)."""
+    shared = {id(m): m for helper in bundle.helpers.values() for m in helper.modules()}
+    return copy.deepcopy(bundle.net, memo=shared)
+
+
+@dataclasses.dataclass
+class Trainer:
+    """One self-training run: `bundle.net` is the copy being trained (the caller's θr is left alone)."""
+    family: Family
+    bundle: Bundle
+    cfg: FinetuneConfig
+    defaults: TrainDefaults
+    params: list[torch.nn.Parameter]
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    ema_net: torch.nn.Module | None
+    beta: float | None
+
+    @classmethod
+    def start(cls, family: Family, theta_r: Bundle, cfg: FinetuneConfig) -> "Trainer":
+        defaults = train_defaults(family, cfg.optimizer)
+        bundle = dataclasses.replace(theta_r, net=copy_net(theta_r))
+        device = next(bundle.net.parameters()).device
+        bundle.net.train().requires_grad_(False)
+        named = list(family.trainable_parameters(bundle))
+        params = [p for _, p in named]
+        for p in params:
+            p.requires_grad_(True)
+        beta = ema_beta(cfg.ema, cfg.batch)
+        ema_net = copy_net(theta_r).eval().requires_grad_(False) if beta is not None else None
+        scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and defaults.autocast == "fp16")
+        return cls(family, bundle, cfg, defaults, params, make_optimizer(named, cfg.lr, defaults), scaler,
+                   ema_net, beta)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.bundle.net.parameters()).device
+
+    def resume(self, state_path: str) -> tuple[int, list[str]]:
+        """(step, snapshots so far) from a saved training state, or (0, []) for a fresh start."""
+        if not os.path.isfile(state_path):
+            return 0, []
+        state = torch.load(state_path, map_location=self.device, weights_only=True)
+        self.bundle.net.load_state_dict(state["net"])
+        self.opt.load_state_dict(state["opt"])
+        if self.ema_net is not None:
+            self.ema_net.load_state_dict(state["ema"])
+        self.scaler.load_state_dict(state["scaler"])
+        return int(state["step"]), list(state["snapshots"])
+
+    def step(self, examples: dict[str, torch.Tensor], step: int) -> tuple[float, float]:
+        """One optimizer step on the global batch `step` (this rank's share) -> (mean loss over ranks, lr)."""
+        cfg, world = self.cfg, dist.world_size()
+        n, local = len(next(iter(examples.values()))), cfg.batch // world
+        idx = example_indices(step, cfg.batch, n, cfg.seed)[dist.rank() * local:(dist.rank() + 1) * local]
+        batch = {k: v[idx].to(self.device, non_blocking=True) for k, v in examples.items()}
+        images_seen = (step + 1) * cfg.batch
+        lr = cfg.lr * min(1.0, images_seen / cfg.warmup_images) if cfg.warmup_images else cfg.lr
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, step, dist.rank()]).generate_state(1)[0]))
+
+        self.opt.zero_grad(set_to_none=True)
+        with _autocast(self.device, self.defaults.autocast):
+            loss = self.family.loss(self.bundle, batch, **cfg.loss_args)
+        self.scaler.scale(loss).backward()
+        mean_loss = dist.all_reduce_sum(loss.detach().float().reshape(1)) / world
+        if not torch.isfinite(mean_loss).all():
+            raise NeonError(f"self-training loss became {mean_loss.item()} at step {step} "
+                            f"({step * cfg.batch} images): stopping (try a lower finetune.lr)")
+        average_gradients(self.params)
+        self.scaler.unscale_(self.opt)
+        if self.defaults.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.defaults.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        if self.ema_net is not None:
+            update_ema(self.ema_net, self.bundle.net, self.beta)
+        return mean_loss.item(), lr
+
+    def snapshot(self, path: str, state_path: str, step: int, snapshots: list[str]) -> None:
+        """θs so far (the EMA weights if EMA is on) in the family's container, and the state to resume from."""
+        net = self.bundle.net
+        if dist.is_main():
+            self.family.save(dataclasses.replace(self.bundle, net=self.ema_net if self.ema_net is not None else net),
+                             path)
+            atomic_save({"step": step, "net": net.state_dict(), "opt": self.opt.state_dict(),
+                         "ema": self.ema_net.state_dict() if self.ema_net is not None else {},
+                         "scaler": self.scaler.state_dict(), "snapshots": snapshots}, state_path)
+        dist.barrier()
+
+
+def _crossed(images_seen: int, batch: int, every: int | None) -> bool:
+    """True when the last step crossed a multiple of `every` images."""
+    return bool(every) and images_seen // every != (images_seen - batch) // every
+
+
 def finetune(family: Family, bundle: Bundle, examples: dict[str, torch.Tensor], cfg: FinetuneConfig,
              out_dir: str, desc: str = "self-training") -> list[str]:
-    """Self-train `bundle.net` (in place) on `examples`; write snapshots (the EMA weights if EMA is on) into
-    `out_dir`. Returns the snapshot paths, the last one being θs. Resumes from `out_dir/train_state.pt`."""
-    n = len(next(iter(examples.values())))
+    """Self-train a copy of `bundle.net` (θr; the bundle keeps it) on `examples`; write snapshots (the EMA
+    weights if EMA is on) into `out_dir`. Returns the snapshot paths, the last one being θs. Resumes from
+    `out_dir/train_state.pt`."""
+    check_args(family.LOSS_ARGS, cfg.loss_args, "finetune.loss_args")
     world = dist.world_size()
     if cfg.batch % world:
         raise NeonError(f"finetune.batch {cfg.batch} is not divisible by the {world} processes")
     steps = math.ceil(cfg.total_images / cfg.batch)
-    defaults = train_defaults(family, cfg.optimizer)
-    device = next(bundle.net.parameters()).device
-    net = bundle.net
-    net.train().requires_grad_(False)
-    named = trainable_parameters(family, bundle)
-    params = [p for _, p in named]
-    for p in params:
-        p.requires_grad_(True)
-    opt = make_optimizer(named, cfg.lr, defaults)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and defaults.autocast == "fp16")
-    beta = ema_beta(cfg.ema, cfg.batch)
-    ema_net = copy.deepcopy(net).eval().requires_grad_(False) if beta is not None else None
-    bundle.info["loss_args"] = dict(cfg.loss_args)
+    trainer = Trainer.start(family, bundle, cfg)
 
     os.makedirs(out_dir, exist_ok=True)
     state_path = os.path.join(out_dir, STATE_FILE)
-    step, snapshots = 0, []
-    if os.path.isfile(state_path):
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        net.load_state_dict(state["net"])
-        opt.load_state_dict(state["opt"])
-        if ema_net is not None:
-            ema_net.load_state_dict(state["ema"])
-        scaler.load_state_dict(state["scaler"])
-        step, snapshots = int(state["step"]), list(state["snapshots"])
-        if dist.is_main():
-            print(f"resuming self-training at step {step} of {steps} ({step * cfg.batch} images)")
-
-    local = cfg.batch // world
-    snap_every = cfg.snapshot_every_images
+    step, snapshots = trainer.resume(state_path)
+    if step and dist.is_main():
+        print(f"resuming self-training at step {step} of {steps} ({step * cfg.batch} images)")
     log_path = os.path.join(out_dir, "log.jsonl")
     bar = tqdm(total=steps, initial=step, desc=desc, unit="step", disable=not dist.is_main(),
                dynamic_ncols=True)
     losses, t0 = [], time.time()
     while step < steps:
-        idx = example_indices(step, cfg.batch, n, cfg.seed)[dist.rank() * local:(dist.rank() + 1) * local]
-        batch = {k: v[idx].to(device, non_blocking=True) for k, v in examples.items()}
-        images_seen = (step + 1) * cfg.batch
-        lr = cfg.lr * min(1.0, images_seen / cfg.warmup_images) if cfg.warmup_images else cfg.lr
-        for g in opt.param_groups:
-            g["lr"] = lr
-        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, step, dist.rank()]).generate_state(1)[0]))
-
-        opt.zero_grad(set_to_none=True)
-        with _autocast(device, defaults.autocast):
-            loss = family.loss(bundle, batch)
-        scaler.scale(loss).backward()
-        mean_loss = dist.all_reduce_sum(loss.detach().float().reshape(1)) / world
-        if not torch.isfinite(mean_loss).all():
-            raise NeonError(f"self-training loss became {mean_loss.item()} at step {step} "
-                            f"({step * cfg.batch} images): stopping (try a lower finetune.lr)")
-        average_gradients(params)
-        scaler.unscale_(opt)
-        if defaults.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, defaults.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        if ema_net is not None:
-            update_ema(ema_net, net, beta)
+        loss, lr = trainer.step(examples, step)
         step += 1
-        losses.append(mean_loss.item())
+        images_seen = step * cfg.batch
+        losses.append(loss)
         bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.4g}", lr=f"{lr:.3g}")
-
-        if dist.is_main() and (images_seen // cfg.log_every_images != (images_seen - cfg.batch) // cfg.log_every_images
-                               or step == steps):
+        bar.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.3g}")
+        if dist.is_main() and (_crossed(images_seen, cfg.batch, cfg.log_every_images) or step == steps):
             with open(log_path, "a") as f:
                 f.write(json.dumps({"step": step, "images": images_seen, "loss": float(np.mean(losses)),
                                     "lr": lr, "seconds": round(time.time() - t0, 3)}) + "\n")
             losses = []
-        if step == steps or (snap_every and images_seen // snap_every != (images_seen - cfg.batch) // snap_every):
-            path = snapshot_path(out_dir, images_seen, bundle)
-            if dist.is_main():
-                family.save(dataclasses.replace(bundle, net=ema_net if ema_net is not None else net), path)
-            snapshots.append(path)
-            if dist.is_main():
-                atomic_save({"step": step, "net": net.state_dict(), "opt": opt.state_dict(),
-                             "ema": ema_net.state_dict() if ema_net is not None else {},
-                             "scaler": scaler.state_dict(), "snapshots": snapshots}, state_path)
-            dist.barrier()
+        if step == steps or _crossed(images_seen, cfg.batch, cfg.snapshot_every_images):
+            snapshots.append(snapshot_path(out_dir, images_seen, bundle))
+            trainer.snapshot(snapshots[-1], state_path, step, snapshots)
     bar.close()
-    net.eval().requires_grad_(False)
     return snapshots
 
 
@@ -350,7 +388,7 @@ def finetune_main(args) -> None:
     family, bundle = load_model(args)
     ema = {"beta": args.ema_beta} if args.ema_beta else \
         {"halflife_images": args.ema_halflife_images} if args.ema_halflife_images else None
-    cfg = _build(FinetuneConfig, {
+    cfg = build_config(FinetuneConfig, {
         "lr": args.lr, "batch": args.batch, "total_images": args.total_images, "warmup_images": args.warmup_images,
         "ema": ema, "snapshot_every_images": args.snapshot_every_images, "optimizer": parse_kv(args.opt),
         "loss_args": parse_kv(args.loss_arg), "seed": args.seed}, "finetune")

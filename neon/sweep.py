@@ -19,11 +19,16 @@ import torch
 
 from neon import dist
 from neon.checkpoint import atomic_open, atomic_path, load_state_dict
-from neon.config import SweepConfig, _build
+from neon.config import SweepConfig, build_config, check_args
 from neon.errors import NeonError
 from neon.family import Bundle, Family
 from neon.merge import check_compatible, merge_state_dicts
 from neon.sampling import deal, draw_labels, generate, plan_batches, plan_seeds
+
+def state_dict_copy(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of `net`'s weights (θr before anything loads merged weights into the network)."""
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
 
 # A metric is a factory of accumulators: acc = metric(); acc.update(uint8 NHWC, seeds); acc.finish() -> {'fid': ...}
 MetricFactory = Callable[[], object]
@@ -64,11 +69,12 @@ class Sweep:
     """The (w, cfg, setting) points evaluated so far, saved to `path` after every point. A setting is one
     combination of the `grid` sampler arguments (the empty dict when there is no grid)."""
 
-    def __init__(self, family: Family, bundle: Bundle, theta_s: dict, cfg: SweepConfig, metric: MetricFactory,
-                 path: str | None = None):
+    def __init__(self, family: Family, bundle: Bundle, theta_r: dict, theta_s: dict, cfg: SweepConfig,
+                 metric: MetricFactory, path: str | None = None):
+        """bundle: the networks the merged weights are loaded into; theta_r, theta_s: state dicts of θr, θs."""
         self.family, self.bundle, self.cfg, self.metric, self.path = family, bundle, cfg, metric, path
-        self.theta_r = {k: v.detach().clone() for k, v in bundle.net.state_dict().items()}
-        device = next(iter(self.theta_r.values())).device
+        device = next(iter(bundle.net.state_dict().values())).device
+        self.theta_r = {k: v.to(device) for k, v in theta_r.items()}
         self.theta_s = {k: v.to(device) for k, v in theta_s.items()}
         check_compatible(self.theta_r, self.theta_s)
         names = sorted(cfg.grid)
@@ -241,12 +247,14 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
 def sweep_main(args) -> None:
     from neon.sampling import load_model, parse_kv
     family, bundle = load_model(args)
-    cfg = _build(SweepConfig, {"w": args.w, "cfg": args.cfg, "cfg_key": args.cfg_key, "num_images": args.num_images,
+    check_args(family.SAMPLER_ARGS, parse_kv(args.arg), "--arg")
+    cfg = build_config(SweepConfig, {"w": args.w, "cfg": args.cfg, "cfg_key": args.cfg_key, "num_images": args.num_images,
                                "per_class": args.per_class, "batch": args.batch, "tolerance": args.tolerance,
                                "refine": args.refine, "sampler": parse_kv(args.arg)}, "sweep")
     device = next(bundle.net.parameters()).device
     metric = FIDMetric(args.detector, args.ref_stats, device, args.detector_weights)
-    sweep = Sweep(family, bundle, load_state_dict(args.synth), cfg, metric, os.path.join(args.out, "sweep.json"))
+    sweep = Sweep(family, bundle, state_dict_copy(bundle.net), load_state_dict(args.synth), cfg, metric,
+                  os.path.join(args.out, "sweep.json"))
     best = sweep.run()
     if dist.is_main():
         print(f"best: w={best['w']:g}" + ("" if best["cfg"] is None else f" {cfg.cfg_key}={best['cfg']:g}")

@@ -6,14 +6,45 @@ samples change with its weights, and its checkpoints go through the same contain
 """
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from neon.checkpoint import atomic_save, open_checkpoint
 from neon.errors import NeonError
-from neon.family import Bundle, TrainDefaults
+from neon.family import Arg, Bundle, Family, TrainDefaults
+
+
+# (module, parameter name within it, full name, parameter) -> the value made of its N(0, 1) draw z, or None to
+# keep the tensor (and draw nothing for it).
+Rule = Callable[[nn.Module, str, str, torch.Tensor], "Callable[[torch.Tensor], torch.Tensor] | None"]
+
+
+def fan_in_rule(module: nn.Module, name: str, full_name: str, p: torch.Tensor):
+    """Weights N(0, 1/fan_in), everything else N(0, 0.05²)."""
+    if name == "weight":
+        return lambda z: z / math.sqrt(p[0].numel())
+    return lambda z: 0.05 * z
+
+
+@torch.no_grad()
+def randomize(net: nn.Module, seed: int, rule: Rule = fan_in_rule) -> None:
+    """Overwrite the learnable tensors of a tiny network with values made of N(0, 1) draws, in parameter order,
+    from a generator seeded with `seed`. Official initialisations zero some output layers, which would leave
+    parts of a tiny network without effect on its output; these values make every parameter move it, so tests
+    see every code path. The caller's RNG is left alone."""
+    g = torch.Generator("cpu").manual_seed(int(seed))
+    seen = set()
+    for module_name, module in net.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            value = rule(module, name, f"{module_name}.{name}" if module_name else name, p)
+            if value is not None:
+                p.copy_(value(torch.randn(p.shape, generator=g)))
 
 
 class TinyDenoiser(nn.Module):
@@ -44,19 +75,21 @@ class TinyDenoiser(nn.Module):
 SIGMAS = (4.0, 1.5, 0.5, 0.1)
 
 
-class TinyPixFamily:
+class TinyPixFamily(Family):
     name = "tinypix"
     train_defaults = TrainDefaults(optimizer="adam", betas=(0.9, 0.999), weight_decay=0.0, grad_clip=1.0)
+    SAMPLER_ARGS = (Arg("num_steps", int, 4, f"Euler steps, at most {len(SIGMAS)} (the first noise levels)"),)
+    TINY_ARGS = (Arg("num_classes", int, 0, "0 = unconditional, else class-conditional"),)
 
     def _bundle(self, net: TinyDenoiser, source: str | None, device) -> Bundle:
         net.eval().requires_grad_(False).to(device)
         return Bundle(net=net, num_classes=net.num_classes, resolution=net.resolution, source=source)
 
-    def tiny(self, device="cpu", seed: int = 0, num_classes: int = 0, **_) -> Bundle:
+    def tiny(self, device="cpu", seed: int = 0, num_classes: int = 0) -> Bundle:
         torch.manual_seed(seed)
         return self._bundle(TinyDenoiser(num_classes=int(num_classes)), None, device)
 
-    def load(self, path: str, device="cpu", **_) -> Bundle:
+    def load(self, path: str, device="cpu") -> Bundle:
         ckpt = open_checkpoint(path)
         sd = ckpt.state_dict()
         if "conv_in.weight" not in sd:
@@ -67,7 +100,7 @@ class TinyPixFamily:
         return self._bundle(net, path, device)
 
     @torch.no_grad()
-    def sample(self, bundle: Bundle, seeds: Sequence[int], labels=None, num_steps: int = 4, **_) -> torch.Tensor:
+    def sample(self, bundle: Bundle, seeds: Sequence[int], labels=None, num_steps: int = 4) -> torch.Tensor:
         if bundle.conditional and labels is None:
             raise NeonError("tinypix: a conditional model needs labels")
         device = next(bundle.net.parameters()).device

@@ -50,7 +50,7 @@ def test_run_records_every_stage_and_a_rerun_skips_them(tmp_path):
 
 
 def test_missing_base_checkpoint_is_one_line(tmp_path):
-    config = dict(CONFIG, base=str(tmp_path / "nope.pth"))
+    config = dict(CONFIG, base=str(tmp_path / "nope.pth"), load_args={})   # num_classes is the tiny network's
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     res = subprocess.run([sys.executable, "-m", "neon", "run", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "r")],
                          env=ENV, capture_output=True, text=True)

@@ -86,7 +86,8 @@ def test_ema_starts_from_theta_r_and_lr_ramps(tmp_path, synthetic):
     examples = encode_examples(family, bundle, str(synthetic / "s.npz"), str(tmp_path / "cache.pt"))
     cfg = FinetuneConfig(lr=1e-3, batch=8, total_images=16, warmup_images=32, ema={"beta": 0.75})
     snaps = finetune(family, bundle, examples, cfg, str(tmp_path / "ft"))
-    theta = bundle.net.state_dict()
+    assert all(torch.equal(v, theta_r[k]) for k, v in bundle.net.state_dict().items()), "θr is left alone"
+    theta = torch.load(tmp_path / "ft" / "train_state.pt", weights_only=True)["net"]   # the trained network
     ema = load_state_dict(snaps[-1])
     # two steps: ema = 0.75²·θr + 0.25·0.75·θ1 + 0.25·θ2; at least it lies strictly between θr and θ
     k = "conv_out.weight"

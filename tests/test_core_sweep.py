@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from neon.config import SweepConfig
-from neon.family import Bundle, TrainDefaults
+from neon.family import Arg, Bundle, Family, TrainDefaults
 from neon.sweep import Sweep
 
 
@@ -15,10 +15,11 @@ class OneWeight(torch.nn.Module):
         self.p = torch.nn.Parameter(torch.zeros(()))
 
 
-class LineFamily:
+class LineFamily(Family):
     """Images are filled with 100 + 10·p + cfg, so θneon(w) with θr: p=0, θs: p=-1 draws 100 + 10·w + cfg."""
     name = "line"
     train_defaults = TrainDefaults()
+    SAMPLER_ARGS = (Arg("cfg", float, 0.0, "added to every pixel"),)
 
     def sample(self, bundle, seeds, labels, cfg=0.0, **_):
         value = 100 + 10 * bundle.net.p.item() + cfg
@@ -41,7 +42,7 @@ class DistanceTo:
 def _sweep(tmp_path, target, **cfg):
     bundle = Bundle(net=OneWeight())
     theta_s = {"p": torch.tensor(-1.0)}
-    return Sweep(LineFamily(), bundle, theta_s, SweepConfig(num_images=4, batch=2, **cfg),
+    return Sweep(LineFamily(), bundle, {"p": torch.tensor(0.0)}, theta_s, SweepConfig(num_images=4, batch=2, **cfg),
                  lambda: DistanceTo(target), str(tmp_path / "sweep.json"))
 
 
@@ -90,6 +91,7 @@ def test_a_rerun_reuses_saved_points(tmp_path):
 
 class StepFamily(LineFamily):
     """Like LineFamily, plus a `steps` sampler argument that shifts the image by 10·steps."""
+    SAMPLER_ARGS = LineFamily.SAMPLER_ARGS + (Arg("steps", int, 0, "adds 10·steps to every pixel"),)
 
     def sample(self, bundle, seeds, labels, cfg=0.0, steps=0, **_):
         return super().sample(bundle, seeds, labels, cfg=cfg + 10 * steps)
@@ -98,7 +100,8 @@ class StepFamily(LineFamily):
 def test_a_grid_argument_gets_its_own_best_per_setting(tmp_path):
     bundle = Bundle(net=OneWeight())
     cfg = SweepConfig(num_images=4, batch=2, w=[0, 0.5, 1, 1.5, 2], grid={"steps": [0, 1]})
-    sweep = Sweep(StepFamily(), bundle, {"p": torch.tensor(-1.0)}, cfg, lambda: DistanceTo(115), None)
+    sweep = Sweep(StepFamily(), bundle, {"p": torch.tensor(0.0)}, {"p": torch.tensor(-1.0)}, cfg,
+                  lambda: DistanceTo(115), None)
     best = sweep.run()
     # steps=0: value 100 + 10w, best w = 1.5 (FID 0); steps=1: 110 + 10w, best w = 0.5 (FID 0)
     assert {(p["setting"]["steps"], p["w"]) for p in sweep.points.values() if p["fid"] == 0} == {(0, 1.5), (1, 0.5)}

@@ -3,15 +3,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from edm.adapter import EDMFamily
 from edm.loss import EDMLoss, reduce_loss
 from edm.sampler import SeededNoise
-from neon.config import load_config
+from neon.config import check_args, load_config
 from neon.errors import NeonError
 from neon.family import Family, get_family
+from neon.sampling import generate
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(REPO.glob("configs/edm_*.yaml"))
@@ -81,8 +83,8 @@ def test_bad_labels_are_errors(family, cond):
 
 
 def test_unknown_sampler_argument_is_an_error(family, cond):
-    with pytest.raises(NeonError, match="unknown arguments"):
-        family.sample(cond, [0], torch.tensor([0]), steps=4)
+    with pytest.raises(NeonError, match="sampler.steps: unknown argument"):
+        list(generate(family, cond, [0], np.array([0]), 1, {"steps": 4}))
 
 
 def test_an_image_depends_on_its_seed_alone(family, cond):
@@ -130,22 +132,20 @@ def test_encode_maps_uint8_like_the_training_loop(family, cond):
 
 def test_loss_is_the_official_reduction_of_edm_loss(family):
     bundle = family.tiny(seed=5, conditional=False)
-    bundle.info["loss_args"] = {"augment": 0}
     images = torch.rand(3, 3, bundle.resolution, bundle.resolution) * 2 - 1
     torch.manual_seed(9)
-    ours = family.loss(bundle, {"images": images})
+    ours = family.loss(bundle, {"images": images}, augment=0)
     torch.manual_seed(9)
     per_element = EDMLoss()(bundle.net, images)
     assert torch.equal(ours, per_element.sum() / 3)
     assert torch.equal(reduce_loss(per_element, "mean"), per_element.mean())
-    bundle.info["loss_args"] = {"augmnt": 0.1}
-    with pytest.raises(NeonError, match="unknown"):
-        family.loss(bundle, {"images": images})
+    with pytest.raises(NeonError, match="finetune.loss_args.augmnt: unknown"):
+        check_args(family.LOSS_ARGS, {"augmnt": 0.1}, "finetune.loss_args")
 
 
 def test_load_args_are_refused_for_real_checkpoints(family, tmp_path):
-    with pytest.raises(NeonError, match="load_args"):
-        family.load(str(tmp_path / "any.pkl"), conditional=True)
+    with pytest.raises(NeonError, match="load_args.conditional: unknown argument"):
+        check_args(family.LOAD_ARGS, {"conditional": True}, "load_args")
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])

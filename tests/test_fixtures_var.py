@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import fixtures_root
+from neon.checkpoint import load_strict
 from var import checkpoint
 from var.adapter import VARFamily
 from var.loss import per_token_loss, var_loss
@@ -219,12 +220,8 @@ def test_losses_match_official(io, var_case):
         # The whole path: tokens -> teacher-forcing input -> network -> weighted CE (label dropout off, eval mode).
         assert_close(var_loss(var, vae, gt, labels, label_smooth=ls, cond_drop_rate=0.0),
                      io[f"{prefix}.loss_ls{tag}"], "loss", f"loss_ls{tag}")
-        bundle.info["loss_args"] = {"label_smooth": ls, "cond_drop_rate": 0.0}
-        try:
-            assert_close(VARFamily().loss(bundle, {"tokens": gt.short(), "labels": labels}),
-                         io[f"{prefix}.loss_ls{tag}"], "loss", f"adapter loss_ls{tag}")
-        finally:
-            bundle.info.pop("loss_args")
+        assert_close(VARFamily().loss(bundle, {"tokens": gt.short(), "labels": labels}, label_smooth=ls,
+                                      cond_drop_rate=0.0), io[f"{prefix}.loss_ls{tag}"], "loss", f"adapter loss_ls{tag}")
     V, tail = logits.shape[-1], patch_nums(io)[-1] ** 2
     ce = torch.nn.functional.cross_entropy
     assert_close(ce(logits.reshape(-1, V), gt.reshape(-1)), io[f"{prefix}.val_loss_mean"], "loss", "val_loss_mean")
@@ -286,4 +283,4 @@ def test_release_manifest_strict_loads_on_meta(name, fixtures):
     assert ours == entries
     assert sum(p.numel() for p in model.parameters()) == manifest["num_parameters"]
     state = {k: torch.empty(s, dtype=getattr(torch, d), device="meta") for k, s, d in entries}
-    checkpoint.load_strict(model, state, name)
+    load_strict(lambda: cls(**kwargs), state, name)

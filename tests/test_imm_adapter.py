@@ -8,6 +8,7 @@ from imm.adapter import IMMFamily
 from imm.loss import IMMLoss
 from imm.sampler import initial_latents, sample_latents
 from neon.config import load_config
+from neon.config import check_args
 from neon.errors import NeonError
 from neon.family import Family, get_family
 
@@ -98,11 +99,9 @@ def test_loss_reads_loss_args_and_checks_the_group_size(family):
     batch = {"moments": torch.rand(6, 8, 4, 4), "labels": torch.arange(6)}
     with pytest.raises(NeonError, match="multiple of the group size 4"):
         family.loss(bundle, batch)
-    bundle.info["loss_args"] = {"matrix_size": 3}
-    assert torch.isfinite(family.loss(bundle, batch))
-    bundle.info["loss_args"] = {"kernel": "gaussian"}
-    with pytest.raises(NeonError, match="loss_args"):
-        family.loss(bundle, batch)
+    assert torch.isfinite(family.loss(bundle, batch, matrix_size=3))
+    with pytest.raises(NeonError, match="loss_args.kernel: unknown argument"):
+        check_args(family.LOSS_ARGS, {"kernel": "gaussian"}, "finetune.loss_args")
 
 
 @pytest.mark.parametrize("mode", ["uniform", "lognormal"])

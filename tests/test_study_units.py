@@ -63,7 +63,7 @@ def test_built_model_samples_encodes_trains_and_round_trips(family, tmp_path):
 
 
 def test_build_refuses_unknown_arguments(family):
-    with pytest.raises(NeonError, match="unknown arguments"):
+    with pytest.raises(NeonError, match=r"edm build\.model_chanels: unknown argument .*model_channels"):
         family.build(model_chanels=8)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from neon.config import check_args
 from neon.errors import NeonError
 from neon.family import Family, get_family
 from var import checkpoint
@@ -84,15 +85,13 @@ def test_loss_arguments_label_smoothing_and_label_dropout():
     labels = torch.tensor([0, 1, 2, 3])
     batch = {"tokens": tokens.short(), "labels": labels}
     var, vae = bundle.net, bundle.helpers["vae"]
-    bundle.info["loss_args"] = {"label_smooth": 0.1, "cond_drop_rate": 0.0}
-    assert torch.allclose(FAMILY.loss(bundle, batch), var_loss(var, vae, tokens, labels, 0.1, 0.0))
-    assert not torch.allclose(FAMILY.loss(bundle, batch), var_loss(var, vae, tokens, labels, 0.0, 0.0))
-    bundle.info["loss_args"] = {"cond_drop_rate": 1.0}     # every label becomes the null class
-    null = torch.full_like(labels, bundle.num_classes)
-    assert torch.allclose(FAMILY.loss(bundle, batch), var_loss(var, vae, tokens, null, 0.0, 0.0))
-    bundle.info["loss_args"] = {"smoothing": 0.1}
-    with pytest.raises(NeonError, match="unknown loss_args"):
-        FAMILY.loss(bundle, batch)
+    args = {"label_smooth": 0.1, "cond_drop_rate": 0.0}
+    assert torch.allclose(FAMILY.loss(bundle, batch, **args), var_loss(var, vae, tokens, labels, 0.1, 0.0))
+    assert not torch.allclose(FAMILY.loss(bundle, batch, **args), var_loss(var, vae, tokens, labels, 0.0, 0.0))
+    null = torch.full_like(labels, bundle.num_classes)   # cond_drop_rate 1: every label becomes the null class
+    assert torch.allclose(FAMILY.loss(bundle, batch, cond_drop_rate=1.0), var_loss(var, vae, tokens, null, 0.0, 0.0))
+    with pytest.raises(NeonError, match="loss_args.smoothing: unknown argument"):
+        check_args(FAMILY.LOSS_ARGS, {"smoothing": 0.1}, "finetune.loss_args")
 
 
 def test_default_label_dropout_is_official_10_percent():
@@ -192,8 +191,7 @@ def test_a_naive_merge_of_the_infinite_mask_buffer_is_harmless(saved, tmp_path):
     torch.save(merged, tmp_path / "merged.pth")
     loaded = FAMILY.load(str(tmp_path / "merged.pth"), vae_path=vae_path)
     tokens = torch.randint(0, loaded.net.V, (2, loaded.net.L))
-    loaded.info["loss_args"] = {"cond_drop_rate": 0.0}
-    assert torch.isfinite(FAMILY.loss(loaded, {"tokens": tokens, "labels": torch.tensor([0, 1])}))
+    assert torch.isfinite(FAMILY.loss(loaded, {"tokens": tokens, "labels": torch.tensor([0, 1])}, cond_drop_rate=0.0))
 
 
 def test_tokens_of_an_image_do_not_depend_on_its_batch():
@@ -219,11 +217,10 @@ def test_loss_and_save_see_through_a_ddp_style_wrapper(tmp_path):
     bundle = FAMILY.tiny(seed=8)
     tokens = torch.randint(0, bundle.net.V, (2, bundle.net.L))
     batch = {"tokens": tokens, "labels": torch.tensor([1, 2])}
-    bundle.info["loss_args"] = {"cond_drop_rate": 0.0}
-    plain = FAMILY.loss(bundle, batch)
+    plain = FAMILY.loss(bundle, batch, cond_drop_rate=0.0)
     inner = bundle.net
     bundle.net = _Wrapper(inner)
-    assert torch.allclose(FAMILY.loss(bundle, batch), plain)
+    assert torch.allclose(FAMILY.loss(bundle, batch, cond_drop_rate=0.0), plain)
     FAMILY.save(bundle, str(tmp_path / "w.pth"))
     assert list(torch.load(tmp_path / "w.pth", weights_only=True)) == list(inner.state_dict())
 
@@ -253,5 +250,4 @@ def test_self_training_and_the_core_merge_give_a_loadable_sampling_model(saved, 
     images = FAMILY.sample(neon, [0, 1], torch.tensor([0, 1]), cfg=2.0, top_k=900, top_p=0.95)
     assert images.shape == (2, neon.resolution, neon.resolution, 3)
     tokens = FAMILY.encode(neon, images, torch.tensor([0, 1]))
-    neon.info["loss_args"] = {"cond_drop_rate": 0.0}
-    assert torch.isfinite(FAMILY.loss(neon, tokens))
+    assert torch.isfinite(FAMILY.loss(neon, tokens, cond_drop_rate=0.0))

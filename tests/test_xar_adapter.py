@@ -5,6 +5,7 @@ import pickle
 import pytest
 import torch
 
+from neon.config import check_args
 from neon.errors import NeonError
 from neon.family import Family, get_family
 from xar import checkpoint
@@ -156,10 +157,5 @@ def test_loss_args_override_the_official_values(family, bundle):
     assert (t < 1e-6).all()
     examples = {"moments": torch.zeros(2, 32, 16, 16), "moments_flip": torch.zeros(2, 32, 16, 16),
                 "labels": torch.tensor([1, 2])}
-    bundle.info["loss_args"] = {"label_dropout": 0.5}
-    try:
-        _one_line_error(lambda: family.loss(bundle, examples))
-        bundle.info["loss_args"] = {"label_drop_prob": 0.5, "logit_std": 0.5}
-        assert torch.isfinite(family.loss(bundle, examples))
-    finally:
-        bundle.info.pop("loss_args")
+    _one_line_error(lambda: check_args(family.LOSS_ARGS, {"label_dropout": 0.5}, "finetune.loss_args"))
+    assert torch.isfinite(family.loss(bundle, examples, label_drop_prob=0.5, logit_std=0.5))

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from neon.errors import NeonError
-from neon.family import Bundle, TrainDefaults
+from neon.family import Arg, Bundle, Family, TrainDefaults
 from var import checkpoint
 from var.invariant import batch_invariant as batch_invariant_mode
 from var.loss import var_loss
@@ -23,7 +23,6 @@ from var.vqvae import VQVAE
 
 VAE_FILE = "vae_ch160v4096z32.pth"
 AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
-LOSS_ARGS = ("label_smooth", "cond_drop_rate")
 
 # A tiny VQVAE + VAR with every code path of the releases (partially shared φ, attention in the VAE, L2-normed
 # attention, AdaLN): 16x16 images, 4 scales, 30 tokens, a 64-entry codebook, 10 classes.
@@ -32,8 +31,27 @@ TINY_VAR = dict(num_classes=10, depth=2, embed_dim=64, num_heads=2, attn_l2_norm
 TINY_PATCH_NUMS = (1, 2, 3, 4)
 
 
-class VARFamily:
+class VARFamily(Family):
     name = "var"
+    # autoregressive_infer_cfg's arguments (its defaults), plus how the images are computed.
+    SAMPLER_ARGS = (
+        Arg("cfg", float, 1.5, "classifier-free guidance scale (ramped linearly over the scales)"),
+        Arg("top_k", int, 0, "sample among the k most likely tokens (0 = all)"),
+        Arg("top_p", float, 0.0, "nucleus sampling mass (0 = off)"),
+        Arg("more_smooth", bool, False, "Gumbel-softmax smoothing of the sampled tokens"),
+        Arg("batch", int | None, None, "images per network call (memory only; images do not depend on it)"),
+        Arg("autocast", str | None, None, "None, 'bf16' or 'fp16' on CUDA"),
+        Arg("use_cache", bool, True, "key/value cache across scales"),
+    )
+    LOSS_ARGS = (
+        Arg("label_smooth", float, 0.0, "label smoothing of the token cross-entropy"),
+        Arg("cond_drop_rate", float | None, None, "label dropout probability; None: the model's (0.1)"),
+    )
+    LOAD_ARGS = (
+        Arg("vae_path", str | None, None, "the VQVAE file; None: vae_ch160v4096z32.pth beside the checkpoint"),
+        Arg("patch_nums", list[int] | None, None, "token-map sides per scale; None: read from the checkpoint"),
+    )
+    TINY_ARGS = (Arg("shared_aln", bool, False, "one AdaLN shared by all blocks (d36's --saln=1)"),)
     # Official VAR / Neon fine-tuning: AdamW(0.9, 0.95), weight decay 0 (Neon's train.py), grad clip 2.0 (tclip).
     # Neon's scripts train with --fp16=1 (fp16 autocast + GradScaler); bf16 needs no scaler and is the default here.
     train_defaults = TrainDefaults(optimizer="adamw", betas=(0.9, 0.95), weight_decay=0.0, grad_clip=2.0,
@@ -44,11 +62,9 @@ class VARFamily:
 
     # ----------------------------------------------------------------------------------------------------
     def load(self, path: str, device: torch.device | str = "cpu", vae_path: str | None = None,
-             patch_nums: Sequence[int] | None = None, **load_args) -> Bundle:
+             patch_nums: Sequence[int] | None = None) -> Bundle:
         """A VAR state dict (var_d16.pth, var_d36.pth, a Neon file or one saved here) + the VQVAE file
         (`vae_path`; default: vae_ch160v4096z32.pth beside `path`) -> Bundle in eval mode on `device`."""
-        if load_args:
-            raise NeonError(f"var: unknown load_args {sorted(load_args)} (known: vae_path, patch_nums)")
         if vae_path is None:
             vae_path = os.path.join(os.path.dirname(os.path.abspath(path)), VAE_FILE)
             if not os.path.isfile(vae_path):
@@ -57,13 +73,10 @@ class VARFamily:
         vae, vae_kwargs = checkpoint.load_vqvae(vae_path, var.patch_nums, device)
         return self._bundle(var, vae, source=path, var_kwargs=var_kwargs, vae_kwargs=vae_kwargs, vae_path=vae_path)
 
-    def tiny(self, device: torch.device | str = "cpu", seed: int = 0, shared_aln: bool = False, **load_args) -> Bundle:
+    def tiny(self, device: torch.device | str = "cpu", seed: int = 0, shared_aln: bool = False,
+             vae_path: str | None = None, patch_nums: Sequence[int] | None = None) -> Bundle:
         """A randomly initialised tiny VQVAE + VAR (about 0.5 M parameters), the same from the same seed.
         A run config's load_args (vae_path, patch_nums) are accepted and ignored: the tiny model has its own."""
-        unknown = set(load_args) - {"vae_path", "patch_nums"}
-        if unknown:
-            raise NeonError(f"var: unknown tiny() arguments {sorted(unknown)} "
-                            "(known: shared_aln, vae_path, patch_nums)")
         var_kwargs = dict(TINY_VAR, shared_aln=shared_aln, patch_nums=TINY_PATCH_NUMS)
         vae_kwargs = dict(TINY_VQVAE, v_patch_nums=TINY_PATCH_NUMS)
         with torch.random.fork_rng(devices=[]):
@@ -165,17 +178,14 @@ class VARFamily:
         dtype = torch.int16 if vae.vocab_size <= 2 ** 15 else torch.int32   # compact cache; widened in the loss
         return {"tokens": tokens.to(dtype).cpu(), "labels": labels.cpu()}
 
-    def loss(self, bundle: Bundle, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Teacher-forced cross-entropy over all tokens (official weights 1/L, batch mean), label dropout 0.1.
-        bundle.info['loss_args'] may set label_smooth (default 0.0) and cond_drop_rate (default the model's)."""
-        args = dict(bundle.info.get("loss_args") or {})
-        unknown = set(args) - set(LOSS_ARGS)
-        if unknown:
-            raise NeonError(f"var: unknown loss_args {sorted(unknown)} (known: {', '.join(LOSS_ARGS)})")
+    def loss(self, bundle: Bundle, batch: dict[str, torch.Tensor], label_smooth: float = 0.0,
+             cond_drop_rate: float | None = None) -> torch.Tensor:
+        """Teacher-forced cross-entropy over all tokens (official weights 1/L, batch mean), label dropout 0.1;
+        the arguments are LOSS_ARGS."""
         var, vae = bundle.net, bundle.helpers["vae"]
         device = next(var.parameters()).device
         return var_loss(var, vae, batch["tokens"].to(device), batch["labels"].to(device),
-                        label_smooth=float(args.get("label_smooth", 0.0)), cond_drop_rate=args.get("cond_drop_rate"))
+                        label_smooth=float(label_smooth), cond_drop_rate=cond_drop_rate)
 
     def save(self, bundle: Bundle, path: str) -> None:
         """Write the VAR's weights as a plain state dict, the container of var_d16.pth and Neon's snapshots."""

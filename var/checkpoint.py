@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import torch
 
-from neon.checkpoint import atomic_save
+from neon.checkpoint import atomic_save, load_strict, unwrap_state_dict
 from neon.errors import NeonError
 from var.model import VAR, level_index
 from var.vqvae import VQVAE
@@ -30,7 +30,6 @@ RELEASE_PATCH_NUMS = {
     512: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32),  # var_d36 (d36-s)
 }
 WRAPPER_KEYS = ("trainer", "var_wo_ddp", "vae_local", "model", "state_dict", "module", "net")
-STRIP_PREFIXES = ("module.", "_orig_mod.")
 
 Shapes = Mapping[str, tuple]
 
@@ -52,20 +51,7 @@ def read_state_dict(path: str, what: str = "checkpoint") -> dict[str, torch.Tens
 
 def unwrap_container(obj: Any, where: str = "checkpoint") -> dict[str, torch.Tensor]:
     """A state dict, possibly nested under wrapper keys (e.g. {'trainer': {'var_wo_ddp': sd}}) -> the state dict."""
-    for _ in range(4):
-        if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            sd = dict(obj)
-            for prefix in STRIP_PREFIXES:
-                if all(k.startswith(prefix) for k in sd):
-                    sd = {k[len(prefix):]: v for k, v in sd.items()}
-            return sd
-        if not isinstance(obj, Mapping):
-            break
-        inner = next((obj[k] for k in WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
-        if inner is None:
-            break
-        obj = inner
-    raise NeonError(f"{where} holds no state dict (expected name -> tensor, or one under {', '.join(WRAPPER_KEYS)})")
+    return unwrap_state_dict(obj, WRAPPER_KEYS, where)[1]
 
 
 def shapes_of(sd: Mapping[str, torch.Tensor]) -> dict[str, tuple]:
@@ -154,27 +140,8 @@ def build(cls, kwargs: dict, device: torch.device | str = "meta") -> torch.nn.Mo
         return cls(**kwargs)
 
 
-def load_strict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str) -> None:
-    """load_state_dict(strict=True) with shapes checked first, reported as one line."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        raise NeonError(f"{what} does not match the model: keys {'; '.join(parts)}")
-    for k, t in own.items():
-        if k == "quantize.ema_vocab_hit_SV":
-            continue   # VQVAE.load_state_dict keeps its own when the number of scales differs
-        if tuple(sd[k].shape) != tuple(t.shape):
-            raise NeonError(f"{what} does not match the model: {k} has shape {tuple(sd[k].shape)}, "
-                            f"expected {tuple(t.shape)}")
-    # Floating tensors take the model's dtype (float32), as a copying load_state_dict would.
-    sd = {k: v.to(own[k].dtype) if v.is_floating_point() and v.dtype != own[k].dtype else v for k, v in sd.items()}
-    model.load_state_dict(sd, strict=True, assign=True)
+# VQVAE.load_state_dict keeps its own ema_vocab_hit_SV when the number of scales differs.
+ANY_SHAPE = ("quantize.ema_vocab_hit_SV",)
 
 
 def load_var(path: str, device: torch.device | str = "cpu", patch_nums=None, **overrides) -> tuple[VAR, dict]:
@@ -182,8 +149,7 @@ def load_var(path: str, device: torch.device | str = "cpu", patch_nums=None, **o
     sd = read_state_dict(path, "VAR checkpoint")
     kwargs = infer_var_kwargs(shapes_of(sd), sd.get("lvl_1L"), patch_nums)
     kwargs.update(overrides)
-    var = build(VAR, kwargs)
-    load_strict(var, sd, f"VAR checkpoint {path!r}")
+    var = load_strict(lambda: VAR(**kwargs), sd, f"VAR checkpoint {path!r} does not match the model")
     if not torch.equal(var.lvl_1L.cpu(), level_index(var.patch_nums)):   # the mask is derived from lvl_1L
         raise NeonError(f"VAR checkpoint {path!r}: its lvl_1L is not the token layout of patch_nums {var.patch_nums}")
     return var.to(device).eval(), kwargs
@@ -193,8 +159,7 @@ def load_vqvae(path: str, patch_nums, device: torch.device | str = "cpu") -> tup
     """A VQVAE checkpoint file -> (frozen VQVAE on device, its constructor kwargs)."""
     sd = read_state_dict(path, "VQVAE checkpoint")
     kwargs = infer_vqvae_kwargs(shapes_of(sd), patch_nums)
-    vae = build(VQVAE, kwargs)
-    load_strict(vae, sd, f"VQVAE checkpoint {path!r}")
+    vae = load_strict(lambda: VQVAE(**kwargs), sd, f"VQVAE checkpoint {path!r} does not match the model", ANY_SHAPE)
     return vae.to(device).eval().requires_grad_(False), kwargs
 
 

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from neon.errors import NeonError
-from neon.family import Bundle, TrainDefaults
+from neon.family import Arg, Bundle, Family, TrainDefaults
 from xar import checkpoint
 from xar.loss import flow_matching_loss
 from xar.model import XAR, XARConfig
@@ -31,7 +31,6 @@ TINY_XAR = XARConfig(encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2,
                      decoder_depth=1, decoder_num_heads=2, attn_dropout=0.1, proj_dropout=0.1)
 TINY_VAE = VAEConfig(embed_dim=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, encoder_attn_levels=(1,))
 
-LOSS_ARGS = ("label_drop_prob", "logit_mean", "logit_std")
 AUTOCAST = {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -45,8 +44,24 @@ def eval_mode(module: torch.nn.Module):
         module.train(was_training)
 
 
-class XARFamily:
+class XARFamily(Family):
     name = "xar"
+    SAMPLER_ARGS = (
+        Arg("cfg", float, 1.0, "guidance scale of the last cell (ramped from 1 over the cells)"),
+        Arg("flow_steps", int, 50, "Euler–Maruyama steps per cell (at least 3)"),
+        Arg("kv_cache", bool, True, "key/value cache across cells"),
+        Arg("autocast", str | None, None, "None, 'bf16' or 'fp16' on CUDA"),
+    )
+    LOSS_ARGS = (
+        Arg("label_drop_prob", float | None, None, "label dropout probability; None: the model's (0.1)"),
+        Arg("logit_mean", float, 0.0, "mean of the logit-normal time distribution"),
+        Arg("logit_std", float, 1.0, "standard deviation of the logit-normal time distribution"),
+    )
+    LOAD_ARGS = (
+        Arg("vae_path", str | None, None, "the MAR KL-16 VAE (kl16.ckpt), needed to sample and encode"),
+        Arg("model", str | None, None, "'xar_base' / 'xar_large' / 'xar_huge' to insist on"),
+        Arg("dropout", float, 0.1, "attention and projection dropout of self-training (official 0.1)"),
+    )
     # Neon xAR/train_new.py: AdamW(betas=(0.9, 0.96)), weight_decay 0.02 (biases and 1-D weights excluded by
     # misc.add_weight_decay), grad clip 1.0, under torch.cuda.amp.autocast() = float16 with a GradScaler.
     train_defaults = TrainDefaults(optimizer="adamw", betas=(0.9, 0.96), weight_decay=0.02, decay_1d=False,
@@ -62,9 +77,10 @@ class XARFamily:
         vae = checkpoint.load_vae(vae_path, device) if vae_path else None
         return self._bundle(net, vae, source=path, container=container)
 
-    def tiny(self, device: torch.device | str = "cpu", seed: int = 0, **load_args) -> Bundle:
-        """Tiny random xAR + VAE (about 0.1M + 0.7M parameters, 32x32 images); `load_args` (the paths of the
-        real checkpoints) do not apply and are ignored."""
+    def tiny(self, device: torch.device | str = "cpu", seed: int = 0, vae_path: str | None = None,
+             model: str | None = None, dropout: float = 0.1) -> Bundle:
+        """Tiny random xAR + VAE (about 0.1M + 0.7M parameters, 32x32 images); the load arguments (the real
+        checkpoints' VAE, size and dropout) do not apply and are ignored."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             net, vae = XAR(TINY_XAR), AutoencoderKL(TINY_VAE)
@@ -120,13 +136,10 @@ class XARFamily:
             moments, moments_flip = vae.encode(x), vae.encode(x.flip(dims=[3]))
         return {"moments": moments.float().cpu(), "moments_flip": moments_flip.float().cpu(), "labels": labels.cpu()}
 
-    def loss(self, bundle: Bundle, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(self, bundle: Bundle, batch: dict[str, torch.Tensor], label_drop_prob: float | None = None,
+             logit_mean: float = 0.0, logit_std: float = 1.0) -> torch.Tensor:
         """Flow-matching loss on a batch of `encode` output, with a random mirror choice and a fresh posterior
-        sample per example (global RNG). bundle.info['loss_args'] may set label_drop_prob, logit_mean, logit_std."""
-        args = dict(bundle.info.get("loss_args") or {})
-        unknown = sorted(set(args) - set(LOSS_ARGS))
-        if unknown:
-            raise NeonError(f"xar: unknown loss_args {unknown}; known: {', '.join(LOSS_ARGS)}")
+        sample per example (global RNG); the arguments are LOSS_ARGS."""
         net = bundle.net.train()
         device = next(net.parameters()).device
         moments = batch["moments"].to(device, torch.float32)
@@ -134,7 +147,8 @@ class XARFamily:
         mirror = torch.rand(moments.shape[0], device=device) >= 0.5   # MAR's CachedFolder: rand < 0.5 keeps the original
         moments = torch.where(mirror[:, None, None, None], flipped, moments)
         x0 = posterior_sample(moments) * LATENT_SCALE
-        return flow_matching_loss(net, x0, batch["labels"].to(device), **args)
+        return flow_matching_loss(net, x0, batch["labels"].to(device), label_drop_prob=label_drop_prob,
+                                  logit_mean=logit_mean, logit_std=logit_std)
 
     def save(self, bundle: Bundle, path: str) -> None:
         checkpoint.save_xar(bundle.net.state_dict(), path, container="plain")

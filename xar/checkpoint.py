@@ -25,10 +25,14 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from neon.checkpoint import atomic_save, read_pth
+from neon.checkpoint import atomic_save, load_strict, read_pth, unwrap_state_dict
 from neon.errors import NeonError
 from xar import model as xar_model
 from xar import vae as xar_vae
+
+
+# Where xAR containers keep the network: Neon's calculate_fid order, then raw training weights.
+XAR_KEYS = ("model_ema", "state_dict", "model")
 
 
 def _read(path: str) -> Any:
@@ -45,58 +49,19 @@ def _read(path: str) -> Any:
         raise NeonError(f"{path}: not a readable weights-only torch checkpoint ({type(e).__name__})") from None
 
 
-def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
-
-
 def read_xar_state_dict(path: str) -> tuple[dict[str, torch.Tensor], str]:
     """-> (state dict, container) with container 'plain', 'model_ema', 'state_dict' or 'model'."""
-    obj = _read(path)
-    if isinstance(obj, Mapping):
-        for key in ("model_ema", "state_dict", "model"):   # Neon's calculate_fid order, then raw training weights
-            if _is_state_dict(obj.get(key)):
-                return dict(obj[key]), key
-    if _is_state_dict(obj):
-        return dict(obj), "plain"
-    keys = ", ".join(map(str, list(obj)[:5])) if isinstance(obj, Mapping) else type(obj).__name__
-    raise NeonError(f"{path}: no xAR state dict found (top level: {keys})")
+    container, sd = unwrap_state_dict(_read(path), XAR_KEYS, f"{path} (xAR weights)", depth=1)
+    return sd, container
 
 
 def read_vae_state_dict(path: str) -> dict[str, torch.Tensor]:
     """kl16.ckpt: {'model': state_dict} (a plain state dict is accepted too)."""
-    obj = _read(path)
-    if isinstance(obj, Mapping) and _is_state_dict(obj.get("model")):
-        return dict(obj["model"])
-    if _is_state_dict(obj):
-        return dict(obj)
-    raise NeonError(f"{path}: no VAE state dict under 'model'")
-
-
-def check_state_dict(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str) -> None:
-    """Strict: same keys and shapes as `module`, else one NeonError line naming the first differences."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    shapes = [k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s) (first {missing[0]!r})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s) (first {unexpected[0]!r})")
-    if shapes:
-        k = shapes[0]
-        problems.append(f"{len(shapes)} shape mismatch(es) (first {k!r}: file {tuple(sd[k].shape)}, "
-                        f"model {tuple(expected[k].shape)})")
-    if problems:
-        raise NeonError(f"{what}: {'; '.join(problems)}")
+    return unwrap_state_dict(_read(path), ("model",), f"{path} (KL-16 VAE)", depth=1)[1]
 
 
 def _load_into(build, sd: Mapping[str, torch.Tensor], what: str, device) -> nn.Module:
-    with torch.device("meta"):   # no memory and no init cost: every tensor comes from the file
-        module = build()
-    check_state_dict(module, sd, what)
-    module.load_state_dict(sd, strict=True, assign=True)
-    return module.float().to(device).eval()
+    return load_strict(build, sd, what).float().to(device).eval()
 
 
 def load_xar(path: str, device: torch.device | str = "cpu", model: str | None = None,

@@ -11,7 +11,7 @@ import dataclasses
 from typing import Any
 
 
-from neon.config import ConfigError, FinetuneConfig, _build, apply_smoke, load_yaml
+from neon.config import ConfigError, FinetuneConfig, apply_smoke, build_config, load_yaml
 
 KIND = "fashion_mnist"
 ARMS = ("ode", "control", "diverse")   # θs from S (ODE sampler), from real images, from S (diversity-seeking)
@@ -133,7 +133,7 @@ def parse_study(data: Any, smoke: bool = False) -> StudyFile:
         raise ConfigError("study: a study config needs a top-level 'study:' section")
     if smoke:
         data = apply_smoke(data)
-    doc = _build(StudyFile, data, "")
+    doc = build_config(StudyFile, data, "")
     _checks(doc.study)
     return doc
 

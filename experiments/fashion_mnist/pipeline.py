@@ -326,7 +326,7 @@ def run_study(config_path: str, out: str, smoke: bool = False) -> dict:
     doc = load_study(config_path, smoke=smoke)
     cfg = doc.study
     family = get_family(cfg.family)
-    if not callable(getattr(family, "build", None)):
+    if not family.can_build():
         raise NeonError(f"study.family: {cfg.family!r} cannot build a network from scratch (no `build` method)")
     os.makedirs(out, exist_ok=True)
     t_start = time.time()
