@@ -11,6 +11,7 @@ and mean absolute difference of the uint8 images and the share of pixel values t
     python bench/bench_edm.py --device cuda --steps 18 --batch 256
     python bench/bench_edm.py --device cuda --network checkpoints/edm-cifar10-32x32-cond-vp.pkl
     python bench/bench_edm.py --tiny --variants fp32,bf16,fp32-compiled,bf16-compiled   # code-path check on CPU
+    python bench/bench_edm.py --batch 16 --compare 5           # family.sample vs the official loop (ratio)
 """
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ import time
 
 import torch
 
+from compare import interleaved, report
 from edm.adapter import EDMFamily, randomize
 from edm.checkpoint import build_network, load_network
 from edm.sampler import SeededNoise, edm_sampler, to_uint8
+from neon.family import Bundle
 
 # The released edm-cifar10-32x32-cond-vp network (EDM README training table; see the fixture manifests).
 CIFAR10_COND = dict(model_type="SongUNet", embedding_type="positional", encoder_type="standard",
@@ -59,6 +62,46 @@ def run(net, seeds, steps, device, autocast: bool):
     return to_uint8(images).cpu()
 
 
+@torch.no_grad()
+def official_equivalent(net, seeds, labels: torch.Tensor | None, num_steps: int, sigma_min=0.002, sigma_max=80,
+                        rho=7, device=torch.device("cpu")) -> torch.Tensor:
+    """EDM's generate.py for one batch: latents from one generator per seed (StackedRandomGenerator, on the
+    sampling device), the Heun loop in float64 with the network called on the whole batch, and the churn noise
+    drawn at every step as the official loop does (multiplied by 0 at S_churn = 0). -> uint8 (B, H, W, C)."""
+    gens = [torch.Generator(device).manual_seed(int(s) % (1 << 32)) for s in seeds]
+    shape = (net.img_channels, net.img_resolution, net.img_resolution)
+    latents = torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])
+    class_labels = None if labels is None else torch.eye(net.label_dim, device=device)[labels.to(device)]
+    sigma_min, sigma_max = max(sigma_min, net.sigma_min), min(sigma_max, net.sigma_max)
+    i = torch.arange(num_steps, dtype=torch.float64, device=device)
+    t_steps = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    t_steps = torch.cat([net.round_sigma(t_steps), torch.zeros_like(t_steps[:1])])
+    x_next = latents.to(torch.float64) * t_steps[0]
+    for k, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        x_cur = x_next
+        t_hat = net.round_sigma(t_cur)   # gamma = 0 at S_churn = 0
+        noise = torch.stack([torch.randn(x_cur.shape[1:], generator=g, device=device, dtype=x_cur.dtype)
+                             for g in gens])
+        x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * noise
+        d_cur = (x_hat - net(x_hat, t_hat, class_labels).to(torch.float64)) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
+        if k < num_steps - 1:
+            d_prime = (x_next - net(x_next, t_next, class_labels).to(torch.float64)) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+    return (x_next * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def compare(net, batch: int, steps: int, device, repeats: int) -> float:
+    """EDMFamily.sample (as `neon sample` calls it) against the official generate.py loop, interleaved."""
+    bundle = Bundle(net=net, num_classes=int(net.label_dim), resolution=int(net.img_resolution))
+    seeds = list(range(batch))
+    labels = torch.arange(batch) % net.label_dim if net.label_dim else None
+    ours_s, official_s = interleaved(lambda: EDMFamily().sample(bundle, seeds, labels, num_steps=steps),
+                                     lambda: official_equivalent(net, seeds, labels, steps, device=device),
+                                     device, repeats)
+    return report("edm", batch, ours_s, official_s)
+
+
 def timed(fn, device, repeats, warmup):
     for _ in range(warmup):  # warm-up (and compilation)
         fn()
@@ -86,6 +129,8 @@ def main():
     parser.add_argument("--variants", default=None,
                         help=f"comma-separated subset of {','.join(VARIANTS)} (default: fp32 on CPU, all on CUDA)")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--compare", type=int, default=None, metavar="REPEATS",
+                        help="only compare family.sample with the official loop, interleaved REPEATS times")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -102,6 +147,9 @@ def main():
     print(f"EDMPrecond/SongUNet {net.img_resolution}x{net.img_resolution}, "
           f"{sum(p.numel() for p in net.parameters()) / 1e6:.1f}M params, batch {args.batch}, {args.steps} steps "
           f"({nfe} NFE), device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    if args.compare:
+        compare(net, args.batch, args.steps, device, args.compare)
+        return
     results, reference = [], None
     for name in names:   # the first variant is the reference of the differences (fp32 by default)
         autocast, use_compiled = VARIANTS[name]

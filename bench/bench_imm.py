@@ -15,9 +15,10 @@ import time
 
 import torch
 
+from compare import interleaved, report
 from imm.adapter import IMMFamily
 from imm.checkpoint import build_network
-from imm.sampler import sample_latents
+from imm.sampler import one_hot, pushforward, sample_latents
 from imm.vae import LatentVAE
 
 # imagenet256_ts_a2.pkl / Neon_imm_imagenet256.pkl network config (lumalabs/imm configs/im256_generate_images.yaml).
@@ -44,6 +45,16 @@ def best_time(fn, device, repeats: int) -> float:
     return best
 
 
+def official_equivalent(net, vae, labels: torch.Tensor, steps: int, cfg: float | None, generator: torch.Generator):
+    """The official generate_images.py loop: the batch's noise in one draw (net.get_init_noise, one stream), the
+    uniform pushforward grid with cfg_forward at every jump (one batched DiT pass over [null, labels]), then one
+    batched VAE decode. -> uint8 (B, H, W, 3)."""
+    shape = (len(labels), net.img_channels, net.img_resolution, net.img_resolution)
+    z = torch.randn(shape, generator=generator).to(labels.device) * net.sigma_data
+    latents = pushforward(net, z, one_hot(labels, net.label_dim), steps, cfg)
+    return vae.decode(latents)
+
+
 def sd_vae(device: torch.device) -> LatentVAE:
     """The sd-vae-ft-ema layout (random weights; the official decoder runs it in float16)."""
     from diffusers import AutoencoderKL
@@ -62,7 +73,7 @@ def main() -> None:
     p.add_argument("--cfg", type=float, default=1.5)
     p.add_argument("--autocast", default=None, choices=["bf16", "fp16"], help="DiT autocast on CUDA")
     p.add_argument("--decode", action="store_true", help="cuda: also time the SD-VAE decoder (random weights)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -100,10 +111,13 @@ def main() -> None:
         vae.batch_size = batch
         dec = best_time(lambda: vae.decode(latents), device, args.repeats)
         print(f"  VAE decode             : {dec:8.3f} s/batch  {batch / dec:9.2f} img/s")
-        if model == "tiny":
-            full = best_time(lambda: family.sample(bundle, seeds, labels, steps=args.steps, cfg=args.cfg),
-                             device, args.repeats)
-            print(f"  family.sample (+ VAE)  : {full:8.3f} s/batch  {batch / full:9.2f} img/s")
+        if model == "tiny":   # the whole sampler, as `neon sample` calls it, against the official loop
+            gen = torch.Generator().manual_seed(0)
+            ours_s, official_s = interleaved(
+                lambda: family.sample(bundle, seeds, labels, steps=args.steps, cfg=args.cfg),
+                lambda: official_equivalent(net, vae, labels.to(device), args.steps, args.cfg, gen), device,
+                args.repeats)
+            report("imm", batch, ours_s, official_s)
     if gpu:
         print(f"  peak memory            : {torch.cuda.max_memory_allocated(device) / 2**30:8.2f} GiB")
 

@@ -15,10 +15,13 @@ import time
 
 import torch
 
+from compare import interleaved, report
+from neon.family import Bundle
+from var.adapter import VARFamily
 from var.checkpoint import RELEASE_PATCH_NUMS
 from var.invariant import batch_invariant
-from var.model import VAR
-from var.sampler import sample
+from var.model import VAR, KVCache
+from var.sampler import sample, top_k_top_p_filter
 from var.vqvae import VQVAE
 
 
@@ -32,6 +35,53 @@ def build(depth: int, device: torch.device, full_vae: bool, resolution: int) -> 
               shared_aln=resolution == 512, patch_nums=patch_nums)
     var.init_weights(init_head=1.0, init_adaln_gamma=0.5)   # livelier than official init: a realistic top-k
     return var.to(device).eval(), vae.eval()
+
+
+@torch.no_grad()
+def official_equivalent(var: VAR, vae: VQVAE, labels: torch.Tensor, cfg: float, top_k: int, top_p: float,
+                        rng: torch.Generator) -> torch.Tensor:
+    """The official autoregressive_infer_cfg, KV-cached, batched: [cond; uncond] rows through the transformer at
+    every scale, guidance ramped with the scale, top-k / top-p, then every token of the batch drawn by one
+    torch.multinomial from one generator; the image quantised as Neon's scripts (floor(255·x)).
+    -> uint8 (B, H, W, 3)."""
+    B, S, P, V = labels.shape[0], len(var.patch_nums), var.patch_nums[-1], var.V
+    quant = vae.quantize
+    cond = var.class_cond(torch.cat((labels, torch.full_like(labels, var.num_classes))))
+    x = var.first_tokens(cond)
+    caches = [KVCache() for _ in var.blocks]
+    f_hat = cond.new_zeros(B, var.Cvae, P, P, dtype=torch.float32)
+    for si, pn in enumerate(var.patch_nums):
+        logits = var.backbone(x, cond, caches=caches)
+        t = cfg * si / (S - 1)
+        guided = top_k_top_p_filter((1 + t) * logits[:B] - t * logits[B:], top_k, top_p)
+        idx = torch.multinomial(guided.softmax(dim=-1).view(-1, V), 1, replacement=True, generator=rng)
+        h = quant.embedding(idx.view(B, pn * pn)).transpose(1, 2).reshape(B, var.Cvae, pn, pn)
+        f_hat, next_map = quant.next_autoregressive_input(si, f_hat, h)
+        if next_map is not None:
+            x = var.next_tokens(next_map.flatten(2).transpose(1, 2), si + 1).repeat(2, 1, 1)
+    img = vae.fhat_to_img(f_hat).add_(1).mul_(0.5)
+    return img.float().clamp_(0, 1).mul_(255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def compare(var: VAR, vae: VQVAE, batch: int, device: torch.device, args) -> None:
+    """VARFamily.sample (as `neon sample` calls it; oneDNN on) and in its batch-invariant mode, against the
+    official loop, interleaved in this process."""
+    bundle = Bundle(net=var, helpers={"vae": vae}, num_classes=var.num_classes, resolution=vae.resolution)
+    family, seeds = VARFamily(), list(range(batch))
+    labels = torch.arange(batch) % var.num_classes
+    rng = torch.Generator(device).manual_seed(0)
+    kwargs = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
+
+    def official():
+        return official_equivalent(var, vae, labels.to(device), args.cfg, args.top_k, args.top_p, rng)
+
+    ours_s, official_s = interleaved(lambda: family.sample(bundle, seeds, labels, **kwargs), official, device,
+                                     args.compare_repeats)
+    report("var", batch, ours_s, official_s)
+    inv_s, official_s = interleaved(lambda: family.sample(bundle, seeds, labels, batch_invariant=True, **kwargs),
+                                    official, device, args.compare_repeats)
+    print(f"  batch-invariant (opt-in) : {batch / inv_s:9.2f} img/s   ({official_s / inv_s:.2f}x the official "
+          f"{batch / official_s:.2f} img/s of the same runs)")
 
 
 def run(var, vae, batch: int, use_cache: bool, amp, device, args) -> tuple[float, torch.Tensor]:
@@ -60,6 +110,8 @@ def main():
     p.add_argument("--top_k", type=int, default=900)
     p.add_argument("--top_p", type=float, default=0.95)
     p.add_argument("--no-reference", action="store_true", help="time only the cached sampler")
+    p.add_argument("--compare-repeats", type=int, default=7, help="interleaved runs against the official loop")
+    p.add_argument("--no-compare", action="store_true", help="skip the comparison with the official loop")
     args = p.parse_args()
 
     device = torch.device(args.device)
@@ -91,6 +143,8 @@ def main():
             images[name] = img
             print(f"  {name:20s} {rates[name]:12.0f} tokens/s   {batch / best:8.2f} images/s   "
                   f"(best of {args.repeats}: {best:.3f} s)")
+    if not args.no_compare:
+        compare(var, vae, batch, device, args)
     if len(rates) == 2:
         same = (images["kv-cache"] - images["no-cache reference"]).abs().max().item()
         print(f"  speed-up of the KV cache: {rates['kv-cache'] / rates['no-cache reference']:.2f}x "

@@ -55,7 +55,7 @@ class Linear(torch.nn.Module):
     def forward(self, x):
         x = x @ self.weight.to(x.dtype).t()
         if self.bias is not None:
-            x = x + self.bias.to(x.dtype)
+            x = x.add_(self.bias.to(x.dtype))   # in place, as upstream: the product is a fresh tensor
         return x
 
 
@@ -110,7 +110,7 @@ class Conv2d(torch.nn.Module):
             if w is not None:
                 x = conv(x, w, padding=w_pad)
         if b is not None:
-            x = x + b.reshape(1, -1, 1, 1)
+            x = x.add_(b.reshape(1, -1, 1, 1))   # in place, as upstream (x is the convolution's own output)
         return x
 
 
@@ -191,10 +191,10 @@ class UNetBlock(torch.nn.Module):
             scale, shift = params.chunk(chunks=2, dim=1)
             x = silu(torch.addcmul(shift, self.norm1(x), scale + 1))   # fused multiply-add, as the official code
         else:
-            x = silu(self.norm1(x + params))
+            x = silu(self.norm1(x.add_(params)))
 
         x = self.conv1(torch.nn.functional.dropout(x, p=self.dropout, training=self.training))
-        x = x + (self.skip(orig) if self.skip is not None else orig)
+        x = x.add_(self.skip(orig) if self.skip is not None else orig)   # x is conv1's output: in place is safe
         x = x * self.skip_scale
 
         if self.num_heads:
@@ -203,7 +203,7 @@ class UNetBlock(torch.nn.Module):
             q, k, v = qkv.unbind(2)
             w = attention_weights(q, k)
             a = torch.einsum("nqk,nck->ncq", w, v)
-            x = self.proj(a.reshape(*x.shape)) + x
+            x = self.proj(a.reshape(*x.shape)).add_(x)
             x = x * self.skip_scale
         return x
 

@@ -1,0 +1,85 @@
+"""`neon sample` throughput on 1 and 2 processes (gloo, one thread each), whole-process wall time.
+
+    python bench/bench_scaling.py                       # every family at its bench config, 3 interleaved rounds
+    python bench/bench_scaling.py --families imm --batch-vs 1    # also the same command at --batch 1
+
+Each round runs the one-process and the two-process command back to back (alternating which goes first) and the
+medians are compared; the sampling phase alone ("wrote ... in N s", from the first shard to the joined file) is
+reported beside the whole process (interpreter start, torch import, torchrun). A speed-up near 2 needs two idle
+cores: on a shared machine it measures the share of them the two processes got.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+# family -> `neon sample` arguments at its bench config (tiny networks, enough images that sampling dominates)
+CONFIGS = {
+    "edm": ["--num-images", "512", "--batch", "32", "--arg", "num_steps=18"],
+    "var": ["--num-images", "128", "--batch", "16", "--arg", "cfg=1.5", "--arg", "top_k=900", "--arg", "top_p=0.95"],
+    "xar": ["--num-images", "64", "--batch", "16", "--arg", "cfg=2.7", "--arg", "flow_steps=20"],
+    "imm": ["--num-images", "1024", "--batch", "32", "--arg", "steps=8", "--arg", "cfg=1.5"],
+}
+
+
+def run(family: str, args: list[str], procs: int, folder: str) -> tuple[float, float]:
+    """-> (whole-process seconds, sampling seconds) of one `neon sample` run."""
+    out = os.path.join(folder, f"{family}-{procs}-{time.monotonic_ns()}.npz")
+    launcher = [sys.executable] if procs == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
+    cmd = [*launcher, "-m", "neon", "sample", "--family", family, "--tiny", *args, "--out", out]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
+    os.remove(out)
+    sampling = float(re.search(r"images in ([0-9.]+) s", res.stdout).group(1))
+    return wall, sampling
+
+
+def compare(family: str, a: tuple[list[str], int], b: tuple[list[str], int], rounds: int, folder: str):
+    """Interleaved rounds of two commands -> medians (wall_a, sampling_a, wall_b, sampling_b)."""
+    times = {0: [], 1: []}
+    for r in range(rounds):
+        order = (0, 1) if r % 2 == 0 else (1, 0)
+        for i in order:
+            args, procs = (a, b)[i]
+            times[i].append(run(family, args, procs, folder))
+    med = [statistics.median(t[j] for t in times[i]) for i in (0, 1) for j in (0, 1)]
+    return tuple(med)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--families", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch-vs", type=int, default=None, metavar="B",
+                   help="instead compare one process at the bench --batch with one at --batch B")
+    args = p.parse_args()
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; medians of {args.rounds} interleaved rounds")
+    with tempfile.TemporaryDirectory() as folder:
+        for family in args.families:
+            cfg = CONFIGS[family]
+            if args.batch_vs:
+                other = [*cfg[:cfg.index("--batch") + 1], str(args.batch_vs), *cfg[cfg.index("--batch") + 2:]]
+                w1, s1, w2, s2 = compare(family, (cfg, 1), (other, 1), args.rounds, folder)
+                print(f"{family}: {' '.join(cfg)}: {w1:.1f} s (sampling {s1:.1f} s); at --batch {args.batch_vs}: "
+                      f"{w2:.1f} s (sampling {s2:.1f} s); speed-up of the batch: {w2 / w1:.2f}x whole process, "
+                      f"{s2 / s1:.2f}x sampling", flush=True)
+            else:
+                w1, s1, w2, s2 = compare(family, (cfg, 1), (cfg, 2), args.rounds, folder)
+                print(f"{family}: {' '.join(cfg)}: 1 process {w1:.1f} s (sampling {s1:.1f} s), 2 processes "
+                      f"{w2:.1f} s (sampling {s2:.1f} s); speed-up {w1 / w2:.2f}x whole process, "
+                      f"{s1 / s2:.2f}x sampling", flush=True)
+
+
+if __name__ == "__main__":
+    main()
