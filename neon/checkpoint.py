@@ -303,6 +303,8 @@ def read_pth_object(path: str, reader=None) -> Any:
         if f"data/{key}" not in records:
             raise NeonError(f"{path}: storage {key} has no record data/{key}")
         size = reader.get_record_size(f"data/{key}")
+        if size > os.path.getsize(path):
+            raise NeonError(f"{path}: record data/{key} claims {size} bytes, more than the whole file")
         if size != blob.nbytes:
             raise NeonError(f"{path}: storage {key} claims {blob.nbytes} bytes, its record holds {size}")
     return obj

@@ -84,8 +84,8 @@ def npy_member(path: str, zf: zipfile.ZipFile, name: str) -> NpyMember:
     if info.compress_type == zipfile.ZIP_DEFLATED and info.file_size > _DEFLATE_MAX_RATIO * info.compress_size + 1024:
         raise NeonError(f"{where} claims {info.file_size} bytes from {info.compress_size} compressed ones, more than "
                         f"deflate can produce")
-    if info.compress_type == zipfile.ZIP_STORED and info.header_offset + info.file_size > os.path.getsize(path):
-        raise NeonError(f"{where} claims {info.file_size} bytes, past the end of the file")
+    if info.header_offset + info.compress_size > os.path.getsize(path):
+        raise NeonError(f"{where} claims {info.compress_size} stored bytes, past the end of the file")
     try:
         with zf.open(info) as f:
             version = np.lib.format.read_magic(f)

@@ -242,8 +242,11 @@ def _allowed(storages: Callable) -> dict[str, Any]:
         "numpy.dtype": _NumpyDtype,
         "numpy.core.multiarray.scalar": _numpy_scalar,
         "numpy._core.multiarray.scalar": _numpy_scalar,
-        "argparse.Namespace": _stand_in("argparse.Namespace"),  # upstream training checkpoints' 'args'
+        "argparse.Namespace": _NAMESPACE,
     }
+
+
+_NAMESPACE = _stand_in("argparse.Namespace")  # upstream training checkpoints' 'args': a plain record
 
 
 class _BoundedFile:

@@ -140,12 +140,17 @@ def npz(path, members: dict[str, bytes], compress: bool = False, claim_size: dic
             infos = {i.filename[:-4]: i for i in zf.infolist()}
         for name, size in claim_size.items():
             info = infos[name]
+            stored = info.compress_type == zipfile.ZIP_STORED
             struct.pack_into("<I", raw, info.header_offset + 22, size)       # local header: uncompressed size
+            if stored:
+                struct.pack_into("<I", raw, info.header_offset + 18, size)   # ... and compressed size
             central = raw.find(b"PK\x01\x02")
             while central != -1:                                             # central directory entry
                 name_len = struct.unpack_from("<H", raw, central + 28)[0]
                 if raw[central + 46:central + 46 + name_len] == (name + ".npy").encode():
                     struct.pack_into("<I", raw, central + 24, size)
+                    if stored:
+                        struct.pack_into("<I", raw, central + 20, size)
                 central = raw.find(b"PK\x01\x02", central + 4)
         open(path, "wb").write(bytes(raw))
 
@@ -162,6 +167,9 @@ STATS = {  # members of a statistics file, compress, claimed sizes
     "zip-bomb-declared-size-matches-a-huge-shape": (
         {"mu": npy_bytes("<f8", (2,), _f8(2)), "sigma": npy_bytes("<f8", (1 << 14, 1 << 14), _f8(8))}, True,
         {"sigma": len(npy_bytes("<f8", (1 << 14, 1 << 14), b"")) + 8 * (1 << 28)}),
+    "stored-member-claims-3-gigabytes": (
+        {"mu": npy_bytes("<f8", (3 << 27,), _f8(2)), "sigma": npy_bytes("<f8", (2, 2), _f8(4))}, False,
+        {"mu": len(npy_bytes("<f8", (3 << 27,), b"")) + (3 << 30)}),
     "object-dtype": ({"mu": npy_bytes("|O", (2,), b"\x80\x02N."), "sigma": npy_bytes("<f8", (2, 2), _f8(4))},
                      False, None),
     "bad-npy-magic": ({"mu": b"not an npy file at all", "sigma": npy_bytes("<f8", (2, 2), _f8(4))}, False, None),
