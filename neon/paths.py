@@ -133,24 +133,42 @@ def remove_stale_temps(folder: str) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Locks.
 
+def _holder(fd: int) -> tuple[str, str] | None:
+    """(PID, host) a lock file records, or None if it records nothing readable."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    fields = os.read(fd, 200).decode(errors="replace").split()
+    return (fields[0], fields[1]) if len(fields) == 2 and fields[0].isdigit() else None
+
+
+def _refuse(path: str, lock: str, holder: tuple[str, str] | None):
+    pid, host = holder or ("?", _HOST)
+    where = "" if host == _HOST else f" on {host}"
+    raise NeonError(f"{path}: in use by PID {pid}{where} (another job is writing it; {lock} is its lock)")
+
+
 @contextlib.contextmanager
 def output_lock(path: str) -> Iterator[str]:
     """Hold `<path>.lock` while this job writes `path`; refuse with the holder's PID if another job holds it.
 
     The lock is an flock on the file, which the kernel drops when its process dies however it dies: a lock file
     left by a killed job (its PID dead) is taken over by the next one. The file records "PID host" so the refusal
-    can say who holds it."""
+    can say who holds it; on a file system without flock (some network mounts) that record is the lock, and a
+    live PID of this host, or any PID of another host (which cannot be checked from here), holds it."""
     lock = os.fspath(path) + ".lock"
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").split()
+            holder = _holder(fd)
             os.close(fd)
-            who = f"PID {holder[0]}" + (f" on {holder[1]}" if len(holder) > 1 and holder[1] != _HOST else "") \
-                if holder else "another process"
-            raise NeonError(f"{path}: in use by {who} (another job is writing it; {lock} is its lock)") from None
+            _refuse(path, lock, holder)
+        except OSError:  # no flock here
+            holder = _holder(fd)
+            if holder and (holder[1] != _HOST or pid_alive(int(holder[0]))) and holder != (str(os.getpid()), _HOST):
+                os.close(fd)
+                _refuse(path, lock, holder)
+            break
         # The holder before us may have removed the file between our open and our flock: lock the file that
         # is at `lock` now, not an unlinked one.
         try:
@@ -162,6 +180,7 @@ def output_lock(path: str) -> Iterator[str]:
         os.close(fd)
     try:
         os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, f"{os.getpid()} {_HOST}\n".encode())
         yield lock
     finally:

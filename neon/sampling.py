@@ -347,7 +347,8 @@ def _labels_from_args(args, family, bundle, seeds):
     try:
         values = np.load(mode) if mode.endswith(".npy") else np.loadtxt(mode, dtype=np.int64, ndmin=1)
     except (ValueError, OSError, EOFError) as e:
-        raise NeonError(f"{mode}: not a label file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise NeonError(f"{mode}: not a label file ({why})") from None
     try:
         return draw_labels(family, bundle, seeds, "list", values)
     except NeonError as e:

@@ -129,7 +129,8 @@ def test_finetune_refuses_bad_paths(capsys, tmp_path, base):
 
 def test_finetune_still_trains_on_good_data(capsys, tmp_path, base):
     cli.main(_finetune(base, base["data"], tmp_path / "ft"))
-    assert "θs:" in capsys.readouterr().out and any(p.name.startswith("snapshot-") for p in (tmp_path / "ft").iterdir())
+    assert "θs:" in capsys.readouterr().out
+    assert any(p.name.startswith("snapshot-") for p in (tmp_path / "ft").iterdir())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -210,11 +211,13 @@ def test_run_refusals_leave_no_run_folder(capsys, tmp_path):
     run = tmp_path / "runs" / "r"
     cases = [
         (["run", tmp_path / "a_folder", "--out", run], "is a folder, expected a config file"),
-        (["run", _config(tmp_path, "missing_base", base=str(tmp_path / "nope.pth")), "--out", run], "nope.pth not found"),
+        (["run", _config(tmp_path, "missing_base", base=str(tmp_path / "nope.pth")), "--out", run],
+         "nope.pth not found"),
         (["run", _config(tmp_path, "folder_base", base=str(tmp_path / "a_folder")), "--out", run], "is a folder"),
         (["run", _config(tmp_path, "missing_stats", ref_stats=str(tmp_path / "none.npz")), "--smoke", "--out", run],
          "none.npz not found"),
-        (["run", _config(tmp_path, "no_training", finetune={"total_images": 0}), "--smoke", "--out", run], "total_images"),
+        (["run", _config(tmp_path, "no_training", finetune={"total_images": 0}), "--smoke", "--out", run],
+         "total_images"),
     ]
     for argv, message in cases:
         assert message in _refused(capsys, argv, tmp_path)

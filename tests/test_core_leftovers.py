@@ -152,3 +152,24 @@ def test_plain_torchrun_reports_the_one_line_error_of_a_gloo_job(tmp_path):
     assert len(reported) == 2 and all(x.strip() == f"traceback : {line}" for x in reported), reported
     assert all("exitcode  : 2" in x for x in lines if "exitcode  :" in x)
     assert os.listdir(tmp_path) == []
+
+
+def test_without_flock_the_lock_files_pid_decides(tmp_path, monkeypatch):
+    def no_flock(fd, op):
+        raise OSError(38, "Function not implemented")
+    monkeypatch.setattr(paths.fcntl, "flock", no_flock)
+    out = str(tmp_path / "s.npz")
+    host = paths._HOST
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "s.npz.lock").write_text(f"{live.pid} {host}\n")
+        with pytest.raises(paths.NeonError, match=f"in use by PID {live.pid}"):
+            with paths.output_lock(out):
+                pass
+    finally:
+        live.kill()
+        live.wait()
+    (tmp_path / "s.npz.lock").write_text(f"{_dead_pid()} {host}\n")
+    with paths.output_lock(out) as lock:
+        assert open(lock).read().split() == [str(os.getpid()), host]
+    assert not os.path.exists(lock)
