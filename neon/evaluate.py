@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -23,6 +23,7 @@ from neon.evaluate import FIDMetric, MetricFactory, evaluate_images
 from neon.family import Bundle, Family
 from neon.merge import check_compatible, merge_state_dicts
 
+
 def state_dict_copy(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of `net`'s weights (θr before anything loads merged weights into the network)."""
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -188,9 +189,10 @@ def sweep_main(args) -> None:
     from neon.sampling import load_model, parse_kv
     family, bundle = load_model(args)
     check_args(family.SAMPLER_ARGS, parse_kv(args.arg), "--arg")
-    cfg = build_config(SweepConfig, {"w": args.w, "cfg": args.cfg, "cfg_key": args.cfg_key, "num_images": args.num_images,
-                               "per_class": args.per_class, "batch": args.batch, "tolerance": args.tolerance,
-                               "refine": args.refine, "sampler": parse_kv(args.arg)}, "sweep")
+    cfg = build_config(SweepConfig, {"w": args.w, "cfg": args.cfg, "cfg_key": args.cfg_key,
+                                     "num_images": args.num_images, "per_class": args.per_class, "batch": args.batch,
+                                     "tolerance": args.tolerance, "refine": args.refine,
+                                     "sampler": parse_kv(args.arg)}, "sweep")
     device = next(bundle.net.parameters()).device
     metric = FIDMetric(args.detector, args.ref_stats, device, args.detector_weights)
     sweep = Sweep(family, bundle, state_dict_copy(bundle.net), load_state_dict(args.synth), cfg, metric,
