@@ -2,12 +2,13 @@
 temporary package and its .dist-info entry point runs `neon run --smoke` with no edit anywhere else."""
 import json
 import os
+import re
 import subprocess
 import sys
 
 import yaml
 
-from neon.testing import TinyPixFamily
+from conftest import REPO
 
 PACKAGE = '''
 """A throw-away family: the tiny test family under another name, found only through its entry point."""
@@ -29,20 +30,16 @@ def _install(root, name: str) -> None:
     (info / "entry_points.txt").write_text(f"[neon.families]\n{name} = throwaway_family:ThrowawayFamily\n")
 
 
-def _config(num_classes: int) -> dict:
-    steps = {"num_steps": TinyPixFamily.SAMPLER_ARGS[0].default - 1}
-    return {"family": "throwaway", "load_args": {"num_classes": num_classes},
-            "metrics": {"weights": "fid-helper", "inception_score": False},
-            "synthetic": {"num_images": 2 * num_classes, "batch": num_classes, "sampler": steps},
-            "finetune": {"lr": 1e-3, "batch": 2, "total_images": 4, "log_every_images": 2},
-            "sweep": {"w": [0.0, 1.0], "num_images": num_classes, "batch": num_classes, "sampler": steps},
-            "final": {"num_images": num_classes, "batch": num_classes, "sampler": steps, "seed_offset": 50}}
+def _config() -> dict:
+    """The worked example's config from docs/adding_a_family.md, for the throw-away family."""
+    block = re.search(r"```yaml\n(.*?)```", (REPO / "docs" / "adding_a_family.md").read_text(), re.S).group(1)
+    return {**yaml.safe_load(block), "family": "throwaway"}
 
 
 def test_a_family_from_an_entry_point_runs_every_stage_with_no_other_edit(tmp_path):
     _install(tmp_path, "throwaway")
     config = tmp_path / "throwaway.yaml"
-    config.write_text(yaml.safe_dump(_config(num_classes=2)))
+    config.write_text(yaml.safe_dump(_config()))
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     listed = subprocess.run([sys.executable, "-c", "from neon.family import available; print(available())"],
@@ -59,7 +56,7 @@ def test_a_family_from_an_entry_point_runs_every_stage_with_no_other_edit(tmp_pa
 
 def test_without_its_entry_point_the_family_is_unknown(tmp_path):
     config = tmp_path / "throwaway.yaml"
-    config.write_text(yaml.safe_dump(_config(num_classes=2)))
+    config.write_text(yaml.safe_dump(_config()))
     res = subprocess.run([sys.executable, "-m", "neon", "run", str(config), "--smoke", "--out", str(tmp_path / "run")],
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 2 and "unknown family 'throwaway'" in res.stderr
