@@ -13,22 +13,21 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-
-from neon.checkpoint import detect_format
-from neon.errors import NeonError
-from neon.family import Arg, Bundle, Family, TrainDefaults
-from neon.testing import fan_in_rule
-from neon.testing import randomize as random_weights
-
-from neon.config import check_args
 
 from edm import checkpoint
 from edm.augment import TRAIN_PY_ARGS, AugmentPipe
 from edm.loss import LOSSES, reduce_loss
 from edm.sampler import SeededNoise, edm_sampler, latents_and_labels, to_uint8
+from neon.checkpoint import detect_format
+from neon.config import check_args
+from neon.errors import NeonError
+from neon.family import Arg, Bundle, Family, TrainDefaults
+from neon.testing import fan_in_rule
+from neon.testing import randomize as random_weights
 
 # The loss each preconditioner is trained with in EDM's train.py (--precond=vp|ve|edm).
 DEFAULT_LOSS = {"EDMPrecond": "EDMLoss", "VPPrecond": "VPLoss", "VEPrecond": "VELoss"}

@@ -484,8 +484,30 @@ def _build_model(model_type: str, **kwargs) -> torch.nn.Module:
 
 
 class _Precond(torch.nn.Module):
-    """Shared input handling: float32 x, sigma reshaped to (B or 1, 1, 1, 1), one-hot labels (zeros when a
-    conditional model gets none), float16 backbone only on CUDA with use_fp16."""
+    """What every preconditioner shares: the backbone F, the input handling (float32 x, sigma reshaped to
+    (B or 1, 1, 1, 1), one-hot labels, zeros when a conditional model gets none; float16 backbone only on CUDA
+    with use_fp16) and D(x; σ) itself. A subclass states its coefficients, as the EDM paper's Table 1."""
+
+    def __init__(self, img_resolution: int, img_channels: int, label_dim: int, use_fp16: bool, model_type: str,
+                 model_kwargs: dict, out_channels: int | None = None):
+        super().__init__()
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        self.label_dim = label_dim
+        self.use_fp16 = use_fp16
+        self.model = _build_model(model_type, img_resolution=img_resolution, in_channels=img_channels,
+                                  out_channels=out_channels or img_channels, label_dim=label_dim, **model_kwargs)
+
+    def coefficients(self, sigma: torch.Tensor):
+        """(c_skip, c_out, c_in, c_noise) at noise level sigma (B or 1, 1, 1, 1)."""
+        raise NotImplementedError
+
+    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
+        x, sigma, class_labels, dtype = self._inputs(x, sigma, class_labels, force_fp32)
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
+        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
+        # iDDPM's backbone also predicts the variance (2·C channels): the first C are the denoiser's output.
+        return c_skip * x + c_out * F_x[:, :self.img_channels].to(torch.float32)
 
     def _inputs(self, x, sigma, class_labels, force_fp32):
         x = x.to(torch.float32)
@@ -516,26 +538,18 @@ class EDMPrecond(_Precond):
                  sigma_data: float = 0.5,            # expected standard deviation of the data
                  model_type: str = "DhariwalUNet",   # backbone class name
                  **model_kwargs):                    # backbone arguments
-        super().__init__()
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.use_fp16 = use_fp16
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs)
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
         self.sigma_data = sigma_data
-        self.model = _build_model(model_type, img_resolution=img_resolution, in_channels=img_channels,
-                                  out_channels=img_channels, label_dim=label_dim, **model_kwargs)
 
-    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
-        x, sigma, class_labels, dtype = self._inputs(x, sigma, class_labels, force_fp32)
+    def coefficients(self, sigma):
         sd = self.sigma_data
         c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
         c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
         c_in = 1 / (sd ** 2 + sigma ** 2).sqrt()
         c_noise = sigma.log() / 4
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        return c_skip * x + c_out * F_x.to(torch.float32)
+        return c_skip, c_out, c_in, c_noise
 
 
 class VPPrecond(_Precond):
@@ -552,11 +566,7 @@ class VPPrecond(_Precond):
                  epsilon_t: float = 1e-5,            # smallest t used in training
                  model_type: str = "SongUNet",       # backbone class name
                  **model_kwargs):                    # backbone arguments
-        super().__init__()
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.use_fp16 = use_fp16
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs)
         self.beta_d = beta_d
         self.beta_min = beta_min
         self.M = M
@@ -564,17 +574,13 @@ class VPPrecond(_Precond):
         with torch.device("cpu"):  # float32 arithmetic as the official code, also when built on the meta device
             self.sigma_min = float(self.sigma(epsilon_t))
             self.sigma_max = float(self.sigma(1))
-        self.model = _build_model(model_type, img_resolution=img_resolution, in_channels=img_channels,
-                                  out_channels=img_channels, label_dim=label_dim, **model_kwargs)
 
-    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
-        x, sigma, class_labels, dtype = self._inputs(x, sigma, class_labels, force_fp32)
+    def coefficients(self, sigma):
         c_skip = 1
         c_out = -sigma
         c_in = 1 / (sigma ** 2 + 1).sqrt()
         c_noise = (self.M - 1) * self.sigma_inv(sigma)
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        return c_skip * x + c_out * F_x.to(torch.float32)
+        return c_skip, c_out, c_in, c_noise
 
     def sigma(self, t):
         t = torch.as_tensor(t)
@@ -597,24 +603,16 @@ class VEPrecond(_Precond):
                  sigma_max: float = 100,             # highest supported noise level
                  model_type: str = "SongUNet",       # backbone class name
                  **model_kwargs):                    # backbone arguments
-        super().__init__()
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.use_fp16 = use_fp16
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs)
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
-        self.model = _build_model(model_type, img_resolution=img_resolution, in_channels=img_channels,
-                                  out_channels=img_channels, label_dim=label_dim, **model_kwargs)
 
-    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
-        x, sigma, class_labels, dtype = self._inputs(x, sigma, class_labels, force_fp32)
+    def coefficients(self, sigma):
         c_skip = 1
         c_out = sigma
         c_in = 1
         c_noise = (0.5 * sigma).log()
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        return c_skip * x + c_out * F_x.to(torch.float32)
+        return c_skip, c_out, c_in, c_noise
 
 
 class iDDPMPrecond(_Precond):
@@ -631,16 +629,11 @@ class iDDPMPrecond(_Precond):
                  M: int = 1000,                      # number of DDPM timesteps
                  model_type: str = "DhariwalUNet",   # backbone class name
                  **model_kwargs):                    # backbone arguments
-        super().__init__()
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.use_fp16 = use_fp16
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs,
+                         out_channels=img_channels * 2)
         self.C_1 = C_1
         self.C_2 = C_2
         self.M = M
-        self.model = _build_model(model_type, img_resolution=img_resolution, in_channels=img_channels,
-                                  out_channels=img_channels * 2, label_dim=label_dim, **model_kwargs)
         with torch.device("cpu"):  # the discrete noise levels u_M = 0 < ... < u_0, also when built on meta
             u = torch.zeros(M + 1)
             for j in range(M, 0, -1):  # M, ..., 1
@@ -649,14 +642,12 @@ class iDDPMPrecond(_Precond):
             self.sigma_max = float(u[0])
         self.register_buffer("u", u)
 
-    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
-        x, sigma, class_labels, dtype = self._inputs(x, sigma, class_labels, force_fp32)
+    def coefficients(self, sigma):
         c_skip = 1
         c_out = -sigma
         c_in = 1 / (sigma ** 2 + 1).sqrt()
         c_noise = self.M - 1 - self.round_sigma(sigma, return_index=True).to(torch.float32)
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        return c_skip * x + c_out * F_x[:, :self.img_channels].to(torch.float32)
+        return c_skip, c_out, c_in, c_noise
 
     def alpha_bar(self, j):
         j = torch.as_tensor(j)

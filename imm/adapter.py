@@ -15,7 +15,7 @@ autocast with a GradScaler (network mixed_precision 'fp16'), the target branch i
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

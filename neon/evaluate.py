@@ -1,5 +1,6 @@
 """Evaluate one checkpoint: sample N images with fixed seeds (split over torchrun ranks), FID/IS against
-reference statistics, optionally keep the images. The family front-ends with the official scripts' flags
+reference statistics, optionally keep the images. `evaluate_images` and `FIDMetric` are also what the sweep
+measures each merge weight with. The family front-ends with the official scripts' flags
 (`python -m edm.calculate_fid`, `var.calculate_fid`, `xar.calculate_fid`, `imm.calculate_fid`) call this, as
 does `neon evaluate`.
 """
@@ -9,13 +10,77 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable
+
+import torch
 
 from neon import dist, paths
 from neon.checkpoint import atomic_open, local_path
 from neon.errors import NeonError
-from neon.family import get_family
-from neon.sampling import draw_labels, model_load_args, parse_kv, parse_seeds, plan_seeds, sample_to_npz
-from neon.sweep import FIDMetric, evaluate_images
+from neon.family import Bundle, Family, get_family
+from neon.sampling import (deal, draw_labels, generate, model_load_args, parse_kv, parse_seeds, plan_batches,
+                           plan_seeds, sample_to_npz)
+
+# A metric is a factory of accumulators: acc = metric(); acc.update(uint8 NHWC, seeds); acc.finish() -> {'fid': ...}
+MetricFactory = Callable[[], object]
+
+
+def evaluate_images(family: Family, bundle: Bundle, metric: MetricFactory, num_images: int | None = None,
+                    per_class: int | None = None, seed_offset: int = 0, batch: int = 64,
+                    sampler_args: dict | None = None, desc: str | None = None,
+                    seeds: list[int] | None = None, labels=None) -> dict:
+    """Sample `num_images` images (seeds from `seed_offset`, or the given `seeds`; split over ranks) and
+    return the metric's result. Labels: given, balanced with `per_class`, or drawn from each seed."""
+    if seeds is None:
+        seeds = plan_seeds(None if per_class else num_images, per_class, bundle.num_classes, seed_offset)
+    if labels is None:
+        labels = draw_labels(family, bundle, seeds, "per_class" if per_class else "random")
+    # Whole batches per rank, so every image is computed in the same batch on any number of processes.
+    mine = [i for part in deal(plan_batches(len(seeds), batch)) for i in part]
+    acc = metric()
+    for chunk, _, images in generate(family, bundle, [seeds[i] for i in mine],
+                                     None if labels is None else labels[mine], batch, sampler_args or {}, desc):
+        acc.update(torch.from_numpy(images), chunk)
+    result = dict(acc.finish())
+    result["num_images"] = len(seeds)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The metric the sweep uses, from a run config's `metrics` section.
+
+class FIDMetric:
+    """FID (and IS when asked) of image batches against reference statistics; calling it starts one
+    accumulator: `acc = metric(); acc.update(uint8 images, seeds); acc.finish() -> {'fid', 'is_mean', ...}`."""
+
+    def __init__(self, detector: str, ref_stats: str, device, weights: str | None = None,
+                 inception_score: bool = False):
+        from neon import metrics
+        self.ref = metrics.load_stats(ref_stats)
+        self.extractor = metrics.FeatureExtractor(detector, weights=weights, device=device, logits=inception_score)
+        if self.ref.dim != self.extractor.dim:
+            raise NeonError(f"{ref_stats}: statistics are {self.ref.dim}-d, the {detector} detector gives "
+                            f"{self.extractor.dim}-d features")
+        self.inception_score = inception_score
+
+    def __call__(self):
+        return _FIDAccumulator(self)
+
+
+class _FIDAccumulator:
+    def __init__(self, metric: FIDMetric):
+        from neon.metrics import FeatureAccumulator
+        self.metric = metric
+        self.acc = FeatureAccumulator(metric.extractor, logits=metric.inception_score)
+
+    def update(self, images, seeds) -> None:
+        self.acc.update(images, index=seeds)
+
+    def finish(self) -> dict:
+        from neon.metrics import evaluate
+        return evaluate(self.acc, self.metric.ref, inception_score=self.metric.inception_score)
+
+
 
 
 def evaluate_checkpoint(family: str, ckpt: str, ref: str, *, load_args: dict | None = None,

@@ -1,14 +1,15 @@
 """The adapter protocol: what a model family tells the Neon core, and the registry that finds families by name.
 
-A family (edm, var, xar, imm, or a test family) subclasses `Family` and declares the arguments it accepts. Everything else — sharding seeds across
-ranks, caching encoded examples, DDP, EMA, merging, metrics, sweeps — belongs to the core. The core never
-imports a family package: families are found through the `neon.families` entry-point group (pyproject.toml)
-or registered at run time with `register()`.
+A family (edm, var, xar, imm, or a test family) subclasses `Family` and declares the arguments it accepts.
+Everything else — sharding seeds across ranks, caching encoded examples, DDP, EMA, merging, metrics, sweeps —
+belongs to the core. The core never imports a family package: families are found through the `neon.families`
+entry-point group (pyproject.toml) or registered at run time with `register()`.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -42,7 +43,7 @@ class Bundle:
     def conditional(self) -> bool:
         return self.num_classes > 0
 
-    def to(self, device) -> "Bundle":
+    def to(self, device) -> Bundle:
         self.net.to(device)
         for h in self.helpers.values():
             h.to(device)

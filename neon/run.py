@@ -20,11 +20,12 @@ from neon import dist, paths
 from neon.checkpoint import atomic_open, load_state_dict
 from neon.config import METHOD_KIND, RunConfig, config_kind, load_config
 from neon.errors import NeonError
+from neon.evaluate import FIDMetric, evaluate_images
 from neon.family import Bundle, Family, get_family
 from neon.registry import Registry
 from neon.sampling import draw_labels, plan_seeds, sample_to_npz
 from neon.selftrain import CACHE_FILE, check_finetune_config, encode_examples, finetune
-from neon.sweep import FIDMetric, Sweep, _label, evaluate_images, state_dict_copy
+from neon.sweep import Sweep, point_label, state_dict_copy
 
 
 def _versions() -> dict:
@@ -179,17 +180,17 @@ def final_evaluation(family, bundle, sweep: Sweep, cfg: RunConfig, metric, best:
 def _final_pair(family, bundle, sweep: Sweep, cfg: RunConfig, metric, best: dict) -> dict:
     f, setting = cfg.final, best.get("setting", {})
     base_points = [p for p in sweep.points.values() if p["w"] == 0 and p.get("setting", {}) == setting]
-    base_cfg = f.base_cfg if f.base_cfg is not None else \
+    base_guidance = f.base_cfg if f.base_cfg is not None else \
         min(base_points, key=lambda p: p["fid"])["cfg"] if base_points else best["cfg"]
     out = {}
-    for name, w, c in (("base", 0.0, base_cfg), ("neon", best["w"], best["cfg"])):
+    for name, w, guidance in (("base", 0.0, base_guidance), ("neon", best["w"], best["cfg"])):
         if name == "base" and not f.evaluate_base:
             continue
         bundle.net.load_state_dict(sweep.merged(w))
         t0 = time.time()
         result = evaluate_images(family, bundle, metric, f.num_images, f.per_class, f.seed_offset, f.batch,
-                                 sweep.sampler_args(c, setting, f.sampler), desc=f"final {name}")
-        out[name] = {"w": w, "cfg": c, "setting": setting, **result, "seconds": round(time.time() - t0, 1)}
+                                 sweep.sampler_args(guidance, setting, f.sampler), desc=f"final {name}")
+        out[name] = {"w": w, "cfg": guidance, "setting": setting, **result, "seconds": round(time.time() - t0, 1)}
     return out
 
 
@@ -199,7 +200,7 @@ def summarize(doc: dict, cfg: RunConfig) -> None:
         for name in ("base", "neon"):
             if pair.get(name):
                 r = pair[name]
-                where = _label(r["w"], r["cfg"], r.get("setting", {}), cfg.sweep.cfg_key)
+                where = point_label(r["w"], r["cfg"], r.get("setting", {}), cfg.sweep.cfg_key)
                 print(f"{name:>5}: {where}  FID {r['fid']:.4f} on {r['num_images']} images")
     if doc.get("smoke"):
         print("(smoke run: statistics of S stand in for the reference; the numbers mean nothing)")

@@ -187,7 +187,7 @@ class Trainer:
     beta: float | None
 
     @classmethod
-    def start(cls, family: Family, theta_r: Bundle, cfg: FinetuneConfig) -> "Trainer":
+    def start(cls, family: Family, theta_r: Bundle, cfg: FinetuneConfig) -> Trainer:
         defaults = train_defaults(family, cfg.optimizer)
         bundle = dataclasses.replace(theta_r, net=copy_net(theta_r))
         device = next(bundle.net.parameters()).device

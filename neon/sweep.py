@@ -13,56 +13,31 @@ import json
 import math
 import os
 import time
-from typing import Callable
 
 import torch
 
 from neon import dist
 from neon.checkpoint import atomic_open, atomic_path, load_state_dict
 from neon.config import SweepConfig, build_config, check_args
-from neon.errors import NeonError
+from neon.evaluate import FIDMetric, MetricFactory, evaluate_images
 from neon.family import Bundle, Family
 from neon.merge import check_compatible, merge_state_dicts
-from neon.sampling import deal, draw_labels, generate, plan_batches, plan_seeds
+
 
 def state_dict_copy(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of `net`'s weights (θr before anything loads merged weights into the network)."""
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
-# A metric is a factory of accumulators: acc = metric(); acc.update(uint8 NHWC, seeds); acc.finish() -> {'fid': ...}
-MetricFactory = Callable[[], object]
+def _key(w: float, guidance: float | None, setting: dict) -> str:
+    return f"{w:.6g}|{guidance if guidance is None else f'{guidance:.6g}'}|{json.dumps(setting, sort_keys=True)}"
 
 
-def evaluate_images(family: Family, bundle: Bundle, metric: MetricFactory, num_images: int | None = None,
-                    per_class: int | None = None, seed_offset: int = 0, batch: int = 64,
-                    sampler_args: dict | None = None, desc: str | None = None,
-                    seeds: list[int] | None = None, labels=None) -> dict:
-    """Sample `num_images` images (seeds from `seed_offset`, or the given `seeds`; split over ranks) and
-    return the metric's result. Labels: given, balanced with `per_class`, or drawn from each seed."""
-    if seeds is None:
-        seeds = plan_seeds(None if per_class else num_images, per_class, bundle.num_classes, seed_offset)
-    if labels is None:
-        labels = draw_labels(family, bundle, seeds, "per_class" if per_class else "random")
-    # Whole batches per rank, so every image is computed in the same batch on any number of processes.
-    mine = [i for part in deal(plan_batches(len(seeds), batch)) for i in part]
-    acc = metric()
-    for chunk, _, images in generate(family, bundle, [seeds[i] for i in mine],
-                                     None if labels is None else labels[mine], batch, sampler_args or {}, desc):
-        acc.update(torch.from_numpy(images), chunk)
-    result = dict(acc.finish())
-    result["num_images"] = len(seeds)
-    return result
-
-
-def _key(w: float, cfg: float | None, setting: dict) -> str:
-    return f"{w:.6g}|{cfg if cfg is None else f'{cfg:.6g}'}|{json.dumps(setting, sort_keys=True)}"
-
-
-def _label(w: float | None, cfg: float | None, setting: dict, cfg_key: str) -> str:
+def point_label(w: float | None, guidance: float | None, setting: dict, guidance_key: str) -> str:
+    """'w=1.5 steps=8 cfg=2': a sweep point as the sampler's arguments name it."""
     parts = [] if w is None else [f"w={w:g}"]
     parts += [f"{k}={v}" for k, v in sorted(setting.items())]
-    return " ".join(parts + ([] if cfg is None else [f"{cfg_key}={cfg:g}"]))
+    return " ".join(parts + ([] if guidance is None else [f"{guidance_key}={guidance:g}"]))
 
 
 class Sweep:
@@ -95,23 +70,24 @@ class Sweep:
         """θneon(w) = (1+w)·θr − w·θs."""
         return merge_state_dicts(self.theta_r, self.theta_s, w)
 
-    def sampler_args(self, cfg_scale: float | None, setting: dict, base: dict | None = None) -> dict:
+    def sampler_args(self, guidance: float | None, setting: dict, base: dict | None = None) -> dict:
+        """The sampler's arguments at one point: the configured ones, the setting, the guidance scale."""
         args = {**(self.cfg.sampler if base is None else base), **setting}
-        if cfg_scale is not None:
-            args[self.cfg.cfg_key] = cfg_scale
+        if guidance is not None:
+            args[self.cfg.cfg_key] = guidance
         return args
 
-    def evaluate(self, w: float, cfg_scale: float | None, setting: dict | None = None) -> dict:
+    def evaluate(self, w: float, guidance: float | None, setting: dict | None = None) -> dict:
         setting = setting or {}
-        key = _key(w, cfg_scale, setting)
+        key = _key(w, guidance, setting)
         if key not in self.points:
             t0 = time.time()
             self.bundle.net.load_state_dict(self.merged(w))
-            label = _label(w, cfg_scale, setting, self.cfg.cfg_key)
+            label = point_label(w, guidance, setting, self.cfg.cfg_key)
             result = evaluate_images(self.family, self.bundle, self.metric, self.cfg.num_images, self.cfg.per_class,
-                                     self.cfg.seed_offset, self.cfg.batch, self.sampler_args(cfg_scale, setting),
+                                     self.cfg.seed_offset, self.cfg.batch, self.sampler_args(guidance, setting),
                                      desc=label)
-            self.points[key] = {"w": w, "cfg": cfg_scale, "setting": setting, **result,
+            self.points[key] = {"w": w, "cfg": guidance, "setting": setting, **result,
                                 "seconds": round(time.time() - t0, 2)}
             if dist.is_main():
                 print(f"{label}: FID {result['fid']:.4f}")
@@ -127,10 +103,10 @@ class Sweep:
         """For every setting: walk the grid (early stop per guidance scale), then refine around its best point.
         Returns the best point of all."""
         for setting in self.settings_grid:
-            for cfg_scale in (self.cfg.cfg or [None]):
+            for guidance in (self.cfg.cfg or [None]):
                 best_here = math.inf
                 for w in sorted(self.cfg.w):
-                    fid = self.evaluate(w, cfg_scale, setting)["fid"]
+                    fid = self.evaluate(w, guidance, setting)["fid"]
                     if self.cfg.tolerance is not None and fid > best_here + self.cfg.tolerance:
                         break  # FID is climbing away from its minimum along w
                     best_here = min(best_here, fid)
@@ -173,7 +149,7 @@ def plot_sweep(points: list[dict], path: str, cfg_key: str = "cfg") -> None:
                                                                     else kv[0][1])):
         pts = sorted(pts, key=lambda p: p["w"])
         ax.plot([p["w"] for p in pts], [p["fid"] for p in pts], "o-", ms=3,
-                label=_label(None, c, json.loads(setting), cfg_key) or "θneon")
+                label=point_label(None, c, json.loads(setting), cfg_key) or "θneon")
     best = min(points, key=lambda p: p["fid"])
     ax.plot([best["w"]], [best["fid"]], "*", ms=14, color="k", label=f"best: w = {best['w']:g}")
     ax.axvline(0, color="0.7", lw=0.8)
@@ -185,41 +161,6 @@ def plot_sweep(points: list[dict], path: str, cfg_key: str = "cfg") -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The metric the sweep uses, from a run config's `metrics` section.
-
-class FIDMetric:
-    """FID (and IS when asked) of image batches against reference statistics; calling it starts one
-    accumulator: `acc = metric(); acc.update(uint8 images, seeds); acc.finish() -> {'fid', 'is_mean', ...}`."""
-
-    def __init__(self, detector: str, ref_stats: str, device, weights: str | None = None,
-                 inception_score: bool = False):
-        from neon import metrics
-        self.ref = metrics.load_stats(ref_stats)
-        self.extractor = metrics.FeatureExtractor(detector, weights=weights, device=device, logits=inception_score)
-        if self.ref.dim != self.extractor.dim:
-            raise NeonError(f"{ref_stats}: statistics are {self.ref.dim}-d, the {detector} detector gives "
-                            f"{self.extractor.dim}-d features")
-        self.inception_score = inception_score
-
-    def __call__(self):
-        return _FIDAccumulator(self)
-
-
-class _FIDAccumulator:
-    def __init__(self, metric: FIDMetric):
-        from neon.metrics import FeatureAccumulator
-        self.metric = metric
-        self.acc = FeatureAccumulator(metric.extractor, logits=metric.inception_score)
-
-    def update(self, images, seeds) -> None:
-        self.acc.update(images, index=seeds)
-
-    def finish(self) -> dict:
-        from neon.metrics import evaluate
-        return evaluate(self.acc, self.metric.ref, inception_score=self.metric.inception_score)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -248,9 +189,10 @@ def sweep_main(args) -> None:
     from neon.sampling import load_model, parse_kv
     family, bundle = load_model(args)
     check_args(family.SAMPLER_ARGS, parse_kv(args.arg), "--arg")
-    cfg = build_config(SweepConfig, {"w": args.w, "cfg": args.cfg, "cfg_key": args.cfg_key, "num_images": args.num_images,
-                               "per_class": args.per_class, "batch": args.batch, "tolerance": args.tolerance,
-                               "refine": args.refine, "sampler": parse_kv(args.arg)}, "sweep")
+    cfg = build_config(SweepConfig, {"w": args.w, "cfg": args.cfg, "cfg_key": args.cfg_key,
+                                     "num_images": args.num_images, "per_class": args.per_class, "batch": args.batch,
+                                     "tolerance": args.tolerance, "refine": args.refine,
+                                     "sampler": parse_kv(args.arg)}, "sweep")
     device = next(bundle.net.parameters()).device
     metric = FIDMetric(args.detector, args.ref_stats, device, args.detector_weights)
     sweep = Sweep(family, bundle, state_dict_copy(bundle.net), load_state_dict(args.synth), cfg, metric,

@@ -7,7 +7,7 @@ samples change with its weights, and its checkpoints go through the same contain
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -15,7 +15,6 @@ from torch import nn
 from neon.checkpoint import atomic_save, open_checkpoint
 from neon.errors import NeonError
 from neon.family import Arg, Bundle, Family, TrainDefaults
-
 
 # (module, parameter name within it, full name, parameter) -> the value made of its N(0, 1) draw z, or None to
 # keep the tensor (and draw nothing for it).

@@ -1,13 +1,12 @@
 """Every config in configs/ validates, and `neon run CONFIG --smoke` runs all its stages on CPU."""
+import dataclasses
+import importlib.metadata
+import inspect
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-
-import dataclasses
-import importlib.metadata
-import inspect
 
 import pytest
 

@@ -7,8 +7,7 @@ import torch
 from imm.adapter import IMMFamily
 from imm.loss import IMMLoss
 from imm.sampler import initial_latents, sample_latents
-from neon.config import load_config
-from neon.config import check_args
+from neon.config import check_args, load_config
 from neon.errors import NeonError
 from neon.family import Family, get_family
 

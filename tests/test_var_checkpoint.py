@@ -39,7 +39,8 @@ def test_inferred_config_rebuilds_the_same_model():
         assert kwargs["shared_aln"] == shared_aln
         assert (kwargs["depth"], kwargs["embed_dim"], kwargs["num_heads"], kwargs["num_classes"]) == \
             (net.depth, net.C, net.num_heads, net.num_classes)
-        rebuilt = load_strict(lambda: type(net)(**kwargs), sd, "tiny")
+        cls = type(net)
+        rebuilt = load_strict(lambda cls=cls, kwargs=kwargs: cls(**kwargs), sd, "tiny")
         assert rebuilt.state_dict().keys() == sd.keys()
 
 

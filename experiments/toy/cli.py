@@ -1,4 +1,4 @@
-"""`neon toy` / `python -m experiments.toy`: run the 2-D Gaussian experiment, print the table, write results and plots."""
+"""`neon toy` / `python -m experiments.toy`: the 2-D Gaussian experiment; prints the table, writes results, plots."""
 from __future__ import annotations
 
 import argparse
