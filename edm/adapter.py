@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 
+from neon import fastpaths
 from neon.checkpoint import detect_format
 from neon.errors import NeonError
 from neon.family import Bundle, TrainDefaults
@@ -105,13 +106,15 @@ class EDMFamily:
 
     # -- sampling -------------------------------------------------------------------------------------------
     def sample(self, bundle: Bundle, seeds: Sequence[int], labels: torch.Tensor | None,
-               autocast: str | None = None, **sampler_args) -> torch.Tensor:
+               autocast: str | None = None, compile: bool = False, channels_last: bool = False,
+               **sampler_args) -> torch.Tensor:
         """One image per seed -> uint8 (B, H, W, 3) on CPU.
 
         labels: int64 (B,) class indices for a conditional model (required), None for an unconditional one.
         sampler_args: edm_sampler's num_steps (18), sigma_min (0.002), sigma_max (80), rho (7), S_churn (0),
-        S_min, S_max, S_noise. autocast: None (float32, as the official code) or 'bf16' (CUDA only; faster,
-        not bit-compatible).
+        S_min, S_max, S_noise. autocast: None (float32, as the official code) or 'bf16' (faster on GPUs, not
+        bit-compatible). compile: the network's forward through torch.compile; channels_last: NHWC weights for
+        the UNet's convolutions (both faster on GPUs; images agree with eager to rounding).
         """
         unknown = set(sampler_args) - set(SAMPLER_ARGS)
         if unknown:
@@ -126,7 +129,8 @@ class EDMFamily:
         was_training = net.training
         net.eval()
         try:
-            with _autocast(autocast, device):
+            with _autocast(autocast, device), fastpaths.channels_last(net, channels_last), \
+                    fastpaths.compiled(net, compile):
                 images = edm_sampler(net, latents, class_labels, randn_like=noise.randn_like, **sampler_args)
         finally:
             net.train(was_training)
