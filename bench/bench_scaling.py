@@ -19,13 +19,16 @@ import sys
 import tempfile
 import time
 
-# family -> `neon sample` arguments at its bench config (tiny networks, enough images that sampling dominates)
+# family -> `neon sample` arguments at its bench config: tiny networks, enough images that the sampling of one
+# process takes about a minute (torchrun and two interpreters importing torch cost seconds of their own)
 CONFIGS = {
-    "edm": ["--num-images", "512", "--batch", "32", "--arg", "num_steps=18"],
-    "var": ["--num-images", "128", "--batch", "16", "--arg", "cfg=1.5", "--arg", "top_k=900", "--arg", "top_p=0.95"],
-    "xar": ["--num-images", "64", "--batch", "16", "--arg", "cfg=2.7", "--arg", "flow_steps=20"],
-    "imm": ["--num-images", "1024", "--batch", "32", "--arg", "steps=8", "--arg", "cfg=1.5"],
+    "edm": ["--num-images", "1024", "--batch", "32", "--arg", "num_steps=18"],
+    "var": ["--num-images", "3072", "--batch", "32", "--arg", "cfg=1.5", "--arg", "top_k=900", "--arg", "top_p=0.95"],
+    "xar": ["--num-images", "320", "--batch", "16", "--arg", "cfg=2.7", "--arg", "flow_steps=20"],
+    "imm": ["--num-images", "12288", "--batch", "32", "--arg", "steps=8", "--arg", "cfg=1.5"],
 }
+# The IMM figure of the batch: the 1024-image command, against the same command at --batch 1.
+BATCH_VS = {"imm": ["--num-images", "1024", "--batch", "32", "--arg", "steps=8", "--arg", "cfg=1.5"]}
 
 
 def run(family: str, args: list[str], procs: int, folder: str) -> tuple[float, float]:
@@ -67,7 +70,7 @@ def main() -> None:
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; medians of {args.rounds} interleaved rounds")
     with tempfile.TemporaryDirectory() as folder:
         for family in args.families:
-            cfg = CONFIGS[family]
+            cfg = BATCH_VS.get(family, CONFIGS[family]) if args.batch_vs else CONFIGS[family]
             if args.batch_vs:
                 other = [*cfg[:cfg.index("--batch") + 1], str(args.batch_vs), *cfg[cfg.index("--batch") + 2:]]
                 w1, s1, w2, s2 = compare(family, (cfg, 1), (other, 1), args.rounds, folder)

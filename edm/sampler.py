@@ -6,7 +6,8 @@ back to float64. With S_churn = 0 (the setting of every Neon row) it is the dete
 solver with 2N − 1 network evaluations.
 
 Randomness is per image: image i's latents (and churn noise) come from a `torch.Generator` seeded with seeds[i],
-as the official `StackedRandomGenerator`, so an image depends on its seed alone, not on the batch it is in.
+as the official `StackedRandomGenerator`, so an image's random draws depend on its seed alone, not on the batch
+it is in (its floating-point rounding may follow the batch shape: see neon.sampling).
 The generators live on the CPU (the official code puts them on the GPU), so the same seed gives the same latents
 on any device; the noise is moved to the sampling device in one copy per call.
 """

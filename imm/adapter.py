@@ -23,6 +23,7 @@ from imm.checkpoint import build_network, load_network, save_network
 from imm.loss import IMMLoss
 from imm.sampler import check_labels, one_hot, sample_latents
 from imm.vae import load_vae, tiny_vae
+from neon import fastpaths
 from neon.errors import NeonError
 from neon.family import Arg, Bundle, Family, TrainDefaults
 from neon.testing import randomize
@@ -65,6 +66,7 @@ class IMMFamily(Family):
         Arg("steps", int, 8, "flow-map jumps (the release presets: 1, 2, 4, 8)"),
         Arg("cfg", float | None, 1.5, "guidance scale (None = no guidance)"),
         Arg("autocast", str | None, None, "None (float32 DiT) or 'bf16' / 'fp16' on CUDA"),
+        Arg("compile", bool | str, False, "the DiT's forward through torch.compile (True or a mode name)"),
     )
     LOSS_ARGS = LOSS_ARGS
     LOAD_ARGS = (
@@ -106,9 +108,11 @@ class IMMFamily(Family):
 
     # -- the protocol --------------------------------------------------------------------------------------
     def sample(self, bundle: Bundle, seeds: Sequence[int], labels: torch.Tensor | None, steps: int = 8,
-               cfg: float | None = 1.5, autocast: str | None = None, batch_invariant: bool = False) -> torch.Tensor:
+               cfg: float | None = 1.5, autocast: str | None = None, batch_invariant: bool = False,
+               compile: bool | str = False) -> torch.Tensor:
         """seeds (B,) + labels int64 (B,) -> uint8 (B, H, W, 3) on the CPU. steps: flow-map jumps (1, 2, 4, 8);
-        cfg: guidance scale (None = no guidance); autocast: None (float32 DiT) or 'bf16' / 'fp16' on CUDA.
+        cfg: guidance scale (None = no guidance); autocast: None (float32 DiT) or 'bf16' / 'fp16' on CUDA;
+        compile: the DiT's forward through torch.compile (neon.fastpaths; images agree with eager to rounding).
 
         The batch runs through the DiT and the VAE decoder at once, as the official sampler. batch_invariant:
         compute the images one at a time instead (BLAS, oneDNN and CUDA pick kernels, and so their rounding, by
@@ -117,8 +121,10 @@ class IMMFamily(Family):
         if batch_invariant and len(seeds) > 1:
             labels = None if labels is None else torch.as_tensor(labels)
             return torch.cat([self.sample(bundle, [s], None if labels is None else labels[i:i + 1], steps, cfg,
-                                          autocast) for i, s in enumerate(seeds)])
-        latents = sample_latents(_precond(bundle.net), seeds, labels, steps=steps, cfg=cfg, autocast=autocast)
+                                          autocast, compile=compile) for i, s in enumerate(seeds)])
+        net = _precond(bundle.net)
+        with fastpaths.compiled(net.model, compile):
+            latents = sample_latents(net, seeds, labels, steps=steps, cfg=cfg, autocast=autocast)
         return bundle.helpers["vae"].decode(latents)
 
     def encode(self, bundle: Bundle, images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:

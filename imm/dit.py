@@ -4,8 +4,10 @@ IMM's network F(x_t, t, s, y) sees the current time t and the target time s of t
 sinusoidal embedder (`t_embedder`, `s_embedder`), and the conditioning vector is c = emb(t) + emb(s) + emb(y).
 Every block is adaLN-Zero: c sets a shift, scale and gate around attention and around the MLP.
 
-Module and parameter names are those of lumalabs/imm training/dit.py, so the released state dicts load strictly;
-attention, MLP and patch embedding are timm's, as there.
+Module and parameter names are those of lumalabs/imm training/dit.py, so the released state dicts load strictly.
+Attention, MLP and patch embedding compute what timm's modules (which the official code uses) compute, with the
+same parameter names; they are written out here because importing timm (and torchvision with it) takes seconds,
+which every `neon sample` process would pay.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import math
 import numpy as np
 import torch
 from torch import nn
-from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
+from torch.nn import functional as F
 
 from neon.errors import NeonError
 
@@ -100,6 +102,55 @@ class LabelEmbedder(nn.Module):
             drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
             labels = torch.where(drop, self.num_rows, labels)
         return self.embedding_table(labels)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention as timm's `Attention` (fused scaled-dot-product): x (N, T, D) -> (N, T, D)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+
+
+class Mlp(nn.Module):
+    """fc2(dropout(act(fc1(x)))) then dropout, as timm's `Mlp`: (N, T, D) -> (N, T, D)."""
+
+    def __init__(self, in_features: int, hidden_features: int, act_layer=nn.GELU, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches to tokens, as timm's `PatchEmbed`: (N, C, H, W) -> (N, H/p * W/p, D)."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, bias: bool = True):
+        super().__init__()
+        self.img_size, self.patch_size = (img_size, img_size), (patch_size, patch_size)
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != self.img_size:
+            raise NeonError(f"DiT input is {tuple(x.shape[-2:])}, the network takes {self.img_size}")
+        return self.proj(x).flatten(2).transpose(1, 2)
 
 
 class DiTBlock(nn.Module):

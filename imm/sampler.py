@@ -4,7 +4,7 @@
     t_i     = T + i (eps - T) / N,  i = 0..N          (uniform grid, float64)
     x_{t_{i+1}} = f(x_{t_i}, t_i, t_{i+1}, y)          (guided: F = F_null + w (F_y - F_null) before the jump)
 
-No noise is drawn after the first step, so an image depends on its seed and label alone. The state and the times
+No noise is drawn after the first step, so an image's randomness comes from its seed alone. The state and the times
 are float64 (as lumalabs/imm generate_images.py keeps them); the network sees float32 (or the autocast dtype).
 """
 from __future__ import annotations

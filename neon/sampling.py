@@ -26,7 +26,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from neon import dist, paths
+from neon import dist, fastpaths, paths
 from neon.config import check_args
 from neon.errors import NeonError
 from neon.family import Bundle, Family, get_family
@@ -331,6 +331,9 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=64,
                    help="images per sampler call; the seed list is cut into batches of this many consecutive seeds, "
                         "so the images depend on it (not on the number of processes)")
+    p.add_argument("--tf32", action="store_true",
+                   help="TF32 matmuls and convolutions on CUDA (as the official IMM and VAR samplers; faster, not "
+                        "bit-compatible with float32)")
     p.add_argument("--batch-invariant", action="store_true",
                    help="compute every image as if drawn alone: images independent of --batch too (slower)")
     p.add_argument("--arg", action="append", metavar="KEY=VALUE", help="sampler argument, e.g. num_steps=18")
@@ -365,7 +368,8 @@ def sample_main(args) -> None:
     t0 = time.time()
     sampler_args = parse_kv(args.arg)
     check_args(family.SAMPLER_ARGS, sampler_args, "--arg")
-    sample_to_npz(family, bundle, seeds, labels, args.out, args.batch, sampler_args, args.png,
-                  batch_invariant=args.batch_invariant)
+    with fastpaths.tf32(args.tf32):
+        sample_to_npz(family, bundle, seeds, labels, args.out, args.batch, sampler_args, args.png,
+                      batch_invariant=args.batch_invariant)
     if dist.is_main():
         print(f"wrote {args.out}: {len(seeds)} images in {time.time() - t0:.1f} s")

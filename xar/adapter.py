@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from neon import fastpaths
 from neon.errors import NeonError
 from neon.family import Arg, Bundle, Family, TrainDefaults
 from xar import checkpoint
@@ -51,6 +52,7 @@ class XARFamily(Family):
         Arg("flow_steps", int, 50, "Euler–Maruyama steps per cell (at least 3)"),
         Arg("kv_cache", bool, True, "key/value cache across cells"),
         Arg("autocast", str | None, None, "None, 'bf16' or 'fp16' on CUDA"),
+        Arg("compile", bool | str, False, "the network's forward through torch.compile (True or a mode name)"),
     )
     LOSS_ARGS = (
         Arg("label_drop_prob", float | None, None, "label dropout probability; None: the model's (0.1)"),
@@ -100,10 +102,12 @@ class XARFamily(Family):
 
     # -- sampling ------------------------------------------------------------------------------------------
     def sample(self, bundle: Bundle, seeds: Sequence[int], labels: torch.Tensor | None, cfg: float = 1.0,
-               flow_steps: int = 50, kv_cache: bool = True, autocast: str | None = None) -> torch.Tensor:
+               flow_steps: int = 50, kv_cache: bool = True, autocast: str | None = None,
+               compile: bool | str = False) -> torch.Tensor:
         """-> uint8 (B, H, W, 3) on CPU. cfg: guidance of the last cell (ramped from 1 over the cells);
         flow_steps: SDE steps per cell (>= 3); autocast: None, 'bf16' or 'fp16' for the network and the VAE
-        on CUDA (the official scripts sample under float16 autocast there); CPU sampling stays float32."""
+        on CUDA (the official scripts sample under float16 autocast there); CPU sampling stays float32.
+        compile: the network's forward through torch.compile (neon.fastpaths; agrees with eager to rounding)."""
         net, vae = bundle.net, self._vae(bundle)
         device = next(net.parameters()).device
         labels = self._labels(bundle, labels, len(seeds)).to(device)
@@ -113,7 +117,7 @@ class XARFamily(Family):
             raise NeonError(f"xar: autocast must be one of None, 'bf16', 'fp16'; got {autocast!r}")
         dtype = AUTOCAST[autocast] if device.type == "cuda" else None   # as the official scripts: CUDA only
         noise = PerImageNoise(seeds, net.cell_tokens, net.cfg.vae_embed_dim, flow_steps, device)
-        with eval_mode(net), torch.no_grad():
+        with eval_mode(net), torch.no_grad(), fastpaths.compiled(net, compile):
             z = sample_tokens(net, labels, flow_steps, float(cfg), noise, kv_cache=kv_cache, autocast=dtype)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 images = vae.decode(z / LATENT_SCALE)

@@ -12,8 +12,9 @@ where v is the network's velocity (with CFG: d = d_uncond + cfg_k (d_cond - d_un
 cell also feeds the previous cell's final sample at time 0, which puts that cell into the KV cache; the other
 calls feed only the current cell.
 
-Every random draw of image i comes from a generator seeded with seeds[i] (`PerImageNoise`), so an image
-depends on its seed and label alone, not on the batch it is drawn in.
+Every random draw of image i comes from a generator seeded with seeds[i] (`PerImageNoise`), so an image's noise
+depends on its seed alone, not on the batch it is drawn in (the rounding of the batched network may follow
+the batch shape: see neon.sampling).
 """
 from __future__ import annotations
 
