@@ -97,8 +97,9 @@ class EDMFamily(Family):
         return _bundle(net, info, source=os.fspath(path))
 
     def tiny(self, device: torch.device | str = "cpu", seed: int = 0, conditional: bool = True,
-             resolution: int = 8) -> Bundle:
-        """A random tiny EDMPrecond + SongUNet (DDPM++); `conditional` gives it 10 classes."""
+             resolution: int = 8, trust_architecture: bool = False) -> Bundle:
+        """A random tiny EDMPrecond + SongUNet (DDPM++); `conditional` gives it 10 classes. trust_architecture
+        (a load argument) has nothing to act on: the network is built from this project's code."""
         init_kwargs = dict(TINY_KWARGS, img_resolution=int(resolution), label_dim=10 if conditional else 0)
         with torch.random.fork_rng(devices=[]):   # leave the caller's RNG alone
             torch.manual_seed(seed)

@@ -90,10 +90,10 @@ class IMMFamily(Family):
         return self._bundle(net, vae, source=str(path))
 
     def tiny(self, device: torch.device | str = "cpu", seed: int = 0, vae_path: str | None = None,
-             temb_type: str | None = None, vae_fp16: bool = True) -> Bundle:
+             temb_type: str | None = None, vae_fp16: bool = True, trust_architecture: bool = False) -> Bundle:
         """A ~60k-parameter IMMPrecond randomly initialised from `seed` and the ~70k-parameter tiny
         AutoencoderKL (always the same one, so `load(..., vae_path='tiny')` decodes a saved tiny network alike).
-        vae_path and vae_fp16 are accepted for config compatibility and ignored."""
+        vae_path, vae_fp16 and trust_architecture are accepted for config compatibility and ignored."""
         net = build_network(TINY_CONFIG, "cpu", temb_type)
         randomize(net, seed, _tiny_rule)
         return self._bundle(net.to(device).eval().requires_grad_(False), tiny_vae(device=device), source=None)

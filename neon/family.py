@@ -87,6 +87,8 @@ class Family:
 
     name: str = ""
     train_defaults: TrainDefaults = TrainDefaults()
+    # `sample`'s keyword `batch_invariant` is the core's (neon.sampling.draw_batch), never a config's: it is not
+    # declared among SAMPLER_ARGS.
     SAMPLER_ARGS: tuple[Arg, ...] = ()   # keywords of `sample` (a config's synthetic/sweep/final `sampler`)
     LOSS_ARGS: tuple[Arg, ...] = ()      # keywords of `loss` (a config's `finetune.loss_args`)
     LOAD_ARGS: tuple[Arg, ...] = ()      # keywords of `load` (a config's `load_args`: VAE paths, ...)

@@ -211,9 +211,9 @@ def test_run_refusals_leave_no_run_folder(capsys, tmp_path):
     run = tmp_path / "runs" / "r"
     cases = [
         (["run", tmp_path / "a_folder", "--out", run], "is a folder, expected a config file"),
-        (["run", _config(tmp_path, "missing_base", base=str(tmp_path / "nope.pth")), "--out", run],
+        (["run", _config(tmp_path, "missing_base", base=str(tmp_path / "nope.pth"), load_args={}), "--out", run],
          "nope.pth not found"),
-        (["run", _config(tmp_path, "folder_base", base=str(tmp_path / "a_folder")), "--out", run], "is a folder"),
+        (["run", _config(tmp_path, "folder_base", base=str(tmp_path / "a_folder"), load_args={}), "--out", run], "is a folder"),
         (["run", _config(tmp_path, "missing_stats", ref_stats=str(tmp_path / "none.npz")), "--smoke", "--out", run],
          "none.npz not found"),
         (["run", _config(tmp_path, "no_training", finetune={"total_images": 0}), "--smoke", "--out", run],
