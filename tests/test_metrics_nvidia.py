@@ -10,7 +10,6 @@ from typing import Tuple
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from neon.errors import NeonError
 from neon.metrics import FeatureExtractor
