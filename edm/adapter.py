@@ -76,6 +76,10 @@ class EDMFamily(Family):
         Arg("conditional", bool, True, "10 classes (True) or unconditional"),
         Arg("resolution", int, 8, "image side"),
     )
+    RELEASES = {"Neon_EDM_conditional_CIFAR10.pkl": {"conditional": True},
+                "Neon_EDM_unconditional_CIFAR10.pkl": {"conditional": False},
+                "Neon_EDM_FFHQ.pkl": {"conditional": False},
+                "edm-cifar10-32x32-cond-vp.pkl": {"conditional": True}}
     BUILD_ARGS = (   # SongUNet sizes (its constructor defaults)
         Arg("model_channels", int, 128, "base channel count"),
         Arg("channel_mult", list[int], [1, 2, 2, 2], "channel multiplier per resolution level"),

@@ -15,6 +15,7 @@ autocast with a GradScaler (network mixed_precision 'fp16'), the target branch i
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -69,6 +70,7 @@ class IMMFamily(Family):
         Arg("compile", bool | str, False, "the DiT's forward through torch.compile (True or a mode name)"),
     )
     LOSS_ARGS = LOSS_ARGS
+    RELEASES = {"Neon_imm_imagenet256.pkl": {}}
     LOAD_ARGS = (
         Arg("vae_path", str | None, None, "local diffusers folder of sd-vae-ft-ema (None: the hub id; 'tiny')"),
         Arg("temb_type", str | None, None, "override the recorded second-time input ('identity' for s_a1)"),
@@ -148,6 +150,10 @@ class IMMFamily(Family):
         y = bundle.helpers["vae"].moments_to_latents(batch["moments"].to(device))
         labels = one_hot(batch["labels"].to(device), net.label_dim)
         return loss_fn(bundle.net, y, labels).mean()
+
+    def save_helpers(self, bundle: Bundle, folder: str) -> None:
+        """The SD-VAE as the diffusers folder sd-vae-ft-ema (what load_args.vae_path names)."""
+        bundle.helpers["vae"].vae.save_pretrained(os.path.join(folder, "sd-vae-ft-ema"))
 
     def save(self, bundle: Bundle, path: str) -> None:
         save_network(_precond(bundle.net), path, template=bundle.source)

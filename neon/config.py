@@ -226,7 +226,13 @@ def check_args(declared: typing.Sequence[Arg], given: dict, where: str) -> None:
         path = f"{where} {key}" if where.startswith("-") else f"{where}.{key}"
         if key not in known:
             raise ConfigError(f"{path}: unknown argument (known: {', '.join(known) or 'none'})")
+        if isinstance(value, float) and math.isinf(value) and _accepts_float(known[key].type):
+            continue   # an unbounded setting, e.g. EDM's S_max = inf (the official default)
         _check(value, known[key].type, path)
+
+
+def _accepts_float(tp: Any) -> bool:
+    return tp is float or float in typing.get_args(tp)
 
 
 def check_family_args(cfg: RunConfig, family: Family, smoke: bool = False) -> None:

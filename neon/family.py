@@ -94,6 +94,9 @@ class Family:
     LOAD_ARGS: tuple[Arg, ...] = ()      # keywords of `load` (a config's `load_args`: VAE paths, ...)
     TINY_ARGS: tuple[Arg, ...] = ()      # keywords of `tiny` besides LOAD_ARGS (a smoke run's `load_args`)
     BUILD_ARGS: tuple[Arg, ...] = ()     # keywords of `build` (network sizes)
+    # The family's released checkpoint files (as download_models.sh names them) -> `tiny` arguments of a network
+    # of the same kind: tests write these stand-ins (and `save_helpers`) to run the README's commands offline.
+    RELEASES: dict[str, dict[str, Any]] = {}
 
     def load(self, path: str, device: torch.device | str = "cpu", **load_args) -> Bundle:
         """Official checkpoint file (or one this project saved) -> networks in eval mode on `device`."""
@@ -156,6 +159,10 @@ class Family:
     @classmethod
     def can_build(cls) -> bool:
         return cls.build is not Family.build
+
+    def save_helpers(self, bundle: Bundle, folder: str) -> None:
+        """Write the frozen helpers (VAE, tokenizer) of `bundle` into `folder` under their released file names,
+        where `load` finds them; a family without helper files writes nothing."""
 
 
 FAMILIES = Registry("neon.families", "family")

@@ -70,3 +70,12 @@ def test_a_cli_load_arg_typo_is_refused(name, tmp_path, capsys):
               "--load-arg", "vae_pth=x"])
     err = capsys.readouterr().err.strip()
     assert "--load-arg vae_pth: unknown argument" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_an_unbounded_setting_is_a_number_but_nan_is_not(name):
+    family = get_family(name)
+    for arg in (a for a in family.SAMPLER_ARGS + family.LOSS_ARGS if a.type in (float, float | None)):
+        check_args((arg,), {arg.name: float("inf")}, "x")        # e.g. EDM's S_max, whose default is inf
+        with pytest.raises(ConfigError, match=re.escape(f"x.{arg.name}: expected a finite number")):
+            check_args((arg,), {arg.name: float("nan")}, "x")

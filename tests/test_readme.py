@@ -6,6 +6,7 @@ family's tiny network and placeholder statistics — with the counts scaled down
 the offline Inception weights, and no network. The set-up line and the test command are what .ci/run runs.
 A README command that matches no rule here, or fails, fails this test.
 """
+import importlib.metadata
 import os
 import re
 import shlex
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+
+from neon.config import METHOD_KIND, config_kind
+from neon.family import get_family
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
@@ -42,7 +45,8 @@ SCALE_DOWN = [
     (r"--inception-weights \S+", "--inception-weights fid-helper"),
     (r"(-m neon run configs/\S+\.yaml)", r"\g<1> --smoke"),
 ]
-TINY_RESOLUTION = {"var": 16, "xar": 32, "imm": 32}
+FAMILIES = sorted(ep.name for ep in importlib.metadata.entry_points(group="neon.families"))
+PAPER_ROWS = [c for c in sorted((REPO / "configs").glob("*.yaml")) if config_kind(str(c)) == METHOD_KIND]
 
 
 def bash_commands() -> list[str]:
@@ -69,11 +73,11 @@ def scaled(command: str) -> str:
     for pattern, repl in SCALE_DOWN:
         command = re.sub(pattern, repl, command)
     command = command.replace("FREE_PORT", str(free_port()))  # other tests may run torchrun at the same time
-    family = re.search(r"-m (edm|var|xar|imm)\.calculate_fid", command)
+    family = re.search(rf"-m ({'|'.join(FAMILIES)})\.calculate_fid", command)
     if family:
         command += " --inception_weights fid-helper"
-        if family.group(1) in TINY_RESOLUTION:
-            command = re.sub(r"--img_size \d+", f"--img_size {TINY_RESOLUTION[family.group(1)]}", command)
+        resolution = get_family(family.group(1)).tiny().resolution
+        command = re.sub(r"--img_size \d+", f"--img_size {resolution}", command)
     if re.search(r"-m neon fid ", command) and "--inception-weights" not in command:
         command += " --inception-weights fid-helper"
     return command
@@ -96,33 +100,22 @@ def test_the_readme_shows_the_two_newcomer_commands_and_ci_runs_them():
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """A folder laid out as after download_models.sh, holding tiny networks under the release names."""
+    """A folder laid out as after download_models.sh: each installed family's tiny stand-ins under its released
+    file names (and its helper files), and placeholder statistics under every config's ref_stats name."""
+    from neon.config import load_config
     from neon.family import get_family
     from neon.metrics import save_stats
     root = tmp_path_factory.mktemp("readme")
     (root / "configs").symlink_to(REPO / "configs")
     ck = root / "checkpoints"
     ck.mkdir()
-    for name in ("adm_in256_stats.npz", "adm_in512_stats.npz", "cifar10-32x32.npz", "ffhq-64x64.npz"):
-        save_stats(str(root / "fid_stats" / name), np.zeros(2048), np.eye(2048))
-    edm = get_family("edm")
-    for name, conditional in (("Neon_EDM_conditional_CIFAR10.pkl", True), ("Neon_EDM_unconditional_CIFAR10.pkl", False),
-                              ("Neon_EDM_FFHQ.pkl", False), ("edm-cifar10-32x32-cond-vp.pkl", True)):
-        edm.save(edm.tiny(conditional=conditional), str(ck / name))
-    var = get_family("var")
-    bundle = var.tiny()
-    for name in ("Neon_VARd16_imagenet256.pth", "Neon_VARd36_imagenet512.pth"):
-        var.save(bundle, str(ck / name))
-    torch.save(bundle.helpers["vae"].state_dict(), ck / "vae_ch160v4096z32.pth")
-    xar = get_family("xar")
-    bundle = xar.tiny()
-    for name in ("Neon_xARL_imagenet256.pth", "Neon_xARB_imagenet256.pth"):
-        xar.save(bundle, str(ck / name))
-    torch.save({"model": bundle.helpers["vae"].state_dict()}, ck / "kl16.ckpt")
-    imm = get_family("imm")
-    bundle = imm.tiny()
-    imm.save(bundle, str(ck / "Neon_imm_imagenet256.pkl"))
-    bundle.helpers["vae"].vae.save_pretrained(str(ck / "sd-vae-ft-ema"))
+    for config in PAPER_ROWS:
+        save_stats(str(root / load_config(str(config)).ref_stats), np.zeros(2048), np.eye(2048))
+    for name in FAMILIES:
+        family = get_family(name)
+        for release, tiny_args in family.RELEASES.items():
+            family.save(family.tiny(**tiny_args), str(ck / release))
+        family.save_helpers(family.tiny(), str(ck))
     (root / "runs").mkdir()
     return root
 

@@ -52,6 +52,7 @@ class VARFamily(Family):
         Arg("patch_nums", list[int] | None, None, "token-map sides per scale; None: read from the checkpoint"),
     )
     TINY_ARGS = (Arg("shared_aln", bool, False, "one AdaLN shared by all blocks (d36's --saln=1)"),)
+    RELEASES = {"Neon_VARd16_imagenet256.pth": {}, "Neon_VARd36_imagenet512.pth": {}}
     # Official VAR / Neon fine-tuning: AdamW(0.9, 0.95), weight decay 0 (Neon's train.py), grad clip 2.0 (tclip).
     # Neon's scripts train with --fp16=1 (fp16 autocast + GradScaler); bf16 needs no scaler and is the default here.
     train_defaults = TrainDefaults(optimizer="adamw", betas=(0.9, 0.95), weight_decay=0.0, grad_clip=2.0,
@@ -186,6 +187,10 @@ class VARFamily(Family):
         device = next(var.parameters()).device
         return var_loss(var, vae, batch["tokens"].to(device), batch["labels"].to(device),
                         label_smooth=float(label_smooth), cond_drop_rate=cond_drop_rate)
+
+    def save_helpers(self, bundle: Bundle, folder: str) -> None:
+        """The VQVAE as vae_ch160v4096z32.pth, where `load` looks for it beside the VAR checkpoint."""
+        checkpoint.save_state_dict(bundle.helpers["vae"], os.path.join(folder, VAE_FILE))
 
     def save(self, bundle: Bundle, path: str) -> None:
         """Write the VAR's weights as a plain state dict, the container of var_d16.pth and Neon's snapshots."""

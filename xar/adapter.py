@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import Sequence
 
 import torch
 
 from neon import fastpaths
+from neon.checkpoint import atomic_save
 from neon.errors import NeonError
 from neon.family import Arg, Bundle, Family, TrainDefaults
 from xar import checkpoint
@@ -33,6 +35,7 @@ TINY_XAR = XARConfig(encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2,
 TINY_VAE = VAEConfig(embed_dim=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, encoder_attn_levels=(1,))
 
 AUTOCAST = {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+VAE_FILE = "kl16.ckpt"
 
 
 @contextlib.contextmanager
@@ -59,6 +62,7 @@ class XARFamily(Family):
         Arg("logit_mean", float, 0.0, "mean of the logit-normal time distribution"),
         Arg("logit_std", float, 1.0, "standard deviation of the logit-normal time distribution"),
     )
+    RELEASES = {"Neon_xARL_imagenet256.pth": {}, "Neon_xARB_imagenet256.pth": {}}
     LOAD_ARGS = (
         Arg("vae_path", str | None, None, "the MAR KL-16 VAE (kl16.ckpt), needed to sample and encode"),
         Arg("model", str | None, None, "'xar_base' / 'xar_large' / 'xar_huge' to insist on"),
@@ -112,7 +116,8 @@ class XARFamily(Family):
         device = next(net.parameters()).device
         labels = self._labels(bundle, labels, len(seeds)).to(device)
         if flow_steps < MIN_STEPS:
-            raise NeonError(f"xar: flow_steps must be >= {MIN_STEPS} (the official sampler fails below), got {flow_steps}")
+            raise NeonError(f"xar: flow_steps must be >= {MIN_STEPS} (the official sampler fails below), "
+                            f"got {flow_steps}")
         if autocast not in AUTOCAST:
             raise NeonError(f"xar: autocast must be one of None, 'bf16', 'fp16'; got {autocast!r}")
         dtype = AUTOCAST[autocast] if device.type == "cuda" else None   # as the official scripts: CUDA only
@@ -148,11 +153,16 @@ class XARFamily(Family):
         device = next(net.parameters()).device
         moments = batch["moments"].to(device, torch.float32)
         flipped = batch["moments_flip"].to(device, torch.float32)
-        mirror = torch.rand(moments.shape[0], device=device) >= 0.5   # MAR's CachedFolder: rand < 0.5 keeps the original
+        # MAR's CachedFolder: rand < 0.5 keeps the original
+        mirror = torch.rand(moments.shape[0], device=device) >= 0.5
         moments = torch.where(mirror[:, None, None, None], flipped, moments)
         x0 = posterior_sample(moments) * LATENT_SCALE
         return flow_matching_loss(net, x0, batch["labels"].to(device), label_drop_prob=label_drop_prob,
                                   logit_mean=logit_mean, logit_std=logit_std)
+
+    def save_helpers(self, bundle: Bundle, folder: str) -> None:
+        """The KL-16 VAE as kl16.ckpt, in MAR's container ({'model': state dict})."""
+        atomic_save({"model": self._vae(bundle).state_dict()}, os.path.join(folder, VAE_FILE))
 
     def save(self, bundle: Bundle, path: str) -> None:
         checkpoint.save_xar(bundle.net.state_dict(), path, container="plain")
