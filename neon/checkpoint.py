@@ -41,8 +41,16 @@ MODULE_KEYS = ("ema", "model_ema", "model", "state_dict", "net", "module")
 # ---------------------------------------------------------------------------------------------------------
 # Atomic writes: a reader never sees a half-written file, and a killed job leaves no partial output.
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+def file_mode() -> int:
+    """The mode open() would give a new file now: 0o666 less the process umask (0o644 under the usual 022).
+    Read from /proc where Linux shows it; elsewhere set and restore, which another thread could race."""
+    try:
+        with open("/proc/self/status") as f:
+            return 0o666 & ~next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration):
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 @contextlib.contextmanager
@@ -53,7 +61,7 @@ def atomic_path(path: str) -> Iterator[str]:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; the result should be an ordinary file
+    os.chmod(tmp, file_mode())  # mkstemp makes it private (0600); the result is an ordinary file
     try:
         yield tmp
         os.replace(tmp, path)
