@@ -16,11 +16,12 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from neon.toy import experiment
-from neon.toy.experiment import FULL, QUICK, ToySettings, parallel_map
+from neon.toy.experiment import FULL, QUICK, ToySettings
 
 WIDTH, BLOCKS = 32, 4            # EpsMLP: [x, t] -> 32, four 32 -> 32 blocks, 32 -> 2
 AR_WIDTH = 64                    # ARGaussian2D's conditional: 1 -> 64 -> 64 -> 2
@@ -62,10 +63,11 @@ def matmul_rate(threads: int, seconds: float = 2.0) -> float:
             torch.mm(a, b, out=out)
 
     best, end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t0 = time.perf_counter()
-        parallel_map(work, list(range(threads)), threads)
-        best = max(best, threads * reps * 2 * 4096 * WIDTH * WIDTH / (time.perf_counter() - t0))
+    with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            list(pool.map(work, range(threads)))
+            best = max(best, threads * reps * 2 * 4096 * WIDTH * WIDTH / (time.perf_counter() - t0))
     return best
 
 

@@ -16,7 +16,7 @@ RESULTS = "toy_results.json"
 def add_toy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("."), help="output folder (default: current folder)")
     parser.add_argument("--quick", action="store_true",
-                        help="fewer samples and steps, same logic (under a minute on 2 CPU cores)")
+                        help="fewer samples and steps, same logic")
     parser.add_argument("--seed", type=int, default=0,
                         help="run seed: model init, training noise, sampling (the real data is fixed, seed 42)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
