@@ -42,8 +42,16 @@ MODULE_KEYS = ("ema", "model_ema", "model", "state_dict", "net", "module")
 # ---------------------------------------------------------------------------------------------------------
 # Atomic writes: a reader never sees a half-written file, and a killed job leaves no partial output.
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+def file_mode() -> int:
+    """The mode open() would give a new file now: 0o666 less the process umask (0o644 under the usual 022).
+    Read from /proc where Linux shows it; elsewhere set and restore, which another thread could race."""
+    try:
+        with open("/proc/self/status") as f:
+            return 0o666 & ~next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration):
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 @contextlib.contextmanager
@@ -56,7 +64,7 @@ def atomic_path(path: str) -> Iterator[str]:
     paths.remove_stale_temps(folder)
     tmp = paths.temp_path(path)
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; the result should be an ordinary file
+    os.chmod(tmp, file_mode())  # made private first; the result is an ordinary, umask-respecting file
     try:
         yield tmp
         os.replace(tmp, path)

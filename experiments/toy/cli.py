@@ -5,9 +5,9 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
+from neon.checkpoint import atomic_open
 from neon.errors import NeonError
 
 HELP = "the paper's 2-D Gaussian experiment (tiny diffusion + tiny AR model)"   # `neon toy --help`
@@ -17,25 +17,20 @@ RESULTS = "toy_results.json"
 def add_toy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("."), help="output folder (default: current folder)")
     parser.add_argument("--quick", action="store_true",
-                        help="fewer samples and steps, same logic (under a minute on 2 CPU cores)")
+                        help="fewer samples and steps, same logic")
     parser.add_argument("--seed", type=int, default=0,
                         help="run seed: model init, training noise, sampling (the real data is fixed, seed 42)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: the matrices are tiny, more threads mostly wait)")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="worker threads for the batched sampling (default: the usable CPU cores); "
+                             "the results do not depend on it")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
 def write_json(obj: dict, path: Path) -> None:
-    """Atomic JSON write: a temporary file in the same folder, then os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Atomic JSON write (the core's atomic_open: a temporary file beside `path`, then a rename)."""
+    with atomic_open(str(path), "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
 
 
 def write_outputs(result: dict, out: Path) -> list[Path]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from neon.merge import merge_state_dicts
 from experiments.toy import ar as ar_lib
 from experiments.toy import diffusion as diffusion_lib
 from experiments.toy.alignment import gradient_moments, preconditioned_cosine
-from experiments.toy.gaussian import fid, fresh_samples, stage_generator, training_set
+from experiments.toy.gaussian import BLOCK, fid, fid_from_sums, fresh_samples, stage_generator, sums, training_set
 from experiments.toy.train import finetune, fit, init_model, state
 
 
@@ -117,6 +118,31 @@ def sweep_w(model: nn.Module, theta_r: dict, theta_s: dict, ws: tuple[float, ...
     return fids
 
 
+def parallel_map(fn: Callable, items: list, workers: int, desc: str = "", progress: bool = False) -> list:
+    """[fn(item) for item in items] on `workers` threads, each running torch on one thread (torch releases the
+    GIL inside its ops; its own thread pool would wait at a barrier after every small op)."""
+    with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, disable=not progress, leave=False))
+
+
+def diffusion_fids(states: list[dict], x_T: torch.Tensor, s: "DiffusionSettings", workers: int = 1,
+                   desc: str = "diffusion FID", progress: bool = False, rows: int = 4096) -> list[float]:
+    """FID of each EpsMLP state dict, all sampled from the same noise x_T: (N, 2) with the ζ = 1 sampler.
+
+    The K networks run stacked (one batched product per layer) on chunks of ~rows/K noise rows, so that the
+    activations stay in cache; `workers` threads take chunks in turn, each running torch on one thread (the
+    products are small: they parallelise across chunks, not within one). Each chunk's result depends on its
+    rows alone, so the FIDs do not depend on `workers`.
+    """
+    net = diffusion_lib.stack(states)
+    n = max(1, rows // len(states) // BLOCK) * BLOCK   # whole blocks of sums()
+    chunks = [x_T[i:i + n] for i in range(0, x_T.shape[0], n)]
+    run = lambda x: sums(diffusion_lib.sample_stacked(net, x, 1.0, s.sample_steps, s.eta))
+    parts = parallel_map(run, chunks, workers, desc, progress)
+    s1, s2 = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+    return [fid_from_sums(x_T.shape[0], s1[k], s2[k]) for k in range(len(states))]
+
+
 def _tag(x: float) -> str:
     return f"{x:.6g}"
 
@@ -135,7 +161,8 @@ def _best_neon_model(model: nn.Module, theta_r: dict, thetas: dict, rows: list[d
     return shown, neon
 
 
-def run_diffusion(s: DiffusionSettings, seed: int, data_seed: int, n_show: int, progress: bool = True) -> dict:
+def run_diffusion(s: DiffusionSettings, seed: int, data_seed: int, n_show: int, progress: bool = True,
+                  workers: int = 1) -> dict:
     """θr on the real points; per ζ: S, θs snapshots, FID(w) curves; the cosine sweep; scatter-plot samples."""
     gen = partial(stage_generator, seed, "diffusion")
     schedule = diffusion_lib.cosine_schedule(s.T)
@@ -153,16 +180,16 @@ def run_diffusion(s: DiffusionSettings, seed: int, data_seed: int, n_show: int, 
 
     t0 = time.perf_counter()
     x_T = torch.randn(s.n_fid, 2, generator=gen("fid"))   # the same noise for every w, setting and step
-    evaluate = lambda m: fid(diffusion_lib.sample(m, x_T, 1.0, s.sample_steps, s.eta))
-    base_fid = evaluate(model)
+    evaluate_many = lambda states, desc="diffusion FID θr": diffusion_fids(states, x_T, s, workers, desc, progress)
+    (base_fid,) = evaluate_many([theta_r])
     rows, thetas = [], {}
     for zeta in s.zetas:
         synthetic = draw(model, s.n_synthetic, zeta, "synthetic")
         snapshots = finetune(model, loss_with(gen("finetune", _tag(zeta))), synthetic, s.finetune_steps,
                              s.finetune_lr, s.batch, desc=f"diffusion θs ζ={zeta:g}", progress=progress)
         for steps, theta_s in sorted(snapshots.items()):
-            fids = sweep_w(model, theta_r, theta_s, s.w, evaluate, f"diffusion FID(w) ζ={zeta:g} {steps} steps",
-                           progress)
+            fids = evaluate_many([merge_state_dicts(theta_r, theta_s, w) for w in s.w],
+                                 f"diffusion FID(w) ζ={zeta:g} {steps} steps")
             rows.append(make_row("diffusion", zeta, zeta > 1, steps, base_fid, s.w, fids))
             thetas[(zeta, steps)] = theta_s
     timings["neon_sweeps"] = time.perf_counter() - t0
@@ -170,12 +197,15 @@ def run_diffusion(s: DiffusionSettings, seed: int, data_seed: int, n_show: int, 
     t0 = time.perf_counter()
     x_real = fresh_samples(s.n_cos_real, gen("cos-real"))
     g_d, v_hat = gradient_moments(model, loss_with(gen("cos-real-loss")), x_real, s.batch, s.cos_passes)
-    cosines = []
-    for zeta in tqdm(s.cos_zetas, desc="diffusion cos(g_d, g_s)", disable=not progress, leave=False):
-        x_syn = draw(model, s.n_cos_synthetic, zeta, "cos-synthetic")
-        g_s, _ = gradient_moments(model, loss_with(gen("cos-synthetic-loss", _tag(zeta))), x_syn, s.batch,
+
+    def cosine(zeta: float) -> float:   # each ζ on its own copy of θr: gradient_moments sets train/eval mode
+        theta = copy.deepcopy(model)
+        x_syn = draw(theta, s.n_cos_synthetic, zeta, "cos-synthetic")
+        g_s, _ = gradient_moments(theta, loss_with(gen("cos-synthetic-loss", _tag(zeta))), x_syn, s.batch,
                                   s.cos_passes)
-        cosines.append(preconditioned_cosine(g_d, g_s, v_hat))
+        return preconditioned_cosine(g_d, g_s, v_hat)
+
+    cosines = parallel_map(cosine, list(s.cos_zetas), workers, "diffusion cos(g_d, g_s)", progress)
     timings["gradient_cosine"] = time.perf_counter() - t0
 
     shown, neon = _best_neon_model(model, theta_r, thetas, rows)
@@ -234,26 +264,26 @@ def run_ar(s: ARSettings, seed: int, data_seed: int, n_show: int, progress: bool
 
 
 def run_toy(quick: bool = False, seed: int = 0, progress: bool = True, settings: ToySettings | None = None,
-            threads: int | None = 1) -> dict:
+            threads: int = 1) -> dict:
     """Both models end to end -> a result dict: `rows` (one per model × sampler setting × self-training length),
     `cosine` (one sweep per model), `samples` (numpy arrays for the scatter plot), `settings`, `timings_s`.
 
-    threads: torch CPU threads for the run (restored afterwards; None keeps torch's setting). One is the default
-    because every matrix here is tiny: on a shared 2-core machine two threads made the run 6–10× slower.
+    threads: worker threads for the batched FID sampling, which is most of the work. Torch itself runs on one
+    thread throughout (restored afterwards): every product here is small, and on a shared machine a torch
+    thread pool spends its time waiting at each op's barrier. The results do not depend on `threads`.
     """
     settings = settings or (QUICK if quick else FULL)
     before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(1)
     try:
         t0 = time.perf_counter()
-        runs = dict(diffusion=run_diffusion(settings.diffusion, seed, settings.data_seed, settings.n_show, progress),
+        runs = dict(diffusion=run_diffusion(settings.diffusion, seed, settings.data_seed, settings.n_show, progress,
+                                            workers=threads),
                     ar=run_ar(settings.ar, seed, settings.data_seed, settings.n_show, progress))
         total = time.perf_counter() - t0
-        used = torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
-    return dict(quick=bool(quick), seed=int(seed), data_seed=settings.data_seed, threads=used,
+    return dict(quick=bool(quick), seed=int(seed), data_seed=settings.data_seed, threads=int(threads),
                 versions=dict(torch=torch.__version__, numpy=np.__version__),
                 settings=dataclasses.asdict(settings),
                 rows=[row for run in runs.values() for row in run["rows"]],

@@ -80,3 +80,30 @@ def fid(x: torch.Tensor) -> float:
     if not torch.isfinite(x).all():
         return math.inf
     return frechet_distance_2d(*moments(x), *target())
+
+
+BLOCK = 64   # rows per partial sum in sums(): a fixed partition of the sample index, whatever the chunking
+
+
+def sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial sums of K sample sets x: (K, n, 2), BLOCK rows at a time (n a multiple of BLOCK, or the last
+    rows of the set): Σ x: (K, ⌈n/BLOCK⌉, 2) and Σ x xᵀ: (K, ⌈n/BLOCK⌉, 2, 2), float64.
+
+    Concatenated over chunks and reduced by fid_from_sums, they give each set's FID without holding its
+    samples, and the same FID to the last bit however the rows were chunked or stacked.
+    """
+    K, n, _ = x.shape
+    pad = -n % BLOCK                               # zero rows add nothing to the sums
+    x = torch.cat([x.double(), x.new_zeros(K, pad, 2, dtype=torch.float64)], 1).view(K, -1, BLOCK, 2)
+    return x.sum(2), torch.einsum("kmbi,kmbj->kmij", x, x)
+
+
+def fid_from_sums(n: int, s1: torch.Tensor, s2: torch.Tensor) -> float:
+    """fid() of one sample set of n samples from its partial sums() concatenated: s1: (M, 2), s2: (M, 2, 2).
+    A non-finite sample makes the sums non-finite, and the FID infinite, as in fid()."""
+    s1, s2 = s1.contiguous().sum(0), s2.contiguous().sum(0)
+    if not (torch.isfinite(s1).all() and torch.isfinite(s2).all()):
+        return math.inf
+    mu = s1 / n
+    sigma = (s2 - n * torch.outer(mu, mu)) / (n - 1)
+    return frechet_distance_2d(mu.numpy(), sigma.numpy(), *target())

@@ -1,14 +1,13 @@
 """The toy's figures as matplotlib Figures (no pyplot state): FID(w) curves, gradient cosines, sample scatter."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Ellipse
 
+from neon.checkpoint import atomic_open
 from experiments.toy.gaussian import target
 
 TITLE = dict(diffusion="diffusion", ar="autoregressive")
@@ -100,13 +99,7 @@ def save_figures(result: dict, out: Path, dpi: int = 110) -> list[Path]:
     paths = []
     for name, make in FIGURES.items():
         path = Path(out) / name
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                make(result).savefig(f, format="png", dpi=dpi)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        with atomic_open(str(path)) as f:
+            make(result).savefig(f, format="png", dpi=dpi)
         paths.append(path)
     return paths

@@ -31,7 +31,7 @@ def fit(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, epochs: int, lr: flo
     """Train `model` in place with a fresh Adam: each epoch visits x: (N, 2) in order, `batch` rows per step
     (N ≤ batch is full-batch, one step per epoch). Returns {epoch: state dict} for each epoch in `snapshots`."""
     snapshots = set(snapshots)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)   # one op per step, same numbers
     model.train()
     saved = {}
     for epoch in tqdm(range(1, epochs + 1), desc=desc, disable=not progress, leave=False):
