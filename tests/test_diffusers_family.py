@@ -4,11 +4,14 @@ import dataclasses
 import filecmp
 import json
 import os
+import subprocess
+import sys
 
 import diffusers
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from neon.checkpoint import load_state_dict
 from neon.config import FinetuneConfig
@@ -278,3 +281,27 @@ def test_interrupted_self_training_resumes_to_identical_weights(family, tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
     base = load_state_dict(str(tmp_path / "base"))
     assert any(not torch.equal(a[k], base[k]) for k in a)   # it did train
+
+
+# -- a whole run on a pipeline folder ------------------------------------------------------------------------
+
+def test_a_run_on_a_pipeline_folder_writes_pipeline_snapshots_and_a_merged_pipeline(family, tmp_path):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(repo, "configs", "diffusers_ddpm_cifar10.yaml")) as f:
+        config = yaml.safe_load(f)
+    base = tmp_path / "base"
+    family.save(family.tiny(seed=16, **config["smoke"]["load_args"]), str(base))
+    config["smoke"]["base"] = str(base)   # the smoke counts, on a real folder instead of the tiny network
+    del config["smoke"]["load_args"]
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "neon", "run", str(tmp_path / "run.yaml"), "--smoke", "--out",
+                          str(out)], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads((out / "run.json").read_text())
+    snapshots = doc["stages"]["finetune"]["snapshots"]
+    assert snapshots and all(os.path.isfile(os.path.join(p, "model_index.json")) for p in snapshots)
+    w = doc["stages"]["sweep"]["best"]["w"]
+    neon = diffusers.DiffusionPipeline.from_pretrained(str(out / "neon")).unet.state_dict()
+    r, s = load_state_dict(str(base)), load_state_dict(snapshots[-1])
+    assert all(torch.equal(v, merge_tensor(r[k], s[k], w)) for k, v in neon.items())
