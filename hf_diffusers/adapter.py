@@ -28,12 +28,32 @@ from hf_diffusers.loss import diffusion_loss, noise_scheduler
 from hf_diffusers.pipeline import load_pipeline, pipeline_object, resolve
 from hf_diffusers.sampler import dit_loop, to_uint8, unet_loop
 
-# The keyword arguments of each method, in one place (the core's config and CLI check names against these).
-# sample: the pipelines' __call__ arguments; None = the pipeline's own default (DEFAULT_STEPS, guidance 4.0).
-SAMPLER_ARGS = ("num_inference_steps", "eta", "use_clipped_model_output", "guidance_scale")
-LOSS_ARGS = ("snr_gamma",)          # Min-SNR weighting γ (train_text_to_image --snr_gamma); default None = plain MSE
-LOAD_ARGS = ("local_files_only",)   # Hub ids only: use the local cache (default: $HF_HUB_OFFLINE)
-TINY_ARGS = ("model", "num_classes", "resolution", "scheduler", "prediction_type")
+# The keyword arguments of each method, in one place: (name, type, default, meaning). The core's config and CLI
+# check names against these; None as a default means the pipeline's own rule.
+SAMPLER_ARGS = (
+    ("num_inference_steps", int | None, None, "denoising steps; None: the pipeline's default (DEFAULT_STEPS)"),
+    ("eta", float, 0.0, "DDIM: weight of the fresh noise in each step (0 = deterministic DDIM)"),
+    ("use_clipped_model_output", bool | None, None, "DDIM: recompute the noise from the clipped x0"),
+    ("guidance_scale", float | None, None, "DiT: classifier-free guidance scale; None: 4.0, <= 1: no guidance"),
+)
+LOSS_ARGS = (
+    ("snr_gamma", float | None, None, "Min-SNR weighting gamma (train_text_to_image --snr_gamma); None: plain MSE"),
+)
+LOAD_ARGS = (
+    ("local_files_only", bool | None, None, "Hub ids: use the local cache only; None: $HF_HUB_OFFLINE"),
+)
+TINY_ARGS = (
+    ("model", str, "unet", "'unet' (UNet2DModel) or 'dit' (DiTTransformer2DModel + AutoencoderKL)"),
+    ("num_classes", int, 0, "unet: classes of its embedding table (0: unconditional); a DiT has 1000"),
+    ("resolution", int, 8, "side of the images"),
+    ("scheduler", str | None, None, "diffusers scheduler class; None: DDPMScheduler (unet), DDIMScheduler (dit)"),
+    ("prediction_type", str, "epsilon", "the scheduler's prediction_type: epsilon, v_prediction or sample"),
+)
+
+
+def names(args) -> tuple[str, ...]:
+    return tuple(a[0] for a in args)
+
 
 DEFAULT_STEPS = {"DDPMPipeline": 1000, "DDIMPipeline": 50, "DiTPipeline": 50}   # their __call__ defaults
 DIT_GUIDANCE = 4.0                                                              # DiTPipeline's default
@@ -61,9 +81,10 @@ class DiffusersFamily:
         DDIMScheduler), or 'dit' (DiTTransformer2DModel with learned sigma, 1000 classes + null, and a tiny
         AutoencoderKL) in a DiTPipeline. `resolution`: side of the images. `scheduler`: a diffusers scheduler
         class name; default DDPMScheduler for 'unet', DDIMScheduler for 'dit' (the released DiT pipelines')."""
-        unknown = set(load_args) - set(LOAD_ARGS)
+        unknown = set(load_args) - set(names(LOAD_ARGS))
         if unknown:
-            raise NeonError(f"diffusers: unknown tiny arguments {sorted(unknown)} (known: {', '.join(TINY_ARGS)})")
+            raise NeonError(f"diffusers: unknown tiny arguments {sorted(unknown)} "
+                            f"(known: {', '.join(names(TINY_ARGS + LOAD_ARGS))})")
         with torch.random.fork_rng(devices=[]):   # leave the caller's RNG alone
             torch.manual_seed(seed)
             parts = _tiny_parts(model, int(num_classes), int(resolution), scheduler, prediction_type)
@@ -83,9 +104,10 @@ class DiffusersFamily:
         None. num_inference_steps: the pipeline's default when None (DDPM 1000, DDIM 50, DiT 50).
         guidance_scale: DiT only (default 4.0; ≤ 1 turns guidance off). step_args: DDIM's eta (0) and
         use_clipped_model_output."""
-        unknown = set(step_args) - set(SAMPLER_ARGS)
+        unknown = set(step_args) - set(names(SAMPLER_ARGS))
         if unknown:
-            raise NeonError(f"diffusers sampler: unknown arguments {sorted(unknown)} (known: {', '.join(SAMPLER_ARGS)})")
+            raise NeonError(f"diffusers sampler: unknown arguments {sorted(unknown)} "
+                            f"(known: {', '.join(names(SAMPLER_ARGS))})")
         info, net = bundle.info, bundle.net
         class_labels = _labels(bundle, labels, len(seeds))
         if len(seeds) == 0:
@@ -131,9 +153,9 @@ class DiffusersFamily:
         """The diffusers training objective on a batch of `encode`'s output (net in train mode: DiT's label
         dropout on). Loss settings come as keywords, else from bundle.info['loss_args']."""
         args = dict(loss_args) if loss_args else dict(bundle.info.get("loss_args") or {})
-        unknown = set(args) - set(LOSS_ARGS)
+        unknown = set(args) - set(names(LOSS_ARGS))
         if unknown:
-            raise NeonError(f"diffusers loss_args: unknown {sorted(unknown)} (known: {', '.join(LOSS_ARGS)})")
+            raise NeonError(f"diffusers loss_args: unknown {sorted(unknown)} (known: {', '.join(names(LOSS_ARGS))})")
         net = bundle.net
         device = net.device
         x0 = batch["x0"].to(device, torch.float32)

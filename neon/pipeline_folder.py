@@ -110,15 +110,14 @@ class PipelineFolder:
         write_folder(out, lambda tmp: self._fill(tmp, replace))
 
     def _fill(self, tmp: str, replace) -> None:
-        shutil.copytree(self.path, tmp, symlinks=False, ignore=_skip_caches)
+        rewritten = {os.path.abspath(shard.path) for shard in self.shards}
+
+        def skip(folder: str, names: list[str]) -> list[str]:   # the shards are written below, not copied
+            return [n for n in names if n in (".cache", "__pycache__") or paths.TEMP_TAG in n
+                    or os.path.abspath(os.path.join(folder, n)) in rewritten]
+        shutil.copytree(self.path, tmp, symlinks=False, ignore=skip)
         for shard in self.shards:
-            target = os.path.join(tmp, os.path.relpath(shard.path, self.path))
-            os.remove(target)
-            shard._write_safetensors(target, replace)
-
-
-def _skip_caches(folder: str, names: list[str]) -> list[str]:
-    return [n for n in names if n in (".cache", "__pycache__") or paths.TEMP_TAG in n]
+            shard._write_safetensors(os.path.join(tmp, os.path.relpath(shard.path, self.path)), replace)
 
 
 def write_folder(out: str, fill) -> None:
@@ -129,6 +128,7 @@ def write_folder(out: str, fill) -> None:
         raise NeonError(f"{out}: exists and is not a folder")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp, old = paths.temp_path(out), paths.temp_path(out) + "-old"
+    remove_stale_folders(os.path.dirname(out))
     for leftover in (tmp, old):
         shutil.rmtree(leftover, ignore_errors=True)
     try:
@@ -142,6 +142,15 @@ def write_folder(out: str, fill) -> None:
             os.replace(old, out)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_folders(parent: str) -> None:
+    """Remove the temporary folders that killed writers (dead PIDs of this host) left in `parent`: the core's
+    sweep of stale temporaries removes files only."""
+    for name in os.listdir(parent):
+        full = os.path.join(parent, name)
+        if os.path.isdir(full) and not os.path.islink(full) and paths._stale(name.removesuffix("-old")):
+            shutil.rmtree(full, ignore_errors=True)
 
 
 def open_pipeline_folder(path: str) -> PipelineFolder:

@@ -217,6 +217,19 @@ def test_the_ema_component_is_the_merged_network(family, tmp_path):
                            tmp_path / "out/unet_ema/diffusion_pytorch_model.safetensors", shallow=False)
 
 
+def test_a_killed_writers_temporary_folder_is_removed_by_the_next_write(family, tmp_path):
+    from neon import paths
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()   # a PID that no longer runs
+    stale = tmp_path / os.path.basename(paths.temp_path(str(tmp_path / "pipe"))).replace(
+        f"-{os.getpid()}", f"-{dead.pid}")
+    (stale / "unet").mkdir(parents=True)
+    family.save(family.tiny(seed=17), str(tmp_path / "pipe"))
+    assert sorted(os.listdir(tmp_path)) == ["pipe"]
+    family.save(family.tiny(seed=18), str(tmp_path / "pipe"))   # replacing an existing folder leaves nothing else
+    assert sorted(os.listdir(tmp_path)) == ["pipe"]
+
+
 def test_bad_folders_are_one_line(family, tmp_path):
     with pytest.raises(NeonError, match="not a diffusers pipeline folder"):
         family.load(str(tmp_path))
