@@ -50,6 +50,14 @@ TINY_ARGS = (
     ("prediction_type", str, "epsilon", "the scheduler's prediction_type: epsilon, v_prediction or sample"),
 )
 
+BUILD_ARGS = (   # a UNet2DModel from scratch (`build`), in the Fashion-MNIST study's terms
+    ("model_channels", int, 32, "channels of the first level; level i has model_channels x channel_mult[i]"),
+    ("channel_mult", list[int], [1, 2, 2], "channel multiplier of each resolution level"),
+    ("num_blocks", int, 1, "residual blocks per level (layers_per_block)"),
+    ("attn_resolutions", list[int], [], "image sides whose levels use self-attention blocks"),
+    ("dropout", float, 0.0, "dropout of the residual blocks"),
+)
+
 
 def names(args) -> tuple[str, ...]:
     return tuple(a[0] for a in args)
@@ -92,6 +100,28 @@ class DiffusersFamily:
             if module is not None:
                 randomize(module, seed)
                 module.to(device).eval().requires_grad_(False)
+        return _bundle(parts, source=None)
+
+    def build(self, device: torch.device | str = "cpu", seed: int = 0, resolution: int = 32, img_channels: int = 3,
+              num_classes: int = 0, scheduler: str = "DDIMScheduler", **unet_sizes) -> Bundle:
+        """A freshly built UNet2DModel with diffusers' own initialisation in a DDIMPipeline (a DDPMPipeline with
+        scheduler='DDPMScheduler'), to train from scratch, e.g. the Fashion-MNIST study.
+
+        resolution, img_channels: side and colour channels of the images. num_classes: 0 = unconditional, else
+        a class embedding table (num_class_embeds). unet_sizes (BUILD_ARGS): model_channels × channel_mult are
+        the levels' block_out_channels, num_blocks their layers_per_block, attn_resolutions the image sides
+        whose levels use attention blocks, dropout. The same seed gives the same weights."""
+        unknown = set(unet_sizes) - set(names(BUILD_ARGS))
+        if unknown:
+            raise NeonError(f"diffusers build: unknown arguments {sorted(unknown)} "
+                            f"(known: {', '.join(names(BUILD_ARGS))})")
+        sizes = {a[0]: a[2] for a in BUILD_ARGS} | unet_sizes
+        with torch.random.fork_rng(devices=[]):   # leave the caller's RNG alone
+            torch.manual_seed(seed)
+            net = build_unet(int(resolution), int(img_channels), int(num_classes), **sizes)
+        parts = dict(pipeline="DDPMPipeline" if scheduler == "DDPMScheduler" else "DDIMPipeline", component="unet",
+                     net=net.to(device).eval().requires_grad_(False), vae=None,
+                     scheduler=_scheduler(scheduler, num_train_timesteps=1000))
         return _bundle(parts, source=None)
 
     # -- sampling -------------------------------------------------------------------------------------------
@@ -229,12 +259,33 @@ def _labels(bundle: Bundle, labels, batch: int) -> torch.Tensor | None:
     return labels.to(bundle.net.device, torch.int64)
 
 
+def _scheduler(name: str, **config):
+    cls = getattr(diffusers, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise NeonError(f"diffusers: unknown scheduler {name!r}")
+    return cls(**config)
+
+
+def build_unet(resolution: int, channels: int, num_classes: int, model_channels: int, channel_mult: list[int],
+               num_blocks: int, attn_resolutions: list[int], dropout: float) -> diffusers.UNet2DModel:
+    """UNet2DModel from the study's sizes: one down/up block per level, attention where the level's side is
+    listed, GroupNorm groups of 4 channels at most 32 groups (model_channels must be a multiple of 4)."""
+    if model_channels % 4:
+        raise NeonError(f"diffusers build: model_channels must be a multiple of 4, got {model_channels}")
+    sides = [resolution // 2 ** i for i in range(len(channel_mult))]
+    attention = [side in attn_resolutions for side in sides]
+    return diffusers.UNet2DModel(
+        sample_size=resolution, in_channels=channels, out_channels=channels, layers_per_block=num_blocks,
+        block_out_channels=tuple(model_channels * m for m in channel_mult),
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
+        norm_num_groups=min(32, model_channels // 4), dropout=dropout, num_class_embeds=num_classes or None)
+
+
 def _tiny_parts(model: str, num_classes: int, resolution: int, scheduler: str, prediction_type: str) -> dict:
     scheduler = scheduler or ("DDIMScheduler" if model == "dit" else "DDPMScheduler")
-    cls = getattr(diffusers, str(scheduler), None)
-    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
-        raise NeonError(f"diffusers tiny: unknown scheduler {scheduler!r}")
-    sched = cls(num_train_timesteps=1000, prediction_type=prediction_type)
+    sched = _scheduler(scheduler, num_train_timesteps=1000, prediction_type=prediction_type)
+    cls = type(sched)
     if model == "unet":
         net = diffusers.UNet2DModel(
             sample_size=resolution, in_channels=3, out_channels=3, layers_per_block=1,

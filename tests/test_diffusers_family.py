@@ -318,3 +318,40 @@ def test_a_run_on_a_pipeline_folder_writes_pipeline_snapshots_and_a_merged_pipel
     neon = diffusers.DiffusionPipeline.from_pretrained(str(out / "neon")).unet.state_dict()
     r, s = load_state_dict(str(base)), load_state_dict(snapshots[-1])
     assert all(torch.equal(v, merge_tensor(r[k], s[k], w)) for k, v in neon.items())
+
+
+# -- training from scratch: the Fashion-MNIST study through this family -------------------------------------
+
+def test_build_gives_a_fresh_unet_of_the_asked_sizes_the_same_for_the_same_seed(family):
+    sizes = dict(resolution=16, img_channels=1, num_classes=10, model_channels=8, channel_mult=[1, 2],
+                 num_blocks=1, attn_resolutions=[8], dropout=0.0)
+    a, b = family.build(seed=3, **sizes), family.build(seed=3, **sizes)
+    assert (a.resolution, a.channels, a.num_classes) == (16, 1, 10)
+    assert [blk.__class__.__name__ for blk in a.net.down_blocks] == ["DownBlock2D", "AttnDownBlock2D"]
+    assert all(torch.equal(v, b.net.state_dict()[k]) for k, v in a.net.state_dict().items())
+    assert family.sample(a, [0], torch.tensor([9]), num_inference_steps=2).shape == (1, 16, 16, 1)
+    with pytest.raises(NeonError, match="unknown arguments"):
+        family.build(resolution=16, channels=1)
+
+
+def test_the_fashion_mnist_study_runs_through_the_family(tmp_path):
+    from experiments.fashion_mnist import run_study
+    from experiments.fashion_mnist.datasets import write_idx
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    data = yaml.safe_load(open(os.path.join(repo, "configs", "fashion_mnist_diffusers.yaml")))
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 400), ("t10k", 100)):   # Fashion-MNIST-shaped idx files, a class-dependent square
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        images = rng.integers(0, 60, size=(n, 28, 28)).astype(np.uint8)
+        for i, c in enumerate(labels):
+            images[i, 2 + 2 * c:10 + 2 * c, 4:12] = 220
+        write_idx(str(tmp_path / f"{prefix}-images-idx3-ubyte.gz"), images)
+        write_idx(str(tmp_path / f"{prefix}-labels-idx1-ubyte.gz"), labels)
+    data["study"]["data_root"] = str(tmp_path)
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(data))
+    doc = run_study(str(tmp_path / "study.yaml"), str(tmp_path / "run"), smoke=True)
+    assert doc["smoke"] and set(doc["arms"]) == {"ode", "control", "diverse"}
+    for arm, ws in data["smoke"]["study"]["sweep"].items():
+        rows = doc["arms"][arm]["rows"]
+        assert [r["w"] for r in rows] == sorted(set(ws) | {0.0})
+        assert all(np.isfinite(r["classifier_fd"]["mean"]) for r in rows)
