@@ -111,6 +111,8 @@ class DiffusersFamily:
         a class embedding table (num_class_embeds). unet_sizes (BUILD_ARGS): model_channels × channel_mult are
         the levels' block_out_channels, num_blocks their layers_per_block, attn_resolutions the image sides
         whose levels use attention blocks, dropout. The same seed gives the same weights."""
+        if scheduler not in ("DDIMScheduler", "DDPMScheduler"):
+            raise NeonError(f"diffusers build: scheduler must be DDIMScheduler or DDPMScheduler, got {scheduler!r}")
         unknown = set(unet_sizes) - set(names(BUILD_ARGS))
         if unknown:
             raise NeonError(f"diffusers build: unknown arguments {sorted(unknown)} "
