@@ -21,6 +21,7 @@ from neon.checkpoint import atomic_open, load_state_dict
 from neon.config import METHOD_KIND, RunConfig, config_kind, load_config
 from neon.errors import NeonError
 from neon.family import Bundle, Family, get_family
+from neon.model_card import write_model_card
 from neon.pipeline_folder import is_pipeline_folder
 from neon.registry import Registry
 from neon.sampling import draw_labels, plan_seeds, sample_to_npz
@@ -110,10 +111,10 @@ def run(config: str, out: str, smoke: bool = False) -> dict:
     device = dist.init()
     check_run_inputs(cfg, smoke, out)
     with paths.made_folder(out):
-        return _run(family, cfg, out, smoke, device)
+        return _run(family, cfg, out, smoke, device, config)
 
 
-def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device) -> dict:
+def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device, config: str) -> dict:
     rec = RunRecord(os.path.join(out, "run.json"), cfg, smoke)
     bundle, base_path = load_base(family, cfg, smoke, device)
     theta_r = {k: v.detach().clone() for k, v in bundle.net.state_dict().items()}
@@ -161,6 +162,7 @@ def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device) -> dict:
         rec.record("final", final_evaluation(family, bundle, sweep, cfg, metric, best))
     bundle.net.load_state_dict(theta_r)
     if dist.is_main():
+        write_model_card(out, rec.doc, config, neon_path)
         summarize(rec.doc, cfg)
     return rec.doc
 

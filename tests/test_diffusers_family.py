@@ -318,6 +318,10 @@ def test_a_run_on_a_pipeline_folder_writes_pipeline_snapshots_and_a_merged_pipel
     neon = diffusers.DiffusionPipeline.from_pretrained(str(out / "neon")).unet.state_dict()
     r, s = load_state_dict(str(base)), load_state_dict(snapshots[-1])
     assert all(torch.equal(v, merge_tensor(r[k], s[k], w)) for k, v in neon.items())
+    card = (out / "MODEL_CARD.md").read_text()   # what the merged pipeline is, to share it as it is
+    points = json.loads((out / "sweep.json").read_text())["points"]
+    assert str(base) in card and f"Chosen: w = {w:g}" in card and f"neon run {tmp_path / 'run.yaml'} --smoke" in card
+    assert sum(line.startswith(f"| {p['w']:g} |") for p in points for line in card.splitlines()) == len(points)
 
 
 # -- training from scratch: the Fashion-MNIST study through this family -------------------------------------
