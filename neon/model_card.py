@@ -40,7 +40,7 @@ def _where(r: dict, cfg_key: str) -> str:
 def recipe(doc: dict) -> list[str]:
     cfg, stages = doc["config"], doc["stages"]
     syn, ft, sw = cfg["synthetic"], cfg["finetune"], cfg["sweep"]
-    count = stages["sample"]["num_images"]
+    count = (stages.get("sample") or {}).get("num_images", "?")   # absent when S was given, not drawn
     size = f"{syn['per_class']} per class, {count} in all" if syn.get("per_class") else f"{count} images"
     base = f"`{cfg['base']}`" if cfg["base"] else "the family's tiny random network (a smoke run)"
     return [f"- base model θr: {base} (family `{cfg['family']}`, load arguments {_kv(cfg['load_args'])})",
