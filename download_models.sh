@@ -91,8 +91,12 @@ fetch() {  # fetch KIND SOURCE FILE TARGET: sets `fetched`, the downloaded (unve
       if [ "$kind" = hf ]; then
         hf download "$source" "$file" --local-dir "$staging" >/dev/null
         fetched="$staging/$file"
-      else
+      elif [ "$file" = "${file#*/}" ]; then  # one model: its config and weights
         hf download "$source" config.json "$file" --local-dir "$staging/folder" >/dev/null
+        rm -rf -- "$staging/folder/.cache"
+        fetched="$staging/folder"
+      else  # a pipeline (FILE inside a component): every config and safetensors file, no pickles
+        hf download "$source" --include '*.json' --include '*.safetensors' --local-dir "$staging/folder" >/dev/null
         rm -rf -- "$staging/folder/.cache"
         fetched="$staging/folder"
       fi ;;

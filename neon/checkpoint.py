@@ -420,8 +420,11 @@ def detect_format(path: str) -> str:
 
 
 def open_checkpoint(path: str) -> Checkpoint:
-    """Open a checkpoint lazily (no tensor is read)."""
+    """Open a checkpoint lazily (no tensor is read); a diffusers pipeline folder opens as its network."""
     path = os.fspath(path)
+    from neon import pipeline_folder
+    if pipeline_folder.is_pipeline_folder(path):
+        return pipeline_folder.open_pipeline_folder(path)
     fmt = detect_format(paths.input_file(path, "checkpoint"))
     return {"pth": _open_pth, "safetensors": _open_safetensors, "pickle": _open_pickle}[fmt](path)
 

@@ -16,6 +16,7 @@ import torch
 from neon import paths
 from neon.checkpoint import open_checkpoint
 from neon.errors import NeonError
+from neon.pipeline_folder import is_pipeline_folder
 
 
 def check_w(w: float) -> float:
@@ -92,7 +93,9 @@ def merge_files(ref: str, synth: str, w: float | list[float], out: str, force: b
     (same container, everything else it holds) whose merged network (the EMA one where there is one) is
     replaced. Nothing is written unless every check passes."""
     ws = [check_w(x) for x in (w if isinstance(w, (list, tuple)) else [w])]
-    outs = [paths.output_file(path, "checkpoint file") for path in output_paths(out, ws)]
+    # A pipeline folder merges into a pipeline folder; every other container into a file.
+    check = paths.output_folder if is_pipeline_folder(ref) else lambda p: paths.output_file(p, "checkpoint file")
+    outs = [check(path) for path in output_paths(out, ws)]
     if not force:
         for path in outs:
             if os.path.exists(path):

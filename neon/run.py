@@ -22,6 +22,8 @@ from neon.config import METHOD_KIND, RunConfig, config_kind, load_config
 from neon.errors import NeonError
 from neon.evaluate import FIDMetric, evaluate_images
 from neon.family import Bundle, Family, get_family
+from neon.model_card import write_model_card
+from neon.pipeline_folder import is_pipeline_folder
 from neon.registry import Registry
 from neon.sampling import draw_labels, plan_seeds, sample_to_npz
 from neon.selftrain import CACHE_FILE, check_finetune_config, encode_examples, finetune
@@ -67,7 +69,7 @@ def load_base(family: Family, cfg: RunConfig, smoke: bool, device) -> tuple[Bund
         return family.tiny(device, seed=0, **cfg.load_args), None
     if not cfg.base:
         raise NeonError("base: no checkpoint configured (set base, or use --smoke)")
-    if not os.path.isfile(cfg.base):
+    if not (os.path.isfile(cfg.base) or is_pipeline_folder(cfg.base)):
         raise NeonError(f"base: checkpoint {cfg.base} not found (bash download_models.sh fetches the released ones)")
     return family.load(cfg.base, device, **cfg.load_args), cfg.base
 
@@ -97,9 +99,9 @@ def check_run_inputs(cfg: RunConfig, smoke: bool, out: str) -> None:
     if not cfg.base and not smoke:
         raise NeonError("base: no checkpoint configured (set base, or use --smoke)")
     for field, path, what in (("base", cfg.base, "checkpoint"), ("ref_stats", cfg.ref_stats, "statistics file")):
-        if path is not None and os.path.isdir(path):
+        if path is not None and os.path.isdir(path) and not (field == "base" and is_pipeline_folder(path)):
             raise NeonError(f"{field}: {path} is a folder, expected a {what}")
-        if path is not None and not os.path.isfile(path):
+        if path is not None and not (os.path.isfile(path) or field == "base" and is_pipeline_folder(path)):
             raise NeonError(f"{field}: {what} {path} not found (bash download_models.sh fetches the released ones)")
     check_finetune_config(cfg.finetune)
 
@@ -110,10 +112,10 @@ def run(config: str, out: str, smoke: bool = False) -> dict:
     device = dist.init()
     check_run_inputs(cfg, smoke, out)
     with paths.made_folder(out):
-        return _run(family, cfg, out, smoke, device)
+        return _run(family, cfg, out, smoke, device, config)
 
 
-def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device) -> dict:
+def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device, config: str) -> dict:
     rec = RunRecord(os.path.join(out, "run.json"), cfg, smoke)
     bundle, base_path = load_base(family, cfg, smoke, device)
 
@@ -152,7 +154,7 @@ def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device) -> dict:
 
     # 4. θneon at the chosen w, saved in the family's container, and the final full-count evaluation.
     neon_path = os.path.join(out, "neon" + (os.path.splitext(base_path)[1] if base_path else ".pth"))
-    if not os.path.isfile(neon_path):
+    if not os.path.exists(neon_path):  # a file, or a folder for pipeline-folder families
         bundle.net.load_state_dict(sweep.merged(best["w"]))
         if dist.is_main():
             family.save(bundle, neon_path)
@@ -161,6 +163,7 @@ def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device) -> dict:
         rec.record("final", final_evaluation(family, bundle, sweep, cfg, metric, best))
     bundle.net.load_state_dict(theta_r)
     if dist.is_main():
+        write_model_card(out, rec.doc, config, neon_path)
         summarize(rec.doc, cfg)
     return rec.doc
 

@@ -31,6 +31,7 @@ from neon.config import check_args
 from neon.errors import NeonError
 from neon.family import Bundle, Family, get_family
 from neon.images import NpzImages, export_png, save_images_npz, write_npz
+from neon.pipeline_folder import is_pipeline_folder
 
 LABEL_STREAM = 0x4C41424C  # 'LABL': labels drawn "from the seed" use their own stream, apart from the sampler's
 
@@ -315,7 +316,8 @@ def load_model(args) -> tuple[Family, Bundle]:
         return family, family.tiny(device, **load_args)
     if not args.ckpt:
         raise NeonError("--ckpt is required (or --tiny)")
-    return family, family.load(paths.input_file(args.ckpt, "checkpoint"), device, **load_args)
+    ckpt = args.ckpt if is_pipeline_folder(args.ckpt) else paths.input_file(args.ckpt, "checkpoint")
+    return family, family.load(ckpt, device, **load_args)
 
 
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:

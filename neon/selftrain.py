@@ -156,6 +156,8 @@ def train_defaults(family: Family, overrides: dict) -> TrainDefaults:
 
 
 def snapshot_path(out_dir: str, images: int, bundle: Bundle) -> str:
+    if bundle.source and os.path.isdir(bundle.source):  # a pipeline folder: its snapshots are folders too
+        return os.path.join(out_dir, f"snapshot-{images:010d}")
     suffix = os.path.splitext(bundle.source)[1] if bundle.source else ".pth"
     return os.path.join(out_dir, f"snapshot-{images:010d}{suffix or '.pth'}")
 

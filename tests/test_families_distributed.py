@@ -17,6 +17,7 @@ CASES = {
     "var": (["--arg", "cfg=1.5", "--arg", "top_k=5", "--arg", "top_p=0.9"], 7, 1),
     "xar": (["--arg", "cfg=2.0", "--arg", "flow_steps=3"], 5, 1),
     "imm": (["--arg", "steps=2", "--arg", "cfg=1.5"], 3, 1),
+    "diffusers": (["--arg", "num_inference_steps=3", "--load-arg", "num_classes=10"], 7, 2),
 }
 NUM_IMAGES = 7
 BATCH = 3   # the batched path: 3 batches (3, 3, 1), dealt 2 : 1 to the two processes

@@ -1,0 +1,1 @@
+"""The diffusers family: UNet2DModel and DiT pipelines, run by the diffusers library."""

@@ -1,0 +1,96 @@
+"""MODEL_CARD.md beside θneon: what a merged model is and how to reproduce it, so it can be shared as it is.
+
+Everything comes from the run's record (run.json: the config and each stage's result) and the sweep's points
+(sweep.json); nothing is measured here.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from neon.checkpoint import atomic_open
+
+PAPER = "Neon: Negative Extrapolation from Self-Training (arXiv 2510.03597)"
+
+
+def _number(value, digits: int = 4) -> str:
+    return "–" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _kv(mapping: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(mapping.items())) or "defaults"
+
+
+def sweep_table(points: list[dict], cfg_key: str) -> list[str]:
+    """One Markdown row per evaluated point, in the sweep's order."""
+    rows = [f"| w | {cfg_key} | setting | FID | IS | images |", "|---|---|---|---|---|---|"]
+    for p in points:
+        setting = _kv(p["setting"]) if p.get("setting") else "–"
+        rows.append(f"| {p['w']:g} | {_number(p.get('cfg'), 3)} | {setting} | {_number(p.get('fid'))} "
+                    f"| {_number(p.get('is_mean'), 3)} | {p.get('num_images', '–')} |")
+    return rows
+
+
+def _where(r: dict, cfg_key: str) -> str:
+    """'w = 0.5, cfg = 1.5, steps=8' of a point."""
+    parts = [f"w = {r['w']:g}"] + ([f"{cfg_key} = {r['cfg']:g}"] if r.get("cfg") is not None else [])
+    return ", ".join(parts + ([_kv(r["setting"])] if r.get("setting") else []))
+
+
+def recipe(doc: dict) -> list[str]:
+    cfg, stages = doc["config"], doc["stages"]
+    syn, ft, sw = cfg["synthetic"], cfg["finetune"], cfg["sweep"]
+    count = (stages.get("sample") or {}).get("num_images", "?")   # absent when S was given, not drawn
+    size = f"{syn['per_class']} per class, {count} in all" if syn.get("per_class") else f"{count} images"
+    base = f"`{cfg['base']}`" if cfg["base"] else "the family's tiny random network (a smoke run)"
+    return [f"- base model θr: {base} (family `{cfg['family']}`, load arguments {_kv(cfg['load_args'])})",
+            f"- synthetic set S: {size}, labels {syn['labels']}, seeds from {syn['seed_offset']}, "
+            f"sampler {_kv(syn['sampler'])}",
+            f"- self-training θs: lr {ft['lr']:g}, batch {ft['batch']}, {ft['total_images']} images seen, warm-up "
+            f"{ft['warmup_images']} images, EMA {ft['ema'] or 'none'}, optimizer {_kv(ft['optimizer'])} over the "
+            f"family's defaults, loss {_kv(ft['loss_args'])}, seed {ft['seed']}: `{stages['sweep']['theta_s']}`",
+            f"- sweep: {sw['num_images']} images per point, sampler {_kv(sw['sampler'])}, reference statistics "
+            f"`{stages['sweep']['ref_stats']}`"]
+
+
+def final_lines(doc: dict) -> list[str]:
+    final, cfg_key = doc["stages"].get("final", {}), doc["config"]["sweep"]["cfg_key"]
+    lines = []
+    for name in ("base", "neon"):
+        r = final.get(name)
+        if r:
+            score = f", IS {_number(r['is_mean'], 3)}" if r.get("is_mean") is not None else ""
+            lines.append(f"- {name}: FID {_number(r.get('fid'))}{score} on {r['num_images']} images "
+                         f"({_where(r, cfg_key)})")
+    return lines
+
+
+def card_text(doc: dict, points: list[dict], config_path: str, neon_path: str) -> str:
+    cfg = doc["config"]
+    smoke = " --smoke" if doc.get("smoke") else ""
+    lines = [f"# {os.path.basename(neon_path)}: θneon of {cfg['base'] or 'the tiny smoke-test network'}", "",
+             cfg.get("description") or "", "",
+             f"Made with {PAPER}: θneon = (1+w)·θr − w·θs, where θs is θr briefly self-trained on its own samples.",
+             "", "## Recipe", "", *recipe(doc), "", "## Sweep", "", *sweep_table(points, cfg["sweep"]["cfg_key"]),
+             "", f"Chosen: {_where(doc['stages']['sweep']['best'], cfg['sweep']['cfg_key'])}", "",
+             "## Final evaluation", "", *final_lines(doc), "", "## Reproduce", "", f"    neon run {config_path}{smoke}",
+             ""]
+    if smoke:
+        lines += ["A smoke run: a tiny random network, and statistics of S stand in for the reference, so the "
+                  "numbers mean nothing.", ""]
+    versions = doc.get("versions", {})
+    lines.append("Software: " + ", ".join(f"{k} {v}" for k, v in versions.items() if k != "platform"))
+    return "\n".join(lines) + "\n"
+
+
+def write_model_card(out: str, doc: dict, config_path: str, neon_path: str) -> str:
+    """Write `out/MODEL_CARD.md` (atomically) from the run record and `out/sweep.json`; returns its path."""
+    sweep_path = os.path.join(out, "sweep.json")
+    points = []
+    if os.path.isfile(sweep_path):
+        with open(sweep_path) as f:
+            points = json.load(f).get("points", [])
+    path = os.path.join(out, "MODEL_CARD.md")
+    with atomic_open(path, "w") as f:
+        f.write(card_text(doc, points, config_path, neon_path))
+    return path
