@@ -148,9 +148,14 @@ def test_plain_torchrun_reports_the_one_line_error_of_a_gloo_job(tmp_path):
                            "--out", str(tmp_path / "s.npz")])
     line = f"neon sample: error: {missing}: checkpoint not found"
     assert rc != 0 and lines.count(line) == 1, lines      # printed by rank 0 only
-    reported = [x for x in lines if x.strip().startswith("traceback :")]
-    assert len(reported) == 2 and all(x.strip() == f"traceback : {line}" for x in reported), reported
-    assert all("exitcode  : 2" in x for x in lines if "exitcode  :" in x)
+    # The root cause (the first rank to fail) is reported with our line and our exit status. The other rank may
+    # be stopped by the agent before it fails by itself (a race on a busy machine), so only its line is checked
+    # where it has one.
+    root = lines[next(i for i, x in enumerate(lines) if x.startswith("Root Cause")):]
+    assert any(x.strip().startswith("exitcode  : 2 ") for x in root), root
+    assert any(x.strip() == f"traceback : {line}" for x in root), root
+    reported = [x.strip() for x in lines if x.strip().startswith("traceback :")]
+    assert all(x == f"traceback : {line}" or "Signal" in x for x in reported), reported
     assert os.listdir(tmp_path) == []
 
 
