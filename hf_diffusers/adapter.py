@@ -70,6 +70,7 @@ DIT_CLASSES = 1000   # DiTPipeline's null class is label 1000, so its label tabl
 
 class DiffusersFamily:
     name = "diffusers"
+    loads_hub_ids = True   # `--ckpt google/ddpm-cifar10-32`: a Hub repo id, resolved by `load`
     # The diffusers training scripts: torch.optim.AdamW(lr, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
     # with max_grad_norm 1.0 (train_unconditional.py defaults), float32.
     train_defaults = TrainDefaults(optimizer="adamw", betas=(0.95, 0.999), eps=1e-8, weight_decay=1e-6,

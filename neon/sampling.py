@@ -316,7 +316,10 @@ def load_model(args) -> tuple[Family, Bundle]:
         return family, family.tiny(device, **load_args)
     if not args.ckpt:
         raise NeonError("--ckpt is required (or --tiny)")
-    ckpt = args.ckpt if is_pipeline_folder(args.ckpt) else paths.input_file(args.ckpt, "checkpoint")
+    # A pipeline folder is a checkpoint too; a family that downloads by name (`loads_hub_ids`, the diffusers
+    # family) is handed a name that is not a local path.
+    by_name = getattr(family, "loads_hub_ids", False) and not os.path.exists(args.ckpt)
+    ckpt = args.ckpt if by_name or is_pipeline_folder(args.ckpt) else paths.input_file(args.ckpt, "checkpoint")
     return family, family.load(ckpt, device, **load_args)
 
 

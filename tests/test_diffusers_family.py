@@ -249,6 +249,12 @@ def test_an_offline_hub_id_without_a_cached_copy_is_one_line(family, tmp_path, m
     with pytest.raises(NeonError, match="cannot get this Hub pipeline") as info:
         family.load("nobody-here/no-such-pipeline", local_files_only=True)
     assert "\n" not in str(info.value)
+    res = subprocess.run([sys.executable, "-m", "neon", "sample", "--family", "diffusers", "--ckpt",
+                          "nobody-here/no-such-pipeline", "--num-images", "1", "--out", str(tmp_path / "s.npz")],
+                         env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"},
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 2 and "cannot get this Hub pipeline" in res.stderr.splitlines()[-1]
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("s.npz")]   # refused before anything is written
 
 
 # -- self-training ----------------------------------------------------------------------------------------------
