@@ -21,7 +21,7 @@ import diffusers
 import torch
 
 from neon.errors import NeonError
-from neon.family import Bundle, TrainDefaults
+from neon.family import Arg, Bundle, Family, TrainDefaults, arg_names
 from neon.pipeline_folder import is_pipeline_folder, open_pipeline_folder, write_folder
 
 from hf_diffusers.loss import diffusion_loss, noise_scheduler
@@ -31,36 +31,32 @@ from hf_diffusers.sampler import dit_loop, to_uint8, unet_loop
 # The keyword arguments of each method, in one place: (name, type, default, meaning). The core's config and CLI
 # check names against these; None as a default means the pipeline's own rule.
 SAMPLER_ARGS = (
-    ("num_inference_steps", int | None, None, "denoising steps; None: the pipeline's default (DEFAULT_STEPS)"),
-    ("eta", float, 0.0, "DDIM: weight of the fresh noise in each step (0 = deterministic DDIM)"),
-    ("use_clipped_model_output", bool | None, None, "DDIM: recompute the noise from the clipped x0"),
-    ("guidance_scale", float | None, None, "DiT: classifier-free guidance scale; None: 4.0, <= 1: no guidance"),
+    Arg("num_inference_steps", int | None, None, "denoising steps; None: the pipeline's default (DEFAULT_STEPS)"),
+    Arg("eta", float, 0.0, "DDIM: weight of the fresh noise in each step (0 = deterministic DDIM)"),
+    Arg("use_clipped_model_output", bool | None, None, "DDIM: recompute the noise from the clipped x0"),
+    Arg("guidance_scale", float | None, None, "DiT: classifier-free guidance scale; None: 4.0, <= 1: no guidance"),
 )
 LOSS_ARGS = (
-    ("snr_gamma", float | None, None, "Min-SNR weighting gamma (train_text_to_image --snr_gamma); None: plain MSE"),
+    Arg("snr_gamma", float | None, None, "Min-SNR weighting gamma (train_text_to_image --snr_gamma); None: plain MSE"),
 )
 LOAD_ARGS = (
-    ("local_files_only", bool | None, None, "Hub ids: use the local cache only; None: $HF_HUB_OFFLINE"),
+    Arg("local_files_only", bool | None, None, "Hub ids: use the local cache only; None: $HF_HUB_OFFLINE"),
 )
 TINY_ARGS = (
-    ("model", str, "unet", "'unet' (UNet2DModel) or 'dit' (DiTTransformer2DModel + AutoencoderKL)"),
-    ("num_classes", int, 0, "unet: classes of its embedding table (0: unconditional); a DiT has 1000"),
-    ("resolution", int, 8, "side of the images"),
-    ("scheduler", str | None, None, "diffusers scheduler class; None: DDPMScheduler (unet), DDIMScheduler (dit)"),
-    ("prediction_type", str, "epsilon", "the scheduler's prediction_type: epsilon, v_prediction or sample"),
+    Arg("model", str, "unet", "'unet' (UNet2DModel) or 'dit' (DiTTransformer2DModel + AutoencoderKL)"),
+    Arg("num_classes", int, 0, "unet: classes of its embedding table (0: unconditional); a DiT has 1000"),
+    Arg("resolution", int, 8, "side of the images"),
+    Arg("scheduler", str | None, None, "diffusers scheduler class; None: DDPMScheduler (unet), DDIMScheduler (dit)"),
+    Arg("prediction_type", str, "epsilon", "the scheduler's prediction_type: epsilon, v_prediction or sample"),
 )
 
 BUILD_ARGS = (   # a UNet2DModel from scratch (`build`), in the Fashion-MNIST study's terms
-    ("model_channels", int, 32, "channels of the first level; level i has model_channels x channel_mult[i]"),
-    ("channel_mult", list[int], [1, 2, 2], "channel multiplier of each resolution level"),
-    ("num_blocks", int, 1, "residual blocks per level (layers_per_block)"),
-    ("attn_resolutions", list[int], [], "image sides whose levels use self-attention blocks"),
-    ("dropout", float, 0.0, "dropout of the residual blocks"),
+    Arg("model_channels", int, 32, "channels of the first level; level i has model_channels x channel_mult[i]"),
+    Arg("channel_mult", list[int], [1, 2, 2], "channel multiplier of each resolution level"),
+    Arg("num_blocks", int, 1, "residual blocks per level (layers_per_block)"),
+    Arg("attn_resolutions", list[int], [], "image sides whose levels use self-attention blocks"),
+    Arg("dropout", float, 0.0, "dropout of the residual blocks"),
 )
-
-
-def names(args) -> tuple[str, ...]:
-    return tuple(a[0] for a in args)
 
 
 DEFAULT_STEPS = {"DDPMPipeline": 1000, "DDIMPipeline": 50, "DiTPipeline": 50}   # their __call__ defaults
@@ -68,8 +64,9 @@ DIT_GUIDANCE = 4.0                                                              
 DIT_CLASSES = 1000   # DiTPipeline's null class is label 1000, so its label table has 1000 classes + 1
 
 
-class DiffusersFamily:
+class DiffusersFamily(Family):
     name = "diffusers"
+    SAMPLER_ARGS, LOSS_ARGS, LOAD_ARGS, TINY_ARGS, BUILD_ARGS = SAMPLER_ARGS, LOSS_ARGS, LOAD_ARGS, TINY_ARGS, BUILD_ARGS
     loads_hub_ids = True   # `--ckpt google/ddpm-cifar10-32`: a Hub repo id, resolved by `load`
     # The diffusers training scripts: torch.optim.AdamW(lr, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
     # with max_grad_norm 1.0 (train_unconditional.py defaults), float32.
@@ -84,16 +81,13 @@ class DiffusersFamily:
 
     def tiny(self, device: torch.device | str = "cpu", seed: int = 0, model: str = "unet", num_classes: int = 0,
              resolution: int = 8, scheduler: str | None = None, prediction_type: str = "epsilon",
-             **load_args) -> Bundle:
+             local_files_only: bool | None = None) -> Bundle:
         """A random tiny pipeline with the released models' code paths: model 'unet' (UNet2DModel with attention,
         `num_classes` > 0 adds its class embedding table) in a DDPMPipeline (DDIMPipeline when `scheduler` is
         DDIMScheduler), or 'dit' (DiTTransformer2DModel with learned sigma, 1000 classes + null, and a tiny
         AutoencoderKL) in a DiTPipeline. `resolution`: side of the images. `scheduler`: a diffusers scheduler
-        class name; default DDPMScheduler for 'unet', DDIMScheduler for 'dit' (the released DiT pipelines')."""
-        unknown = set(load_args) - set(names(LOAD_ARGS))
-        if unknown:
-            raise NeonError(f"diffusers: unknown tiny arguments {sorted(unknown)} "
-                            f"(known: {', '.join(names(TINY_ARGS + LOAD_ARGS))})")
+        class name; default DDPMScheduler for 'unet', DDIMScheduler for 'dit' (the released DiT pipelines').
+        local_files_only (a load argument) has nothing to act on: nothing is fetched."""
         with torch.random.fork_rng(devices=[]):   # leave the caller's RNG alone
             torch.manual_seed(seed)
             parts = _tiny_parts(model, int(num_classes), int(resolution), scheduler, prediction_type)
@@ -114,11 +108,11 @@ class DiffusersFamily:
         whose levels use attention blocks, dropout. The same seed gives the same weights."""
         if scheduler not in ("DDIMScheduler", "DDPMScheduler"):
             raise NeonError(f"diffusers build: scheduler must be DDIMScheduler or DDPMScheduler, got {scheduler!r}")
-        unknown = set(unet_sizes) - set(names(BUILD_ARGS))
+        unknown = set(unet_sizes) - set(arg_names(BUILD_ARGS))
         if unknown:
             raise NeonError(f"diffusers build: unknown arguments {sorted(unknown)} "
-                            f"(known: {', '.join(names(BUILD_ARGS))})")
-        sizes = {a[0]: a[2] for a in BUILD_ARGS} | unet_sizes
+                            f"(known: {', '.join(arg_names(BUILD_ARGS))})")
+        sizes = {a.name: a.default for a in BUILD_ARGS} | unet_sizes
         with torch.random.fork_rng(devices=[]):   # leave the caller's RNG alone
             torch.manual_seed(seed)
             net = build_unet(int(resolution), int(img_channels), int(num_classes), **sizes)
@@ -137,10 +131,6 @@ class DiffusersFamily:
         None. num_inference_steps: the pipeline's default when None (DDPM 1000, DDIM 50, DiT 50).
         guidance_scale: DiT only (default 4.0; ≤ 1 turns guidance off). step_args: DDIM's eta (0) and
         use_clipped_model_output."""
-        unknown = set(step_args) - set(names(SAMPLER_ARGS))
-        if unknown:
-            raise NeonError(f"diffusers sampler: unknown arguments {sorted(unknown)} "
-                            f"(known: {', '.join(names(SAMPLER_ARGS))})")
         info, net = bundle.info, bundle.net
         class_labels = _labels(bundle, labels, len(seeds))
         if len(seeds) == 0:
@@ -182,13 +172,9 @@ class DiffusersFamily:
             out["labels"] = _labels(bundle, labels, images.shape[0]).cpu()
         return out
 
-    def loss(self, bundle: Bundle, batch: dict[str, torch.Tensor], **loss_args) -> torch.Tensor:
+    def loss(self, bundle: Bundle, batch: dict[str, torch.Tensor], snr_gamma: float | None = None) -> torch.Tensor:
         """The diffusers training objective on a batch of `encode`'s output (net in train mode: DiT's label
-        dropout on). Loss settings come as keywords, else from bundle.info['loss_args']."""
-        args = dict(loss_args) if loss_args else dict(bundle.info.get("loss_args") or {})
-        unknown = set(args) - set(names(LOSS_ARGS))
-        if unknown:
-            raise NeonError(f"diffusers loss_args: unknown {sorted(unknown)} (known: {', '.join(names(LOSS_ARGS))})")
+        dropout on). snr_gamma: Min-SNR weighting (LOSS_ARGS)."""
         net = bundle.net
         device = net.device
         x0 = batch["x0"].to(device, torch.float32)
@@ -200,7 +186,7 @@ class DiffusersFamily:
         learned_sigma = isinstance(net, diffusers.DiTTransformer2DModel) and \
             net.config.out_channels == 2 * net.config.in_channels
         return diffusion_loss(net, noise_scheduler(bundle.info["scheduler"]), x0, labels, learned_sigma,
-                              args.get("snr_gamma"))
+                              snr_gamma)
 
     def save(self, bundle: Bundle, path: str) -> None:
         """Write a pipeline folder at `path` that DiffusionPipeline.from_pretrained loads (atomically)."""

@@ -15,6 +15,7 @@ import yaml
 
 from neon.checkpoint import load_state_dict
 from neon.config import FinetuneConfig
+from neon.config import check_args
 from neon.errors import NeonError
 from neon.family import get_family
 from neon.images import save_images_npz
@@ -89,8 +90,8 @@ def test_an_image_depends_on_its_seed_not_on_its_batch(family):
 
 def test_unknown_sampler_argument_is_one_line(family):
     bundle = family.tiny()
-    with pytest.raises(NeonError, match="unknown arguments"):
-        family.sample(bundle, [0], None, num_steps=3)
+    with pytest.raises(NeonError, match="--arg num_steps: unknown argument"):
+        check_args(family.SAMPLER_ARGS, {"num_steps": 3}, "--arg")   # what the CLI and the config check
     with pytest.raises(NeonError, match="takes no eta"):
         family.sample(bundle, [0], None, num_inference_steps=2, eta=0.5)   # DDPM's step has no eta
 
@@ -122,18 +123,17 @@ def test_loss_is_the_diffusers_objective_for_each_prediction_type(family, predic
     assert torch.allclose(loss, _expected_loss(bundle, batch, 17), rtol=1e-5)
 
 
-def test_loss_settings_come_as_keywords_or_from_the_bundle(family):
+def test_loss_settings_come_as_keywords(family):
     bundle = family.tiny(seed=6)
     batch = family.encode(bundle, family.sample(bundle, [0, 1], None, num_inference_steps=2), None)
     torch.manual_seed(3)
     plain = family.loss(bundle, batch)
     torch.manual_seed(3)
     weighted = family.loss(bundle, batch, snr_gamma=0.5)
-    bundle.info["loss_args"] = {"snr_gamma": 0.5}
     torch.manual_seed(3)
-    assert torch.equal(family.loss(bundle, batch), weighted) and not torch.equal(plain, weighted)
-    with pytest.raises(NeonError, match="unknown"):
-        family.loss(bundle, batch, gamma=1)
+    assert torch.equal(family.loss(bundle, batch, snr_gamma=0.5), weighted) and not torch.equal(plain, weighted)
+    with pytest.raises(NeonError, match="finetune.loss_args.gamma: unknown argument"):
+        check_args(family.LOSS_ARGS, {"gamma": 1}, "finetune.loss_args")
 
 
 def test_dit_trains_on_vae_latents(family):
