@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-from neon.errors import NeonError
+from neon.errors import USER_ERROR, NeonError
 from neon.registry import Registry
 
 # command -> (module, help)
@@ -32,7 +32,6 @@ COMMANDS = {
 }
 PLUGINS = Registry("neon.commands", "command")
 
-USER_ERROR = 2  # exit status of a refused command (bad input); a crash exits with 1, a signal with -N
 USER_ERRORS = (NeonError, FileNotFoundError, FileExistsError)
 
 

@@ -12,6 +12,8 @@ import argparse
 import os
 import sys
 
+from neon.errors import USER_ERROR
+
 # Set by this launcher for its workers: they leave the printing of their error line to it.
 LAUNCHER_PRINTS = "NEON_LAUNCHER_PRINTS_ERRORS"
 
@@ -28,8 +30,6 @@ def torchrun_main(args) -> None:
 def launch(argv: list[str]) -> None:
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
-    from neon.cli import USER_ERROR
     os.environ[LAUNCHER_PRINTS] = "1"
     try:
         torchrun.run(torchrun.parse_args(argv))
