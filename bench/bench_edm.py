@@ -20,8 +20,8 @@ import json
 import time
 
 import torch
-
 from compare import interleaved, report
+
 from edm.adapter import EDMFamily, randomize
 from edm.checkpoint import build_network, load_network
 from edm.sampler import SeededNoise, edm_sampler, to_uint8
@@ -64,7 +64,7 @@ def run(net, seeds, steps, device, autocast: bool):
 
 @torch.no_grad()
 def official_equivalent(net, seeds, labels: torch.Tensor | None, num_steps: int, sigma_min=0.002, sigma_max=80,
-                        rho=7, device=torch.device("cpu")) -> torch.Tensor:
+                        rho=7, device="cpu") -> torch.Tensor:
     """EDM's generate.py for one batch: latents from one generator per seed (StackedRandomGenerator, on the
     sampling device), the Heun loop in float64 with the network called on the whole batch, and the churn noise
     drawn at every step as the official loop does (multiplied by 0 at S_churn = 0). -> uint8 (B, H, W, C)."""
@@ -154,8 +154,9 @@ def main():
     for name in names:   # the first variant is the reference of the differences (fp32 by default)
         autocast, use_compiled = VARIANTS[name]
         model = compiled if use_compiled else net
-        images, seconds = timed(lambda: run(model, seeds, args.steps, device, autocast), device, args.repeats,
-                                warmup if not use_compiled else max(warmup, 1))
+        def call(model=model, autocast=autocast):
+            return run(model, seeds, args.steps, device, autocast)
+        images, seconds = timed(call, device, args.repeats, warmup if not use_compiled else max(warmup, 1))
         row = dict(variant=name, seconds=seconds, images_per_s=args.batch / seconds,
                    nfe_images_per_s=args.batch * nfe / seconds)
         if reference is None:

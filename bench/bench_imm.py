@@ -14,8 +14,8 @@ import argparse
 import time
 
 import torch
-
 from compare import interleaved, report
+
 from imm.adapter import IMMFamily
 from imm.checkpoint import build_network
 from imm.sampler import one_hot, pushforward, sample_latents

@@ -53,10 +53,10 @@ def bench_frechet(skip_sqrtm: bool) -> None:
              "rank-deficient (1k samples)": gaussian_from_features(rng.standard_normal((1000, dim)))}
     print(f"Fréchet distance, {dim}-d, float64")
     for name, stats in cases.items():
-        ours_s, ours = best_of(lambda: frechet_distance(*stats, *ref), 3)
+        ours_s, ours = best_of(lambda stats=stats: frechet_distance(*stats, *ref), 3)
         line = f"  {name:28s} ours {ours_s:7.3f} s"
         if not skip_sqrtm:
-            sqrtm_s, theirs = best_of(lambda: sqrtm_fid(*stats, *ref), 1)
+            sqrtm_s, theirs = best_of(lambda stats=stats: sqrtm_fid(*stats, *ref), 1)
             line += (f" | sqrtm {sqrtm_s:7.3f} s | ratio {ours_s / sqrtm_s:.3f} (target ≤ 0.1)"
                      f" | FID {ours:.6f} vs {theirs:.6f}, rel. diff {abs(ours - theirs) / abs(theirs):.1e}")
         print(line, flush=True)
@@ -79,8 +79,9 @@ def bench_features(device: str, nvidia: str | None, batch: int, images_per_size:
         for size in (32, 256):
             images = random_images(images_per_size, size, size, seed=size)
             extractor(images[:batch])  # warm-up (allocator, kernels)
-            rate, _ = best_of(lambda: sync(extractor(images), device), 2)
-            print(f"  {detector:20s} {size:3d}×{size:<3d} {images_per_size / rate:8.1f} images/s   ({label})", flush=True)
+            rate, _ = best_of(lambda extractor=extractor, images=images: sync(extractor(images), device), 2)
+            print(f"  {detector:20s} {size:3d}×{size:<3d} {images_per_size / rate:8.1f} images/s   ({label})",
+                  flush=True)
 
 
 def sync(result, device: str):

@@ -14,8 +14,8 @@ import contextlib
 import time
 
 import torch
-
 from compare import interleaved, report
+
 from neon.family import Bundle
 from var.adapter import VARFamily
 from var.checkpoint import RELEASE_PATCH_NUMS

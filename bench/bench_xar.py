@@ -15,8 +15,8 @@ import argparse
 import time
 
 import torch
-
 from compare import interleaved, report
+
 from neon.family import Bundle
 from xar.adapter import AUTOCAST, XARFamily, to_uint8
 from xar.model import CONFIGS, XAR, XARConfig

@@ -30,6 +30,7 @@ from neon.family import Bundle  # noqa: E402
 
 def edm_bundle(device, quick: bool):
     from bench_edm import CIFAR10_COND
+
     from edm.adapter import EDMFamily, randomize
     from edm.checkpoint import build_network
     family = EDMFamily()
@@ -45,6 +46,7 @@ def edm_bundle(device, quick: bool):
 
 def var_bundle(device, quick: bool):
     from bench_var import build
+
     from var.adapter import VARFamily
     family = VARFamily()
     args = dict(cfg=1.5, top_k=900, top_p=0.95)
@@ -70,6 +72,7 @@ def xar_bundle(device, quick: bool):
 
 def imm_bundle(device, quick: bool):
     from bench_imm import RELEASE_CONFIG, sd_vae
+
     from imm.adapter import IMMFamily, _randomize
     from imm.checkpoint import build_network
     family = IMMFamily()
@@ -150,8 +153,8 @@ def check_family(name: str, device, quick: bool, repeats: int) -> list[dict]:
     rows, eager = [], None
     for variant, extra, tf32 in variants:
         with tf32_flags(tf32):
-            images, seconds, peak = timed(lambda: family.sample(bundle, seeds, labels, **args, **extra), device,
-                                          repeats)
+            images, seconds, peak = timed(lambda extra=extra: family.sample(bundle, seeds, labels, **args, **extra),
+                                          device, repeats)
         eager = images if eager is None else eager
         row = dict(family=name, variant=variant, batch=batch, images_per_s=batch / seconds, peak_gib=peak,
                    **agreement(images, eager))

@@ -29,11 +29,10 @@ from typing import Any
 
 import torch
 
+from edm.networks import PRECONDS
 from neon import safe_pickle
 from neon.checkpoint import atomic_open, atomic_save, detect_format, load_strict, write_like
 from neon.errors import NeonError
-
-from edm.networks import PRECONDS
 
 FAMILY = "edm"
 
@@ -49,7 +48,8 @@ OFFICIAL_SOURCES = {
     "5db27dcd96674b95c72d5e6491b879cdc35e24039ada3411b4b46a28ed1fe284":
         "NVlabs/edm@b2a26c9..008a4e5 training/networks.py (= SinaAlemohammad/Neon@76496c3 edm/training/networks.py)",
     "b26f0937bc72b18cc5f9869c86035ca9b872138cdfae7994237e9733951e4415": "NVlabs/edm@0a2ff34..008a4e5 training/loss.py",
-    "fd411af7c2d74489ce11a245293047369fc044d00a9aeed1c0bd46b322c8a8b5": "NVlabs/edm@0a2ff34..008a4e5 training/augment.py",
+    "fd411af7c2d74489ce11a245293047369fc044d00a9aeed1c0bd46b322c8a8b5":
+        "NVlabs/edm@0a2ff34..008a4e5 training/augment.py",
 }
 
 

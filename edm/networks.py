@@ -20,7 +20,6 @@ import math
 import torch
 from torch.nn.functional import silu
 
-
 # ---------------------------------------------------------------------------------------------------------
 # Initialisation: used when a network is built from scratch (tests, `tiny()`); loading overwrites it.
 

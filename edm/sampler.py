@@ -14,7 +14,7 @@ on any device; the noise is moved to the sampling device in one copy per call.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import diffusers
 import torch
 
-from neon.errors import NeonError
-from neon.family import Arg, Bundle, Family, TrainDefaults, arg_names
-from neon.pipeline_folder import is_pipeline_folder, open_pipeline_folder, write_folder
-
 from hf_diffusers.loss import diffusion_loss, noise_scheduler
 from hf_diffusers.pipeline import load_pipeline, pipeline_object, resolve
 from hf_diffusers.sampler import dit_loop, to_uint8, unet_loop
+from neon.errors import NeonError
+from neon.family import Arg, Bundle, Family, TrainDefaults, arg_names
+from neon.pipeline_folder import is_pipeline_folder, open_pipeline_folder, write_folder
 
 # The keyword arguments of each method, in one place: (name, type, default, meaning). The core's config and CLI
 # check names against these; None as a default means the pipeline's own rule.
@@ -66,7 +65,8 @@ DIT_CLASSES = 1000   # DiTPipeline's null class is label 1000, so its label tabl
 
 class DiffusersFamily(Family):
     name = "diffusers"
-    SAMPLER_ARGS, LOSS_ARGS, LOAD_ARGS, TINY_ARGS, BUILD_ARGS = SAMPLER_ARGS, LOSS_ARGS, LOAD_ARGS, TINY_ARGS, BUILD_ARGS
+    SAMPLER_ARGS, LOSS_ARGS, LOAD_ARGS = SAMPLER_ARGS, LOSS_ARGS, LOAD_ARGS
+    TINY_ARGS, BUILD_ARGS = TINY_ARGS, BUILD_ARGS
     loads_hub_ids = True   # `--ckpt google/ddpm-cifar10-32`: a Hub repo id, resolved by `load`
     # The diffusers training scripts: torch.optim.AdamW(lr, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
     # with max_grad_norm 1.0 (train_unconditional.py defaults), float32.

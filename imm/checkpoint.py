@@ -29,11 +29,15 @@ from neon.errors import NeonError
 # `git show <commit>:<path>` over each repository's history; the released pickles embed their class's module
 # text (inspect.getsource). A fork with other code is refused.
 OFFICIAL_SOURCES = {
-    "e1c9fc979962cb77e3ae9472b00b4ca9d940da1f1483e446bce88397fbb34e4b": "lumalabs/imm@0ab7362..c9473e9 training/preconds.py",
-    "52efdb9d82f7b8f3819d02252344ede29a512d30c549589f93472136b6dd9923": "SinaAlemohammad/Neon@76496c3 imm/training/preconds.py",
+    "e1c9fc979962cb77e3ae9472b00b4ca9d940da1f1483e446bce88397fbb34e4b":
+        "lumalabs/imm@0ab7362..c9473e9 training/preconds.py",
+    "52efdb9d82f7b8f3819d02252344ede29a512d30c549589f93472136b6dd9923":
+        "SinaAlemohammad/Neon@76496c3 imm/training/preconds.py",
     "9b28e657e11e4d3367ba00a00461f3badd7fc116426808c03d472692de7c2fc7": "lumalabs/imm@0ab7362..c9473e9 training/dit.py",
-    "198d21859c0972c58ded20473e9245367cbe24a77bff164f9f5c5295e287e4b3": "lumalabs/imm@0ab7362..c9473e9 training/encoders.py",
-    "798655ff3321de6eac0c4977103f0398c4a6fa974a38217a6b9e5eb06e0cde3d": "lumalabs/imm@0ab7362..c9473e9 training/unets.py",
+    "198d21859c0972c58ded20473e9245367cbe24a77bff164f9f5c5295e287e4b3":
+        "lumalabs/imm@0ab7362..c9473e9 training/encoders.py",
+    "798655ff3321de6eac0c4977103f0398c4a6fa974a38217a6b9e5eb06e0cde3d":
+        "lumalabs/imm@0ab7362..c9473e9 training/unets.py",
 }
 
 # IMMPrecond's positional arguments, for a persistence record that kept some in `_init_args`.

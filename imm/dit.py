@@ -198,11 +198,11 @@ class DiT(nn.Module):
                  depth: int = 28,                  # number of DiT blocks
                  num_heads: int = 16,
                  mlp_ratio: float = 4.0,
-                 class_dropout_prob: float = 0.0,  # train-time label dropout inside the DiT (0 in IMM: the loss drops labels)
+                 class_dropout_prob: float = 0.0,  # label dropout inside the DiT (0 in IMM: the loss drops labels)
                  num_classes: int = 1000,          # real classes; the label table has num_classes + 1 rows (null last)
                  s_embed: bool = True,             # second time embedder for the target time s
                  qk_norm: bool = False,
-                 skip: bool = False,               # accepted and ignored, as in the official DiT (never reaches a block)
+                 skip: bool = False,               # accepted and ignored, as the official DiT (never reaches a block)
                  embedding_kwargs: dict | None = None,   # TimestepEmbedder options
                  temb_mult: int = 1,
                  dropout: float = 0.0,             # MLP dropout

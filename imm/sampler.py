@@ -10,7 +10,7 @@ are float64 (as lumalabs/imm generate_images.py keeps them); the network sees fl
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

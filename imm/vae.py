@@ -38,7 +38,8 @@ class LatentVAE(nn.Module):
         bias = np.float32(final_mean) - np.asarray(raw_mean, dtype=np.float32) * scale
         self.register_buffer("scale", torch.from_numpy(scale).reshape(1, -1, 1, 1), persistent=False)
         self.register_buffer("bias", torch.from_numpy(bias).reshape(1, -1, 1, 1), persistent=False)
-        self.batch_size = batch_size  # images per VAE call, as the official encoder (memory; the last bits may follow it)
+        # images per VAE call, as the official encoder (memory; the last bits may follow it)
+        self.batch_size = batch_size
 
     @property
     def downsample(self) -> int:

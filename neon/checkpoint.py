@@ -26,8 +26,8 @@ import os
 import shutil
 import struct
 import zipfile
-from collections.abc import Collection, Mapping
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -239,7 +239,7 @@ class Checkpoint:
         # byte of embedded source stays where it was, so the official unpickler reads the result as before.
         shutil.copyfile(self.path, tmp)
         with open(tmp, "r+b") as f:
-            for sid, keys in self._groups().items():
+            for keys in self._groups().values():
                 blob = self.tensors[keys[0]].storage
                 data = self._patched(keys, self._storage_bytes(blob), replace)
                 f.seek(blob.offset)

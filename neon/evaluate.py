@@ -18,8 +18,17 @@ from neon import dist, paths
 from neon.checkpoint import atomic_open, local_path
 from neon.errors import NeonError
 from neon.family import Bundle, Family, get_family
-from neon.sampling import (deal, draw_labels, generate, model_load_args, parse_kv, parse_seeds, plan_batches,
-                           plan_seeds, sample_to_npz)
+from neon.sampling import (
+    deal,
+    draw_labels,
+    generate,
+    model_load_args,
+    parse_kv,
+    parse_seeds,
+    plan_batches,
+    plan_seeds,
+    sample_to_npz,
+)
 
 # A metric is a factory of accumulators: acc = metric(); acc.update(uint8 NHWC, seeds); acc.finish() -> {'fid': ...}
 MetricFactory = Callable[[], object]

@@ -11,7 +11,7 @@ import math
 import os
 import struct
 import zipfile
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 

@@ -9,7 +9,7 @@ import argparse
 import math
 import os
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

@@ -14,7 +14,7 @@ import contextlib
 import fcntl
 import os
 import socket
-from typing import Iterator
+from collections.abc import Iterator
 
 from neon.errors import NeonError
 

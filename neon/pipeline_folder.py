@@ -155,7 +155,7 @@ def remove_stale_folders(parent: str) -> None:
 
 def open_pipeline_folder(path: str) -> PipelineFolder:
     """Open a pipeline folder lazily: its network component's safetensors headers are read, no tensor."""
-    from neon.checkpoint import _open_safetensors   # one safetensors reader for files and folders
+    from neon.checkpoint import _open_safetensors  # one safetensors reader for files and folders
     path = os.path.abspath(os.fspath(path))
     read_json(os.path.join(path, MODEL_INDEX))
     module, component = net_component(path)

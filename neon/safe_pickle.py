@@ -25,7 +25,8 @@ import re
 import struct
 import sys
 import zipfile
-from typing import Any, BinaryIO, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, BinaryIO
 
 import torch
 

@@ -19,7 +19,7 @@ import inspect
 import os
 import shutil
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -3,7 +3,8 @@
     python scripts/estimate_compute.py [--tflops-bf16 400] [--tflops-fp32 150]
 
 Image counts come from configs/*.yaml (synthetic set, self-training length, sweep grid — every point, no early
-stop, every setting of a grid such as IMM's step counts — and the final 2 × 50k evaluation per setting). Network cost per image:
+stop, every setting of a grid such as IMM's step counts — and the final 2 × 50k evaluation per setting). Network
+cost per image:
   - EDM: forward FLOPs of the release SongUNet, counted with torch's FlopCounterMode on the meta device, times
     the sampler's 2N−1 evaluations; training 3× a forward (forward + backward);
   - VAR, xAR, IMM (transformers): 2·P FLOPs per token per forward plus attention (4·L·d per token per layer),

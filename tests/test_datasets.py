@@ -9,8 +9,15 @@ import struct
 import numpy as np
 import pytest
 
-from experiments.fashion_mnist.datasets import (DEFAULT_ROOT, INSTALL_HINT, downsample_16, load_fashion_mnist,
-                                                read_idx, to_model_range, write_idx)
+from experiments.fashion_mnist.datasets import (
+    DEFAULT_ROOT,
+    INSTALL_HINT,
+    downsample_16,
+    load_fashion_mnist,
+    read_idx,
+    to_model_range,
+    write_idx,
+)
 from neon.errors import NeonError
 
 

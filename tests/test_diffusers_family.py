@@ -14,8 +14,7 @@ import torch
 import yaml
 
 from neon.checkpoint import load_state_dict
-from neon.config import FinetuneConfig
-from neon.config import check_args
+from neon.config import FinetuneConfig, check_args
 from neon.errors import NeonError
 from neon.family import get_family
 from neon.images import save_images_npz

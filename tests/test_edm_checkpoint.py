@@ -202,6 +202,7 @@ def test_source_hash_ignores_line_endings_and_trailing_spaces_only():
 
 def test_cli_flag_trust_architecture_reaches_the_loader(tmp_path, capsys):
     from forked_source import fork_source
+
     from neon.cli import build_parser
     from neon.sampling import load_model
     fork_source(PICKLES[0], tmp_path / "fork.pkl")

@@ -17,6 +17,7 @@ from neon.metrics import save_stats
 @functools.lru_cache(maxsize=1)
 def tiny_toy_result() -> dict:
     from test_toy import tiny_settings
+
     from experiments.toy.experiment import run_toy
     return run_toy(seed=0, progress=False, settings=tiny_settings())
 

@@ -28,13 +28,13 @@ MANIFESTS = sorted(FOLDER.glob("manifest_*.json"))
 ids = lambda paths: [p.stem for p in paths]  # noqa: E731
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(path: Path):
     net, info = load_snapshot(str(path))
     return net, info
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _io(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path.with_name(path.stem + "_io.pt"), weights_only=True)
 

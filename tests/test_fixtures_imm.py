@@ -9,12 +9,12 @@ import re
 import pytest
 import torch
 
+from imm.adapter import LOSS_DEFAULTS
 from imm.checkpoint import load_network, read_checkpoint
 from imm.loss import IMMLoss
 from imm.precond import IMMPrecond
 from imm.sampler import guided_step, pushforward, time_grid
 from imm.vae import tiny_vae
-from imm.adapter import LOSS_DEFAULTS
 
 FWD = dict(atol=3e-5, rtol=1e-4)          # forward outputs, guided steps, samples
 DECODE = dict(atol=3e-4, rtol=1e-4)       # SD-VAE input: the sample divided by scale ~ 0.1
@@ -88,7 +88,8 @@ def test_class_index_selects_null_row_for_zero_labels(checkpoint, io):
 
 
 def test_forward_matches_official(checkpoint, io):
-    x, t, s, y = io["fwd_x_t"], io["fwd_t"].reshape(-1, 1, 1, 1), io["fwd_s"].reshape(-1, 1, 1, 1), io["fwd_class_onehot"]
+    x, y = io["fwd_x_t"], io["fwd_class_onehot"]
+    t, s = io["fwd_t"].reshape(-1, 1, 1, 1), io["fwd_s"].reshape(-1, 1, 1, 1)
     for temb, net in networks(checkpoint, io).items():
         with torch.no_grad():
             close(net.model_output(x, t, s, y), io[f"fwd_{temb}_F"], f"fwd_{temb}_F", **FWD)

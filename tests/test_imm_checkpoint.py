@@ -87,7 +87,8 @@ def test_save_refuses_a_network_that_does_not_fit_the_template(official_pickle, 
 
 
 def test_temb_type_override_keeps_weights(official_pickle):
-    stride, identity = load_network(official_pickle, temb_type="stride"), load_network(official_pickle, temb_type="identity")
+    stride = load_network(official_pickle, temb_type="stride")
+    identity = load_network(official_pickle, temb_type="identity")
     assert (stride.temb_type, identity.temb_type) == ("stride", "identity")
     for a, b in zip(stride.state_dict().values(), identity.state_dict().values()):
         assert torch.equal(a, b)

@@ -4,8 +4,16 @@ import pytest
 import torch
 
 from neon.errors import NeonError
-from neon.metrics import (FeatureAccumulator, Stats, evaluate, frechet_distance, gaussian_from_features,
-                          inception_score, prdc, to_nchw_uint8)
+from neon.metrics import (
+    FeatureAccumulator,
+    Stats,
+    evaluate,
+    frechet_distance,
+    gaussian_from_features,
+    inception_score,
+    prdc,
+    to_nchw_uint8,
+)
 
 
 class PixelExtractor:

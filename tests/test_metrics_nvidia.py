@@ -5,15 +5,14 @@ import sys
 import types
 import warnings
 from collections import OrderedDict
-from typing import Tuple
 
 import numpy as np
 import pytest
 import torch
 
+from neon import safe_pickle
 from neon.errors import NeonError
 from neon.metrics import FeatureExtractor
-from neon import safe_pickle
 from neon.metrics.convert_fid_helper import fid_helper_model_path
 from neon.metrics.nvidia_detector import load_nvidia_detector, nvidia_resize
 from neon.metrics.testing import random_images
@@ -53,11 +52,11 @@ class WritesOnLoad(torch.nn.Module):
         return x
 
     @torch.jit.export
-    def __getstate__(self) -> Tuple[str, bool]:
+    def __getstate__(self) -> tuple[str, bool]:
         return (self.path, self.training)
 
     @torch.jit.export
-    def __setstate__(self, state: Tuple[str, bool]) -> None:
+    def __setstate__(self, state: tuple[str, bool]) -> None:
         self.path = state[0]
         self.training = state[1]
         # kept in an attribute: TorchScript drops a call whose result is unused
@@ -253,7 +252,8 @@ def test_files_that_are_not_the_detector_are_refused(tmp_path):
     (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"x": Trap(marker)}))
     (tmp_path / "plain.pkl").write_bytes(pickle.dumps({"weights": [1.0, 2.0]}))
     (tmp_path / "text.pkl").write_text("hello")
-    cases = [("evil.pkl", "evil.pkl: refusing to load global 'io.open'"), ("plain.pkl", "plain.pkl: no Inception network"),
+    cases = [("evil.pkl", "evil.pkl: refusing to load global 'io.open'"),
+             ("plain.pkl", "plain.pkl: no Inception network"),
              ("text.pkl", "text.pkl: not a readable pickle"), ("missing.pkl", "not found")]
     for name, message in cases:
         with pytest.raises(NeonError, match=message):

@@ -8,8 +8,8 @@ from PIL import Image
 
 from neon.cli import main as neon_main
 from neon.errors import NeonError
-from neon.metrics import load_stats, save_stats
 from neon.images import open_images
+from neon.metrics import load_stats, save_stats
 from neon.metrics.testing import random_images, save_random_compat_weights
 
 

@@ -4,7 +4,6 @@ Root installs the optional Fashion-MNIST package with apt-get itself; a normal u
 sudo (or when the install fails) the script notes it and carries on. The venv and pip steps run either way,
 with the torch pins of pyproject.toml.
 """
-import os
 import re
 import shutil
 import subprocess

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import yaml
 
-from neon.cli import main as neon_main
-from experiments.fashion_mnist.datasets import DEFAULT_ROOT, INSTALL_HINT, write_idx
-from neon.images import NpzImages
 from experiments.fashion_mnist.config import KIND
+from experiments.fashion_mnist.datasets import DEFAULT_ROOT, INSTALL_HINT, write_idx
+from neon.cli import main as neon_main
 from neon.config import config_kind
+from neon.images import NpzImages
 from neon.run import RUNNERS
 
 REPO = Path(__file__).resolve().parents[1]

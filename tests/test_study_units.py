@@ -9,13 +9,13 @@ import pytest
 import torch
 import yaml
 
-from neon.config import ConfigError
-from neon.errors import NeonError
-from neon.family import get_family
 from experiments.fashion_mnist.classifier import FeatureCNN, predict, train_classifier
 from experiments.fashion_mnist.config import parse_study
 from experiments.fashion_mnist.evaluate import best_row, image_set_metrics, reference_statistics, summarize_arm
 from experiments.fashion_mnist.pipeline import StudyRecord, evaluation_blocks
+from neon.config import ConfigError
+from neon.errors import NeonError
+from neon.family import get_family
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = yaml.safe_load((REPO / "configs" / "fashion_mnist_16.yaml").read_text())

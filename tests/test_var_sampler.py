@@ -69,7 +69,7 @@ def test_guidance_ramps_from_zero_at_the_first_scale(bundle):
     for cfg in (0.0, 4.0):
         stages = {}
         sample(bundle.net, bundle.helpers["vae"], labels, [torch.Generator().manual_seed(0)], cfg=cfg, top_k=1,
-               on_stage=lambda k, d: stages.__setitem__(k, d))
+               on_stage=lambda k, d, stages=stages: stages.__setitem__(k, d))
         seen[cfg] = stages
     assert torch.equal(seen[0.0][0]["logits"], seen[4.0][0]["logits"])
     last = max(seen[0.0])

@@ -6,7 +6,8 @@
         --num_images 50000 --batch_size 64 --img_size 256 --fid_stats fid_stats/adm_in256_stats.npz
 
 Labels are balanced over the classes (image i gets class i mod C; N/C each when C divides N, as the official
-script's build_balanced_labels); image i is drawn from seed --seed + i alone. The guidance default follows the official script of each resolution
+script's build_balanced_labels); image i is drawn from seed --seed + i alone. The guidance default follows the
+official script of each resolution
 (2.9 for d16 @256, 4.0 for d36 @512); the paper's rows used 2.8 and 3.2 (configs/var_*.yaml).
 """
 import argparse

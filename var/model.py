@@ -12,7 +12,7 @@ released `var_d16.pth` .. `var_d36.pth` load with `strict=True`.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -165,7 +165,7 @@ class SharedAdaLin(Linear):
 def unwrap(module: nn.Module) -> nn.Module:
     """The model inside DistributedDataParallel / torch.compile wrappers."""
     while hasattr(module, "module") or hasattr(module, "_orig_mod"):
-        module = getattr(module, "module", None) or getattr(module, "_orig_mod")
+        module = getattr(module, "module", None) or module._orig_mod
     return module
 
 

@@ -11,7 +11,7 @@ State-dict keys follow the official `VectorQuantizer2`: `embedding.weight`, `ema
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

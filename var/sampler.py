@@ -21,7 +21,7 @@ reference outputs are reproduced exactly.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

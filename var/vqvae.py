@@ -7,7 +7,7 @@ keys follow the official `VQVAE`, `Encoder` and `Decoder`; `ch_mult`, `num_res_b
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn

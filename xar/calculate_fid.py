@@ -53,7 +53,8 @@ def main(argv=None) -> None:
     if args.class_num != bundle.num_classes:
         raise NeonError(f"--class_num {args.class_num}, but the model has {bundle.num_classes} classes")
     seeds = plan_seeds(args.num_images, seed_offset=args.seed)
-    sampler = dict(cfg=args.cfg, flow_steps=args.flow_steps, autocast=None if args.autocast == "none" else args.autocast)
+    sampler = dict(cfg=args.cfg, flow_steps=args.flow_steps,
+                   autocast=None if args.autocast == "none" else args.autocast)
     evaluate_bundle(family, bundle, args.fid_stats, seeds=seeds, labels=draw_labels(family, bundle, seeds, "per_class"),
                     batch=args.batch_size, sampler_args=sampler, weights=args.inception_weights,
                     inception_score=not args.no_isc, json_out=args.json,

@@ -20,7 +20,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import zipfile
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -29,7 +30,6 @@ from neon.checkpoint import atomic_save, load_strict, read_pth, unwrap_state_dic
 from neon.errors import NeonError
 from xar import model as xar_model
 from xar import vae as xar_vae
-
 
 # Where xAR containers keep the network: Neon's calculate_fid order, then raw training weights.
 XAR_KEYS = ("model_ema", "state_dict", "model")

@@ -52,7 +52,7 @@ class XARConfig:
     def cell_tokens(self) -> int:     # tokens per cell (64 at release)
         return self.seq_len // self.clusters
 
-    def check(self) -> "XARConfig":
+    def check(self) -> XARConfig:
         side = math.isqrt(self.clusters)
         if self.patch_size != 1:
             raise ValueError("xAR: only patch_size=1 exists in the official code")
@@ -253,4 +253,5 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], **release_args) -> XARCo
     return XARConfig(**{**args, "encoder_embed_dim": D, "encoder_depth": depth("encoder_blocks"),
                         "encoder_num_heads": heads("encoder_blocks", D), "decoder_embed_dim": Dd,
                         "decoder_depth": depth("decoder_blocks"), "decoder_num_heads": heads("decoder_blocks", Dd),
-                        "vae_embed_dim": sd["z_proj.weight"].shape[1], "class_num": sd["class_emb.weight"].shape[0] - 1})
+                        "vae_embed_dim": sd["z_proj.weight"].shape[1],
+                        "class_num": sd["class_emb.weight"].shape[0] - 1})

@@ -19,7 +19,8 @@ the batch shape: see neon.sampling).
 from __future__ import annotations
 
 import contextlib
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-
 from neon.config import ConfigError, FinetuneConfig, apply_smoke, build_config, load_yaml
 
 KIND = "fashion_mnist"

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from neon.metrics import frechet_distance, gaussian_from_features
 from experiments.fashion_mnist.classifier import FeatureCNN, predict
+from neon.metrics import frechet_distance, gaussian_from_features
 
 METRICS = ("classifier_fd", "pixel_fd")
 

@@ -24,18 +24,18 @@ import time
 import numpy as np
 import torch
 
-from neon.checkpoint import atomic_open, load_state_dict
+from experiments.fashion_mnist.classifier import load_classifier, predict, save_classifier, train_classifier
+from experiments.fashion_mnist.config import ARMS, StudyConfig, load_study
 from experiments.fashion_mnist.datasets import load_fashion_mnist
+from experiments.fashion_mnist.evaluate import image_set_metrics, reference_statistics
+from experiments.fashion_mnist.report import write_report
+from neon.checkpoint import atomic_open, load_state_dict
 from neon.errors import NeonError
 from neon.family import Bundle, Family, get_family
 from neon.images import NpzImages, save_images_npz
 from neon.merge import merge_state_dicts
 from neon.sampling import draw_labels, generate, plan_seeds, sample_to_npz
 from neon.selftrain import encode_examples, finetune
-from experiments.fashion_mnist.classifier import load_classifier, predict, save_classifier, train_classifier
-from experiments.fashion_mnist.config import ARMS, StudyConfig, load_study
-from experiments.fashion_mnist.evaluate import image_set_metrics, reference_statistics
-from experiments.fashion_mnist.report import write_report
 
 KEY_FILE = "stage_key"
 

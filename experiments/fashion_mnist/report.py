@@ -6,10 +6,10 @@ import os
 
 import numpy as np
 
-from neon.checkpoint import atomic_open, atomic_path
-from neon.images import NpzImages, image_grid
 from experiments.fashion_mnist.config import ARMS, StudyConfig
 from experiments.fashion_mnist.evaluate import best_row, summarize_arm
+from neon.checkpoint import atomic_open, atomic_path
+from neon.images import NpzImages, image_grid
 
 ARM_TITLES = {"ode": "Neon, S from the ODE sampler (Heun, deterministic)",
               "control": "control, fine-tuned on real training images",

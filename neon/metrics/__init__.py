@@ -14,5 +14,5 @@ from neon.metrics.prdc import prdc
 from neon.metrics.stats import Stats, load_stats, save_stats
 
 __all__ = ["DETECTORS", "FeatureAccumulator", "FeatureExtractor", "Stats", "Summary", "evaluate",
-           "frechet_distance", "gaussian_from_features", "inception_score", "load_stats", "prdc", "save_stats", "summarize_images",
-           "to_nchw_uint8"]
+           "frechet_distance", "gaussian_from_features", "inception_score", "load_stats", "prdc", "save_stats",
+           "summarize_images", "to_nchw_uint8"]

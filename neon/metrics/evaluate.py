@@ -6,7 +6,7 @@ The sweep samples batch by batch, feeds `FeatureAccumulator.update`, then calls 
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch

@@ -8,7 +8,7 @@ is a torch-fidelity `BasicConv2d` (conv, BatchNorm2d(eps=1e-3)) with γ = 1; `ou
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 

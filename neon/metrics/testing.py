@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from neon.metrics.compat import compat_architecture
 from neon.checkpoint import atomic_save
+from neon.metrics.compat import compat_architecture
 
 
 def random_compat_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
