@@ -23,9 +23,10 @@ import torch
 from hf_diffusers.loss import diffusion_loss, noise_scheduler
 from hf_diffusers.pipeline import load_pipeline, pipeline_object, resolve
 from hf_diffusers.sampler import dit_loop, to_uint8, unet_loop
+from neon.checkpoint import open_checkpoint
 from neon.errors import NeonError
 from neon.family import Arg, Bundle, Family, TrainDefaults, arg_names
-from neon.pipeline_folder import is_pipeline_folder, open_pipeline_folder, write_folder
+from neon.pipeline_folder import is_pipeline_folder, write_folder
 
 # The keyword arguments of each method, in one place: (name, type, default, meaning). The core's config and CLI
 # check names against these; None as a default means the pipeline's own rule.
@@ -192,7 +193,7 @@ class DiffusersFamily(Family):
         """Write a pipeline folder at `path` that DiffusionPipeline.from_pretrained loads (atomically)."""
         state = {k: v.detach().cpu() for k, v in bundle.net.state_dict().items()}
         if bundle.source is not None and is_pipeline_folder(bundle.source):
-            template = open_pipeline_folder(bundle.source)
+            template = open_checkpoint(bundle.source)   # a PipelineFolder
             if set(template.tensors) != set(state):
                 raise NeonError(f"diffusers save: the network's tensors do not match {bundle.source}")
             template.write(path, lambda key, _: state[key])

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from neon import paths, safe_pickle
+from neon import paths, pipeline_folder, safe_pickle
 from neon.errors import NeonError
 from neon.safe_pickle import BlobRef, Record, TensorRef
 
@@ -422,9 +422,8 @@ def detect_format(path: str) -> str:
 def open_checkpoint(path: str) -> Checkpoint:
     """Open a checkpoint lazily (no tensor is read); a diffusers pipeline folder opens as its network."""
     path = os.fspath(path)
-    from neon import pipeline_folder
-    if pipeline_folder.is_pipeline_folder(path):
-        return pipeline_folder.open_pipeline_folder(path)
+    if pipeline_folder.is_pipeline_folder(path):   # one safetensors reader for files and folders
+        return pipeline_folder.open_pipeline_folder(path, _open_safetensors)
     fmt = detect_format(paths.input_file(path, "checkpoint"))
     return {"pth": _open_pth, "safetensors": _open_safetensors, "pickle": _open_pickle}[fmt](path)
 

@@ -153,16 +153,16 @@ def remove_stale_folders(parent: str) -> None:
             shutil.rmtree(full, ignore_errors=True)
 
 
-def open_pipeline_folder(path: str) -> PipelineFolder:
-    """Open a pipeline folder lazily: its network component's safetensors headers are read, no tensor."""
-    from neon.checkpoint import _open_safetensors  # one safetensors reader for files and folders
+def open_pipeline_folder(path: str, open_safetensors) -> PipelineFolder:
+    """Open a pipeline folder lazily: its network component's safetensors headers are read, no tensor.
+    open_safetensors: the reader of one weight file (neon.checkpoint's, which opens folders through this)."""
     path = os.path.abspath(os.fspath(path))
     read_json(os.path.join(path, MODEL_INDEX))
     module, component = net_component(path)
     class_name = read_json(os.path.join(component, "config.json")).get("_class_name")
     shards = []
     for file in weight_files(component):
-        shards.append(_open_safetensors(paths.input_file(file, "safetensors weight file")))
+        shards.append(open_safetensors(paths.input_file(file, "safetensors weight file")))
     seen: set[str] = set()
     for shard in shards:
         twice = seen & set(shard.tensors)

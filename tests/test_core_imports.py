@@ -4,8 +4,6 @@ import ast
 import importlib.metadata
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 CORE = REPO / "neon"
 
@@ -92,9 +90,6 @@ def test_the_core_modules_import_each_other_without_a_cycle():
     assert _cycles(_graph(top_level_only=True)) == []
 
 
-@pytest.mark.xfail(strict=True, reason="neon.checkpoint opens a pipeline folder through neon.pipeline_folder, "
-                                       "which reads its shards with neon.checkpoint's safetensors reader; remove "
-                                       "this mark once the containers form a tree")
 def test_no_cycle_hides_in_imports_inside_functions():
     assert _cycles(_graph(top_level_only=False)) == []
 
