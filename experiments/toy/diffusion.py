@@ -100,12 +100,6 @@ def eps_stacked(net: StackedEpsMLP, x: torch.Tensor, t: float) -> torch.Tensor:
     return torch.baddbmm(net.b_out, h, net.w_out)
 
 
-def sampler_flops(n_samples: int, n_steps: int, width: int = 32, blocks: int = 4, dim: int = 2) -> int:
-    """Multiply-adds × 2 of the network calls of one sampler run (n_steps − 1 calls per sample)."""
-    macs = dim * width + blocks * width * width + width * dim
-    return 2 * macs * n_samples * (n_steps - 1)
-
-
 @torch.no_grad()
 def sample_stacked(net: StackedEpsMLP, x_T: torch.Tensor, zeta: float = 1.0, n_steps: int = 20, eta: float = 1.0,
                    generator: torch.Generator | None = None) -> torch.Tensor:
