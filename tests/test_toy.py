@@ -167,8 +167,8 @@ def test_tiny_run_is_reproduced_by_a_rerun():
 
 
 def test_cli_writes_results_and_plots(tmp_path, monkeypatch, capsys):
-    from neon import cli
     from experiments.toy import experiment
+    from neon import cli
 
     monkeypatch.setattr(experiment, "QUICK", tiny_settings())
     threads = torch.get_num_threads()

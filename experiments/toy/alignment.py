@@ -3,7 +3,7 @@ and the self-training gradient g_s at θr. It is negative exactly when the sampl
 on synthetic data moves away from the data, and stepping the other way (w > 0) helps."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -35,7 +35,7 @@ def write_json(obj: dict, path: Path) -> None:
 
 def write_outputs(result: dict, out: Path) -> list[Path]:
     """toy_results.json (everything but the scatter-plot arrays) and the PNG figures -> their paths."""
-    from experiments.toy.plots import save_figures   # matplotlib only when writing
+    from experiments.toy.plots import save_figures  # matplotlib only when writing
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,8 @@ classifier-free guidance), ζ < 1 spreads them out (diversity-seeking).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F

@@ -10,24 +10,24 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from concurrent.futures import ThreadPoolExecutor
 import math
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from neon.merge import merge_state_dicts
 from experiments.toy import ar as ar_lib
 from experiments.toy import diffusion as diffusion_lib
 from experiments.toy.alignment import gradient_moments, preconditioned_cosine
 from experiments.toy.gaussian import BLOCK, fid, fid_from_sums, fresh_samples, stage_generator, sums, training_set
 from experiments.toy.train import finetune, fit, init_model, state
+from neon.merge import merge_state_dicts
 
 
 def grid(lo: float, hi: float, n: int) -> tuple[float, ...]:
@@ -125,7 +125,7 @@ def parallel_map(fn: Callable, items: list, workers: int, desc: str = "", progre
         return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, disable=not progress, leave=False))
 
 
-def diffusion_fids(states: list[dict], x_T: torch.Tensor, s: "DiffusionSettings", workers: int = 1,
+def diffusion_fids(states: list[dict], x_T: torch.Tensor, s: DiffusionSettings, workers: int = 1,
                    desc: str = "diffusion FID", progress: bool = False, rows: int = 4096) -> list[float]:
     """FID of each EpsMLP state dict, all sampled from the same noise x_T: (N, 2) with the ζ = 1 sampler.
 

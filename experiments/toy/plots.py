@@ -7,8 +7,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Ellipse
 
-from neon.checkpoint import atomic_open
 from experiments.toy.gaussian import target
+from neon.checkpoint import atomic_open
 
 TITLE = dict(diffusion="diffusion", ar="autoregressive")
 SYMBOL = dict(diffusion="ζ", ar="τ")

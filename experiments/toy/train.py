@@ -5,7 +5,7 @@ the toy trains bare 2-D models in memory, keeping a state dict at each of many e
 from __future__ import annotations
 
 import copy
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
