@@ -73,13 +73,14 @@ def xar_bundle(device, quick: bool):
 def imm_bundle(device, quick: bool):
     from bench_imm import RELEASE_CONFIG, sd_vae
 
-    from imm.adapter import IMMFamily, _randomize
+    from imm.adapter import IMMFamily, _tiny_rule
     from imm.checkpoint import build_network
+    from neon.testing import randomize
     family = IMMFamily()
     if quick:
         return family, family.tiny(device=device), dict(steps=2, cfg=1.5), 10
     net = build_network(RELEASE_CONFIG, "cpu")
-    _randomize(net, 0)
+    randomize(net, 0, _tiny_rule)   # the tiny network's rule: DiT's own init would zero the output layers
     vae = sd_vae(device)
     return family, family._bundle(net.to(device).eval().requires_grad_(False), vae, source=None), \
         dict(steps=8, cfg=1.5), 1000

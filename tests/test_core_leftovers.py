@@ -108,7 +108,9 @@ def test_a_second_sample_on_a_busy_output_refuses_with_the_pid_and_a_dead_ones_l
     first = subprocess.Popen(_sample_cmd(tmp_path / "tiny.pth", out), env=ENV,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for(lambda: shards.is_dir() and os.listdir(shards) or first.poll() is not None, "the first job's shards")
+        # A finished shard, not only the hidden temporary file of one being written (which a rerun removes).
+        _wait_for(lambda: shards.is_dir() and any(not n.startswith(".") for n in os.listdir(shards))
+                  or first.poll() is not None, "the first job's shards")
         first.send_signal(signal.SIGSTOP)   # busy for as long as the second needs to start, however slow it is
         assert first.poll() is None and lock.exists(), "the first job ended before the second started"
         second = subprocess.run(_sample_cmd(tmp_path / "tiny.pth", out), env=ENV, capture_output=True, text=True)
