@@ -150,7 +150,7 @@ def write_report(out: str, run_doc: dict, cfg: StudyConfig, evaluation: dict, tr
              f"({doc['classifier']['feature_dim']}-d features)\n"
              f"θr: {doc['base']['parameters']:,} parameters; total compute {doc['seconds']['total_compute']:.0f} s, "
              f"this invocation {wall_seconds:.0f} s wall\n"
-             f"issue criterion (ODE best-w improvement ≥ {cfg.required_ratio:g}× its std): "
+             f"success criterion (ODE best-w improvement ≥ {cfg.required_ratio:g}× its std): "
              f"{'met' if criterion['met'] else 'NOT met'} (ratio {criterion['ratio']:.2f} at w = {best_ode['w']:+g})\n")
     facts += training_set_lines(training_sets, evaluation.get("reference_trace"))
     with atomic_open(os.path.join(out, "table.md"), "w") as f:
