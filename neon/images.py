@@ -115,6 +115,29 @@ def read_member(path: str, zf: zipfile.ZipFile, member: NpyMember) -> np.ndarray
         raise NeonError(f"{path}: array {member.name!r} is not readable ({e})") from None
 
 
+def read_npy(path: str) -> np.ndarray:
+    """A plain `.npy` file, its header checked first (as `npy_member` checks a zip member): no object dtype, and
+    exactly the bytes the header declares, so a header claiming terabytes is one NeonError, not a MemoryError."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                raise NeonError(f"{path}: unsupported .npy version {version}")
+            shape, _, dtype = read_header(f)
+            if dtype.hasobject:
+                raise NeonError(f"{path}: object dtype (pickled Python objects), which is never read")
+            declared = math.prod(shape) * dtype.itemsize
+            if f.tell() + declared != os.path.getsize(path):
+                raise NeonError(f"{path}: declares shape {tuple(shape)} {dtype} ({declared} bytes) but holds "
+                                f"{os.path.getsize(path) - f.tell()}")
+            f.seek(0)
+            return np.lib.format.read_array(f, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as e:
+        raise NeonError(f"{path}: not a readable .npy file ({e})") from None
+
+
 def npz_names(path: str) -> set[str]:
     """The array names of an `.npz`, nothing read."""
     try:
@@ -165,6 +188,8 @@ class NpzImages:
                     if len(member.shape) != 1 or member.shape[0] != len(self):
                         what = "labels" if name == "arr_1" else "seeds"
                         raise NeonError(f"{path}: {what} ({name}) of shape {member.shape} for {len(self)} images")
+                # Labels as stored (neon finetune refuses fractional ones, which the int64 cast would truncate).
+                self.label_dtype = extra["arr_1"].dtype if "arr_1" in extra else None
                 self.labels, self.seeds = (read_member(path, zf, extra[n]).astype(np.int64) if n in extra else None
                                            for n in ("arr_1", "seeds"))
                 self.array = _stored_memmap(path, images) if images.info.compress_type == zipfile.ZIP_STORED \

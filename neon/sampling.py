@@ -30,7 +30,7 @@ from neon import dist, fastpaths, paths
 from neon.config import check_args
 from neon.errors import NeonError
 from neon.family import Bundle, Family, get_family
-from neon.images import NpzImages, export_png, save_images_npz, write_npz
+from neon.images import NpzImages, export_png, read_npy, save_images_npz, write_npz
 from neon.pipeline_folder import is_pipeline_folder
 
 LABEL_STREAM = 0x4C41424C  # 'LABL': labels drawn "from the seed" use their own stream, apart from the sampler's
@@ -353,7 +353,7 @@ def _labels_from_args(args, family, bundle, seeds):
         raise NeonError(f"--labels: {mode!r} is neither random/per_class/none nor a file")
     paths.input_file(mode, "label file (.npy, or text with one integer per line)")
     try:
-        values = np.load(mode) if mode.endswith(".npy") else np.loadtxt(mode, dtype=np.int64, ndmin=1)
+        values = read_npy(mode) if mode.endswith(".npy") else np.loadtxt(mode, dtype=np.int64, ndmin=1)
     except (ValueError, OSError, EOFError) as e:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise NeonError(f"{mode}: not a label file ({why})") from None

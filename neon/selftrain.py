@@ -345,10 +345,8 @@ def check_finetune_data(family: Family, bundle: Bundle, data: str) -> None:
         return
     if images.labels is None:
         raise NeonError(f"{data}: the model is class-conditional but the images have no labels")
-    if isinstance(images, NpzImages):  # the reader casts labels to int64: 2.7 would silently become class 2
-        with np.load(data, allow_pickle=False) as f:
-            if f["arr_1"].dtype.kind not in "iu":
-                raise NeonError(f"{data}: labels must be integers, got {f['arr_1'].dtype}")
+    if isinstance(images, NpzImages) and images.label_dtype.kind not in "iu":  # int64 would truncate 2.7 to 2
+        raise NeonError(f"{data}: labels must be integers, got {images.label_dtype}")
     check_label_range(np.asarray(images.labels), bundle.num_classes, allows_null_class(family), f"{data}: ")
 
 

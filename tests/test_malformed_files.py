@@ -260,3 +260,21 @@ def test_the_crafted_containers_are_otherwise_well_formed(tmp_path):
     save_stats(tmp_path / "ref.npz", np.zeros(2), np.eye(2), count=2)
     from neon.metrics.stats import load_stats
     assert load_stats(tmp_path / "ref.npz").mu.shape == (2,)
+
+
+def test_a_label_file_is_read_only_as_its_header_declares(tmp_path):
+    """A `.npy` label file (neon sample --labels) whose header claims terabytes, or holds pickled objects, is one
+    NeonError line naming the file, before anything is allocated; a well-formed one reads back."""
+    from neon.images import read_npy
+    big = tmp_path / "big.npy"
+    with open(big, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<i8", "fortran_order": False, "shape": (10**12,)})
+        f.write(b"\0" * 8)
+    objects = tmp_path / "objects.npy"
+    np.save(objects, np.array([1, "a"], dtype=object), allow_pickle=True)
+    for path, why in ((big, "declares shape"), (objects, "object dtype")):
+        with pytest.raises(NeonError, match=why) as e:
+            read_npy(str(path))
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
+    np.save(tmp_path / "ok.npy", np.arange(4))
+    assert read_npy(str(tmp_path / "ok.npy")).tolist() == [0, 1, 2, 3]
