@@ -135,7 +135,7 @@ def load_dinov2(path: str | os.PathLike, num_heads: int | None = None) -> DinoV2
 
 def resize_pil(x: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> uint8 (B, 3, 224, 224) with PIL's bicubic filter (dgm-eval's reference resize)."""
-    out = [np.asarray(PIL.Image.fromarray(img, "RGB").resize((RESOLUTION, RESOLUTION), PIL.Image.Resampling.BICUBIC))
+    out = [np.asarray(PIL.Image.fromarray(img).resize((RESOLUTION, RESOLUTION), PIL.Image.BICUBIC))  # (H, W, 3): RGB
            for img in x.permute(0, 2, 3, 1).cpu().numpy()]
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(x.device)
 
