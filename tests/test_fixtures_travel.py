@@ -14,7 +14,7 @@ import pytest
 
 from conftest import DEFAULT_FIXTURES, REPO, fixtures_root
 
-FAMILIES = ("edm", "imm", "var", "xar")
+FAMILIES = ("edm", "imm", "var", "xar", "dinov2")   # families, and the DINOv2 detector
 
 
 def test_default_fixture_root_is_inside_the_repository(monkeypatch):

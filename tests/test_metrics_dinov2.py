@@ -29,6 +29,12 @@ def dinov2_dir():
     return fixtures_root() / "dinov2"
 
 
+# A fixture set from before the DINOv2 detector (NEON_FIXTURES pointing at it) has no dinov2/ folder: its
+# recorded outputs are not there to compare with. The repository's own set always has it (test_fixtures_travel).
+if os.environ.get("NEON_FIXTURES") and not dinov2_dir().is_dir():
+    pytest.skip(f"{dinov2_dir()}: this fixture set records no DINOv2 outputs", allow_module_level=True)
+
+
 def _config() -> dict:
     return json.loads((dinov2_dir() / "config.json").read_text())
 
