@@ -29,6 +29,7 @@ def test_family_is_registered_and_implements_the_protocol():
     assert isinstance(fam, VARFamily) and isinstance(fam, Family)
     d = fam.train_defaults
     assert (d.optimizer, d.betas, d.weight_decay, d.grad_clip, d.autocast) == ("adamw", (0.9, 0.95), 0.0, 2.0, "fp16")
+    assert (d.scaler_init_scale, d.scaler_growth_interval, d.scaler_max_scale) == (2.0 ** 11, 1000, 2.0 ** 15)
 
 
 def test_tiny_is_reproducible_from_its_seed():

@@ -69,10 +69,10 @@ def test_cached_resize_is_pils_lanczos_resize_of_the_image(resolutions):
             size = round(augment.MID_RESO * R)
             h, w = img.shape[:2]
             want_w, want_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-            pil = np.asarray(PIL.Image.fromarray(img).resize((want_w, want_h), PIL.Image.LANCZOS))
+            pil = np.array(PIL.Image.fromarray(img).resize((want_w, want_h), PIL.Image.LANCZOS))
             assert torch.equal(ours, torch.from_numpy(pil)), (R, img.shape)
             tv = transforms.Resize(size, interpolation=InterpolationMode.LANCZOS)(PIL.Image.fromarray(img))
-            assert torch.equal(ours, torch.from_numpy(np.asarray(tv))), (R, img.shape)
+            assert torch.equal(ours, torch.from_numpy(np.array(tv))), (R, img.shape)
 
 
 @pytest.mark.parametrize("hflip", [False, True])

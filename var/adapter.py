@@ -58,8 +58,10 @@ class VARFamily(Family):
     # Official VAR / Neon fine-tuning: AdamW(0.9, 0.95), weight decay 0 (Neon's train.py), grad clip 2.0 (tclip),
     # and fp16 autocast with a GradScaler: both Neon scripts pass --fp16=1 (run_var_imagenet_256.sh / _512.sh;
     # utils/amp_sc.py AmpOptimizer: 1 = fp16 + scaler, 2 = bf16). finetune.optimizer.autocast: bf16 is the option.
+    # AmpOptimizer's scaler: GradScaler(init_scale=2**11, growth_interval=1000), its scale held at 2**15 or below.
     train_defaults = TrainDefaults(optimizer="adamw", betas=(0.9, 0.95), weight_decay=0.0, grad_clip=2.0,
-                                   autocast="fp16")
+                                   autocast="fp16", scaler_init_scale=2.0 ** 11, scaler_growth_interval=1000,
+                                   scaler_max_scale=2.0 ** 15)
     # Label num_classes is the class embedding's unconditional row (classifier-free guidance); the official
     # sampler takes it as a label, so a label list may ask for unconditional images.
     allows_null_class = True
