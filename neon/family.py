@@ -60,6 +60,10 @@ class TrainDefaults:
     decay_1d: bool = True                    # False: biases and other 1-D parameters get no weight decay (MAR/xAR)
     grad_clip: float | None = None           # max global grad norm; None = no clipping
     autocast: str | None = None              # 'bf16' / 'fp16' on GPU where the official code uses it
+    # fp16's GradScaler (torch's defaults unless the official recipe sets its own)
+    scaler_init_scale: float = 2.0 ** 16
+    scaler_growth_interval: int = 2000
+    scaler_max_scale: float | None = None    # a scale above this after a step is set back to it; None: no cap
 
 
 @dataclasses.dataclass(frozen=True)

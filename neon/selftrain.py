@@ -147,6 +147,15 @@ def average_gradients(params: list[torch.nn.Parameter], bucket_bytes: int = 64 <
             bucket, size = [], 0
 
 
+def update_scale(scaler: torch.amp.GradScaler, max_scale: float | None) -> None:
+    """GradScaler.update(), except that a scale above max_scale when the step was taken is set to max_scale
+    (the rule of VAR's AmpOptimizer: fp16 overflows near 65536, so the scale is kept at 32768 or below)."""
+    if max_scale is not None and scaler.is_enabled() and scaler.get_scale() > max_scale:
+        scaler.update(new_scale=float(max_scale))
+    else:
+        scaler.update()
+
+
 def train_defaults(family: Family, overrides: dict) -> TrainDefaults:
     fields = {f.name for f in dataclasses.fields(TrainDefaults)}
     bad = set(overrides) - fields
@@ -200,7 +209,9 @@ class Trainer:
             p.requires_grad_(True)
         beta = ema_beta(cfg.ema, cfg.batch)
         ema_net = copy_net(theta_r).eval().requires_grad_(False) if beta is not None else None
-        scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and defaults.autocast == "fp16")
+        scaler = torch.amp.GradScaler("cuda", init_scale=defaults.scaler_init_scale,
+                                      growth_interval=defaults.scaler_growth_interval,
+                                      enabled=device.type == "cuda" and defaults.autocast == "fp16")
         return cls(family, bundle, cfg, defaults, params, make_optimizer(named, cfg.lr, defaults), scaler,
                    ema_net, beta)
 
@@ -245,7 +256,7 @@ class Trainer:
         if self.defaults.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.defaults.grad_clip)
         self.scaler.step(self.opt)
-        self.scaler.update()
+        update_scale(self.scaler, self.defaults.scaler_max_scale)
         if self.ema_net is not None:
             update_ema(self.ema_net, self.bundle.net, self.beta)
         return mean_loss.item(), lr

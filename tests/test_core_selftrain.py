@@ -16,7 +16,7 @@ from neon.errors import NeonError
 from neon.family import get_family, register
 from neon.images import save_images_npz
 from neon.sampling import class_labels, sample_to_npz
-from neon.selftrain import ema_beta, encode_examples, example_indices, finetune
+from neon.selftrain import ema_beta, encode_examples, example_indices, finetune, update_scale
 from neon.testing import TinyPixFamily
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -157,3 +157,23 @@ def test_two_processes_train_like_one_on_the_same_global_batch(tmp_path, synthet
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=1e-4, msg=k)
     assert (one["conv_out.weight"] - base["conv_out.weight"]).abs().max() > 1e-3  # it trained
+
+
+def _scales_after_steps(max_scale, steps: int = 4) -> list[float]:
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 14, growth_interval=1)   # grows after every good step
+    scales = []
+    for _ in range(steps):
+        opt.zero_grad()
+        scaler.scale(p.sum()).backward()
+        scaler.step(opt)
+        update_scale(scaler, max_scale)
+        scales.append(scaler.get_scale())
+    return scales
+
+
+def test_grad_scale_above_the_cap_when_stepping_is_set_back_to_it():
+    """VAR's AmpOptimizer: after scaler.step, a scale above 2**15 is reset to 2**15, else update() as usual."""
+    assert _scales_after_steps(2.0 ** 15) == [2.0 ** 15, 2.0 ** 16, 2.0 ** 15, 2.0 ** 16]
+    assert _scales_after_steps(None) == [2.0 ** 15, 2.0 ** 16, 2.0 ** 17, 2.0 ** 18]

@@ -138,9 +138,13 @@ def test_pushforward_sampler_matches_official(checkpoint, io):
 def test_latent_mapping_matches_official(checkpoint, io):
     vae = tiny_vae()  # the mapping does not depend on the VAE weights
     assert torch.equal(vae.scale.flatten(), io["vae_scale"]) and torch.equal(vae.bias.flatten(), io["vae_bias"])
-    # The official decoder's input for the 8-step guided stride sample, recomputed end to end.
-    net = load_network(checkpoint, temb_type="stride")
-    x = pushforward(net, io["sample_latents"], io["sample_class_onehot"], 8, io["cfgstep_cfg_scale"].item())
+    # The official decoder's input (README: for the longest guided sample of the checkpoint as recorded, i.e.
+    # with the time embedding its pickled config names), recomputed end to end.
+    temb = read_checkpoint(checkpoint)[0]["temb_type"]
+    guided = [(steps, cfg_scale) for _, t, steps, cfg_scale in sampler_cases(io) if t == temb and cfg_scale]
+    assert guided, f"no guided sample recorded for the checkpoint's temb_type {temb!r}"
+    steps, cfg_scale = max(guided)
+    x = pushforward(load_network(checkpoint), io["sample_latents"], io["sample_class_onehot"], steps, cfg_scale)
     close(vae.latents_to_raw(x), io["decode_vae_input"], "decode_vae_input", **DECODE)
 
 

@@ -28,7 +28,8 @@ def test_family_is_registered_and_implements_the_protocol():
     fam = get_family("var")
     assert isinstance(fam, VARFamily) and isinstance(fam, Family)
     d = fam.train_defaults
-    assert (d.optimizer, d.betas, d.weight_decay, d.grad_clip, d.autocast) == ("adamw", (0.9, 0.95), 0.0, 2.0, "bf16")
+    assert (d.optimizer, d.betas, d.weight_decay, d.grad_clip, d.autocast) == ("adamw", (0.9, 0.95), 0.0, 2.0, "fp16")
+    assert (d.scaler_init_scale, d.scaler_growth_interval, d.scaler_max_scale) == (2.0 ** 11, 1000, 2.0 ** 15)
 
 
 def test_tiny_is_reproducible_from_its_seed():
@@ -46,11 +47,13 @@ def test_round_trip_sample_encode_loss_save_load(saved, tmp_path):
     assert images.shape == (6, R, R, 3) and images.dtype == torch.uint8
 
     examples = FAMILY.encode(bundle, images, labels)
-    assert examples["tokens"].shape == (6, bundle.net.L) and examples["tokens"].dtype == torch.int16
+    assert examples["images"].dtype == torch.uint8 and examples["images"].shape[0] == 6
     assert torch.equal(examples["labels"], labels)
-    # The tokens are the VQVAE's own: decoding and re-encoding them is stable.
+    # A step's tokens are the VQVAE's own: they decode to images of the model's size.
     vae = bundle.helpers["vae"]
-    rec = vae.idxBl_to_img(list(examples["tokens"].long().split([p * p for p in bundle.net.patch_nums], 1)))
+    tokens = FAMILY.tokens(bundle, examples["images"])
+    assert tokens.shape == (6, bundle.net.L)
+    rec = vae.idxBl_to_img(list(tokens.split([p * p for p in bundle.net.patch_nums], 1)))
     assert rec.shape == (6, 3, R, R)
 
     bundle.net.train()
@@ -79,17 +82,33 @@ def test_saved_file_is_a_plain_state_dict(saved):
     assert all(isinstance(v, torch.Tensor) for v in sd.values())
 
 
+def random_examples(bundle, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    R = bundle.resolution
+    images = torch.randint(0, 256, (n, R, R, 3), generator=g, dtype=torch.uint8)
+    labels = torch.arange(n) % bundle.num_classes
+    return FAMILY.encode(bundle, images, labels)
+
+
+def seeded(fn, seed: int = 0):
+    """fn() right after torch.manual_seed(seed): the same crops (and label draws) for every call."""
+    torch.manual_seed(seed)
+    return fn()
+
+
 def test_loss_arguments_label_smoothing_and_label_dropout():
     bundle = FAMILY.tiny(seed=2)
-    tokens = torch.randint(0, bundle.net.V, (4, bundle.net.L))
-    labels = torch.tensor([0, 1, 2, 3])
-    batch = {"tokens": tokens.short(), "labels": labels}
+    batch = random_examples(bundle, 4)
+    labels = batch["labels"]
+    tokens = seeded(lambda: FAMILY.tokens(bundle, batch["images"]))   # the crops the loss draws first
     var, vae = bundle.net, bundle.helpers["vae"]
     args = {"label_smooth": 0.1, "cond_drop_rate": 0.0}
-    assert torch.allclose(FAMILY.loss(bundle, batch, **args), var_loss(var, vae, tokens, labels, 0.1, 0.0))
-    assert not torch.allclose(FAMILY.loss(bundle, batch, **args), var_loss(var, vae, tokens, labels, 0.0, 0.0))
+    loss = seeded(lambda: FAMILY.loss(bundle, batch, **args))
+    assert torch.allclose(loss, var_loss(var, vae, tokens, labels, 0.1, 0.0))
+    assert not torch.allclose(loss, var_loss(var, vae, tokens, labels, 0.0, 0.0))
     null = torch.full_like(labels, bundle.num_classes)   # cond_drop_rate 1: every label becomes the null class
-    assert torch.allclose(FAMILY.loss(bundle, batch, cond_drop_rate=1.0), var_loss(var, vae, tokens, null, 0.0, 0.0))
+    assert torch.allclose(seeded(lambda: FAMILY.loss(bundle, batch, cond_drop_rate=1.0)),
+                          var_loss(var, vae, tokens, null, 0.0, 0.0))
     with pytest.raises(NeonError, match="loss_args.smoothing: unknown argument"):
         check_args(FAMILY.LOSS_ARGS, {"smoothing": 0.1}, "finetune.loss_args")
 
@@ -190,15 +209,14 @@ def test_a_naive_merge_of_the_infinite_mask_buffer_is_harmless(saved, tmp_path):
     assert torch.isnan(merged["attn_bias_for_masking"]).any()
     torch.save(merged, tmp_path / "merged.pth")
     loaded = FAMILY.load(str(tmp_path / "merged.pth"), vae_path=vae_path)
-    tokens = torch.randint(0, loaded.net.V, (2, loaded.net.L))
-    assert torch.isfinite(FAMILY.loss(loaded, {"tokens": tokens, "labels": torch.tensor([0, 1])}, cond_drop_rate=0.0))
+    assert torch.isfinite(FAMILY.loss(loaded, random_examples(loaded, 2), cond_drop_rate=0.0))
 
 
-def test_tokens_of_an_image_do_not_depend_on_its_batch():
+def test_cached_examples_of_an_image_do_not_depend_on_its_batch():
     bundle = FAMILY.tiny(seed=7)
     images = FAMILY.sample(bundle, list(range(5)), torch.arange(5), cfg=1.0, top_k=50, top_p=0.9)
-    together = FAMILY.encode(bundle, images, torch.arange(5))["tokens"]
-    alone = torch.cat([FAMILY.encode(bundle, images[i:i + 1], torch.tensor([i]))["tokens"] for i in range(5)])
+    together = FAMILY.encode(bundle, images, torch.arange(5))["images"]
+    alone = torch.cat([FAMILY.encode(bundle, images[i:i + 1], torch.tensor([i]))["images"] for i in range(5)])
     assert torch.equal(together, alone)
 
 
@@ -215,18 +233,18 @@ class _Wrapper(torch.nn.Module):
 
 def test_loss_and_save_see_through_a_ddp_style_wrapper(tmp_path):
     bundle = FAMILY.tiny(seed=8)
-    tokens = torch.randint(0, bundle.net.V, (2, bundle.net.L))
-    batch = {"tokens": tokens, "labels": torch.tensor([1, 2])}
-    plain = FAMILY.loss(bundle, batch, cond_drop_rate=0.0)
+    batch = random_examples(bundle, 2)
+    plain = seeded(lambda: FAMILY.loss(bundle, batch, cond_drop_rate=0.0))
     inner = bundle.net
     bundle.net = _Wrapper(inner)
-    assert torch.allclose(FAMILY.loss(bundle, batch, cond_drop_rate=0.0), plain)
+    assert torch.allclose(seeded(lambda: FAMILY.loss(bundle, batch, cond_drop_rate=0.0)), plain)
     FAMILY.save(bundle, str(tmp_path / "w.pth"))
     assert list(torch.load(tmp_path / "w.pth", weights_only=True)) == list(inner.state_dict())
 
 
 def test_self_training_and_the_core_merge_give_a_loadable_sampling_model(saved, tmp_path):
-    """tiny θr -> synthetic images -> tokens -> a few AdamW steps (θs) -> θneon = (1+w)θr - wθs -> load, sample."""
+    """tiny θr -> synthetic images -> cached resized images -> a few AdamW steps (θs) -> θneon = (1+w)θr - wθs
+    -> load, sample."""
     from neon.merge import merge_state_dicts
     bundle, var_path, vae_path = saved
     theta_r = {k: v.clone() for k, v in bundle.net.state_dict().items()}
@@ -249,5 +267,5 @@ def test_self_training_and_the_core_merge_give_a_loadable_sampling_model(saved, 
     neon = FAMILY.load(str(tmp_path / "neon.pth"), vae_path=vae_path)
     images = FAMILY.sample(neon, [0, 1], torch.tensor([0, 1]), cfg=2.0, top_k=900, top_p=0.95)
     assert images.shape == (2, neon.resolution, neon.resolution, 3)
-    tokens = FAMILY.encode(neon, images, torch.tensor([0, 1]))
-    assert torch.isfinite(FAMILY.loss(neon, tokens, cond_drop_rate=0.0))
+    examples = FAMILY.encode(neon, images, torch.tensor([0, 1]))
+    assert torch.isfinite(FAMILY.loss(neon, examples, cond_drop_rate=0.0))

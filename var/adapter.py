@@ -1,8 +1,9 @@
 """The VAR family as the Neon core sees it: load / tiny / sample / encode / loss / save.
 
 θ is the VAR transformer (`bundle.net`); the VQVAE is a frozen helper. Self-training data are the synthetic
-images' VQ token pyramids, encoded once (`encode`) and cached by the core; the loss is VAR's teacher-forced
-cross-entropy with label dropout (`var.loss`).
+images after the official loader's deterministic 1.125x Lanczos resize (`encode`, cached by the core); every
+step crops them at random, VQ-encodes the crops in float32 and computes VAR's teacher-forced cross-entropy with
+label dropout (`loss`; `var.augment`, `var.loss`), as the official trainer does on each batch it reads.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 
 from neon.errors import NeonError
 from neon.family import Arg, Bundle, Family, TrainDefaults
-from var import checkpoint
+from var import augment, checkpoint
 from var.invariant import batch_invariant as batch_invariant_mode
 from var.loss import var_loss
 from var.model import VAR, unwrap
@@ -46,6 +47,7 @@ class VARFamily(Family):
     LOSS_ARGS = (
         Arg("label_smooth", float, 0.0, "label smoothing of the token cross-entropy"),
         Arg("cond_drop_rate", float | None, None, "label dropout probability; None: the model's (0.1)"),
+        Arg("hflip", bool, False, "random horizontal flip before the crop (official --hflip; Neon's scripts: off)"),
     )
     LOAD_ARGS = (
         Arg("vae_path", str | None, None, "the VQVAE file; None: vae_ch160v4096z32.pth beside the checkpoint"),
@@ -53,10 +55,13 @@ class VARFamily(Family):
     )
     TINY_ARGS = (Arg("shared_aln", bool, False, "one AdaLN shared by all blocks (d36's --saln=1)"),)
     RELEASES = {"Neon_VARd16_imagenet256.pth": {}, "Neon_VARd36_imagenet512.pth": {}}
-    # Official VAR / Neon fine-tuning: AdamW(0.9, 0.95), weight decay 0 (Neon's train.py), grad clip 2.0 (tclip).
-    # Neon's scripts train with --fp16=1 (fp16 autocast + GradScaler); bf16 needs no scaler and is the default here.
+    # Official VAR / Neon fine-tuning: AdamW(0.9, 0.95), weight decay 0 (Neon's train.py), grad clip 2.0 (tclip),
+    # and fp16 autocast with a GradScaler: both Neon scripts pass --fp16=1 (run_var_imagenet_256.sh / _512.sh;
+    # utils/amp_sc.py AmpOptimizer: 1 = fp16 + scaler, 2 = bf16). finetune.optimizer.autocast: bf16 is the option.
+    # AmpOptimizer's scaler: GradScaler(init_scale=2**11, growth_interval=1000), its scale held at 2**15 or below.
     train_defaults = TrainDefaults(optimizer="adamw", betas=(0.9, 0.95), weight_decay=0.0, grad_clip=2.0,
-                                   autocast="bf16")
+                                   autocast="fp16", scaler_init_scale=2.0 ** 11, scaler_growth_interval=1000,
+                                   scaler_max_scale=2.0 ** 15)
     # Label num_classes is the class embedding's unconditional row (classifier-free guidance); the official
     # sampler takes it as a label, so a label list may ask for unconditional images.
     allows_null_class = True
@@ -159,33 +164,37 @@ class VARFamily(Family):
     # ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, bundle: Bundle, images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """uint8 (B, H, W, 3) images + labels -> {'tokens': (B, L) int16 VQ indices coarse to fine, 'labels': (B,)}.
-
-        Images are mapped to [-1, 1] as the official loader (x/255·2 - 1) and encoded at their own size, which
-        must be the model's resolution. (Neon's trainer instead resizes each synthetic PNG to 1.125x with Lanczos
-        and random-crops it back, re-encoding every step; tokens cached once cannot carry a random crop.)
-        """
-        vae = bundle.helpers["vae"]
+        """uint8 (B, R, R, 3) images + labels -> {'images': uint8 (B, R', R', 3), 'labels': (B,)} with R the model's
+        resolution and R' = round(1.125 R): the official loader's Lanczos resize (`var.augment.lanczos_resize`),
+        the deterministic part of its augmentation; the random crop and the VQ encoding happen in `loss`."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise NeonError(f"var: encode expects uint8 (B, H, W, 3) images, got {images.dtype} {tuple(images.shape)}")
         R = bundle.resolution
         if images.shape[1] != R or images.shape[2] != R:
             raise NeonError(f"var: images are {images.shape[1]}x{images.shape[2]}, the model makes {R}x{R}")
         labels = self._check_labels(bundle, range(images.shape[0]), labels)
+        return {"images": augment.lanczos_resize(images, R), "labels": labels.cpu()}
+
+    @torch.no_grad()
+    def tokens(self, bundle: Bundle, images: torch.Tensor, hflip: bool = False) -> torch.Tensor:
+        """Cached uint8 images (B, R', R', 3) -> VQ tokens (B, L) int64 of a random R x R crop of each (random
+        draws from the global RNG). As the official trainer, the VQVAE runs in float32 outside any autocast."""
+        vae = bundle.helpers["vae"]
         device = next(vae.parameters()).device
-        x = images.to(device).permute(0, 3, 1, 2).float().div_(255).mul_(2).sub_(1)
-        with batch_invariant_mode(device.type == "cpu"):
-            tokens = torch.cat(vae.img_to_idxBl(x), dim=1)
-        dtype = torch.int16 if vae.vocab_size <= 2 ** 15 else torch.int32   # compact cache; widened in the loss
-        return {"tokens": tokens.to(dtype).cpu(), "labels": labels.cpu()}
+        x = augment.to_pm1(augment.random_crop(images.to(device), bundle.resolution, hflip))
+        with torch.autocast(device.type, enabled=False):
+            return torch.cat(vae.img_to_idxBl(x), dim=1)
 
     def loss(self, bundle: Bundle, batch: dict[str, torch.Tensor], label_smooth: float = 0.0,
-             cond_drop_rate: float | None = None) -> torch.Tensor:
-        """Teacher-forced cross-entropy over all tokens (official weights 1/L, batch mean), label dropout 0.1;
-        the arguments are LOSS_ARGS."""
+             cond_drop_rate: float | None = None, hflip: bool = False) -> torch.Tensor:
+        """Teacher-forced cross-entropy over all tokens (official weights 1/L, batch mean), label dropout 0.1, on
+        the tokens of a fresh random crop of each cached image; the arguments are LOSS_ARGS."""
+        if "images" not in batch:
+            raise NeonError("var: the examples hold no 'images' (a cache written by an older version?): "
+                            "delete the examples.pt of the fine-tuning folder to encode them again")
         var, vae = bundle.net, bundle.helpers["vae"]
         device = next(var.parameters()).device
-        return var_loss(var, vae, batch["tokens"].to(device), batch["labels"].to(device),
+        return var_loss(var, vae, self.tokens(bundle, batch["images"], bool(hflip)), batch["labels"].to(device),
                         label_smooth=float(label_smooth), cond_drop_rate=cond_drop_rate)
 
     def save_helpers(self, bundle: Bundle, folder: str) -> None:

@@ -41,7 +41,8 @@ def var_loss(var: VAR, vae: VQVAE, tokens_BL: torch.Tensor, labels: torch.Tensor
     (DistributedDataParallel, torch.compile): it is called as given, its attributes are read from the model."""
     model = unwrap(var)
     gt_BL = tokens_BL.long()
-    with torch.no_grad():
+    # The official trainer builds the teacher-forcing input outside its autocast context (trainer.py train_step).
+    with torch.no_grad(), torch.autocast(gt_BL.device.type, enabled=False):
         x_BLCv = vae.quantize.idxBl_to_var_input(split_scales(gt_BL, model.patch_nums))
     p = model.cond_drop_rate if cond_drop_rate is None else cond_drop_rate
     logits = var(drop_labels(labels, model.num_classes, p), x_BLCv)
