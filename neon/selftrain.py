@@ -33,7 +33,7 @@ from neon.images import NpzImages, open_images
 from neon.sampling import allows_null_class, check_label_range
 
 STATE_FILE = "train_state.pt"
-CACHE_FILE = "examples.pt"
+CACHE_FILE = "examples"   # the folder of encoded examples (neon run, neon finetune)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -50,35 +50,129 @@ def _read_images(path: str) -> tuple[int, callable, np.ndarray | None]:
     return len(images), images.read, images.labels
 
 
+# Dtypes a cache may hold, by name (the index names them; nothing else is turned into a dtype).
+_CACHE_DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float32, torch.float16, torch.bfloat16, torch.float64,
+    torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)}
+
+
 @torch.no_grad()
+def _encode_range(family: Family, bundle: Bundle, read, labels, i: int, j: int,
+                  float_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    lab = None if labels is None else torch.as_tensor(labels[i:j])
+    out = family.encode(bundle, torch.from_numpy(np.ascontiguousarray(read(i, j))), lab)
+    return {k: (v.detach().cpu().to(float_dtype) if v.is_floating_point() else v.detach().cpu())
+            for k, v in sorted(out.items())}
+
+
 def encode_examples(family: Family, bundle: Bundle, data: str, cache: str | None = None, batch: int = 64,
                     cache_dtype: str = "float32") -> dict[str, torch.Tensor]:
-    """Encode every image of `data` with the family's `encode` (each rank a share, gathered in order) and cache
-    the result in `cache`; a later call with the same data file reads the cache."""
-    if cache and os.path.isfile(cache):
-        stored = torch.load(cache, weights_only=True)
-        if stored.get("source") == _source_id(data):
-            return stored["examples"]
+    """Every image of `data` through the family's `encode`, each rank a share of the batches.
+
+    With `cache` (a folder), the examples are written straight into one file per key there, each rank its own
+    rows, and returned as copy-on-write memory maps of those files: no rank ever holds the whole set, which at
+    the paper's sizes does not fit in memory (VAR caches 750k images at 288x288: about 190 GB). A later call
+    with the same data file reads the cache. Without `cache` they are gathered in memory, in order."""
+    if cache and (cached := _open_cache(cache, data)) is not None:
+        return cached
     n, read, labels = _read_images(data)
+    if n == 0:
+        raise NeonError(f"{data}: no images to train on")
     if bundle.conditional and labels is None:
         raise NeonError(f"{data}: the model is class-conditional but the images have no labels")
-    float_dtype = getattr(torch, cache_dtype)
-    ranges = dist.shard([(i, min(i + batch, n)) for i in range(0, n, batch)])
-    parts: dict[str, list[torch.Tensor]] = {}
-    index = []
-    for i, j in tqdm(ranges, desc="encoding S", disable=not dist.is_main(), dynamic_ncols=True):
-        lab = None if labels is None else torch.as_tensor(labels[i:j])
-        out = family.encode(bundle, torch.from_numpy(np.ascontiguousarray(read(i, j))), lab)
-        for k, v in out.items():
-            v = v.detach().cpu()
-            parts.setdefault(k, []).append(v.to(float_dtype) if v.is_floating_point() else v)
-        index.append(torch.arange(i, j))
-    order = dist.all_gather_cat(torch.cat(index)).argsort()
-    examples = {k: dist.all_gather_cat(torch.cat(v))[order] for k, v in sorted(parts.items())}
-    if cache and dist.is_main():
-        atomic_save({"source": _source_id(data), "examples": examples}, cache)
+    if cache_dtype not in _CACHE_DTYPES or not _CACHE_DTYPES[cache_dtype].is_floating_point:
+        raise NeonError(f"finetune.cache_dtype: expected a float dtype (float32, bfloat16, ...), got {cache_dtype!r}")
+    float_dtype = _CACHE_DTYPES[cache_dtype]
+    ranges = [(i, min(i + batch, n)) for i in range(0, n, batch)]
+    mine = dist.shard(ranges)
+    progress = lambda items: tqdm(items, desc="encoding S", disable=not dist.is_main(), dynamic_ncols=True)
+    if not cache:
+        parts = [_encode_range(family, bundle, read, labels, i, j, float_dtype) for i, j in progress(mine)]
+        index = torch.cat([torch.arange(i, j) for i, j in mine])
+        order = dist.all_gather_cat(index).argsort()
+        return {k: dist.all_gather_cat(torch.cat([p[k] for p in parts]))[order] for k in parts[0]}
+    # The first batch fixes each key's row shape and dtype; rank 0 (whose share starts with it) lays out the files.
+    first = _encode_range(family, bundle, read, labels, *ranges[0], float_dtype) if dist.is_main() else None
+    if dist.is_main():
+        _start_cache(cache, {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": [n, *v.shape[1:]]}
+                             for k, v in first.items()})
     dist.barrier()
-    return examples
+    layout = _read_index(cache)["keys"]
+    files = {k: _cache_tensor(cache, k, spec, shared=True) for k, spec in layout.items()}
+    for i, j in progress(mine):
+        out = first if (i, j) == ranges[0] and first is not None else \
+            _encode_range(family, bundle, read, labels, i, j, float_dtype)
+        for k, v in out.items():
+            if k not in files or tuple(v.shape[1:]) != tuple(files[k].shape[1:]) or v.dtype != files[k].dtype:
+                raise NeonError(f"{family.name}: encode gave {k} {v.dtype} {tuple(v.shape)} for images {i}-{j - 1}, "
+                                f"but {tuple(files[k].shape[1:])} {files[k].dtype} rows for the first batch")
+            files[k][i:j] = v
+    del files   # unmap: the rows are in the files
+    dist.barrier()
+    if dist.is_main():
+        _write_index(cache, {"source": _source_id(data), "keys": layout, "complete": True})
+    dist.barrier()
+    return _open_cache(cache, data)
+
+
+def _index_path(cache: str) -> str:
+    return os.path.join(cache, "index.json")
+
+
+def _read_index(cache: str) -> dict:
+    with open(_index_path(cache)) as f:
+        return json.load(f)
+
+
+def _write_index(cache: str, doc: dict) -> None:
+    with atomic_open(_index_path(cache), "w") as f:
+        json.dump(doc, f, indent=1)
+
+
+def _key_file(cache: str, key: str) -> str:
+    if not key.isidentifier():   # keys name files in the cache folder: no separators, no '..'
+        raise NeonError(f"{_index_path(cache)}: example key {key!r} is not a plain name")
+    return os.path.join(cache, f"{key}.bin")
+
+
+def _cache_tensor(cache: str, key: str, spec: dict, shared: bool) -> torch.Tensor:
+    """The (N, ...) tensor of one key mapped from its file: shared=True writes through to the file, False is a
+    private copy-on-write view (the training loop only reads)."""
+    dtype, shape = _CACHE_DTYPES.get(spec.get("dtype")), spec.get("shape")
+    if dtype is None or not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise NeonError(f"{_index_path(cache)}: bad layout for {key!r}: {spec}")
+    path, numel = _key_file(cache, key), math.prod(shape)
+    if os.path.getsize(path) != numel * dtype.itemsize:
+        raise NeonError(f"{path}: {os.path.getsize(path)} bytes, the index says {shape} {spec['dtype']}")
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.from_file(path, shared=shared, size=numel, dtype=dtype).view(shape)
+
+
+def _start_cache(cache: str, layout: dict) -> None:
+    """A fresh cache folder: files of the right size for every key, and an index that is not yet complete."""
+    os.makedirs(cache, exist_ok=True)
+    if os.path.isfile(_index_path(cache)):   # an older cache (another data file, or killed while encoding)
+        for key in _read_index(cache).get("keys", {}):
+            if os.path.isfile(_key_file(cache, key)):
+                os.remove(_key_file(cache, key))
+    for key, spec in layout.items():
+        with open(_key_file(cache, key), "wb") as f:
+            f.truncate(math.prod(spec["shape"]) * _CACHE_DTYPES[spec["dtype"]].itemsize)
+    _write_index(cache, {"source": None, "keys": layout, "complete": False})
+
+
+def _open_cache(cache: str, data: str) -> dict[str, torch.Tensor] | None:
+    """The cached examples of `data`, or None when the folder holds no complete cache of that very file."""
+    if not os.path.isfile(_index_path(cache)):
+        return None
+    try:
+        index = _read_index(cache)
+    except (OSError, ValueError):
+        return None
+    if not index.get("complete") or index.get("source") != _source_id(data):
+        return None
+    return {k: _cache_tensor(cache, k, spec, shared=False) for k, spec in index["keys"].items()}
 
 
 # ---------------------------------------------------------------------------------------------------------

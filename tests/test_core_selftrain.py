@@ -83,7 +83,7 @@ def test_ema_starts_from_theta_r_and_lr_ramps(tmp_path, synthetic):
     family = get_family("tinypix")
     bundle = family.load(str(synthetic / "base.pth"))
     theta_r = {k: v.clone() for k, v in bundle.net.state_dict().items()}
-    examples = encode_examples(family, bundle, str(synthetic / "s.npz"), str(tmp_path / "cache.pt"))
+    examples = encode_examples(family, bundle, str(synthetic / "s.npz"), str(tmp_path / "cache"))
     cfg = FinetuneConfig(lr=1e-3, batch=8, total_images=16, warmup_images=32, ema={"beta": 0.75})
     snaps = finetune(family, bundle, examples, cfg, str(tmp_path / "ft"))
     assert all(torch.equal(v, theta_r[k]) for k, v in bundle.net.state_dict().items()), "θr is left alone"
@@ -95,8 +95,34 @@ def test_ema_starts_from_theta_r_and_lr_ramps(tmp_path, synthetic):
     assert (ema[k] - theta_r[k]).norm() < (theta[k] - theta_r[k]).norm()
     log = [json.loads(line) for line in (tmp_path / "ft" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["lr"] == pytest.approx(1e-3 * 16 / 32)
-    cached = torch.load(tmp_path / "cache.pt", weights_only=True)
-    assert cached["examples"]["x"].shape == (96, 3, 8, 8) and cached["examples"]["label"][:4].tolist() == [0, 1, 2, 0]
+    cached = encode_examples(family, bundle, str(synthetic / "s.npz"), str(tmp_path / "cache"))   # read back
+    assert cached["x"].shape == (96, 3, 8, 8) and cached["label"][:4].tolist() == [0, 1, 2, 0]
+
+
+def test_cached_examples_are_memory_maps_equal_to_the_encoded_set_and_are_read_back(tmp_path, synthetic, monkeypatch):
+    family = get_family("tinypix")
+    bundle = family.load(str(synthetic / "base.pth"))
+    in_memory = encode_examples(family, bundle, str(synthetic / "s.npz"), batch=10)
+    cached = encode_examples(family, bundle, str(synthetic / "s.npz"), str(tmp_path / "cache"), batch=10)
+    assert sorted(cached) == sorted(in_memory) and all(torch.equal(cached[k], in_memory[k]) for k in in_memory)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["index.json", "label.bin", "x.bin"]
+    monkeypatch.setattr(type(family), "encode", lambda *a: pytest.fail("a complete cache is encoded again"))
+    again = encode_examples(family, bundle, str(synthetic / "s.npz"), str(tmp_path / "cache"), batch=10)
+    assert all(torch.equal(again[k], in_memory[k]) for k in in_memory)
+
+
+def test_an_unfinished_or_foreign_cache_is_encoded_again(tmp_path, synthetic):
+    family = get_family("tinypix")
+    bundle = family.load(str(synthetic / "base.pth"))
+    cache = tmp_path / "cache"
+    expected = {k: v.clone() for k, v in encode_examples(family, bundle, str(synthetic / "s.npz"), str(cache)).items()}
+    index = json.loads((cache / "index.json").read_text())
+    (cache / "index.json").write_text(json.dumps({**index, "complete": False}))   # killed while encoding
+    (cache / "x.bin").write_bytes(b"\0" * (cache / "x.bin").stat().st_size)
+    assert torch.equal(encode_examples(family, bundle, str(synthetic / "s.npz"), str(cache))["x"], expected["x"])
+    other = tmp_path / "other.npz"
+    save_images_npz(str(other), np.zeros((5, 8, 8, 3), np.uint8), np.zeros(5, np.int64))
+    assert encode_examples(family, bundle, str(other), str(cache))["x"].shape[0] == 5
 
 
 class _NaNFamily(TinyPixFamily):

@@ -274,7 +274,7 @@ def test_interrupted_self_training_resumes_to_identical_weights(family, tmp_path
 
     def run(out, stop_after=None):
         theta_r = family.load(str(tmp_path / "base"))
-        examples = encode_examples(family, theta_r, str(tmp_path / "s.npz"), str(tmp_path / out / "cache.pt"))
+        examples = encode_examples(family, theta_r, str(tmp_path / "s.npz"), str(tmp_path / out / "cache"))
         calls = [0]
         loss = family.loss
 

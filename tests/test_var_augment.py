@@ -162,5 +162,5 @@ def test_vq_encoding_of_a_step_ignores_an_enclosing_autocast(tiny):
 
 def test_loss_refuses_examples_without_images(tiny):
     bundle, _ = tiny
-    with pytest.raises(NeonError, match="delete the examples.pt"):
+    with pytest.raises(NeonError, match="encode the synthetic set again"):
         FAMILY.loss(bundle, {"tokens": torch.zeros(2, bundle.net.L, dtype=torch.int16), "labels": torch.arange(2)})

@@ -190,8 +190,8 @@ class VARFamily(Family):
         """Teacher-forced cross-entropy over all tokens (official weights 1/L, batch mean), label dropout 0.1, on
         the tokens of a fresh random crop of each cached image; the arguments are LOSS_ARGS."""
         if "images" not in batch:
-            raise NeonError("var: the examples hold no 'images' (a cache written by an older version?): "
-                            "delete the examples.pt of the fine-tuning folder to encode them again")
+            raise NeonError("var: the examples hold no 'images' (VQ tokens of an older version's cache?): encode "
+                            "the synthetic set again with this version's `encode`")
         var, vae = bundle.net, bundle.helpers["vae"]
         device = next(var.parameters()).device
         return var_loss(var, vae, self.tokens(bundle, batch["images"], bool(hflip)), batch["labels"].to(device),
