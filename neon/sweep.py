@@ -1,9 +1,10 @@
 """Stage 3 — choose the merge weight: FID of θneon(w) = (1+w)·θr − w·θs over a grid of w (× guidance scale).
 
-For each guidance scale the grid is walked in increasing w and stops once FID rises more than `tolerance` above
-the best seen; then the best point's neighbours at ±`refine` are tried. Each point merges in memory, samples
-`num_images` images with fixed seeds (the same noise for every w, so differences between points are not
-sampling noise) and computes the metric. Points are saved as they finish, so a killed sweep resumes.
+How the grid is walked is `sweep.search` (neon/search.py): 'grid' (per guidance scale, increasing w, early stop
+against the best, a ±refine cross) or 'official' (the paper's protocol as the official scripts run it). Each
+point merges in memory, samples `num_images` images with fixed seeds (the same noise for every w, so differences
+between points are not sampling noise) and computes the metric. Points are saved as they finish, so a killed
+sweep resumes; each records the `order` in which the latest walk first visited it, so the walk can be replayed.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from neon.config import SweepConfig, build_config, check_args
 from neon.evaluate import FIDMetric, MetricFactory, evaluate_images
 from neon.family import Bundle, Family
 from neon.merge import check_compatible, merge_state_dicts
+from neon.search import grid_search, official_search
 
 
 def state_dict_copy(net: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -31,6 +33,17 @@ def state_dict_copy(net: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _key(w: float, guidance: float | None, setting: dict) -> str:
     return f"{w:.6g}|{guidance if guidance is None else f'{guidance:.6g}'}|{json.dumps(setting, sort_keys=True)}"
+
+
+def setting_grids(cfg: SweepConfig) -> list[tuple[dict, list[float], list[float] | None]]:
+    """(setting, w list, guidance list) for every setting the sweep walks: `per_setting` as given, else every
+    combination of the `grid` values (one empty setting when there is no grid), each with the sweep's w and cfg."""
+    if cfg.per_setting:
+        return [(dict(g.setting), list(cfg.w if g.w is None else g.w), cfg.cfg if g.cfg is None else list(g.cfg))
+                for g in cfg.per_setting]
+    names = sorted(cfg.grid)
+    return [(dict(zip(names, values)), list(cfg.w), cfg.cfg)
+            for values in itertools.product(*(cfg.grid[n] for n in names))]
 
 
 def point_label(w: float | None, guidance: float | None, setting: dict, guidance_key: str) -> str:
@@ -52,9 +65,10 @@ class Sweep:
         self.theta_r = {k: v.to(device) for k, v in theta_r.items()}
         self.theta_s = {k: v.to(device) for k, v in theta_s.items()}
         check_compatible(self.theta_r, self.theta_s)
-        names = sorted(cfg.grid)
-        self.settings_grid = [dict(zip(names, values)) for values in itertools.product(*(cfg.grid[n] for n in names))]
+        self.grids = setting_grids(cfg)
+        self.settings_grid = [setting for setting, _, _ in self.grids]
         self.points: dict[str, dict] = {}
+        self.visits = 0                  # points the current walk has visited (the next point's `order`)
         if path and os.path.isfile(path):
             with open(path) as f:
                 saved = json.load(f)
@@ -78,9 +92,12 @@ class Sweep:
         return args
 
     def evaluate(self, w: float, guidance: float | None, setting: dict | None = None) -> dict:
+        """The point (w, guidance, setting): computed and saved unless already known. Its `order` is set on the
+        first visit of the current walk, whether it was computed now or found in the saved sweep."""
         setting = setting or {}
         key = _key(w, guidance, setting)
-        if key not in self.points:
+        computed = key not in self.points
+        if computed:
             t0 = time.time()
             self.bundle.net.load_state_dict(self.merged(w))
             label = point_label(w, guidance, setting, self.cfg.cfg_key)
@@ -91,35 +108,40 @@ class Sweep:
                                 "seconds": round(time.time() - t0, 2)}
             if dist.is_main():
                 print(f"{label}: FID {result['fid']:.4f}")
+        point = self.points[key]
+        if "order" not in point:
+            point["order"] = self.visits
+            self.visits += 1
+        if computed:
             self.save()
-        return self.points[key]
+        return point
 
     def best(self, setting: dict | None = None) -> dict:
-        """The lowest-FID point (of one setting, or of all)."""
+        """The lowest-FID point (of one setting, or of all) among those the latest walk visited (all points when
+        none carries an `order`); a tie goes to the point visited first, as in the search."""
         points = [p for p in self.points.values() if setting is None or p.get("setting", {}) == setting]
-        return min(points, key=lambda p: p["fid"])
+        visited = [p for p in points if "order" in p]
+        return min(visited or points, key=lambda p: (p["fid"], p.get("order", math.inf)))
 
     def run(self) -> dict:
-        """For every setting: walk the grid (early stop per guidance scale), then refine around its best point.
-        Returns the best point of all."""
-        for setting in self.settings_grid:
-            for guidance in (self.cfg.cfg or [None]):
-                best_here = math.inf
-                for w in sorted(self.cfg.w):
-                    fid = self.evaluate(w, guidance, setting)["fid"]
-                    if self.cfg.tolerance is not None and fid > best_here + self.cfg.tolerance:
-                        break  # FID is climbing away from its minimum along w
-                    best_here = min(best_here, fid)
-            if self.cfg.refine:
-                b, r = self.best(setting), self.cfg.refine
-                neighbours = [(b["w"] - r, b["cfg"]), (b["w"] + r, b["cfg"])]
-                if b["cfg"] is not None:
-                    neighbours += [(b["w"], b["cfg"] - r), (b["w"], b["cfg"] + r)]
-                for w, c in neighbours:
-                    self.evaluate(round(w, 6), None if c is None else round(c, 6), setting)
+        """For every setting, walk its grid with the configured search. Returns the best point of all (the
+        lowest FID; a tie goes to the earlier setting)."""
+        for p in self.points.values():
+            p.pop("order", None)         # `order` describes the latest walk only
+        self.visits = 0
+        c, found = self.cfg, []
+        for setting, w, guidance in self.grids:
+            def objective(w_i, g, setting=setting):
+                return self.evaluate(w_i, g, setting)["fid"]
+            if c.search == "official":
+                b_w, b_g, _ = official_search(objective, w, guidance, c.tolerance, c.stop, c.refine,
+                                              c.refine_pattern, c.refine_centre, c.refine_decimals)
+            else:
+                b_w, b_g, _ = grid_search(objective, w, guidance, c.tolerance, c.refine)
+            found.append(self.points[_key(b_w, b_g, setting)])
         self.bundle.net.load_state_dict(self.theta_r)
         self.save(plot=True)
-        return self.best()
+        return min(found, key=lambda p: p["fid"])
 
     def save(self, plot: bool = False) -> None:
         if not self.path or not dist.is_main():
