@@ -70,7 +70,8 @@ def official_search(objective: Objective, w: Sequence[float], guidance: Sequence
     Inner loop: stops right after a point whose FID is more than `tolerance` above the lowest FID of this w's
     earlier points. Outer loop: stops right after a w whose lowest FID is more than `tolerance` above the
     reference, which is the previous w's lowest FID (`stop='previous'`) or the lowest of all earlier w
-    (`stop='best'`). `tolerance=None` walks the whole grid. Then, if `refine` is set, `refine_best` tries the
+    (`stop='best'`); FIDs are compared as the decimals they print as, as bc does in the scripts (see `_above`).
+    `tolerance=None` walks the whole grid. Then, if `refine` is set, `refine_best` tries the
     neighbours of the best point. Unguided (`guidance=None`): one point per w, so only the outer rule acts."""
     if stop not in STOP_RULES:
         raise ValueError(f"stop: expected one of {STOP_RULES}, got {stop!r}")
@@ -80,11 +81,11 @@ def official_search(objective: Objective, w: Sequence[float], guidance: Sequence
         lowest = math.inf                      # this w's lowest FID so far
         for g in guidance or [None]:
             fid = visit(w_i, g)
-            climbed = tolerance is not None and fid > lowest + tolerance
+            climbed = tolerance is not None and _above(fid, lowest, tolerance)
             lowest = min(lowest, fid)
             if climbed:
                 break
-        if tolerance is not None and lowest > reference + tolerance:
+        if tolerance is not None and _above(lowest, reference, tolerance):
             break
         reference = lowest if stop == "previous" else min(reference, lowest)
     if refine:
@@ -118,6 +119,15 @@ def refine_best(visit: _Tracker, step: float, pattern: str, centre: str, decimal
             if g_n is not None and g_n <= 0:
                 continue
             visit(w_n, g_n)
+
+
+def _above(fid: float, reference: float, tolerance: float) -> bool:
+    """fid > reference + tolerance, exactly in decimal (bash's bc on the printed numbers) rather than in binary:
+    2.04 is not above 2.01 + 0.03, though in float64 it is. (EDM's Python loop compares in float64 and IMM's awk
+    rounds the threshold to 8 decimals; they differ from this only when FID − reference equals the tolerance.)"""
+    if not (math.isfinite(fid) and math.isfinite(reference)):
+        return fid > reference + tolerance
+    return _dec(fid) > _dec(reference) + _dec(tolerance)
 
 
 def _dec(x: float) -> Decimal:
