@@ -54,8 +54,8 @@ def point_label(w: float | None, guidance: float | None, setting: dict, guidance
 
 
 class Sweep:
-    """The (w, cfg, setting) points evaluated so far, saved to `path` after every point. A setting is one
-    combination of the `grid` sampler arguments (the empty dict when there is no grid)."""
+    """The (w, cfg, setting) points evaluated so far, saved to `path` after every point. A setting is one entry
+    of `per_setting` or one combination of the `grid` sampler arguments (the empty dict when there is neither)."""
 
     def __init__(self, family: Family, bundle: Bundle, theta_r: dict, theta_s: dict, cfg: SweepConfig,
                  metric: MetricFactory, path: str | None = None):
@@ -202,6 +202,12 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--tolerance", type=float)
     p.add_argument("--refine", type=float)
+    p.add_argument("--search", choices=["grid", "official"], default="grid",
+                   help="how the grid is walked (official: w outer, cfg inner, the scripts' stop rules)")
+    p.add_argument("--stop", choices=["previous", "best"], help="official: what a w's lowest FID is compared with")
+    p.add_argument("--refine-pattern", choices=["3x3", "cross"], help="official: the neighbours tried")
+    p.add_argument("--refine-centre", choices=["frozen", "moving"], help="official: around which best point")
+    p.add_argument("--refine-decimals", type=int, help="official: neighbours printed with printf('%%.Nf')")
     p.add_argument("--arg", action="append", metavar="KEY=VALUE", help="sampler argument")
     p.add_argument("--detector", default="inception-v3-compat")
     p.add_argument("--detector-weights")
@@ -213,7 +219,9 @@ def sweep_main(args) -> None:
     check_args(family.SAMPLER_ARGS, parse_kv(args.arg), "--arg")
     cfg = build_config(SweepConfig, {"w": args.w, "cfg": args.cfg, "cfg_key": args.cfg_key,
                                      "num_images": args.num_images, "per_class": args.per_class, "batch": args.batch,
-                                     "tolerance": args.tolerance, "refine": args.refine,
+                                     "tolerance": args.tolerance, "refine": args.refine, "search": args.search,
+                                     "stop": args.stop, "refine_pattern": args.refine_pattern,
+                                     "refine_centre": args.refine_centre, "refine_decimals": args.refine_decimals,
                                      "sampler": parse_kv(args.arg)}, "sweep")
     device = next(bundle.net.parameters()).device
     metric = FIDMetric(args.detector, args.ref_stats, device, args.detector_weights)
