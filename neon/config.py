@@ -16,6 +16,7 @@ import yaml
 
 from neon.errors import NeonError
 from neon.family import Arg, Family, get_family
+from neon.search import REFINE_CENTRES, REFINE_PATTERNS, STOP_RULES
 
 
 class ConfigError(NeonError, ValueError):
@@ -50,6 +51,15 @@ class FinetuneConfig:
 
 
 @dataclasses.dataclass
+class SettingGrid:
+    """One setting of the sampler arguments with its own grid (e.g. IMM's step count T, each with its own w and
+    guidance lists in the official script)."""
+    setting: dict[str, Any]              # sampler arguments of this setting, e.g. {steps: 1}
+    w: list[float] | None = None         # its merge weights (None: the sweep's `w`)
+    cfg: list[float] | None = None       # its guidance scales (None: the sweep's `cfg`)
+
+
+@dataclasses.dataclass
 class SweepConfig:
     """Stage 3: choose w (and the guidance scale) by FID on a few thousand samples."""
     w: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.5, 1.0])
@@ -57,14 +67,71 @@ class SweepConfig:
     cfg_key: str = "cfg"                 # name of the guidance argument in the family's sampler
     grid: dict[str, list[Any]] = dataclasses.field(default_factory=dict)  # other sampler arguments, each value
                                          # a separate setting with its own best (w, cfg), e.g. IMM's {steps: [1, 8]}
+    per_setting: list[SettingGrid] = dataclasses.field(default_factory=list)  # instead of `grid`: each setting
+                                         # with its own w / cfg lists, walked in the order given
     num_images: int = 10_000
     per_class: int | None = None         # balanced labels for the sweep samples (else random from the seed)
     seed_offset: int = 0
     batch: int = 64
-    tolerance: float | None = None       # early stop once FID rises this much above the best along w
-    refine: float | None = None          # after the grid, try best_w ± refine (and best cfg ± refine)
+    # How the (w, cfg) plane is walked (neon/search.py):
+    #   'grid': per cfg (outer), w in increasing order (inner), early stop once FID rises `tolerance` above the
+    #           best along w; then best ± `refine` along w and along cfg.
+    #   'official': the paper's protocol, as the official scripts: w (outer) in the order given, cfg (inner) in
+    #           the order given; `stop`, `refine_pattern`, `refine_centre` and `refine_decimals` say which variant.
+    search: str = "grid"
+    tolerance: float | None = None       # early stop: FID this much above the reference (None: no early stop)
+    refine: float | None = None          # step of the refinement around the best point (None: no refinement)
+    # search: official only —
+    stop: str | None = None              # the w loop stops once a w's lowest FID is > tolerance above the 'previous'
+                                         # w's lowest FID or the 'best' lowest FID of all earlier w (the cfg loop
+                                         # always compares with the lowest FID of the current w)
+    refine_pattern: str | None = None    # '3x3': all 8 neighbours (dw outer, dcfg inner); 'cross': the 4 on the axes
+    refine_centre: str | None = None     # 'frozen': around the walk's best point; 'moving': each neighbour around the
+                                         # best point so far (a better neighbour moves the rest of the pattern)
+    refine_decimals: int | None = None   # neighbours printed with printf('%.Nf'), as the scripts (None: exact sums)
     sampler: dict[str, Any] = dataclasses.field(default_factory=dict)
     snapshot: str = "last"               # which self-training snapshot is θs ('last' or a file name)
+
+    def __post_init__(self):
+        check_search(self)
+
+
+SEARCHES = ("grid", "official")
+OFFICIAL_ONLY = ("stop", "refine_pattern", "refine_centre", "refine_decimals")
+
+
+def check_search(c: SweepConfig, where: str = "sweep") -> None:
+    """Refuse an unknown search, a variant field the search does not use, or a value outside its range."""
+    if c.search not in SEARCHES:
+        raise ConfigError(f"{where}.search: expected 'grid' or 'official', got {c.search!r}")
+    if c.tolerance is not None and c.tolerance < 0:
+        raise ConfigError(f"{where}.tolerance: must be >= 0, got {c.tolerance}")
+    if c.refine is not None and c.refine <= 0:
+        raise ConfigError(f"{where}.refine: must be positive, got {c.refine}")
+    if c.search == "grid":
+        for name in OFFICIAL_ONLY:
+            if getattr(c, name) is not None:
+                raise ConfigError(f"{where}.{name}: only used by search: official")
+    else:
+        choices = {"stop": STOP_RULES, "refine_pattern": REFINE_PATTERNS, "refine_centre": REFINE_CENTRES}
+        needed = {"stop": c.tolerance is not None, "refine_pattern": bool(c.refine), "refine_centre": bool(c.refine)}
+        for name, options in choices.items():
+            value = getattr(c, name)
+            if value is None and needed[name]:
+                raise ConfigError(f"{where}.{name}: search: official needs one of {', '.join(options)}")
+            if value is not None and value not in options:
+                raise ConfigError(f"{where}.{name}: expected one of {', '.join(options)}, got {value!r}")
+        if c.refine_decimals is not None and not 0 <= c.refine_decimals <= 12:
+            raise ConfigError(f"{where}.refine_decimals: expected 0 to 12, got {c.refine_decimals}")
+    if c.per_setting and c.grid:
+        raise ConfigError(f"{where}.per_setting: give either grid or per_setting, not both")
+    seen = []
+    for i, s in enumerate(c.per_setting):
+        if s.setting in seen:
+            raise ConfigError(f"{where}.per_setting[{i}].setting: {s.setting} is listed twice")
+        seen.append(s.setting)
+        if s.w is not None and not s.w:
+            raise ConfigError(f"{where}.per_setting[{i}].w: at least one merge weight is needed")
 
 
 @dataclasses.dataclass
@@ -245,7 +312,10 @@ def check_family_args(cfg: RunConfig, family: Family, smoke: bool = False) -> No
     for key, values in cfg.sweep.grid.items():
         for i, value in enumerate(values):
             check_args(family.SAMPLER_ARGS, {key: value}, f"sweep.grid[{i}]")
-    if cfg.sweep.cfg is not None and cfg.sweep.cfg_key not in sampler:
+    for i, grid in enumerate(cfg.sweep.per_setting):
+        check_args(family.SAMPLER_ARGS, grid.setting, f"sweep.per_setting[{i}].setting")
+    guided = cfg.sweep.cfg is not None or any(g.cfg is not None for g in cfg.sweep.per_setting)
+    if guided and cfg.sweep.cfg_key not in sampler:
         raise ConfigError(f"sweep.cfg_key: {cfg.sweep.cfg_key!r} is not a sampler argument of {family.name} "
                           f"(known: {', '.join(sampler) or 'none'})")
     check_args(family.LOSS_ARGS, cfg.finetune.loss_args, "finetune.loss_args")

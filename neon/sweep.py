@@ -1,9 +1,10 @@
 """Stage 3 — choose the merge weight: FID of θneon(w) = (1+w)·θr − w·θs over a grid of w (× guidance scale).
 
-For each guidance scale the grid is walked in increasing w and stops once FID rises more than `tolerance` above
-the best seen; then the best point's neighbours at ±`refine` are tried. Each point merges in memory, samples
-`num_images` images with fixed seeds (the same noise for every w, so differences between points are not
-sampling noise) and computes the metric. Points are saved as they finish, so a killed sweep resumes.
+How the grid is walked is `sweep.search` (neon/search.py): 'grid' (per guidance scale, increasing w, early stop
+against the best, a ±refine cross) or 'official' (the paper's protocol as the official scripts run it). Each
+point merges in memory, samples `num_images` images with fixed seeds (the same noise for every w, so differences
+between points are not sampling noise) and computes the metric. Points are saved as they finish, so a killed
+sweep resumes; each records the `order` in which the latest walk first visited it, so the walk can be replayed.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from neon.config import SweepConfig, build_config, check_args
 from neon.evaluate import FIDMetric, MetricFactory, evaluate_images
 from neon.family import Bundle, Family
 from neon.merge import check_compatible, merge_state_dicts
+from neon.search import grid_search, official_search
 
 
 def state_dict_copy(net: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -33,6 +35,17 @@ def _key(w: float, guidance: float | None, setting: dict) -> str:
     return f"{w:.6g}|{guidance if guidance is None else f'{guidance:.6g}'}|{json.dumps(setting, sort_keys=True)}"
 
 
+def setting_grids(cfg: SweepConfig) -> list[tuple[dict, list[float], list[float] | None]]:
+    """(setting, w list, guidance list) for every setting the sweep walks: `per_setting` as given, else every
+    combination of the `grid` values (one empty setting when there is no grid), each with the sweep's w and cfg."""
+    if cfg.per_setting:
+        return [(dict(g.setting), list(cfg.w if g.w is None else g.w), cfg.cfg if g.cfg is None else list(g.cfg))
+                for g in cfg.per_setting]
+    names = sorted(cfg.grid)
+    return [(dict(zip(names, values)), list(cfg.w), cfg.cfg)
+            for values in itertools.product(*(cfg.grid[n] for n in names))]
+
+
 def point_label(w: float | None, guidance: float | None, setting: dict, guidance_key: str) -> str:
     """'w=1.5 steps=8 cfg=2': a sweep point as the sampler's arguments name it."""
     parts = [] if w is None else [f"w={w:g}"]
@@ -41,8 +54,8 @@ def point_label(w: float | None, guidance: float | None, setting: dict, guidance
 
 
 class Sweep:
-    """The (w, cfg, setting) points evaluated so far, saved to `path` after every point. A setting is one
-    combination of the `grid` sampler arguments (the empty dict when there is no grid)."""
+    """The (w, cfg, setting) points evaluated so far, saved to `path` after every point. A setting is one entry
+    of `per_setting` or one combination of the `grid` sampler arguments (the empty dict when there is neither)."""
 
     def __init__(self, family: Family, bundle: Bundle, theta_r: dict, theta_s: dict, cfg: SweepConfig,
                  metric: MetricFactory, path: str | None = None):
@@ -52,9 +65,10 @@ class Sweep:
         self.theta_r = {k: v.to(device) for k, v in theta_r.items()}
         self.theta_s = {k: v.to(device) for k, v in theta_s.items()}
         check_compatible(self.theta_r, self.theta_s)
-        names = sorted(cfg.grid)
-        self.settings_grid = [dict(zip(names, values)) for values in itertools.product(*(cfg.grid[n] for n in names))]
+        self.grids = setting_grids(cfg)
+        self.settings_grid = [setting for setting, _, _ in self.grids]
         self.points: dict[str, dict] = {}
+        self.visits = 0                  # points the current walk has visited (the next point's `order`)
         if path and os.path.isfile(path):
             with open(path) as f:
                 saved = json.load(f)
@@ -78,9 +92,12 @@ class Sweep:
         return args
 
     def evaluate(self, w: float, guidance: float | None, setting: dict | None = None) -> dict:
+        """The point (w, guidance, setting): computed and saved unless already known. Its `order` is set on the
+        first visit of the current walk, whether it was computed now or found in the saved sweep."""
         setting = setting or {}
         key = _key(w, guidance, setting)
-        if key not in self.points:
+        computed = key not in self.points
+        if computed:
             t0 = time.time()
             self.bundle.net.load_state_dict(self.merged(w))
             label = point_label(w, guidance, setting, self.cfg.cfg_key)
@@ -91,35 +108,40 @@ class Sweep:
                                 "seconds": round(time.time() - t0, 2)}
             if dist.is_main():
                 print(f"{label}: FID {result['fid']:.4f}")
+        point = self.points[key]
+        if "order" not in point:
+            point["order"] = self.visits
+            self.visits += 1
+        if computed:
             self.save()
-        return self.points[key]
+        return point
 
     def best(self, setting: dict | None = None) -> dict:
-        """The lowest-FID point (of one setting, or of all)."""
+        """The lowest-FID point (of one setting, or of all) among those the latest walk visited (all points when
+        none carries an `order`); a tie goes to the point visited first, as in the search."""
         points = [p for p in self.points.values() if setting is None or p.get("setting", {}) == setting]
-        return min(points, key=lambda p: p["fid"])
+        visited = [p for p in points if "order" in p]
+        return min(visited or points, key=lambda p: (p["fid"], p.get("order", math.inf)))
 
     def run(self) -> dict:
-        """For every setting: walk the grid (early stop per guidance scale), then refine around its best point.
-        Returns the best point of all."""
-        for setting in self.settings_grid:
-            for guidance in (self.cfg.cfg or [None]):
-                best_here = math.inf
-                for w in sorted(self.cfg.w):
-                    fid = self.evaluate(w, guidance, setting)["fid"]
-                    if self.cfg.tolerance is not None and fid > best_here + self.cfg.tolerance:
-                        break  # FID is climbing away from its minimum along w
-                    best_here = min(best_here, fid)
-            if self.cfg.refine:
-                b, r = self.best(setting), self.cfg.refine
-                neighbours = [(b["w"] - r, b["cfg"]), (b["w"] + r, b["cfg"])]
-                if b["cfg"] is not None:
-                    neighbours += [(b["w"], b["cfg"] - r), (b["w"], b["cfg"] + r)]
-                for w, c in neighbours:
-                    self.evaluate(round(w, 6), None if c is None else round(c, 6), setting)
+        """For every setting, walk its grid with the configured search. Returns the best point of all (the
+        lowest FID; a tie goes to the earlier setting)."""
+        for p in self.points.values():
+            p.pop("order", None)         # `order` describes the latest walk only
+        self.visits = 0
+        c, found = self.cfg, []
+        for setting, w, guidance in self.grids:
+            def objective(w_i, g, setting=setting):
+                return self.evaluate(w_i, g, setting)["fid"]
+            if c.search == "official":
+                b_w, b_g, _ = official_search(objective, w, guidance, c.tolerance, c.stop, c.refine,
+                                              c.refine_pattern, c.refine_centre, c.refine_decimals)
+            else:
+                b_w, b_g, _ = grid_search(objective, w, guidance, c.tolerance, c.refine)
+            found.append(self.points[_key(b_w, b_g, setting)])
         self.bundle.net.load_state_dict(self.theta_r)
         self.save(plot=True)
-        return self.best()
+        return min(found, key=lambda p: p["fid"])
 
     def save(self, plot: bool = False) -> None:
         if not self.path or not dist.is_main():
@@ -180,6 +202,12 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--tolerance", type=float)
     p.add_argument("--refine", type=float)
+    p.add_argument("--search", choices=["grid", "official"], default="grid",
+                   help="how the grid is walked (official: w outer, cfg inner, the scripts' stop rules)")
+    p.add_argument("--stop", choices=["previous", "best"], help="official: what a w's lowest FID is compared with")
+    p.add_argument("--refine-pattern", choices=["3x3", "cross"], help="official: the neighbours tried")
+    p.add_argument("--refine-centre", choices=["frozen", "moving"], help="official: around which best point")
+    p.add_argument("--refine-decimals", type=int, help="official: neighbours printed with printf('%%.Nf')")
     p.add_argument("--arg", action="append", metavar="KEY=VALUE", help="sampler argument")
     p.add_argument("--detector", default="inception-v3-compat")
     p.add_argument("--detector-weights")
@@ -191,7 +219,9 @@ def sweep_main(args) -> None:
     check_args(family.SAMPLER_ARGS, parse_kv(args.arg), "--arg")
     cfg = build_config(SweepConfig, {"w": args.w, "cfg": args.cfg, "cfg_key": args.cfg_key,
                                      "num_images": args.num_images, "per_class": args.per_class, "batch": args.batch,
-                                     "tolerance": args.tolerance, "refine": args.refine,
+                                     "tolerance": args.tolerance, "refine": args.refine, "search": args.search,
+                                     "stop": args.stop, "refine_pattern": args.refine_pattern,
+                                     "refine_centre": args.refine_centre, "refine_decimals": args.refine_decimals,
                                      "sampler": parse_kv(args.arg)}, "sweep")
     device = next(bundle.net.parameters()).device
     metric = FIDMetric(args.detector, args.ref_stats, device, args.detector_weights)
