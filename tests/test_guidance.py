@@ -2,9 +2,11 @@
 (1+ω)·out_θr − ω·out_θs; ω = 0 never runs the guide; `neon sample --guide` sets it up from a checkpoint."""
 import contextlib
 
+import numpy as np
 import pytest
 import torch
 
+from neon.cli import main
 from neon.errors import NeonError
 from neon.family import get_family
 from neon.guidance import active_guide, mix, with_guide
@@ -217,6 +219,46 @@ def test_diffusers_dit_model_output_is_mixed_after_each_networks_cfg():
     with torch.no_grad():
         _assert_mixed(guided_dit_output(r, x, steps, y, scale, s, W),
                       dit_output(r, x, steps, y, scale), dit_output(s, x, steps, y, scale))
+
+
+# -- neon sample --guide -------------------------------------------------------------------------------------
+
+def test_neon_sample_with_a_guide_checkpoint_gives_the_guided_images(tmp_path):
+    family = get_family("edm")
+    ckpt = tmp_path / "theta_s.pt"
+    family.save(family.tiny(seed=1), str(ckpt))
+    out = tmp_path / "guided.npz"
+    main(["sample", "--family", "edm", "--tiny", "--seeds", "0-2", "--out", str(out), "--guide", str(ckpt),
+          "--arg", f"guide_scale={W}", "--arg", "num_steps=3"])
+    with np.load(out) as f:
+        images, labels = f["arr_0"], f["arr_1"]
+    guided = with_guide(family.tiny(), family.tiny(seed=1).net.state_dict())
+    expected = family.sample(guided, [0, 1, 2], torch.from_numpy(labels), guide_scale=W, num_steps=3)
+    assert np.array_equal(images, expected.numpy())
+    plain = family.sample(family.tiny(), [0, 1, 2], torch.from_numpy(labels), num_steps=3)
+    assert not np.array_equal(images, plain.numpy())
+
+
+def test_neon_sample_refuses_a_guide_scale_without_a_guide_before_writing(tmp_path, capsys):
+    out = tmp_path / "s.npz"
+    with pytest.raises(SystemExit):
+        main(["sample", "--family", "edm", "--tiny", "--seeds", "0-1", "--out", str(out),
+              "--arg", "guide_scale=0.5", "--arg", "num_steps=3"])
+    err = capsys.readouterr().err.strip()
+    assert "guide_scale=0.5: no guide network" in err and "\n" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_neon_sample_refuses_a_guide_of_another_network_naming_the_file(tmp_path, capsys):
+    family = get_family("edm")
+    ckpt = tmp_path / "other.pt"
+    family.save(family.tiny(seed=1, conditional=False), str(ckpt))
+    with pytest.raises(SystemExit):
+        main(["sample", "--family", "edm", "--tiny", "--seeds", "0-1", "--out", str(tmp_path / "s.npz"),
+              "--guide", str(ckpt), "--arg", "guide_scale=0.5"])
+    err = capsys.readouterr().err.strip()
+    assert f"--guide {ckpt}: " in err and "\n" not in err
+    assert not (tmp_path / "s.npz").exists()
 
 
 def test_a_guide_copied_from_a_compiled_network_does_not_keep_theta_rs_compiled_forward():
