@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +28,7 @@ from neon.checkpoint import detect_format
 from neon.config import check_args
 from neon.errors import NeonError
 from neon.family import Arg, Bundle, Family, TrainDefaults
+from neon.guidance import GUIDE_SCALE, active_guide
 from neon.testing import fan_in_rule
 from neon.testing import randomize as random_weights
 
@@ -63,6 +65,7 @@ class EDMFamily(Family):
         Arg("autocast", str | None, None, "None (float32, as the official code) or 'bf16' (CUDA; not bit-exact)"),
         Arg("compile", bool | str, False, "the network's forward through torch.compile (True or a mode name)"),
         Arg("channels_last", bool, False, "NHWC weights for the UNet's convolutions (GPU speed)"),
+        GUIDE_SCALE,
     )
     LOSS_ARGS = (
         Arg("augment", float | None, None, "augmentation probability p (0 = off); None: the snapshot's pipe"),
@@ -135,29 +138,37 @@ class EDMFamily(Family):
     # -- sampling -------------------------------------------------------------------------------------------
     def sample(self, bundle: Bundle, seeds: Sequence[int], labels: torch.Tensor | None,
                autocast: str | None = None, compile: bool = False, channels_last: bool = False,
-               **sampler_args) -> torch.Tensor:
+               guide_scale: float = 0.0, **sampler_args) -> torch.Tensor:
         """One image per seed -> uint8 (B, H, W, 3) on CPU.
 
         labels: int64 (B,) class indices for a conditional model (required), None for an unconditional one.
         sampler_args, autocast: SAMPLER_ARGS. compile: the network's forward through torch.compile;
         channels_last: NHWC weights for the UNet's convolutions (both faster on GPUs; images agree with eager to
-        rounding).
+        rounding). guide_scale: ω of self-guidance by `bundle.guide` (every denoiser evaluation, the Heun
+        correction's too, is (1+ω)·D_θr − ω·D_θs); 0: the guide is not run.
         """
         net = bundle.net
+        guide = active_guide(bundle, guide_scale)
         device = _device(net)
         class_labels = _one_hot(bundle, labels, len(seeds), device)
         if len(seeds) == 0:
             return torch.zeros((0, net.img_resolution, net.img_resolution, net.img_channels), dtype=torch.uint8)
         noise = SeededNoise(seeds, device)
         latents = noise.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution])
-        was_training = net.training
-        net.eval()
+        networks = [net] if guide is None else [net, guide]
+        was_training = [m.training for m in networks]
         try:
-            with _autocast(autocast, device), fastpaths.channels_last(net, channels_last), \
-                    fastpaths.compiled(net, compile):
-                images = edm_sampler(net, latents, class_labels, randn_like=noise.randn_like, **sampler_args)
+            with contextlib.ExitStack() as fast:
+                fast.enter_context(_autocast(autocast, device))
+                for m in networks:
+                    m.eval()
+                    fast.enter_context(fastpaths.channels_last(m, channels_last))
+                    fast.enter_context(fastpaths.compiled(m, compile))
+                images = edm_sampler(net, latents, class_labels, randn_like=noise.randn_like, guide=guide,
+                                     guide_scale=float(guide_scale), **sampler_args)
         finally:
-            net.train(was_training)
+            for m, mode in zip(networks, was_training):
+                m.train(mode)
         return to_uint8(images).cpu()
 
     def labels_from_seeds(self, bundle: Bundle, seeds: Sequence[int]) -> torch.Tensor | None:

@@ -5,6 +5,10 @@ the network called with float64 x and a 0-dim float64 σ (the network casts to f
 back to float64. With S_churn = 0 (the setting of every Neon row) it is the deterministic 2nd-order Heun
 solver with 2N − 1 network evaluations.
 
+With a guide θs and guide_scale ω ≠ 0 every evaluation, the Heun correction's included, is the guided denoiser
+(1+ω)·D_θr − ω·D_θs (autoguidance, NVlabs/edm2@4bf8162 generate_images.py `edm_sampler`'s `denoise`), at twice
+the cost; see neon.guidance.
+
 Randomness is per image: image i's latents (and churn noise) come from a `torch.Generator` seeded with seeds[i],
 as the official `StackedRandomGenerator`, so an image's random draws depend on its seed alone, not on the batch
 it is in (its floating-point rounding may follow the batch shape: see neon.sampling).
@@ -19,6 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from neon.errors import NeonError
+from neon.guidance import mix
 
 
 class SeededNoise:
@@ -72,12 +77,29 @@ def effective_range(net: torch.nn.Module, sigma_min: float, sigma_max: float) ->
     return max(sigma_min, net.sigma_min), min(sigma_max, net.sigma_max)
 
 
+def guided_denoiser(net: torch.nn.Module, class_labels: torch.Tensor | None, guide: torch.nn.Module | None = None,
+                    guide_scale: float = 0.0, trace: list | None = None) -> Callable:
+    """The denoiser the sampler calls: (x float64 (B, C, H, W), σ 0-dim float64) -> D float64 (B, C, H, W).
+    D = net(x, σ, labels), or with a guide (1+ω)·D_net − ω·D_guide (ω = guide_scale), both networks called on the
+    same batch. trace: if a list, (x, σ, D) of every call is appended (D as the network returned it, unguided;
+    the guided D in float64 when a guide runs)."""
+    def denoise(x, t):
+        D = net(x, t, class_labels)
+        if guide is not None:
+            D = mix(D.to(torch.float64), guide(x, t, class_labels).to(torch.float64), guide_scale)
+        if trace is not None:
+            trace.append((x, t, D))
+        return D.to(torch.float64)
+    return denoise
+
+
 @torch.no_grad()
 def edm_sampler(net: torch.nn.Module, latents: torch.Tensor, class_labels: torch.Tensor | None = None,
                 randn_like: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
                 num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80, rho: float = 7,
                 S_churn: float = 0, S_min: float = 0, S_max: float = float("inf"), S_noise: float = 1,
-                trace: list | None = None) -> torch.Tensor:
+                trace: list | None = None, guide: torch.nn.Module | None = None,
+                guide_scale: float = 0.0) -> torch.Tensor:
     """Heun's 2nd-order solver of the probability-flow ODE, with optional churn (Algorithm 2).
 
     net:          a preconditioned denoiser D(x; σ, labels) with `sigma_min`, `sigma_max`, `round_sigma`
@@ -85,15 +107,11 @@ def edm_sampler(net: torch.nn.Module, latents: torch.Tensor, class_labels: torch
     class_labels: (B, label_dim) one-hot float, or None for an unconditional network
     randn_like:   churn noise source (a `SeededNoise.randn_like` for per-image noise); unused when S_churn = 0
     trace:        if a list, (x, σ, D) of every network call is appended to it (x float64, D as returned)
+    guide:        θs for self-guidance (`guided_denoiser`), or None; guide_scale: its ω
     Returns x_N: (B, C, H, W) float64, images in about [-1, 1].
     """
     t_steps = time_steps(net, num_steps, sigma_min, sigma_max, rho, device=latents.device)
-
-    def denoise(x, t):
-        D = net(x, t, class_labels)
-        if trace is not None:
-            trace.append((x, t, D))
-        return D.to(torch.float64)
+    denoise = guided_denoiser(net, class_labels, guide, guide_scale, trace)
 
     x_next = latents.to(torch.float64) * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):  # 0, ..., N-1

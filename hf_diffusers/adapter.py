@@ -26,6 +26,7 @@ from hf_diffusers.sampler import dit_loop, to_uint8, unet_loop
 from neon.checkpoint import open_checkpoint
 from neon.errors import NeonError
 from neon.family import Arg, Bundle, Family, TrainDefaults, arg_names
+from neon.guidance import GUIDE_SCALE, active_guide
 from neon.pipeline_folder import is_pipeline_folder, write_folder
 
 # The keyword arguments of each method, in one place: (name, type, default, meaning). The core's config and CLI
@@ -35,6 +36,7 @@ SAMPLER_ARGS = (
     Arg("eta", float, 0.0, "DDIM: weight of the fresh noise in each step (0 = deterministic DDIM)"),
     Arg("use_clipped_model_output", bool | None, None, "DDIM: recompute the noise from the clipped x0"),
     Arg("guidance_scale", float | None, None, "DiT: classifier-free guidance scale; None: 4.0, <= 1: no guidance"),
+    GUIDE_SCALE,
 )
 LOSS_ARGS = (
     Arg("snr_gamma", float | None, None, "Min-SNR weighting gamma (train_text_to_image --snr_gamma); None: plain MSE"),
@@ -125,32 +127,38 @@ class DiffusersFamily(Family):
     # -- sampling -------------------------------------------------------------------------------------------
     def sample(self, bundle: Bundle, seeds: Sequence[int], labels: torch.Tensor | None,
                num_inference_steps: int | None = None, guidance_scale: float | None = None,
-               **step_args) -> torch.Tensor:
+               guide_scale: float = 0.0, **step_args) -> torch.Tensor:
         """One image per seed -> uint8 (B, H, W, C) on CPU, as the pipeline's output_type="pil" images.
 
         labels: int64 (B,) for a class-conditional model (a DiT, or a UNet2DModel with num_class_embeds), else
         None. num_inference_steps: the pipeline's default when None (DDPM 1000, DDIM 50, DiT 50).
         guidance_scale: DiT only (default 4.0; ≤ 1 turns guidance off). step_args: DDIM's eta (0) and
-        use_clipped_model_output."""
+        use_clipped_model_output. guide_scale: ω of self-guidance by `bundle.guide`: the scheduler steps with
+        (1+ω)·out_θr − ω·out_θs (DiT: of the CFG-guided outputs); 0: the guide is not run."""
         info, net = bundle.info, bundle.net
+        guide = active_guide(bundle, guide_scale)
         class_labels = _labels(bundle, labels, len(seeds))
         if len(seeds) == 0:
             return torch.zeros((0, bundle.resolution, bundle.resolution, bundle.channels), dtype=torch.uint8)
         steps = int(num_inference_steps or DEFAULT_STEPS[info["pipeline"]])
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        was_training = net.training
-        net.eval()
+        networks = [net] if guide is None else [net, guide]
+        was_training = [m.training for m in networks]
+        for m in networks:
+            m.eval()
         try:
             if info["pipeline"] == "DiTPipeline":
                 scale = DIT_GUIDANCE if guidance_scale is None else float(guidance_scale)
                 images = dit_loop(net, bundle.helpers["vae"], info["scheduler"], generators, class_labels, scale,
-                                  steps, **step_args)
+                                  steps, guide=guide, guide_scale=float(guide_scale), **step_args)
             else:
                 if guidance_scale is not None:
                     raise NeonError(f"diffusers sampler: {info['pipeline']} has no guidance (guidance_scale)")
-                images = unet_loop(net, info["scheduler"], generators, class_labels, steps, **step_args)
+                images = unet_loop(net, info["scheduler"], generators, class_labels, steps, guide=guide,
+                                   guide_scale=float(guide_scale), **step_args)
         finally:
-            net.train(was_training)
+            for m, mode in zip(networks, was_training):
+                m.train(mode)
         return to_uint8(images)
 
     # -- training -------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ autocast with a GradScaler (network mixed_precision 'fp16'), the target branch i
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 
@@ -27,6 +28,7 @@ from imm.vae import load_vae, tiny_vae
 from neon import fastpaths
 from neon.errors import NeonError
 from neon.family import Arg, Bundle, Family, TrainDefaults
+from neon.guidance import GUIDE_SCALE, active_guide
 from neon.testing import randomize
 
 # IMMLoss's arguments at the Neon fine-tuning settings (imm/configs/im256.yaml `loss:`) where it sets them;
@@ -68,6 +70,7 @@ class IMMFamily(Family):
         Arg("cfg", float | None, 1.5, "guidance scale (None = no guidance)"),
         Arg("autocast", str | None, None, "None (float32 DiT) or 'bf16' / 'fp16' on CUDA"),
         Arg("compile", bool | str, False, "the DiT's forward through torch.compile (True or a mode name)"),
+        GUIDE_SCALE,
     )
     LOSS_ARGS = LOSS_ARGS
     RELEASES = {"Neon_imm_imagenet256.pkl": {}}
@@ -111,10 +114,12 @@ class IMMFamily(Family):
     # -- the protocol --------------------------------------------------------------------------------------
     def sample(self, bundle: Bundle, seeds: Sequence[int], labels: torch.Tensor | None, steps: int = 8,
                cfg: float | None = 1.5, autocast: str | None = None, batch_invariant: bool = False,
-               compile: bool | str = False) -> torch.Tensor:
+               compile: bool | str = False, guide_scale: float = 0.0) -> torch.Tensor:
         """seeds (B,) + labels int64 (B,) -> uint8 (B, H, W, 3) on the CPU. steps: flow-map jumps (1, 2, 4, 8);
         cfg: guidance scale (None = no guidance); autocast: None (float32 DiT) or 'bf16' / 'fp16' on CUDA;
         compile: the DiT's forward through torch.compile (neon.fastpaths; images agree with eager to rounding).
+        guide_scale: ω of self-guidance by `bundle.guide`: each jump uses (1+ω)·F_θr − ω·F_θs, each F with the
+        same cfg; 0: the guide is not run.
 
         The batch runs through the DiT and the VAE decoder at once, as the official sampler. batch_invariant:
         compute the images one at a time instead (BLAS, oneDNN and CUDA pick kernels, and so their rounding, by
@@ -123,10 +128,15 @@ class IMMFamily(Family):
         if batch_invariant and len(seeds) > 1:
             labels = None if labels is None else torch.as_tensor(labels)
             return torch.cat([self.sample(bundle, [s], None if labels is None else labels[i:i + 1], steps, cfg,
-                                          autocast, compile=compile) for i, s in enumerate(seeds)])
-        net = _precond(bundle.net)
-        with fastpaths.compiled(net.model, compile):
-            latents = sample_latents(net, seeds, labels, steps=steps, cfg=cfg, autocast=autocast)
+                                          autocast, compile=compile, guide_scale=guide_scale)
+                              for i, s in enumerate(seeds)])
+        net, guide = _precond(bundle.net), active_guide(bundle, guide_scale)
+        guide = None if guide is None else _precond(guide)
+        with contextlib.ExitStack() as fast:
+            for m in [net] if guide is None else [net, guide]:
+                fast.enter_context(fastpaths.compiled(m.model, compile))
+            latents = sample_latents(net, seeds, labels, steps=steps, cfg=cfg, autocast=autocast, guide=guide,
+                                     guide_scale=guide_scale)
         return bundle.helpers["vae"].decode(latents)
 
     def encode(self, bundle: Bundle, images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:

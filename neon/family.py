@@ -30,6 +30,10 @@ class Bundle:
     source:      the file `net` was loaded from, or None for a freshly built network. Families whose official
                  container cannot be rebuilt from scratch (EDM/IMM pickles) use it as the template in `save`.
     info:        family-specific facts (constructor kwargs, container layout) that `save` needs.
+    guide:       θs as a sampling-time guide, or None: `net`'s architecture with other weights (a self-training
+                 snapshot), in eval mode. A sampler given `guide_scale` ω ≠ 0 evaluates both networks and uses
+                 (1+ω)·out_net − ω·out_guide at every network evaluation; with ω = 0 it never runs the guide.
+                 Never trained, never merged, never saved (`neon.guidance.with_guide` sets it).
     """
     net: torch.nn.Module
     helpers: dict[str, torch.nn.Module] = dataclasses.field(default_factory=dict)
@@ -38,6 +42,7 @@ class Bundle:
     channels: int = 3
     source: str | None = None
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    guide: torch.nn.Module | None = None
 
     @property
     def conditional(self) -> bool:
@@ -45,6 +50,8 @@ class Bundle:
 
     def to(self, device) -> Bundle:
         self.net.to(device)
+        if self.guide is not None:
+            self.guide.to(device)
         for h in self.helpers.values():
             h.to(device)
         return self

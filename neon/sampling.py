@@ -27,9 +27,11 @@ import yaml
 from tqdm import tqdm
 
 from neon import dist, fastpaths, paths
+from neon.checkpoint import load_state_dict
 from neon.config import check_args
 from neon.errors import NeonError
 from neon.family import Bundle, Family, get_family
+from neon.guidance import active_guide, with_guide
 from neon.images import NpzImages, export_png, read_npy, save_images_npz, write_npz
 from neon.pipeline_folder import is_pipeline_folder
 
@@ -342,6 +344,9 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-invariant", action="store_true",
                    help="compute every image as if drawn alone: images independent of --batch too (slower)")
     p.add_argument("--arg", action="append", metavar="KEY=VALUE", help="sampler argument, e.g. num_steps=18")
+    p.add_argument("--guide", metavar="CKPT",
+                   help="θs (a self-training snapshot of the same network) as a sampling-time guide: with "
+                        "--arg guide_scale=ω every network output is (1+ω)·θr − ω·θs")
     p.add_argument("--png", help="also export the images as PNGs into this folder")
 
 
@@ -363,8 +368,16 @@ def _labels_from_args(args, family, bundle, seeds):
         raise NeonError(f"{mode}: {e}") from None
 
 
+def load_guide(bundle: Bundle, path: str) -> Bundle:
+    """`bundle` with θs read from `path` (any checkpoint container, or a pipeline folder) as its guide."""
+    where = path if is_pipeline_folder(path) else paths.input_file(path, "guide checkpoint")
+    return with_guide(bundle, load_state_dict(where), f"--guide {path}")
+
+
 def sample_main(args) -> None:
     family, bundle = load_model(args)
+    if args.guide:
+        bundle = load_guide(bundle, args.guide)
     if args.seeds:
         seeds = parse_seeds(args.seeds)
     else:
@@ -373,6 +386,7 @@ def sample_main(args) -> None:
     t0 = time.time()
     sampler_args = parse_kv(args.arg)
     check_args(family.SAMPLER_ARGS, sampler_args, "--arg")
+    active_guide(bundle, sampler_args.get("guide_scale", 0.0))   # refuse ω ≠ 0 without --guide before any file
     with fastpaths.tf32(args.tf32):
         sample_to_npz(family, bundle, seeds, labels, args.out, args.batch, sampler_args, args.png,
                       batch_invariant=args.batch_invariant)

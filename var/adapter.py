@@ -15,6 +15,7 @@ import torch
 
 from neon.errors import NeonError
 from neon.family import Arg, Bundle, Family, TrainDefaults
+from neon.guidance import GUIDE_SCALE, active_guide
 from var import augment, checkpoint
 from var.invariant import batch_invariant as batch_invariant_mode
 from var.loss import var_loss
@@ -43,6 +44,7 @@ class VARFamily(Family):
         Arg("batch", int | None, None, "images per network call (memory only; images do not depend on it)"),
         Arg("autocast", str | None, None, "None, 'bf16' or 'fp16' on CUDA"),
         Arg("use_cache", bool, True, "key/value cache across scales"),
+        GUIDE_SCALE,
     )
     LOSS_ARGS = (
         Arg("label_smooth", float, 0.0, "label smoothing of the token cross-entropy"),
@@ -106,7 +108,8 @@ class VARFamily(Family):
     # ----------------------------------------------------------------------------------------------------
     def sample(self, bundle: Bundle, seeds: Sequence[int], labels: torch.Tensor | None, cfg: float = 1.5,
                top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False, batch: int | None = None,
-               autocast: str | None = None, use_cache: bool = True, batch_invariant: bool = False) -> torch.Tensor:
+               autocast: str | None = None, use_cache: bool = True, batch_invariant: bool = False,
+               guide_scale: float = 0.0) -> torch.Tensor:
         """One image per seed -> uint8 (B, H, W, 3) on CPU.
 
         labels: int64 (B,) in [0, num_classes] (num_classes = the null class, i.e. unconditional); required.
@@ -116,17 +119,22 @@ class VARFamily(Family):
         The batch runs with the fastest kernels (oneDNN on), whose last bits may depend on the batch shape.
         batch_invariant: an image that does not depend on its batch: per-image arithmetic on CPU
         (var.invariant), one image at a time on other devices. Images are quantised as Neon's scripts write
-        their PNGs: floor(255·x) of x in [0, 1].
+        their PNGs: floor(255·x) of x in [0, 1]. guide_scale: ω of self-guidance by `bundle.guide`: tokens are
+        drawn from (1+ω)·ℓ_θr − ω·ℓ_θs of the CFG-guided logits; 0: the guide is not run.
         """
         var, vae = unwrap(bundle.net), bundle.helpers["vae"]
+        guide = active_guide(bundle, guide_scale)
+        guide = None if guide is None else unwrap(guide)
         labels = self._check_labels(bundle, seeds, labels)
         device = next(var.parameters()).device
         step = len(seeds) if not batch else int(batch)
         if batch_invariant and device.type != "cpu":
             step = 1
         out = []
-        was_training = var.training
-        var.eval()
+        networks = [var] if guide is None else [var, guide]
+        was_training = [m.training for m in networks]
+        for m in networks:
+            m.eval()
         try:
             per_image_arithmetic = batch_invariant and device.type == "cpu"
             with self._autocast(device, autocast), batch_invariant_mode(per_image_arithmetic):
@@ -134,10 +142,11 @@ class VARFamily(Family):
                     gens = [torch.Generator(device).manual_seed(int(s)) for s in seeds[i:i + step]]
                     img = var_sample(var, vae, labels[i:i + step].to(device), gens, cfg=float(cfg),
                                      top_k=int(top_k), top_p=float(top_p), more_smooth=bool(more_smooth),
-                                     use_cache=use_cache)
+                                     use_cache=use_cache, guide=guide, guide_scale=float(guide_scale))
                     out.append(img.float().clamp_(0, 1).mul_(255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
         finally:
-            var.train(was_training)
+            for m, mode in zip(networks, was_training):
+                m.train(mode)
         return torch.cat(out) if out else torch.zeros(0, bundle.resolution, bundle.resolution, 3, dtype=torch.uint8)
 
     @staticmethod

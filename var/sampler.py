@@ -11,6 +11,10 @@ Per scale k = 0..K-1 (ratio r = k/(K-1)):
      as the next input.
 The image is the VQVAE decoding of the final f_hat, mapped from [-1, 1] to [0, 1].
 
+With a guide θs and guide_scale ω ≠ 0, step 2's logits become (1+ω)·ℓ_θr − ω·ℓ_θs, each network's logits guided
+by CFG first (`guided_logits`). θs runs on the same token maps with its own embeddings and its own key/value
+cache (`Branch`), at twice the cost (neon.guidance).
+
 Randomness: the official code draws every token of the batch from one generator (`torch.multinomial` over all
 B·l rows, seeded once per call), so an official image depends on its position in the batch and on the batch
 size. Here image i's draws all come from generators[i]: per scale, l = pn² uniforms (and, with more_smooth,
@@ -25,6 +29,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from neon.guidance import mix
 from var.model import VAR, KVCache
 from var.vqvae import VQVAE
 
@@ -70,17 +75,57 @@ def categorical(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.minimum(idx, last)
 
 
+class Branch:
+    """One network's state along the scales: the conditioning of its [cond; uncond] rows (2B, C), the token
+    inputs of the next scale, its own key/value cache (or, without one, the inputs seen so far)."""
+
+    def __init__(self, var: VAR, labels: torch.Tensor, use_cache: bool = True):
+        self.var = var
+        self.cond = var.class_cond(torch.cat((labels, torch.full_like(labels, var.num_classes))))
+        self.x = var.first_tokens(self.cond)                                               # (2B, first_l, C)
+        self.caches = [KVCache() for _ in var.blocks] if use_cache else None
+        self.seen: list[torch.Tensor] = []                   # token inputs so far (no-cache path only)
+
+    def logits(self, pn: int, t: float) -> torch.Tensor:
+        """CFG-guided logits (B, pn², V) of the current scale: (1+t)·cond − t·uncond."""
+        var = self.var
+        if self.caches is not None:
+            logits = var.backbone(self.x, self.cond, caches=self.caches)
+        else:
+            self.seen.append(self.x)
+            seq = torch.cat(self.seen, dim=1)
+            logits = var.backbone(seq, self.cond, mask=var.block_causal_mask(seq.shape[1]), last=pn * pn)
+        B = logits.shape[0] // 2
+        return (1 + t) * logits[:B] - t * logits[B:]
+
+    def advance(self, next_map: torch.Tensor, si: int) -> None:
+        """Token inputs of scale si + 1 from the area-downsampled f_hat (B, Cvae, pn, pn), for both row halves."""
+        self.x = self.var.next_tokens(next_map.flatten(2).transpose(1, 2), si + 1).repeat(2, 1, 1)
+
+
+def guided_logits(branches: Sequence[Branch], pn: int, t: float, guide_scale: float = 0.0) -> torch.Tensor:
+    """The logits the tokens are drawn from: θr's CFG logits (branches[0]), or with a guide branch
+    (1+ω)·ℓ_θr − ω·ℓ_θs. Self-guidance acts on each network's CFG-combined logits, both with the same t, so the
+    guide corrects the distribution the sampler would otherwise draw from."""
+    logits = branches[0].logits(pn, t)
+    if len(branches) == 1:
+        return logits
+    return mix(logits, branches[1].logits(pn, t), guide_scale)
+
+
 @torch.no_grad()
 def sample(var: VAR, vae: VQVAE, labels: torch.Tensor, generators: Sequence[torch.Generator],
            cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
-           use_cache: bool = True, on_stage: Callable[[int, dict], None] | None = None) -> torch.Tensor:
+           use_cache: bool = True, on_stage: Callable[[int, dict], None] | None = None,
+           guide: VAR | None = None, guide_scale: float = 0.0) -> torch.Tensor:
     """Class labels (B,) in [0, num_classes] (num_classes = null class) + one generator per image -> images
     (B, 3, H, W) float in [0, 1].
 
     cfg: guidance at the last scale (ramped linearly from 0); top_k, top_p: filters (0 = off); more_smooth: use
     Gumbel-softmax-weighted code vectors (the official visualisation option, not used for FID); use_cache: False
     recomputes all earlier scales at every step with the block-causal mask (the reference for benchmarks);
-    on_stage(k, {'logits': guided logits (B, l, V) before filtering, 'idx': (B, l), 'f_hat': (B, Cvae, P, P)}).
+    on_stage(k, {'logits': guided logits (B, l, V) before filtering, 'idx': (B, l), 'f_hat': (B, Cvae, P, P)});
+    guide, guide_scale: θs (eval mode) and ω of self-guidance (`guided_logits`); None: θr alone.
     """
     B = labels.shape[0]
     if len(generators) != B:
@@ -88,22 +133,12 @@ def sample(var: VAR, vae: VQVAE, labels: torch.Tensor, generators: Sequence[torc
     device = labels.device
     S, P, V = len(var.patch_nums), var.patch_nums[-1], var.V
     quant = vae.quantize
-    cond = var.class_cond(torch.cat((labels, torch.full_like(labels, var.num_classes))))   # [cond; uncond]
-    x = var.first_tokens(cond)                                                             # (2B, first_l, C)
-    caches = [KVCache() for _ in var.blocks] if use_cache else None
-    seen = []                                                # token inputs so far (no-cache path only)
-    f_hat = cond.new_zeros(B, var.Cvae, P, P, dtype=torch.float32)
+    branches = [Branch(m, labels, use_cache) for m in ([var] if guide is None else [var, guide])]
+    f_hat = branches[0].cond.new_zeros(B, var.Cvae, P, P, dtype=torch.float32)
 
     for si, pn in enumerate(var.patch_nums):
         ratio = si / (S - 1)
-        if use_cache:
-            logits = var.backbone(x, cond, caches=caches)
-        else:
-            seen.append(x)
-            seq = torch.cat(seen, dim=1)
-            logits = var.backbone(seq, cond, mask=var.block_causal_mask(seq.shape[1]), last=pn * pn)
-        t = cfg * ratio
-        guided = (1 + t) * logits[:B] - t * logits[B:]
+        guided = guided_logits(branches, pn, cfg * ratio, guide_scale)
         filtered = top_k_top_p_filter(guided, top_k, top_p)
 
         u, expo = draw_per_image(generators, pn * pn, V, more_smooth, device)
@@ -120,6 +155,7 @@ def sample(var: VAR, vae: VQVAE, labels: torch.Tensor, generators: Sequence[torc
         if on_stage is not None:
             on_stage(si, {"logits": guided, "idx": idx, "f_hat": f_hat.clone()})
         if next_map is not None:
-            x = var.next_tokens(next_map.flatten(2).transpose(1, 2), si + 1).repeat(2, 1, 1)
+            for branch in branches:
+                branch.advance(next_map, si)
 
     return vae.fhat_to_img(f_hat).add_(1).mul_(0.5)

@@ -21,6 +21,7 @@ from neon import fastpaths
 from neon.checkpoint import atomic_save
 from neon.errors import NeonError
 from neon.family import Arg, Bundle, Family, TrainDefaults
+from neon.guidance import GUIDE_SCALE, active_guide
 from xar import checkpoint
 from xar.loss import flow_matching_loss
 from xar.model import XAR, XARConfig
@@ -56,6 +57,7 @@ class XARFamily(Family):
         Arg("kv_cache", bool, True, "key/value cache across cells"),
         Arg("autocast", str | None, None, "None, 'bf16' or 'fp16' on CUDA"),
         Arg("compile", bool | str, False, "the network's forward through torch.compile (True or a mode name)"),
+        GUIDE_SCALE,
     )
     LOSS_ARGS = (
         Arg("label_drop_prob", float | None, None, "label dropout probability; None: the model's (0.1)"),
@@ -107,12 +109,15 @@ class XARFamily(Family):
     # -- sampling ------------------------------------------------------------------------------------------
     def sample(self, bundle: Bundle, seeds: Sequence[int], labels: torch.Tensor | None, cfg: float = 1.0,
                flow_steps: int = 50, kv_cache: bool = True, autocast: str | None = None,
-               compile: bool | str = False) -> torch.Tensor:
+               compile: bool | str = False, guide_scale: float = 0.0) -> torch.Tensor:
         """-> uint8 (B, H, W, 3) on CPU. cfg: guidance of the last cell (ramped from 1 over the cells);
         flow_steps: SDE steps per cell (>= 3); autocast: None, 'bf16' or 'fp16' for the network and the VAE
         on CUDA (the official scripts sample under float16 autocast there); CPU sampling stays float32.
-        compile: the network's forward through torch.compile (neon.fastpaths; agrees with eager to rounding)."""
+        compile: the network's forward through torch.compile (neon.fastpaths; agrees with eager to rounding).
+        guide_scale: ω of self-guidance by `bundle.guide`: every call steps with (1+ω)·θr − ω·θs of the
+        CFG-guided drift (the flow head's velocity); 0: the guide is not run."""
         net, vae = bundle.net, self._vae(bundle)
+        guide = active_guide(bundle, guide_scale)
         device = next(net.parameters()).device
         labels = self._labels(bundle, labels, len(seeds)).to(device)
         if flow_steps < MIN_STEPS:
@@ -122,8 +127,13 @@ class XARFamily(Family):
             raise NeonError(f"xar: autocast must be one of None, 'bf16', 'fp16'; got {autocast!r}")
         dtype = AUTOCAST[autocast] if device.type == "cuda" else None   # as the official scripts: CUDA only
         noise = PerImageNoise(seeds, net.cell_tokens, net.cfg.vae_embed_dim, flow_steps, device)
-        with eval_mode(net), torch.no_grad(), fastpaths.compiled(net, compile):
-            z = sample_tokens(net, labels, flow_steps, float(cfg), noise, kv_cache=kv_cache, autocast=dtype)
+        with contextlib.ExitStack() as stack:
+            for m in [net] if guide is None else [net, guide]:
+                stack.enter_context(eval_mode(m))
+                stack.enter_context(fastpaths.compiled(m, compile))
+            stack.enter_context(torch.no_grad())
+            z = sample_tokens(net, labels, flow_steps, float(cfg), noise, kv_cache=kv_cache, autocast=dtype,
+                              guide=guide, guide_scale=float(guide_scale))
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 images = vae.decode(z / LATENT_SCALE)
         return to_uint8(images)

@@ -12,6 +12,10 @@ where v is the network's velocity (with CFG: d = d_uncond + cfg_k (d_cond - d_un
 cell also feeds the previous cell's final sample at time 0, which puts that cell into the KV cache; the other
 calls feed only the current cell.
 
+With a guide θs and guide_scale ω ≠ 0 every call uses d = (1+ω)·d_θr − ω·d_θs, each network's drift guided by
+CFG first (`guided_drift`), each network with its own KV cache, at twice the cost (neon.guidance). The drift is
+(2 - t)·v + x for the same x in both networks, so this is the same extrapolation of the flow head's velocity.
+
 Every random draw of image i comes from a generator seeded with seeds[i] (`PerImageNoise`), so an image's noise
 depends on its seed alone, not on the batch it is drawn in (the rounding of the batched network may follow
 the batch shape: see neon.sampling).
@@ -24,6 +28,7 @@ from typing import Protocol
 
 import torch
 
+from neon.guidance import mix
 from xar.model import XAR, from_cells
 
 MIN_STEPS = 3   # the official sampler breaks below 3 steps (its last step re-enters the first-step branch)
@@ -84,11 +89,13 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 @torch.no_grad()
 def sample_cells(net: XAR, labels: torch.Tensor, num_steps: int, cfg: float, noise: Noise,
-                 kv_cache: bool = True, autocast: torch.dtype | None = None) -> list[torch.Tensor]:
+                 kv_cache: bool = True, autocast: torch.dtype | None = None, guide: XAR | None = None,
+                 guide_scale: float = 0.0) -> list[torch.Tensor]:
     """Generate the cells of len(labels) latents with `net` in eval mode. labels: (B,) int64 in [0, class_num).
 
     Returns the clusters final cell samples, each (B, T, C) float64 (T tokens of C channels), in cell order.
     kv_cache=False recomputes the finished cells at every call instead (same result, for comparison).
+    guide, guide_scale: θs (in eval mode) and ω of self-guidance (`guided_drift`); None: θr alone.
     """
     if num_steps < MIN_STEPS:
         raise ValueError(f"xAR's Euler–Maruyama sampler needs flow_steps >= {MIN_STEPS}, got {num_steps}")
@@ -96,29 +103,24 @@ def sample_cells(net: XAR, labels: torch.Tensor, num_steps: int, cfg: float, noi
     device = labels.device
     t_steps = time_grid(num_steps).tolist()
     cfgs = [cfg_schedule(cfg, k, K) for k in range(K)]
-    cache = net.new_cache(2 * B if max(cfgs) > 1 else B) if kv_cache else None
+    # θs attends to its own keys and values of the finished cells: one cache per network.
+    caches = [m.new_cache(2 * B if max(cfgs) > 1 else B) if kv_cache else None
+              for m in ([net] if guide is None else [net, guide])]
     null = torch.full_like(labels, net.null_label)
     cells: list[torch.Tensor] = []   # finished cells, float32 (the context the network sees)
     done: list[torch.Tensor] = []    # the same in float64 (what the SDE produced)
     for k in range(K):
         # The unconditional branch is needed where this cell is guided; cell 0 (cfg_0 = 1) never needs it: the
         # cache it would fill stays empty, and cell 1's first call recomputes cell 0 for both branches.
-        guided = cfgs[k] > 1
-        y = torch.cat([labels, null]) if guided else labels
+        y = torch.cat([labels, null]) if cfgs[k] > 1 else labels
         x0, eps = noise.cell(k)
         x = x0.to(device, torch.float64)
         for i in range(num_steps):
             t, dt = t_steps[i], t_steps[i + 1] - t_steps[i]
             # The finished cells the call feeds (at time 0): all of them without a cache; with one, only the
             # previous cell on a cell's first call, which puts it into the cache.
-            context = cells if cache is None else cells[-1:] if i == 0 else []
-            v = _velocity(net, x, y, k, timestep(t), context, cache, guided, autocast)
-            xx = torch.cat([x, x]) if guided else x
-            score = ((t - 1) * v - xx) / (t ** 2 - (t - 1) * t)   # linear path: alpha = 1-t, sigma = t
-            d = v - 0.5 * (2 * t) * score                         # drift with diffusion g(t)^2 = 2t
-            if guided:
-                d_cond, d_uncond = d.chunk(2)
-                d = d_uncond + cfgs[k] * (d_cond - d_uncond)
+            context = cells if not kv_cache else cells[-1:] if i == 0 else []
+            d = guided_drift(net, x, y, k, t, context, caches, cfgs[k], autocast, guide, guide_scale)
             if i < num_steps - 1:   # Euler–Maruyama step
                 x = x + d * dt + (2 * t) ** 0.5 * (eps[i].to(device) * abs(dt) ** 0.5)
             else:                   # final deterministic Euler step from t = 0.04 to 0
@@ -126,6 +128,34 @@ def sample_cells(net: XAR, labels: torch.Tensor, num_steps: int, cfg: float, noi
         done.append(x)
         cells.append(x.float())
     return done
+
+
+def drift(net: XAR, x: torch.Tensor, y: torch.Tensor, k: int, t: float, context: list[torch.Tensor], cache,
+          cfg_k: float, autocast) -> torch.Tensor:
+    """One network's SDE drift for cell k at time t, with classifier-free guidance: (B, T, C) float64.
+    x: (B, T, C) float64 current cell; y: labels (B,), or [labels, null labels] (2B,) when cfg_k > 1;
+    context, cache: as `_velocity`."""
+    guided = cfg_k > 1
+    v = _velocity(net, x, y, k, timestep(t), context, cache, guided, autocast)
+    xx = torch.cat([x, x]) if guided else x
+    score = ((t - 1) * v - xx) / (t ** 2 - (t - 1) * t)   # linear path: alpha = 1-t, sigma = t
+    d = v - 0.5 * (2 * t) * score                         # drift with diffusion g(t)^2 = 2t
+    if guided:
+        d_cond, d_uncond = d.chunk(2)
+        d = d_uncond + cfg_k * (d_cond - d_uncond)
+    return d
+
+
+def guided_drift(net: XAR, x: torch.Tensor, y: torch.Tensor, k: int, t: float, context: list[torch.Tensor],
+                 caches: list, cfg_k: float, autocast, guide: XAR | None = None,
+                 guide_scale: float = 0.0) -> torch.Tensor:
+    """The drift the sampler steps with: θr's `drift` (with caches[0]), or with a guide
+    (1+ω)·d_θr − ω·d_θs (θs with caches[1]). Self-guidance acts on each network's CFG-combined drift, both with
+    the same cfg_k, so the guide corrects the output the sampler would otherwise use."""
+    d = drift(net, x, y, k, t, context, caches[0], cfg_k, autocast)
+    if guide is None:
+        return d
+    return mix(d, drift(guide, x, y, k, t, context, caches[1], cfg_k, autocast), guide_scale)
 
 
 def _velocity(net: XAR, x: torch.Tensor, y: torch.Tensor, k: int, step: int, context: list[torch.Tensor],
@@ -144,7 +174,9 @@ def _velocity(net: XAR, x: torch.Tensor, y: torch.Tensor, k: int, step: int, con
 
 
 def sample_tokens(net: XAR, labels: torch.Tensor, num_steps: int, cfg: float, noise: Noise,
-                  kv_cache: bool = True, autocast: torch.dtype | None = None) -> torch.Tensor:
+                  kv_cache: bool = True, autocast: torch.dtype | None = None, guide: XAR | None = None,
+                  guide_scale: float = 0.0) -> torch.Tensor:
     """-> latents (B, vae_embed_dim, grid, grid) float32, scaled as in training (decode them / 0.2325)."""
-    cells = sample_cells(net, labels, num_steps, cfg, noise, kv_cache=kv_cache, autocast=autocast)
+    cells = sample_cells(net, labels, num_steps, cfg, noise, kv_cache=kv_cache, autocast=autocast, guide=guide,
+                         guide_scale=guide_scale)
     return from_cells(torch.cat([c.float() for c in cells], dim=1), net.cfg.clusters)
