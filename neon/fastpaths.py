@@ -9,8 +9,11 @@ format and backend flags).
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
+
+COMPILED = "_neon_compiled_forward"   # where `compiled` keeps a module's compiled forwards, per backend
 
 
 @contextlib.contextmanager
@@ -36,7 +39,7 @@ def compiled(module: torch.nn.Module, on: bool | str = True):
         yield module
         return
     backend = "inductor" if on is True else str(on)
-    cache = module.__dict__.setdefault("_neon_compiled_forward", {})
+    cache = module.__dict__.setdefault(COMPILED, {})
     if backend not in cache:
         cache[backend] = torch.compile(type(module).forward.__get__(module), backend=backend)
     module.forward = cache[backend]
@@ -58,3 +61,14 @@ def channels_last(module: torch.nn.Module, on: bool = True):
         yield module
     finally:
         module.to(memory_format=torch.contiguous_format)
+
+
+def copy_module(module: torch.nn.Module, shared: list[torch.nn.Module] = ()) -> torch.nn.Module:
+    """A deep copy of `module` that shares the modules in `shared` (frozen helpers a network keeps a reference
+    to, such as VAR's VQVAE) and leaves out the compiled forwards `compiled` kept: those are bound to the
+    original and would silently run its weights in the copy."""
+    memo = {id(m): m for helper in shared for m in helper.modules()}
+    for m in module.modules():
+        if COMPILED in m.__dict__:
+            memo[id(m.__dict__[COMPILED])] = {}
+    return copy.deepcopy(module, memo=memo)

@@ -17,7 +17,6 @@ outputs with `mix`.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Mapping
 
@@ -26,8 +25,7 @@ import torch
 from neon.checkpoint import check_state_dict
 from neon.errors import NeonError
 from neon.family import Arg, Bundle
-
-COMPILED = "_neon_compiled_forward"   # where neon.fastpaths.compiled keeps a module's compiled forwards
+from neon.fastpaths import copy_module
 
 GUIDE_SCALE = Arg("guide_scale", float, 0.0,
                   "ω of self-guidance: every network output becomes (1+ω)·θr − ω·θs, θs the guide network "
@@ -40,11 +38,7 @@ def with_guide(bundle: Bundle, theta_s: Mapping[str, torch.Tensor], what: str = 
     self-training snapshot, as `neon.checkpoint.load_state_dict` reads it); else one NeonError naming `what`.
     The frozen helpers (VAE, tokenizer) are shared, not copied; `bundle` itself is left as it was."""
     check_state_dict(bundle.net.state_dict(), theta_s, what)
-    memo = {id(m): m for helper in bundle.helpers.values() for m in helper.modules()}
-    for m in bundle.net.modules():   # a compiled forward kept by neon.fastpaths runs θr's weights: not copied
-        if COMPILED in m.__dict__:
-            memo[id(m.__dict__[COMPILED])] = {}
-    guide = copy.deepcopy(bundle.net, memo=memo)
+    guide = copy_module(bundle.net, shared=list(bundle.helpers.values()))
     guide.load_state_dict(dict(theta_s), strict=True)
     return dataclasses.replace(bundle, guide=guide.eval().requires_grad_(False))
 

@@ -13,7 +13,6 @@ or forbid; one all-reduce per step over flattened buckets is the same arithmetic
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import math
@@ -29,6 +28,7 @@ from neon.checkpoint import atomic_open, atomic_save
 from neon.config import FinetuneConfig, build_config, check_args
 from neon.errors import NeonError
 from neon.family import Bundle, Family, TrainDefaults
+from neon.fastpaths import copy_module
 from neon.images import NpzImages, open_images
 from neon.sampling import allows_null_class, check_label_range
 
@@ -274,8 +274,7 @@ def _autocast(device: torch.device, mode: str | None):
 def copy_net(bundle: Bundle) -> torch.nn.Module:
     """A deep copy of `bundle.net` that shares the frozen helpers (a network may keep a reference to its VAE,
     as VAR does; copying that too would cost memory and train nothing)."""
-    shared = {id(m): m for helper in bundle.helpers.values() for m in helper.modules()}
-    return copy.deepcopy(bundle.net, memo=shared)
+    return copy_module(bundle.net, shared=list(bundle.helpers.values()))
 
 
 @dataclasses.dataclass
