@@ -146,6 +146,42 @@ def test_from_config_without_real_features_or_stand_in_is_refused(tmp_path):
         FIDMetric.from_config(m, str(tmp_path / "real.npz"), "cpu")
 
 
+def test_neon_evaluate_and_neon_fid_record_the_same_prdc_and_kid(tmp_path):
+    from neon.cli import main as neon_main
+    from neon.testing import TinyPixFamily
+    weights, _, _ = make_inputs(tmp_path, n_fake=1)
+    family = TinyPixFamily()
+    family.save(family.tiny(), str(tmp_path / "tiny.pth"))
+    real = str(tmp_path / "real.npz")
+    scores = ["--prdc", "--kid", "--kid-subsets", "3", "--real", real]
+    evaluate = ["evaluate", "--family", "tinypix", "--ckpt", str(tmp_path / "tiny.pth"), "--ref", real,
+                "--num-images", "8", "--batch", "4", "--inception-weights", str(weights), "--no-is", *scores]
+    neon_main([*evaluate, "--json", str(tmp_path / "streamed.json")])                   # the accumulator
+    neon_main([*evaluate, "--save-images", str(tmp_path / "s.npz"), "--json", str(tmp_path / "saved.json")])
+    neon_main(["fid", "--images", str(tmp_path / "s.npz"), "--ref", real, "--inception-weights", str(weights),
+               "--quiet", *scores, "--json", str(tmp_path / "fid.json")])
+    streamed, saved, fid = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("streamed", "saved", "fid"))
+    keys = ("precision", "recall", "density", "coverage", "kid_mean", "kid_std", "kid_subset_size")
+    assert all(k in streamed for k in keys)
+    for key in keys:
+        assert streamed[key] == pytest.approx(saved[key], abs=1e-6) and saved[key] == pytest.approx(fid[key], abs=1e-9)
+
+
+@pytest.mark.parametrize("command", ["evaluate", "fid"])
+def test_kid_without_real_features_is_refused_in_one_line(tmp_path, capsys, command):
+    from neon.cli import main as neon_main
+    (tmp_path / "f").write_bytes(b"")
+    args = (["evaluate", "--family", "tinypix", "--ckpt", str(tmp_path / "f")] if command == "evaluate"
+            else ["fid", "--images", str(tmp_path / "f")])
+    weights = save_random_compat_weights(tmp_path / "w.pth")
+    save_stats(tmp_path / "ref.npz", np.zeros(2048), np.eye(2048), count=2)
+    with pytest.raises(SystemExit):
+        neon_main([*args, "--ref", str(tmp_path / "ref.npz"), "--inception-weights", str(weights), "--kid"])
+    err = capsys.readouterr().err.strip()
+    assert "--kid needs --real" in err
+    assert len(err.splitlines()) == 1
+
+
 def _worker(folder: str) -> None:
     folder = Path(folder)
     dist.init("gloo")
