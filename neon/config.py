@@ -151,7 +151,13 @@ class MetricsConfig:
     detector: str = "inception-v3-compat"   # or 'nvidia' (NVIDIA's inception-2015-12-05 TorchScript, EDM rows)
     weights: str | None = None              # local detector weights; None = the detector's usual location
     inception_score: bool = True
+    # Precision, recall, density, coverage with k = 5 against `real_features`, as the paper's Fig. 4
+    # (SinaAlemohammad/Neon@9353b47 edm/cal_PR_single.py: prdc.compute_prdc, --nearest_k 5).
     precision_recall: bool = False
+    kid: bool = False                       # KID against `real_features` (torch-fidelity's convention)
+    real_features: str | None = None        # `neon stats --features` .npz of the real images, same detector
+    kid_subsets: int = 100                  # toshas/torch-fidelity@5b1e99c defaults.py kid_subsets
+    kid_subset_size: int = 1000             # ... kid_subset_size (the smaller set's size when it holds fewer)
 
 
 METHOD_KIND = "neon"   # a config's `kind` when it names none: the paper's method, run by neon/run.py
@@ -264,7 +270,7 @@ def deep_update(base: dict, overrides: dict) -> dict:
     return out
 
 
-def _semantic_checks(cfg: RunConfig) -> None:
+def _semantic_checks(cfg: RunConfig, smoke: bool = False) -> None:
     if cfg.kind != METHOD_KIND:
         raise ConfigError(f"kind: {cfg.kind!r} is not a run of the method ({METHOD_KIND!r}); `neon run` hands such "
                           "a file to the runner registered for its kind")
@@ -283,6 +289,19 @@ def _semantic_checks(cfg: RunConfig) -> None:
         raise ConfigError("sweep.w: at least one merge weight is needed")
     if cfg.metrics.detector not in ("inception-v3-compat", "nvidia", "dinov2"):
         raise ConfigError(f"metrics.detector: {cfg.metrics.detector!r} is not inception-v3-compat, nvidia or dinov2")
+    _metrics_checks(cfg.metrics, smoke)
+
+
+def _metrics_checks(m: MetricsConfig, smoke: bool) -> None:
+    if m.kid_subsets < 1:
+        raise ConfigError(f"metrics.kid_subsets: must be at least 1, got {m.kid_subsets}")
+    if m.kid_subset_size < 2:
+        raise ConfigError(f"metrics.kid_subset_size: must be at least 2, got {m.kid_subset_size}")
+    # A smoke run lets features of S stand in (FIDMetric.from_config), as its statistics stand in for ref_stats.
+    if (m.precision_recall or m.kid) and m.real_features is None and not smoke:
+        asked = " and ".join(n for n, on in (("precision_recall", m.precision_recall), ("kid", m.kid)) if on)
+        raise ConfigError(f"metrics.real_features: {asked} need the real images' features "
+                          "(`neon stats --images REAL --out real.npz --features`)")
 
 
 def check_args(declared: typing.Sequence[Arg], given: dict, where: str) -> None:
@@ -329,7 +348,7 @@ def parse_config(data: dict, smoke: bool = False, where: str = "", family_args: 
     if smoke:
         data = apply_smoke(data)
     cfg = build_config(RunConfig, data, "")
-    _semantic_checks(cfg)
+    _semantic_checks(cfg, smoke)
     if family_args:
         check_family_args(cfg, get_family(cfg.family), smoke)
     return cfg

@@ -58,12 +58,26 @@ def evaluate_images(family: Family, bundle: Bundle, metric: MetricFactory, num_i
 # ---------------------------------------------------------------------------------------------------------
 # The metric the sweep uses, from a run config's `metrics` section.
 
+PRDC_K = 5  # the paper's precision/recall neighbourhood (SinaAlemohammad/Neon@9353b47 edm/cal_PR_single.py --nearest_k)
+SMOKE_REAL_FEATURES = "smoke_real_features.npz"
+
+
 class FIDMetric:
-    """FID (and IS when asked) of image batches against reference statistics; calling it starts one
-    accumulator: `acc = metric(); acc.update(uint8 images, seeds); acc.finish() -> {'fid', 'is_mean', ...}`."""
+    """FID (and IS, precision/recall/density/coverage, KID when asked) of image batches; calling it starts one
+    accumulator: `acc = metric(); acc.update(uint8 images, seeds); acc.finish() -> {'fid', 'is_mean', ...}`.
+
+    Precision/recall and KID compare against the real images' features (`real_features`: a `neon stats
+    --features` file); the accumulator then keeps the fake features too, gathered over ranks (float32, 8 KiB per
+    image with 2048-d features: 400 MB for 50k images, the same rows the FID statistics are computed from).
+    """
 
     def __init__(self, detector: str, ref_stats: str, device, weights: str | None = None,
-                 inception_score: bool = False):
+                 inception_score: bool = False, *,
+                 real_features: str | None = None,       # (N, D) real features for PRDC / KID
+                 precision_recall: bool = False,         # 'precision', 'recall', 'density', 'coverage' (k = 5)
+                 kid: bool = False,                      # 'kid_mean', 'kid_std' (torch-fidelity's convention)
+                 kid_subsets: int = 100,                 # torch-fidelity's kid_subsets (neon.metrics.kid)
+                 kid_subset_size: int = 1000):           # torch-fidelity's kid_subset_size
         from neon import metrics
         self.ref = metrics.load_stats(ref_stats)
         self.extractor = metrics.FeatureExtractor(detector, weights=weights, device=device, logits=inception_score)
@@ -71,25 +85,74 @@ class FIDMetric:
             raise NeonError(f"{ref_stats}: statistics are {self.ref.dim}-d, the {detector} detector gives "
                             f"{self.extractor.dim}-d features")
         self.inception_score = inception_score
+        self.precision_recall, self.kid = precision_recall, kid
+        self.kid_subsets, self.kid_subset_size = kid_subsets, kid_subset_size
+        self.real = None
+        if precision_recall or kid:
+            if real_features is None:
+                raise NeonError("metrics.real_features: precision/recall and KID need the real images' features "
+                                "(`neon stats --images REAL --out real.npz --features`)")
+            if kid and (kid_subsets < 1 or kid_subset_size < 2):
+                raise NeonError(f"KID: needs kid_subsets ≥ 1 and kid_subset_size ≥ 2, got {kid_subsets} and "
+                                f"{kid_subset_size}")
+            # Read now, so a bad file is refused before any sampling.
+            self.real = torch.from_numpy(metrics.load_real_features(real_features, self.extractor.dim,
+                                                                    PRDC_K + 1 if precision_recall else 2))
+
+    @classmethod
+    def from_config(cls, m, ref_stats: str, device, stand_in: str | None = None, out: str | None = None,
+                    batch: int = 64) -> FIDMetric:
+        """The metric a run config's `metrics` section (neon.config.MetricsConfig) asks for. When precision/recall
+        or KID is asked without `m.real_features` — which the config check allows in smoke runs only — features of
+        the image set `stand_in` (the synthetic set S) are written once to `out`/smoke_real_features.npz and stand
+        in for the real ones, as S's statistics stand in for the reference there: such numbers mean nothing."""
+        real = m.real_features
+        if (m.precision_recall or m.kid) and real is None and stand_in is not None:
+            real = _stand_in_features(m, stand_in, os.path.join(out or ".", SMOKE_REAL_FEATURES), device, batch)
+        return cls(m.detector, ref_stats, device, m.weights, m.inception_score, real_features=real,
+                   precision_recall=m.precision_recall, kid=m.kid, kid_subsets=m.kid_subsets,
+                   kid_subset_size=m.kid_subset_size)
+
+    @property
+    def keep_features(self) -> bool:
+        return self.real is not None
 
     def __call__(self):
         return _FIDAccumulator(self)
+
+    def score(self, summary) -> dict:
+        """The metric's dict from a finished accumulator's Summary (or an accumulator: collective)."""
+        from neon.metrics import evaluate
+        return evaluate(summary, self.ref, extractor=self.extractor, inception_score=self.inception_score,
+                        real=self.real, k=PRDC_K, precision_recall=self.precision_recall, kid=self.kid,
+                        kid_subsets=self.kid_subsets, kid_subset_size=self.kid_subset_size)
 
 
 class _FIDAccumulator:
     def __init__(self, metric: FIDMetric):
         from neon.metrics import FeatureAccumulator
         self.metric = metric
-        self.acc = FeatureAccumulator(metric.extractor, logits=metric.inception_score)
+        self.acc = FeatureAccumulator(metric.extractor, keep_features=metric.keep_features,
+                                      logits=metric.inception_score)
 
     def update(self, images, seeds) -> None:
         self.acc.update(images, index=seeds)
 
     def finish(self) -> dict:
-        from neon.metrics import evaluate
-        return evaluate(self.acc, self.metric.ref, inception_score=self.metric.inception_score)
+        return self.metric.score(self.acc)
 
 
+def _stand_in_features(m, images: str, path: str, device, batch: int) -> str:
+    """Pool features of the image set `images` saved (once, by rank 0) as a `neon stats --features` file."""
+    from neon import metrics
+    if not os.path.isfile(path):
+        extractor = metrics.FeatureExtractor(m.detector, m.weights, device, logits=False)
+        summary = metrics.summarize_images(images, extractor, batch, keep_features=True, logits=False,
+                                           progress=False)
+        if dist.is_main():
+            metrics.save_stats(path, summary.mu, summary.sigma, count=summary.count, features=summary.features)
+    dist.barrier()
+    return path
 
 
 def evaluate_checkpoint(family: str, ckpt: str, ref: str, *, load_args: dict | None = None,
@@ -97,10 +160,12 @@ def evaluate_checkpoint(family: str, ckpt: str, ref: str, *, load_args: dict | N
                         per_class: int | None = None, batch: int = 64, sampler_args: dict | None = None,
                         detector: str = "inception-v3-compat", weights: str | None = None,
                         inception_score: bool = True, json_out: str | None = None,
-                        save_images: str | None = None, class_idx: int | None = None) -> dict:
+                        save_images: str | None = None, class_idx: int | None = None,
+                        scores: dict | None = None) -> dict:
     """FID (and IS) of `ckpt`'s samples. Seeds: an explicit list, or 0..N-1 (N = num_images, or per_class·C
     with balanced labels); random labels come from each seed (the family's rule where it has one), or every
-    image gets class `class_idx`."""
+    image gets class `class_idx`. `scores`: FIDMetric's keyword arguments for precision/recall and KID
+    (real_features, precision_recall, kid, kid_subsets, kid_subset_size)."""
     ref, ckpt = local_path(ref), paths.input_file(local_path(ckpt), "checkpoint")
     if json_out:
         paths.output_file(json_out, "JSON file")  # refused now, not after the sampling
@@ -111,12 +176,13 @@ def evaluate_checkpoint(family: str, ckpt: str, ref: str, *, load_args: dict | N
     return evaluate_bundle(fam, bundle, ref, seeds=seeds, num_images=num_images, per_class=per_class,
                            batch=batch, sampler_args=sampler_args, detector=detector, weights=weights,
                            inception_score=inception_score, json_out=json_out, save_images=save_images,
-                           class_idx=class_idx, extra={"checkpoint": ckpt})
+                           class_idx=class_idx, scores=scores, extra={"checkpoint": ckpt})
 
 
 def evaluate_bundle(fam, bundle, ref: str, *, seeds=None, num_images=None, per_class=None, batch=64,
                     sampler_args=None, detector="inception-v3-compat", weights=None, inception_score=True,
-                    json_out=None, save_images=None, class_idx=None, labels=None, extra: dict | None = None) -> dict:
+                    json_out=None, save_images=None, class_idx=None, labels=None, scores: dict | None = None,
+                    extra: dict | None = None) -> dict:
     """`evaluate_checkpoint` for networks already loaded (`labels`: one per seed, overriding the rules)."""
     ref = local_path(ref)
     if os.path.isdir(ref):
@@ -124,7 +190,8 @@ def evaluate_bundle(fam, bundle, ref: str, *, seeds=None, num_images=None, per_c
     if not os.path.isfile(ref):
         raise NeonError(f"{ref}: reference statistics not found (bash download_models.sh fetches them)")
     device = next(bundle.net.parameters()).device
-    metric = FIDMetric(detector, ref, device, weights, inception_score)  # fails fast on a bad ref or detector
+    # Fails fast on a bad ref, detector or real-features file.
+    metric = FIDMetric(detector, ref, device, weights, inception_score, **(scores or {}))
     t0 = time.time()
     if seeds is None:
         seeds = plan_seeds(None if per_class else num_images, per_class, bundle.num_classes)
@@ -138,8 +205,9 @@ def evaluate_bundle(fam, bundle, ref: str, *, seeds=None, num_images=None, per_c
         if not os.path.isfile(save_images):
             sample_to_npz(fam, bundle, seeds, labels, save_images, batch, sampler_args)
         from neon import metrics
-        summary = metrics.summarize_images(save_images, metric.extractor, batch, logits=inception_score)
-        result = metrics.evaluate(summary, metric.ref, inception_score=inception_score)
+        summary = metrics.summarize_images(save_images, metric.extractor, batch, keep_features=metric.keep_features,
+                                           logits=inception_score)
+        result = metric.score(summary)
     else:
         result = evaluate_images(fam, bundle, metric, batch=batch, sampler_args=sampler_args, desc="sampling",
                                  seeds=seeds, labels=labels)
@@ -148,6 +216,11 @@ def evaluate_bundle(fam, bundle, ref: str, *, seeds=None, num_images=None, per_c
     if dist.is_main():
         is_txt = "" if result.get("is_mean") is None else f"  IS {result['is_mean']:.3f} ± {result['is_std']:.3f}"
         print(f"FID {result['fid']:.4f}{is_txt}  ({result['num_images']} images, {detector})", flush=True)
+        if "precision" in result:
+            print("precision {precision:.4f}  recall {recall:.4f}  density {density:.4f}  coverage {coverage:.4f}"
+                  .format(**result), flush=True)
+        if "kid_mean" in result:
+            print("KID {kid_mean:.6f} ± {kid_std:.6f}".format(**result), flush=True)
         if json_out:
             with atomic_open(json_out, "w") as f:
                 json.dump(result, f, indent=1)
@@ -168,6 +241,12 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detector", default="inception-v3-compat", choices=["inception-v3-compat", "nvidia"])
     p.add_argument("--inception-weights", help="detector weights (path, or 'fid-helper' offline)")
     p.add_argument("--no-is", action="store_true", help="skip the Inception Score")
+    p.add_argument("--prdc", action="store_true", help="also precision/recall/density/coverage (k=5) against --real")
+    p.add_argument("--kid", action="store_true", help="also the Kernel Inception Distance against --real")
+    p.add_argument("--real", metavar="NPZ", help="real images' features for --prdc / --kid (`neon stats --features`)")
+    p.add_argument("--kid-subsets", type=int, default=100, help="KID: number of random subsets (torch-fidelity: 100)")
+    p.add_argument("--kid-subset-size", type=int, default=1000,
+                   help="KID: images per subset (torch-fidelity: 1000; the smaller set's size when it holds fewer)")
     p.add_argument("--json", help="write the result as JSON")
     p.add_argument("--save-images", help="keep the samples in this .npz (resumable)")
 
@@ -180,4 +259,12 @@ def evaluate_main(args) -> None:
                         num_images=None if args.per_class else args.num_images, per_class=args.per_class,
                         batch=args.batch, sampler_args=parse_kv(args.arg), detector=args.detector,
                         weights=args.inception_weights, inception_score=not args.no_is, json_out=args.json,
-                        save_images=args.save_images)
+                        save_images=args.save_images, scores=_scores(args))
+
+
+def _scores(args) -> dict:
+    """FIDMetric's precision/recall and KID arguments from `neon evaluate`'s flags."""
+    if (args.prdc or args.kid) and not args.real:
+        raise NeonError(f"{'--prdc' if args.prdc else '--kid'} needs --real (a `neon stats --features` file)")
+    return {"real_features": local_path(args.real) if args.real else None, "precision_recall": args.prdc,
+            "kid": args.kid, "kid_subsets": args.kid_subsets, "kid_subset_size": args.kid_subset_size}

@@ -89,7 +89,8 @@ def run_metric(cfg: RunConfig, out: str, device, synthetic: str):
         dist.barrier()
     elif not os.path.isfile(ref):
         raise NeonError(f"ref_stats: {ref} not found (bash download_models.sh fetches the reference statistics)")
-    metric = FIDMetric(cfg.metrics.detector, ref, device, cfg.metrics.weights, cfg.metrics.inception_score)
+    metric = FIDMetric.from_config(cfg.metrics, ref, device, synthetic if cfg.ref_stats is None else None, out,
+                                   cfg.synthetic.batch)
     return metric, ref
 
 
@@ -98,7 +99,8 @@ def check_run_inputs(cfg: RunConfig, smoke: bool, out: str) -> None:
     paths.output_folder(out)
     if not cfg.base and not smoke:
         raise NeonError("base: no checkpoint configured (set base, or use --smoke)")
-    for field, path, what in (("base", cfg.base, "checkpoint"), ("ref_stats", cfg.ref_stats, "statistics file")):
+    for field, path, what in (("base", cfg.base, "checkpoint"), ("ref_stats", cfg.ref_stats, "statistics file"),
+                              ("metrics.real_features", cfg.metrics.real_features, "features file")):
         if path is not None and os.path.isdir(path) and not (field == "base" and is_pipeline_folder(path)):
             raise NeonError(f"{field}: {path} is a folder, expected a {what}")
         if path is not None and not (os.path.isfile(path) or field == "base" and is_pipeline_folder(path)):

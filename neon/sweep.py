@@ -156,6 +156,8 @@ class Sweep:
             json.dump(doc, f, indent=1)
         if plot and points:
             plot_sweep(points, os.path.splitext(self.path)[0] + ".png", self.cfg.cfg_key)
+            from neon.plot_metrics import plot_sweep_metrics  # precision/recall, KID vs w, when points hold them
+            plot_sweep_metrics(points, self.path, self.cfg.cfg_key)
 
 
 def plot_sweep(points: list[dict], path: str, cfg_key: str = "cfg") -> None:

@@ -1,4 +1,4 @@
-"""`neon fid` under torchrun with 2 gloo processes gives what one process gives (IS order and PRDC included)."""
+"""`neon fid` under torchrun with 2 gloo processes gives what one process gives (IS order, PRDC and KID included)."""
 import json
 import os
 import subprocess
@@ -19,7 +19,8 @@ def test_two_gloo_processes_equal_one(tmp_path):
     neon_main(["stats", "--images", str(tmp_path / "real.npz"), "--out", str(tmp_path / "ref.npz"), "--features",
                *common])
     fid_args = ["fid", "--images", str(tmp_path / "fake.npz"), "--ref", str(tmp_path / "ref.npz"), "--is",
-                "--splits", "5", "--prdc", "--real", str(tmp_path / "ref.npz"), "--k", "3", *common]
+                "--splits", "5", "--prdc", "--kid", "--kid-subsets", "4", "--real", str(tmp_path / "ref.npz"),
+                "--k", "3", *common]
 
     neon_main([*fid_args, "--json", str(tmp_path / "one.json")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -37,4 +38,6 @@ def test_two_gloo_processes_equal_one(tmp_path):
     assert two["is_std"] == pytest.approx(one["is_std"], rel=1e-4)
     for key in ("precision", "recall", "density", "coverage"):
         assert two[key] == one[key]
+    assert two["kid_subset_size"] == one["kid_subset_size"] == 7   # the smaller (real) set, whole
+    assert (two["kid_mean"], two["kid_std"]) == pytest.approx((one["kid_mean"], one["kid_std"]), rel=1e-9)
     assert run.stdout.count("FID") == 1  # only rank 0 reports

@@ -1,4 +1,4 @@
-"""Metrics as the paper computed them: Inception features, FID, IS, precision/recall/density/coverage.
+"""Metrics as the paper computed them: Inception features, FID, IS, KID, precision/recall/density/coverage.
 
     extractor = FeatureExtractor('inception-v3-compat', weights=None)   # or 'nvidia' for EDM rows
     acc = FeatureAccumulator(extractor)
@@ -10,9 +10,10 @@ from neon.metrics.evaluate import evaluate
 from neon.metrics.features import DETECTORS, FeatureExtractor, to_nchw_uint8
 from neon.metrics.frechet import frechet_distance, gaussian_from_features
 from neon.metrics.inception_score import inception_score
+from neon.metrics.kid import kid
 from neon.metrics.prdc import prdc
-from neon.metrics.stats import Stats, load_stats, save_stats
+from neon.metrics.stats import Stats, load_real_features, load_stats, save_stats
 
 __all__ = ["DETECTORS", "FeatureAccumulator", "FeatureExtractor", "Stats", "Summary", "evaluate",
-           "frechet_distance", "gaussian_from_features", "inception_score", "load_stats", "prdc", "save_stats",
-           "summarize_images", "to_nchw_uint8"]
+           "frechet_distance", "gaussian_from_features", "inception_score", "kid", "load_real_features",
+           "load_stats", "prdc", "save_stats", "summarize_images", "to_nchw_uint8"]

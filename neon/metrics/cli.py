@@ -1,7 +1,8 @@
 """`neon fid` and `neon stats`: metrics of an image set on disk, one share per torchrun rank.
 
     neon fid --images samples.npz --ref ref.npz [--detector nvidia|dinov2] [--detector-weights PATH|fid-helper]
-             [--is] [--prdc --real real.npz|folder|stats.npz] [--json out.json] [--batch 64] [--num-images N]
+             [--is] [--prdc] [--kid] [--real real.npz|folder|stats.npz] [--json out.json] [--batch 64]
+             [--num-images N]
     neon stats --images real.npz|folder --out ref.npz [--detector ...] [--detector-weights PATH] [--features]
 
 `--detector dinov2 --detector-weights dinov2_vitl14_pretrain.pth` gives FD_DINOv2 as EDM2 computes it
@@ -24,6 +25,7 @@ from neon.images import npz_names
 from neon.metrics.accumulate import Summary, summarize_images
 from neon.metrics.evaluate import evaluate
 from neon.metrics.features import DETECTORS, FeatureExtractor
+from neon.metrics.kid import SUBSET_SIZE, SUBSETS
 from neon.metrics.stats import Stats, load_stats, save_stats
 
 
@@ -49,8 +51,14 @@ def add_fid_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--is", dest="inception_score", action="store_true",
                    help="also the Inception Score (--splits parts)")
     p.add_argument("--prdc", action="store_true", help="also precision/recall/density/coverage against --real")
-    p.add_argument("--real", help="real set for --prdc: images (.npz arr_0 / folder) or `neon stats --features` output")
+    p.add_argument("--kid", action="store_true", help="also the Kernel Inception Distance against --real "
+                   "(torch-fidelity's subsets, polynomial kernel and seed)")
+    p.add_argument("--real", help="real set for --prdc / --kid: images (.npz arr_0 / folder) or "
+                   "`neon stats --features` output")
     p.add_argument("--k", type=int, default=5, help="nearest neighbours for --prdc (the paper: 5)")
+    p.add_argument("--kid-subsets", type=int, default=SUBSETS, help="KID: number of random subsets")
+    p.add_argument("--kid-subset-size", type=int, default=SUBSET_SIZE,
+                   help="KID: images per subset (the smaller set's size when it holds fewer)")
     p.add_argument("--splits", type=int, default=10, help="IS splits")
     p.add_argument("--json", help="also write the results here (atomically)")
 
@@ -58,13 +66,16 @@ def add_fid_arguments(p: argparse.ArgumentParser) -> None:
 def add_stats_arguments(p: argparse.ArgumentParser) -> None:
     _add_common(p)
     p.add_argument("--out", required=True, help="output .npz (mu, sigma float64, count)")
-    p.add_argument("--features", action="store_true", help="also store the pool features (for `neon fid --prdc`)")
+    p.add_argument("--features", action="store_true",
+                   help="also store the pool features (for `neon fid --prdc / --kid`, metrics.real_features)")
 
 
 def _real_set(args, extractor: FeatureExtractor) -> Stats | Summary:
-    """Real features for --prdc: statistics saved with `neon stats --features`, or extracted from real images."""
+    """Real features for --prdc / --kid: statistics saved with `neon stats --features`, or extracted from real
+    images."""
     if not args.real:
-        raise NeonError("--prdc needs --real (real images, or statistics saved with `neon stats --features`)")
+        raise NeonError(f"{'--prdc' if args.prdc else '--kid'} needs --real (real images, or statistics saved with "
+                        "`neon stats --features`)")
     real = Path(args.real)
     if real.suffix == ".npz" and real.is_file():
         keys = npz_names(str(real))
@@ -86,6 +97,8 @@ def _report(result: dict) -> str:
     if "precision" in result:
         lines.append("precision {precision:.4f}  recall {recall:.4f}  density {density:.4f}  "
                      "coverage {coverage:.4f}  (k={k})".format(**result))
+    if "kid_mean" in result:
+        lines.append("KID {kid_mean:.6f} ± {kid_std:.6f}  ({kid_subset_size} images per subset)".format(**result))
     return "\n".join(lines)
 
 
@@ -99,10 +112,12 @@ def fid_main(args: argparse.Namespace) -> dict:
     extractor = FeatureExtractor(args.detector, args.inception_weights, logits=args.inception_score)
     if ref.dim != extractor.dim:
         raise NeonError(f"{args.ref}: statistics are {ref.dim}-d but the detector gives {extractor.dim}-d features")
-    real = _real_set(args, extractor) if args.prdc else None
-    summary = summarize_images(args.images, extractor, args.batch, num=args.num_images, keep_features=args.prdc,
-                               logits=args.inception_score, progress=not args.quiet)
-    result = evaluate(summary, ref, inception_score=args.inception_score, splits=args.splits, real=real, k=args.k)
+    real = _real_set(args, extractor) if args.prdc or args.kid else None
+    summary = summarize_images(args.images, extractor, args.batch, num=args.num_images,
+                               keep_features=real is not None, logits=args.inception_score, progress=not args.quiet)
+    result = evaluate(summary, ref, inception_score=args.inception_score, splits=args.splits, real=real, k=args.k,
+                      precision_recall=args.prdc, kid=args.kid, kid_subsets=args.kid_subsets,
+                      kid_subset_size=args.kid_subset_size)
     result.update(detector=args.detector, weights=args.inception_weights, images=str(args.images), ref=str(args.ref),
                   world_size=dist.world_size())
     if args.prdc:

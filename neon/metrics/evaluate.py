@@ -1,4 +1,4 @@
-"""One call from images (or their accumulated features) to the paper's numbers: FID, IS, and PRDC.
+"""One call from images (or their accumulated features) to the paper's numbers: FID, IS, PRDC and KID.
 
 The sweep samples batch by batch, feeds `FeatureAccumulator.update`, then calls `evaluate(acc, ref)`;
 `neon fid` does the same from an image set on disk.
@@ -14,6 +14,8 @@ import torch
 from neon.errors import NeonError
 from neon.metrics.accumulate import FeatureAccumulator, Summary
 from neon.metrics.frechet import frechet_distance
+from neon.metrics.kid import SUBSET_SIZE, SUBSETS
+from neon.metrics.kid import kid as kid_metric
 from neon.metrics.prdc import prdc
 from neon.metrics.stats import Stats, load_stats
 
@@ -36,14 +38,21 @@ def evaluate(source: FeatureAccumulator | Summary | Iterable,
              extractor=None,                 # needed only when `source` is an iterable of image batches
              inception_score: bool = True,   # IS (None when the detector has no real logits)
              splits: int = 10,               # IS splits (torch-fidelity: 10)
-             real=None,                      # real features (or stats with features) for PRDC; None: skip
-             k: int = 5) -> dict:            # PRDC neighbourhood (the paper: 5)
-    """{'fid', 'is_mean', 'is_std', 'num_images', and 'precision', 'recall', 'density', 'coverage' if `real`}.
+             real=None,                      # real features (or stats with features) for PRDC / KID
+             k: int = 5,                     # PRDC neighbourhood (the paper: 5)
+             precision_recall: bool = True,  # PRDC when `real` is given
+             kid: bool = False,              # KID against `real`
+             kid_subsets: int = SUBSETS,
+             kid_subset_size: int = SUBSET_SIZE) -> dict:
+    """{'fid', 'is_mean', 'is_std', 'num_images'}, with 'precision', 'recall', 'density', 'coverage' when `real`
+    is given (unless precision_recall=False), and 'kid_mean', 'kid_std', 'kid_subset_size' when `kid`.
     When IS cannot be computed, is_mean and is_std are None and 'is_unavailable' says why.
 
     Collective under torchrun when given an accumulator or batches (it gathers features); every rank gets
     the same dict. `fid` is None when `ref` is None.
     """
+    if kid and real is None:
+        raise NeonError("KID needs real features: make the real statistics with `neon stats --features`")
     if isinstance(source, Summary):
         summary = source
     else:
@@ -67,8 +76,16 @@ def evaluate(source: FeatureAccumulator | Summary | Iterable,
         if out["is_mean"] is None:  # say why rather than report a number from meaningless logits
             out["is_unavailable"] = ("no logits: pool3-only detector weights (e.g. 'fid-helper')"
                                      if summary.logits is None else f"{summary.count} images < {splits} splits")
-    if real is not None:
+    precision_recall = precision_recall and real is not None
+    if precision_recall or kid:
         if summary.features is None:
-            raise NeonError("precision/recall: the accumulator was made without keep_features=True")
-        out.update(prdc(_real_features(real), summary.features, k=k))
+            raise NeonError("precision/recall, KID: the accumulator was made without keep_features=True")
+        real = _real_features(real)
+        # On the detector's device when there is one: 50k × 50k distances or 100 kernel triples are GPU work.
+        device = getattr(extractor or getattr(source, "extractor", None), "device", None) or real.device
+        if precision_recall:
+            out.update(prdc(real.to(device), summary.features.to(device), k=k))
+        if kid:
+            out.update(kid_metric(real, summary.features, subsets=kid_subsets, subset_size=kid_subset_size,
+                                  device=device))
     return out

@@ -72,3 +72,18 @@ def save_stats(path: str | os.PathLike, mu, sigma, count: int | None = None, fea
     with atomic_open(path) as f:
         np.savez(f, **arrays)
     return Path(path)
+
+
+def load_real_features(path: str | os.PathLike, dim: int | None = None, min_count: int = MIN_COUNT) -> np.ndarray:
+    """The real images' pool features (N, D) float32 from a `neon stats --features` file, for precision/recall
+    and KID: refused, in one line naming the file, when missing, without 'features', non-finite, of another
+    dimension than `dim`, or holding fewer than `min_count` rows."""
+    stats = load_stats(path, dim=dim)
+    if stats.features is None:
+        raise NeonError(f"{path}: holds no 'features' (make it with `neon stats --images REAL --out FILE --features`)")
+    features = stats.features
+    if features.shape[0] < min_count:
+        raise NeonError(f"{path}: 'features' holds {features.shape[0]} rows, at least {min_count} are needed")
+    if not np.issubdtype(features.dtype, np.floating) or not np.isfinite(features).all():
+        raise NeonError(f"{path}: 'features' must be finite floating-point numbers")
+    return features.astype(np.float32, copy=False)

@@ -1,0 +1,95 @@
+"""Sweep metrics other than FID against the merge weight w: the paper's Fig. 4 (precision falls as w grows,
+recall rises then falls) and any one recorded number (KID, IS) vs w. Each figure is written atomically.
+
+    plot_precision_recall(points, 'sweep_precision_recall.png')   # points: sweep.json's "points"
+    plot_metric_vs_w(points, 'kid_mean', 'sweep_kid_mean.png')
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from neon.checkpoint import atomic_path
+
+W_LABEL = "merge weight w   (θneon = (1+w)·θr − w·θs)"
+
+
+def _curves(points: list[dict], key: str, cfg_key: str) -> list[tuple[str, list[dict]]]:
+    """(label, points sorted by w) per guidance scale × setting, keeping only points that recorded `key`."""
+    curves: dict[tuple[str, float | None], list[dict]] = {}
+    for p in points:
+        if p.get(key) is not None:
+            curves.setdefault((json.dumps(p.get("setting", {}), sort_keys=True), p.get("cfg")), []).append(p)
+    out = []
+    for (setting, c), pts in sorted(curves.items(), key=lambda kv: (kv[0][0], -math.inf if kv[0][1] is None
+                                                                    else kv[0][1])):
+        parts = [f"{k}={v}" for k, v in sorted(json.loads(setting).items())]
+        out.append((" ".join(parts + ([] if c is None else [f"{cfg_key}={c:g}"])), sorted(pts, key=lambda p: p["w"])))
+    return out
+
+
+def _figure():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(plt, fig, path: str) -> None:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def plot_metric_vs_w(points: list[dict], key: str, path: str, ylabel: str | None = None, cfg_key: str = "cfg") -> bool:
+    """`key` (e.g. 'kid_mean') vs w, one curve per guidance scale / setting; False (nothing written) when no
+    point recorded it."""
+    curves = _curves(points, key, cfg_key)
+    if not curves:
+        return False
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    for label, pts in curves:
+        ax.plot([p["w"] for p in pts], [p[key] for p in pts], "o-", ms=3, label=label or "θneon")
+    ax.axvline(0, color="0.7", lw=0.8)
+    ax.set_xlabel(W_LABEL)
+    ax.set_ylabel(ylabel or f"{key} ({curves[0][1][0].get('num_images', '?')} images)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(plt, fig, path)
+    return True
+
+
+def plot_precision_recall(points: list[dict], path: str, cfg_key: str = "cfg") -> bool:
+    """Precision (left) and recall (right) vs w, one curve per guidance scale / setting, w = 0 (θr) marked;
+    False (nothing written) when no point recorded precision and recall."""
+    curves = _curves([p for p in points if p.get("recall") is not None], "precision", cfg_key)
+    if not curves:
+        return False
+    plt = _figure()
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.8), dpi=120, sharex=True)
+    for ax, key in zip(axes, ("precision", "recall")):
+        for label, pts in curves:
+            ax.plot([p["w"] for p in pts], [p[key] for p in pts], "o-", ms=3, label=label or "θneon")
+        ax.axvline(0, color="0.7", lw=0.8)
+        ax.set_xlabel(W_LABEL)
+        ax.set_ylabel(f"{key} (k-NN, {curves[0][1][0].get('num_images', '?')} images)")
+        ax.set_title(key.capitalize(), fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    _save(plt, fig, path)
+    return True
+
+
+def plot_sweep_metrics(points: list[dict], sweep_path: str, cfg_key: str = "cfg") -> list[str]:
+    """Next to sweep.json: `<stem>_precision_recall.png` and `<stem>_kid.png` when the points recorded them.
+    Returns the files written."""
+    stem = os.path.splitext(sweep_path)[0]
+    written = []
+    if plot_precision_recall(points, stem + "_precision_recall.png", cfg_key):
+        written.append(stem + "_precision_recall.png")
+    if plot_metric_vs_w(points, "kid_mean", stem + "_kid.png", "KID", cfg_key):
+        written.append(stem + "_kid.png")
+    return written
