@@ -79,6 +79,7 @@ class FIDMetric:
                  kid_subsets: int = 100,                 # torch-fidelity's kid_subsets (neon.metrics.kid)
                  kid_subset_size: int = 1000):           # torch-fidelity's kid_subset_size
         from neon import metrics
+        inception_score = inception_score and detector != "dinov2"   # IS is an Inception metric: FD_DINOv2 has none
         self.ref = metrics.load_stats(ref_stats)
         self.extractor = metrics.FeatureExtractor(detector, weights=weights, device=device, logits=inception_score)
         if self.ref.dim != self.extractor.dim:
@@ -215,7 +216,8 @@ def evaluate_bundle(fam, bundle, ref: str, *, seeds=None, num_images=None, per_c
                   world_size=dist.world_size(), seconds=round(time.time() - t0, 1), **(extra or {}))
     if dist.is_main():
         is_txt = "" if result.get("is_mean") is None else f"  IS {result['is_mean']:.3f} ± {result['is_std']:.3f}"
-        print(f"FID {result['fid']:.4f}{is_txt}  ({result['num_images']} images, {detector})", flush=True)
+        name = "FD_DINOv2" if detector == "dinov2" else "FID"
+        print(f"{name} {result['fid']:.4f}{is_txt}  ({result['num_images']} images, {detector})", flush=True)
         if "precision" in result:
             print("precision {precision:.4f}  recall {recall:.4f}  density {density:.4f}  coverage {coverage:.4f}"
                   .format(**result), flush=True)
@@ -238,8 +240,10 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     which.add_argument("--per-class", type=int, help="N images of every class")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--arg", action="append", metavar="KEY=VALUE", help="sampler argument, e.g. cfg=1.5")
-    p.add_argument("--detector", default="inception-v3-compat", choices=["inception-v3-compat", "nvidia"])
-    p.add_argument("--inception-weights", help="detector weights (path, or 'fid-helper' offline)")
+    from neon.metrics.features import DETECTORS  # the detector networks load only when a command measures
+    p.add_argument("--detector", default="inception-v3-compat", choices=DETECTORS)
+    p.add_argument("--detector-weights", "--inception-weights", dest="inception_weights",
+                   help="detector weights (path, or 'fid-helper' offline for the Inception detectors)")
     p.add_argument("--no-is", action="store_true", help="skip the Inception Score")
     p.add_argument("--prdc", action="store_true", help="also precision/recall/density/coverage (k=5) against --real")
     p.add_argument("--kid", action="store_true", help="also the Kernel Inception Distance against --real")

@@ -208,6 +208,16 @@ def test_fid_metric_measures_fd_dinov2_and_checks_the_dimension(weights, tmp_pat
         FIDMetric("dinov2", str(tmp_path / "inception.npz"), "cpu", weights)
 
 
+def test_a_run_asking_for_the_inception_score_gets_none_from_dinov2(weights, tmp_path):
+    images = random_images(4, 32, 32, seed=5)
+    mu, sigma = gaussian_from_features(FeatureExtractor("dinov2", weights, device="cpu")(images)["pool"])
+    save_stats(tmp_path / "ref.npz", mu, sigma, count=len(images))
+    acc = FIDMetric("dinov2", str(tmp_path / "ref.npz"), "cpu", weights, inception_score=True)()
+    acc.update(images, list(range(len(images))))
+    result = acc.finish()
+    assert result["fid"] is not None and "is_mean" not in result and "is_unavailable" not in result
+
+
 def test_run_config_accepts_the_dinov2_detector():
     base = {"family": "edm", "synthetic": {"num_images": 4}}
     assert parse_config({**base, "metrics": {"detector": "dinov2"}}).metrics.detector == "dinov2"
