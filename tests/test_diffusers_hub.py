@@ -179,6 +179,14 @@ def test_push_to_hub_is_refused_before_the_run_when_the_base_is_one_file(tmp_pat
     assert not out.exists()
 
 
+def test_push_to_hub_is_refused_for_a_study_config_which_has_no_single_neon(tmp_path):
+    out = tmp_path / "run"
+    res = _neon_run([REPO / "configs" / "fashion_mnist_diffusers.yaml", "--smoke", "--out", out,
+                     "--push-to-hub", "someone/x"])
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "has no θneon to push" in res.stderr, res.stderr
+    assert not out.exists()
+
+
 class _Api:
     """HfApi's two calls, recorded; `fail` makes the upload raise as a refused login does."""
 
