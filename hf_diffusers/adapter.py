@@ -21,7 +21,7 @@ import diffusers
 import torch
 
 from hf_diffusers.loss import diffusion_loss, noise_scheduler
-from hf_diffusers.pipeline import load_pipeline, pipeline_object, resolve
+from hf_diffusers.pipeline import HUB_ID, load_pipeline, pipeline_object, resolve
 from hf_diffusers.sampler import dit_loop, to_uint8, unet_loop
 from neon.checkpoint import open_checkpoint
 from neon.errors import NeonError
@@ -81,6 +81,14 @@ class DiffusersFamily(Family):
         folder = resolve(path, local_files_only)
         parts = load_pipeline(folder, device)
         return _bundle(parts, source=os.path.abspath(folder))
+
+    def resolve_remote(self, name: str, load_args: dict) -> str | None:
+        """A config's `base: google/ddpm-cifar10-32`: the Hub snapshot folder of that repo id (configs and
+        safetensors only), downloaded when online, from the local cache when offline (load_args
+        local_files_only, default $HF_HUB_OFFLINE); None for a name that is not a repo id."""
+        if not HUB_ID.match(name):
+            return None
+        return resolve(name, load_args.get("local_files_only"))
 
     def tiny(self, device: torch.device | str = "cpu", seed: int = 0, model: str = "unet", num_classes: int = 0,
              resolution: int = 8, scheduler: str | None = None, prediction_type: str = "epsilon",

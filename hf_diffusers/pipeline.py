@@ -46,8 +46,8 @@ def resolve(path: str, local_files_only: bool | None = None) -> str:
         return huggingface_hub.snapshot_download(path, allow_patterns=HUB_FILES, local_files_only=local_files_only)
     except Exception as e:  # offline without a cached copy, unknown repo, network error
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise NeonError(f"{path}: cannot get this Hub pipeline ({why}); download it with download_models.sh "
-                        "or `hf download`, and pass the folder") from None
+        raise NeonError(f"{path}: no such local folder, and cannot get this Hub pipeline ({why}); download it "
+                        "with download_models.sh or `hf download`, and pass the folder") from None
 
 
 def load_module(component: str, classes: dict, device) -> torch.nn.Module:

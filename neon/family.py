@@ -171,6 +171,13 @@ class Family:
     def can_build(cls) -> bool:
         return cls.build is not Family.build
 
+    def resolve_remote(self, name: str, load_args: dict[str, Any]) -> str | None:
+        """A config's `base` that is no local file or folder: None when `name` is not a remote name this family
+        can fetch (the default: a family reads local files only), else the local path `load` reads for it,
+        fetched or found in a local cache now (a NeonError of one line when neither works). load_args: the
+        config's `load_args` (e.g. a family's offline switch)."""
+        return None
+
     def save_helpers(self, bundle: Bundle, folder: str) -> None:
         """Write the frozen helpers (VAE, tokenizer) of `bundle` into `folder` under their released file names,
         where `load` finds them; a family without helper files writes nothing."""

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from neon import dist, paths
+from neon import dist, hub, paths
 from neon.checkpoint import atomic_open, load_state_dict
 from neon.config import METHOD_KIND, RunConfig, config_kind, load_config
 from neon.errors import NeonError
@@ -69,9 +69,15 @@ def load_base(family: Family, cfg: RunConfig, smoke: bool, device) -> tuple[Bund
         return family.tiny(device, seed=0, **cfg.load_args), None
     if not cfg.base:
         raise NeonError("base: no checkpoint configured (set base, or use --smoke)")
-    if not (os.path.isfile(cfg.base) or is_pipeline_folder(cfg.base)):
-        raise NeonError(f"base: checkpoint {cfg.base} not found (bash download_models.sh fetches the released ones)")
-    return family.load(cfg.base, device, **cfg.load_args), cfg.base
+    path = cfg.base
+    if not (os.path.isfile(path) or is_pipeline_folder(path)):
+        # a remote name the family fetches (a Hub repo id): its local copy, already in the cache after
+        # check_run_inputs; the card still names the base as the config does
+        path = None if os.path.exists(cfg.base) else family.resolve_remote(cfg.base, cfg.load_args)
+        if path is None:
+            raise NeonError(f"base: checkpoint {cfg.base} not found (bash download_models.sh fetches the released "
+                            "ones)")
+    return family.load(path, device, **cfg.load_args), path
 
 
 def run_metric(cfg: RunConfig, out: str, device, synthetic: str):
@@ -99,7 +105,11 @@ def check_run_inputs(cfg: RunConfig, smoke: bool, out: str) -> None:
     paths.output_folder(out)
     if not cfg.base and not smoke:
         raise NeonError("base: no checkpoint configured (set base, or use --smoke)")
-    for field, path, what in (("base", cfg.base, "checkpoint"), ("ref_stats", cfg.ref_stats, "statistics file"),
+    base = cfg.base
+    if base is not None and not os.path.exists(base) and \
+            get_family(cfg.family).resolve_remote(base, cfg.load_args) is not None:
+        base = None   # a remote name (a Hub repo id) the family has fetched, or found in its cache, just now
+    for field, path, what in (("base", base, "checkpoint"), ("ref_stats", cfg.ref_stats, "statistics file"),
                               ("metrics.real_features", cfg.metrics.real_features, "features file")):
         if path is not None and os.path.isdir(path) and not (field == "base" and is_pipeline_folder(path)):
             raise NeonError(f"{field}: {path} is a folder, expected a {what}")
@@ -216,6 +226,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="run folder (default runs/<config name>[-smoke])")
     p.add_argument("--smoke", action="store_true",
                    help="tiny random network and tiny counts from the config's smoke section (CPU, seconds)")
+    p.add_argument("--push-to-hub", metavar="REPO",
+                   help="after the run, upload θneon's folder (a pipeline) with MODEL_CARD.md as its README.md to "
+                        "this Hugging Face Hub model repo (created if missing; needs `hf auth login` or $HF_TOKEN)")
 
 
 # Config kinds other than the method's (experiments such as experiments/fashion_mnist) register a runner,
@@ -228,8 +241,16 @@ def run_main(args) -> None:
     name = os.path.splitext(os.path.basename(args.config))[0] + ("-smoke" if args.smoke else "")
     out = args.out or os.path.join("runs", name)
     kind = config_kind(args.config)
+    repo = getattr(args, "push_to_hub", None)
+    if repo is not None:   # what can be checked offline, before anything runs
+        if kind != METHOD_KIND:
+            raise NeonError(f"--push-to-hub: a config of kind {kind!r} has no θneon to push")
+        hub.check_repo_id(repo)
+        hub.check_base_is_folder(load_config(args.config, smoke=args.smoke).base)
     if kind == METHOD_KIND:
         run(args.config, out, smoke=args.smoke)
+        if repo is not None and dist.is_main():
+            print(f"pushed {hub.push_run(out, repo)} to the Hub repo {repo}")
     else:  # an experiment's own stages: a refusal still leaves no empty run folder
         with paths.made_folder(out):
             RUNNERS.get(kind)(args.config, out, smoke=args.smoke)

@@ -88,7 +88,7 @@ class StudyConfig:
     control: ControlConfig = dataclasses.field(default_factory=ControlConfig)
     sweep: SweepConfig = dataclasses.field(default_factory=SweepConfig)
     evaluation: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
-    required_ratio: float = 3.0          # the bar: best-w improvement ≥ this × its std across seeds
+    required_ratio: float = 3.0          # the success criterion: best-w improvement ≥ this × its std across seeds
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -171,7 +171,8 @@ def stage_base(family: Family, cfg: StudyConfig, rec: StudyRecord, data: dict, d
                               model_channels=m.model_channels, channel_mult=list(m.channel_mult),
                               num_blocks=m.num_blocks, attn_resolutions=list(m.attn_resolutions), dropout=m.dropout)
         params = sum(p.numel() for p in bundle.net.parameters())
-        log(f"base: training {params:,}-parameter EDMPrecond/SongUNet from scratch on {len(train)} images")
+        log(f"base: training {params:,}-parameter {type(bundle.net).__name__} ({cfg.family} family) from scratch on "
+            f"{len(train)} images")
         examples = encode_examples(family, bundle, data["train"], None, batch=4096)
         snapshots = finetune(family, bundle, examples, cfg.base, folder, desc="training θr")
         done = rec.record("base", key, {"theta_r": snapshots[-1], "parameters": params,
