@@ -9,7 +9,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "download_models.sh"
 
-# The files the reproduction needs (issue: download_models.sh), by file name.
+# The files the reproduction needs (download_models.sh), by file name.
 REQUIRED = [
     "Neon_xARL_imagenet256.pth", "Neon_xARB_imagenet256.pth", "Neon_VARd16_imagenet256.pth",
     "Neon_VARd36_imagenet512.pth", "Neon_imm_imagenet256.pkl", "Neon_EDM_conditional_CIFAR10.pkl",

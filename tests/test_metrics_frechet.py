@@ -48,7 +48,7 @@ def test_frechet_distance_matches_scipy_sqrtm(name):
 
 
 def test_frechet_distance_2048d_rank_deficient_is_exact():
-    # The case: the covariance of 1k samples in 2048-d (rank 999) against a full-rank one. With
+    # The case that matters: the covariance of 1k samples in 2048-d (rank 999) against a full-rank one. With
     # Σ1 = XᵀX/(n−1), the non-zero eigenvalues of Σ1Σ2 are those of the small X Σ2 Xᵀ/(n−1): an exact
     # reference free of any matrix square root (sqrtm itself is only good to ~1e-8 here; at 2048-d it takes
     # ~20-60 s on one core, so bench/bench_metrics.py makes that comparison instead).

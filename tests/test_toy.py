@@ -1,4 +1,4 @@
-"""The 2-D Gaussian toy (issue 4): its pieces, and the paper's claims on one quick run with a fixed seed."""
+"""The 2-D Gaussian toy (the paper's appendix): its pieces, and the paper's claims on one quick run with a fixed seed."""
 import dataclasses
 import json
 import math
