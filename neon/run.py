@@ -1,5 +1,8 @@
 """`neon run CONFIG.yaml`: the whole method from one config — sample S → self-train θs → sweep w → final FID.
 
+The sweep runs once per chosen self-training snapshot (`sweep.snapshot`), each followed by the final evaluation
+of θneon at that snapshot's best point; θneon is saved from the snapshot with the best final metric, and θr is
+evaluated with its own published sampler settings (`final.base_sampler`). Final seeds are apart from the sweep's.
 Every stage writes into one run folder and is skipped when its output already exists, so a killed run is
 rerun with the same command. `run.json` records the config, package versions, and each stage's result.
 `--smoke` runs the same stages with the family's tiny random network and the config's `smoke:` overrides.
