@@ -167,7 +167,10 @@ def plot_snapshots(entries: list[dict], out: str, path: str, cfg_key: str = "cfg
     heat.set_title(f"sweep FID, {entries[0]['best'].get('num_images', '?')} images per point"
                    + (f" (each w at its best {cfg_key} / setting)" if guided else ""), fontsize=9)
     heat.legend(fontsize=7, loc="lower right")
-    fig.colorbar(image, ax=heat, fraction=0.05, pad=0.02).set_label("sweep FID (lower is better)", fontsize=8)
+    bar = fig.colorbar(image, ax=heat, fraction=0.05, pad=0.02)
+    bar.set_label("sweep FID (lower is better)", fontsize=8)
+    bar.formatter.set_useOffset(False)   # FIDs that differ in the 2nd decimal read as they are, not as an offset
+    bar.update_ticks()
     x = [e["images"] if e["images"] is not None else i for i, e in enumerate(entries)]
     trend.plot(x, [e["best"]["w"] for e in entries], "o-", ms=4, color="C0", label="best w (left axis)")
     trend.set_xlabel("θs: images seen in self-training")
