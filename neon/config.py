@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -249,6 +250,14 @@ def _images_list(images: list[int]) -> str:
     return ", ".join(shown)
 
 
+def _snapshot_suffix(cfg: RunConfig) -> str | None:
+    """The extension of the snapshot files (that of θr's file, '.pth' for the tiny network); None where the
+    base's name does not tell (a pipeline folder's snapshots are folders, with none)."""
+    if not cfg.base:
+        return ".pth"
+    return os.path.splitext(cfg.base)[1] or None
+
+
 def check_snapshot_choice(cfg: RunConfig) -> None:
     """`sweep.snapshot` names snapshots the finetune section writes: 'last', 'all', or names / image counts."""
     choice, written = cfg.sweep.snapshot, snapshot_images(cfg.finetune)
@@ -264,6 +273,10 @@ def check_snapshot_choice(cfg: RunConfig) -> None:
             if not match:
                 raise ConfigError(f"{where}: {item!r} is not 'last', 'all' or a snapshot name (snapshot-<10-digit "
                                   "images>[.ext])")
+            suffix = _snapshot_suffix(cfg)
+            if match.group(2) and suffix is not None and match.group(2) != suffix:
+                raise ConfigError(f"{where}: {item!r}: this run's snapshots are {suffix} files "
+                                  f"(snapshot-{int(match.group(1)):010d}{suffix})")
             item = int(match.group(1))
         if item not in written:
             raise ConfigError(f"{where}: no snapshot at {item} images (self-training writes them at "

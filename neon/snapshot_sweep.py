@@ -34,7 +34,8 @@ def snapshot_images(path: str) -> int | None:
 
 def select_snapshots(paths: list[str], choice: str | list) -> list[str]:
     """The snapshots `sweep.snapshot` names among those written (`paths`, in training order): 'last', 'all',
-    a file name, or a list of file names or image counts. An unknown one is a one-line NeonError."""
+    a file name (with or without its extension), or a list of file names or image counts. An unknown one is a
+    one-line NeonError."""
     if choice == "last":
         return paths[-1:]
     if choice == "all":
@@ -42,8 +43,8 @@ def select_snapshots(paths: list[str], choice: str | list) -> list[str]:
     chosen = []
     for i, item in enumerate([choice] if isinstance(choice, str) else choice):
         where = "sweep.snapshot" + ("" if isinstance(choice, str) else f"[{i}]")
-        found = [p for p in paths if (os.path.basename(p.rstrip("/")) == item if isinstance(item, str)
-                                      else snapshot_images(p) == item)]
+        found = [p for p in paths if (item in (os.path.basename(p.rstrip("/")), snapshot_name(p))
+                                      if isinstance(item, str) else snapshot_images(p) == item)]
         if not found:
             known = ", ".join(os.path.basename(p.rstrip("/")) for p in paths)
             raise NeonError(f"{where}: no snapshot {item!r} among those self-training wrote ({known})")

@@ -213,6 +213,7 @@ def test_snapshots_are_chosen_by_last_all_file_name_or_image_count():
     assert select_snapshots(SNAPSHOTS, ["snapshot-0000000024.pth", "snapshot-0000000012.pth"]) == SNAPSHOTS[::-1]
     assert select_snapshots(SNAPSHOTS, [12, 24]) == SNAPSHOTS
     assert select_snapshots(SNAPSHOTS, [24]) == SNAPSHOTS[1:]
+    assert select_snapshots(SNAPSHOTS, ["snapshot-0000000024"]) == SNAPSHOTS[1:]   # the extension may be left off
 
 
 def test_an_unknown_snapshot_is_refused_in_one_line():
@@ -222,12 +223,14 @@ def test_an_unknown_snapshot_is_refused_in_one_line():
     for choice, message in (([36], r"sweep\.snapshot\[0\]: no snapshot at 36 images \(self-training writes them "
                                    r"at 12, 24 images\)"),
                             ("snapshot-0000000036.pth", r"sweep\.snapshot: no snapshot at 36 images"),
+                            ("snapshot-0000000024.pkl", r"sweep\.snapshot: 'snapshot-0000000024\.pkl': this run's "
+                                                        r"snapshots are \.pth files \(snapshot-0000000024\.pth\)"),
                             (["final"], r"sweep\.snapshot\[0\]: 'final' is not 'last', 'all' or a snapshot name"),
                             ([], r"sweep\.snapshot: an empty list")):
         with pytest.raises(ConfigError, match=message) as info:
             parse_config({**CONFIG, "sweep": {**CONFIG["sweep"], "snapshot": choice}}, smoke=True)
         assert "\n" not in str(info.value)
-    for choice in ([12], [24, 12], "snapshot-0000000024.pth", "last", "all"):
+    for choice in ([12], [24, 12], "snapshot-0000000024.pth", "snapshot-0000000024", "last", "all"):
         parse_config({**CONFIG, "sweep": {**CONFIG["sweep"], "snapshot": choice}}, smoke=True)
 
 
