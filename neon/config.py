@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 import types
 import typing
 from typing import Any
@@ -90,7 +92,9 @@ class SweepConfig:
                                          # best point so far (a better neighbour moves the rest of the pattern)
     refine_decimals: int | None = None   # neighbours printed with printf('%.Nf'), as the scripts (None: exact sums)
     sampler: dict[str, Any] = dataclasses.field(default_factory=dict)
-    snapshot: str = "last"               # which self-training snapshot is θs ('last' or a file name)
+    # which self-training snapshots are θs, each swept on its own: 'last', 'all', a file name, or a list of file
+    # names or of image counts (images seen when the snapshot was written, as in its name snapshot-<images>)
+    snapshot: str | list[int] | list[str] = "last"
 
     def __post_init__(self):
         check_search(self)
@@ -136,14 +140,17 @@ def check_search(c: SweepConfig, where: str = "sweep") -> None:
 
 @dataclasses.dataclass
 class FinalConfig:
-    """Stage 4: the full-count evaluation of θr and θneon at the chosen (w, cfg)."""
+    """Stage 4: the full-count evaluation of θneon at each swept snapshot's best (w, cfg), and of θr with its own
+    published sampler settings, on seeds apart from the sweep's (so the chosen point is not scored on the noise
+    it was chosen with)."""
     num_images: int = 50_000
     per_class: int | None = None
-    seed_offset: int = 0
+    seed_offset: int | None = None       # first seed; None: just past the sweep's seeds
+    allow_overlap: bool = False          # accept final seeds that overlap the sweep's
     batch: int = 64
-    sampler: dict[str, Any] = dataclasses.field(default_factory=dict)
+    sampler: dict[str, Any] = dataclasses.field(default_factory=dict)   # θneon's (the sweep's cfg replaces its own)
+    base_sampler: dict[str, Any] | None = None   # θr's own published settings; None: `sampler` as written
     evaluate_base: bool = True
-    base_cfg: float | None = None        # guidance scale for θr (default: its best among the sweep's w = 0 points)
 
 
 @dataclasses.dataclass
@@ -290,6 +297,8 @@ def _semantic_checks(cfg: RunConfig, smoke: bool = False) -> None:
     if cfg.metrics.detector not in ("inception-v3-compat", "nvidia", "dinov2"):
         raise ConfigError(f"metrics.detector: {cfg.metrics.detector!r} is not inception-v3-compat, nvidia or dinov2")
     _metrics_checks(cfg.metrics, smoke)
+    check_snapshot_choice(cfg)
+    check_seed_overlap(cfg)
 
 
 def _metrics_checks(m: MetricsConfig, smoke: bool) -> None:
@@ -302,6 +311,95 @@ def _metrics_checks(m: MetricsConfig, smoke: bool) -> None:
         asked = " and ".join(n for n, on in (("precision_recall", m.precision_recall), ("kid", m.kid)) if on)
         raise ConfigError(f"metrics.real_features: {asked} need the real images' features "
                           "(`neon stats --images REAL --out real.npz --features`)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Which snapshots the sweep reads: the names self-training writes, known from the finetune section alone.
+
+SNAPSHOT_NAME = re.compile(r"snapshot-(\d{10})(\.\w+)?")
+
+
+def snapshot_images(ft: FinetuneConfig) -> list[int]:
+    """Images seen at each snapshot self-training writes: after the step that crosses each multiple of
+    snapshot_every_images, and after the last step (neon.selftrain.finetune). [] for sizes it refuses."""
+    if ft.batch <= 0 or ft.total_images <= 0 or (ft.snapshot_every_images or 1) <= 0:
+        return []
+    last = math.ceil(ft.total_images / ft.batch) * ft.batch
+    every = ft.snapshot_every_images
+    crossings = {math.ceil(k * every / ft.batch) * ft.batch for k in range(1, last // every + 1)} if every else set()
+    return sorted(crossings | {last})
+
+
+def _images_list(images: list[int]) -> str:
+    shown = [str(n) for n in images[:3]] + (["…", str(images[-1])] if len(images) > 4 else
+                                            [str(n) for n in images[3:]])
+    return ", ".join(shown)
+
+
+def _snapshot_suffix(cfg: RunConfig) -> str | None:
+    """The extension of the snapshot files (that of θr's file, '.pth' for the tiny network); None where the
+    base's name does not tell (a pipeline folder's snapshots are folders, with none)."""
+    if not cfg.base:
+        return ".pth"
+    return os.path.splitext(cfg.base)[1] or None
+
+
+def check_snapshot_choice(cfg: RunConfig) -> None:
+    """`sweep.snapshot` names snapshots the finetune section writes: 'last', 'all', or names / image counts."""
+    choice, written = cfg.sweep.snapshot, snapshot_images(cfg.finetune)
+    if choice in ("last", "all") or not written:
+        return
+    items = [choice] if isinstance(choice, str) else choice
+    if not items:
+        raise ConfigError("sweep.snapshot: an empty list (use 'last', 'all', or snapshot names or image counts)")
+    for i, item in enumerate(items):
+        where = "sweep.snapshot" + ("" if isinstance(choice, str) else f"[{i}]")
+        if isinstance(item, str):
+            match = SNAPSHOT_NAME.fullmatch(item)
+            if not match:
+                raise ConfigError(f"{where}: {item!r} is not 'last', 'all' or a snapshot name (snapshot-<10-digit "
+                                  "images>[.ext])")
+            suffix = _snapshot_suffix(cfg)
+            if match.group(2) and suffix is not None and match.group(2) != suffix:
+                raise ConfigError(f"{where}: {item!r}: this run's snapshots are {suffix} files "
+                                  f"(snapshot-{int(match.group(1)):010d}{suffix})")
+            item = int(match.group(1))
+        if item not in written:
+            raise ConfigError(f"{where}: no snapshot at {item} images (self-training writes them at "
+                              f"{_images_list(written)} images)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Seeds: the final evaluation draws its images from seeds the sweep did not choose its point with.
+
+def seed_range(num_images: int | None, per_class: int | None, seed_offset: int,
+               num_classes: int | None = None) -> tuple[int, int] | None:
+    """(first, last) seed of a sampling section, laid out as neon.sampling.plan_seeds does: per_class·C seeds
+    with per_class (C unknown before the model loads: the section's num_images, which states that total), else
+    num_images. None when the count is not known yet."""
+    count = num_images if per_class is None else per_class * num_classes if num_classes else num_images
+    return None if not count else (seed_offset, seed_offset + count - 1)
+
+
+def final_seed_offset(cfg: RunConfig, num_classes: int | None = None) -> int | None:
+    """final.seed_offset, or where it is None the seed just past the sweep's last one."""
+    if cfg.final.seed_offset is not None:
+        return cfg.final.seed_offset
+    sweep = seed_range(cfg.sweep.num_images, cfg.sweep.per_class, cfg.sweep.seed_offset, num_classes)
+    return None if sweep is None else sweep[1] + 1
+
+
+def check_seed_overlap(cfg: RunConfig, num_classes: int | None = None) -> None:
+    """Refuse final seeds that overlap the sweep's (unless final.allow_overlap). `num_classes`: the model's,
+    once loaded (per-class sections count per_class·C seeds)."""
+    s, f = cfg.sweep, cfg.final
+    offset = final_seed_offset(cfg, num_classes)
+    sweep = seed_range(s.num_images, s.per_class, s.seed_offset, num_classes)
+    final = None if offset is None else seed_range(f.num_images, f.per_class, offset, num_classes)
+    if f.allow_overlap or sweep is None or final is None or final[1] < sweep[0] or sweep[1] < final[0]:
+        return
+    raise ConfigError(f"final.seed_offset: final seeds {final[0]}–{final[1]} overlap the sweep's {sweep[0]}–{sweep[1]} "
+                      "(set final.allow_overlap: true to allow)")
 
 
 def check_args(declared: typing.Sequence[Arg], given: dict, where: str) -> None:
@@ -327,6 +425,8 @@ def check_family_args(cfg: RunConfig, family: Family, smoke: bool = False) -> No
     check_args(load_args, cfg.load_args, "load_args")
     for section in ("synthetic", "sweep", "final"):
         check_args(family.SAMPLER_ARGS, getattr(cfg, section).sampler, f"{section}.sampler")
+    if cfg.final.base_sampler is not None:
+        check_args(family.SAMPLER_ARGS, cfg.final.base_sampler, "final.base_sampler")
     sampler = {a.name: a for a in family.SAMPLER_ARGS}
     for key, values in cfg.sweep.grid.items():
         for i, value in enumerate(values):

@@ -49,8 +49,27 @@ def recipe(doc: dict) -> list[str]:
             f"- self-training θs: lr {ft['lr']:g}, batch {ft['batch']}, {ft['total_images']} images seen, warm-up "
             f"{ft['warmup_images']} images, EMA {ft['ema'] or 'none'}, optimizer {_kv(ft['optimizer'])} over the "
             f"family's defaults, loss {_kv(ft['loss_args'])}, seed {ft['seed']}: `{stages['sweep']['theta_s']}`",
-            f"- sweep: {sw['num_images']} images per point, sampler {_kv(sw['sampler'])}, reference statistics "
-            f"`{stages['sweep']['ref_stats']}`"]
+            f"- sweep: {sw['num_images']} images per point{_seeds(stages['sweep'])}, sampler {_kv(sw['sampler'])}, "
+            f"snapshots {sw['snapshot']}, reference statistics `{stages['sweep']['ref_stats']}`"]
+
+
+def _seeds(r: dict) -> str:
+    return f" (seeds {r['seeds'][0]}–{r['seeds'][1]})" if r.get("seeds") else ""
+
+
+def snapshot_table(doc: dict) -> list[str]:
+    """One Markdown row per swept θs snapshot: its best sweep point and the final FID there."""
+    swept, cfg_key = doc["stages"]["sweep"], doc["config"]["sweep"]["cfg_key"]
+    entries = swept.get("snapshots") or []
+    if not entries:
+        return []
+    rows = ["| snapshot | images seen | best point | sweep FID | final FID |", "|---|---|---|---|---|"]
+    for e in entries:
+        mark = " (best)" if e["snapshot"] == swept["best"].get("snapshot") else ""
+        rows.append(f"| {e['snapshot']}{mark} | {e.get('images', '–')} | {_where(e['best'], cfg_key)} "
+                    f"| {_number(e['best'].get('fid'))} | {_number(e['final'].get('fid'))} |")
+    return ["## Snapshots", "", f"Best snapshot (lowest final FID): {swept['best'].get('snapshot', '–')}", "",
+            *rows, ""]
 
 
 def final_lines(doc: dict) -> list[str]:
@@ -60,9 +79,20 @@ def final_lines(doc: dict) -> list[str]:
         r = final.get(name)
         if r:
             score = f", IS {_number(r['is_mean'], 3)}" if r.get("is_mean") is not None else ""
-            lines.append(f"- {name}: FID {_number(r.get('fid'))}{score} on {r['num_images']} images "
-                         f"({_where(r, cfg_key)})")
+            sampler = f", sampler {_kv(r['sampler'])}" if "sampler" in r else ""
+            lines.append(f"- {name}: FID {_number(r.get('fid'))}{score} on {r['num_images']} images{_seeds(r)} "
+                         f"({_where(r, cfg_key)}{sampler})")
     return lines
+
+
+def _of(doc: dict) -> str:
+    snapshot = doc["stages"]["sweep"]["best"].get("snapshot")
+    return f" of θs = {snapshot}" if snapshot else ""
+
+
+def _sweep_intro(doc: dict) -> list[str]:
+    snapshot = doc["stages"]["sweep"]["best"].get("snapshot")
+    return [f"The points of the best snapshot, {snapshot}:", ""] if snapshot else []
 
 
 def card_text(doc: dict, points: list[dict], config_path: str, neon_path: str) -> str:
@@ -71,9 +101,11 @@ def card_text(doc: dict, points: list[dict], config_path: str, neon_path: str) -
     lines = [f"# {os.path.basename(neon_path)}: θneon of {cfg['base'] or 'the tiny smoke-test network'}", "",
              cfg.get("description") or "", "",
              f"Made with {PAPER}: θneon = (1+w)·θr − w·θs, where θs is θr briefly self-trained on its own samples.",
-             "", "## Recipe", "", *recipe(doc), "", "## Sweep", "", *sweep_table(points, cfg["sweep"]["cfg_key"]),
-             "", f"Chosen: {_where(doc['stages']['sweep']['best'], cfg['sweep']['cfg_key'])}", "",
-             "## Final evaluation", "", *final_lines(doc), "", "## Reproduce", "", f"    neon run {config_path}{smoke}",
+             "", "## Recipe", "", *recipe(doc), "", "## Sweep", "", *_sweep_intro(doc),
+             *sweep_table(points, cfg["sweep"]["cfg_key"]),
+             "", f"Chosen: {_where(doc['stages']['sweep']['best'], cfg['sweep']['cfg_key'])}{_of(doc)}", "",
+             *snapshot_table(doc), "## Final evaluation", "", *final_lines(doc), "", "## Reproduce", "",
+             f"    neon run {config_path}{smoke}",
              ""]
     if smoke:
         lines += ["A smoke run: a tiny random network, and statistics of S stand in for the reference, so the "

@@ -1,5 +1,8 @@
 """`neon run CONFIG.yaml`: the whole method from one config — sample S → self-train θs → sweep w → final FID.
 
+The sweep runs once per chosen self-training snapshot (`sweep.snapshot`), each followed by the final evaluation
+of θneon at that snapshot's best point; θneon is saved from the snapshot with the best final metric, and θr is
+evaluated with its own published sampler settings (`final.base_sampler`). Final seeds are apart from the sweep's.
 Every stage writes into one run folder and is skipped when its output already exists, so a killed run is
 rerun with the same command. `run.json` records the config, package versions, and each stage's result.
 `--smoke` runs the same stages with the family's tiny random network and the config's `smoke:` overrides.
@@ -18,15 +21,32 @@ import torch
 
 from neon import dist, hub, paths
 from neon.checkpoint import atomic_open, load_state_dict
-from neon.config import METHOD_KIND, RunConfig, config_kind, load_config
+from neon.config import (
+    METHOD_KIND,
+    RunConfig,
+    check_seed_overlap,
+    config_kind,
+    final_seed_offset,
+    load_config,
+    seed_range,
+)
 from neon.errors import NeonError
-from neon.evaluate import FIDMetric, evaluate_images
+from neon.evaluate import FIDMetric
 from neon.family import Bundle, Family, get_family
 from neon.model_card import write_model_card
 from neon.pipeline_folder import is_pipeline_folder
 from neon.registry import Registry
 from neon.sampling import draw_labels, plan_seeds, sample_to_npz
 from neon.selftrain import CACHE_FILE, check_finetune_config, encode_examples, finetune
+from neon.snapshot_sweep import (
+    best_entry,
+    final_result,
+    select_snapshots,
+    snapshot_name,
+    snapshot_points,
+    sweep_snapshot,
+    write_summary,
+)
 from neon.sweep import Sweep, point_label, state_dict_copy
 
 
@@ -130,6 +150,7 @@ def run(config: str, out: str, smoke: bool = False) -> dict:
 def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device, config: str) -> dict:
     rec = RunRecord(os.path.join(out, "run.json"), cfg, smoke)
     bundle, base_path = load_base(family, cfg, smoke, device)
+    check_seed_overlap(cfg, bundle.num_classes)   # again with the model's class count, before anything is written
 
     # 1. The synthetic set S, drawn from θr with its usual (mode-seeking) sampler.
     synthetic = os.path.join(out, "synthetic.npz")
@@ -149,22 +170,28 @@ def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device, config: 
                                    cfg.finetune.cache_dtype)
         snapshots = finetune(family, bundle, examples, cfg.finetune, ft_dir)   # trains a copy: bundle keeps θr
         rec.record("finetune", {"snapshots": snapshots, "seconds": round(time.time() - t0, 1)})
-    snapshots = rec.stage("finetune")["snapshots"]
-    theta_s_path = snapshots[-1] if cfg.sweep.snapshot == "last" else os.path.join(ft_dir, cfg.sweep.snapshot)
+    snapshots = select_snapshots(rec.stage("finetune")["snapshots"], cfg.sweep.snapshot)
 
-    # 3. The sweep over w (× guidance scale).
+    # 3. The sweep over w (× guidance scale), for every chosen θs snapshot, each with its final evaluation.
     metric, ref = run_metric(cfg, out, device, synthetic)
     theta_r = state_dict_copy(bundle.net)
-    sweep = Sweep(family, bundle, theta_r, load_state_dict(theta_s_path), cfg.sweep, metric,
-                  os.path.join(out, "sweep.json"))
+    offset = final_seed_offset(cfg, bundle.num_classes)
     if not (rec.stage("sweep") or {}).get("best"):
         t0 = time.time()
-        best = sweep.run()
-        rec.record("sweep", {"best": best, "theta_s": theta_s_path, "ref_stats": ref,
-                             "points": len(sweep.points), "seconds": round(time.time() - t0, 1)})
-    best = rec.stage("sweep")["best"]
+        entries = [sweep_snapshot(family, bundle, theta_r, path, cfg, metric, out, offset) for path in snapshots]
+        doc = write_summary(out, entries, cfg.sweep.cfg_key)
+        first, last = seed_range(cfg.sweep.num_images, cfg.sweep.per_class, cfg.sweep.seed_offset,
+                                 bundle.num_classes)
+        rec.record("sweep", {"best": doc["best"], "theta_s": best_entry(entries)["path"], "ref_stats": ref,
+                             "snapshots": doc["snapshots"], "seeds": [first, last],
+                             "points": sum(len(snapshot_points(out, e)) for e in entries),
+                             "seconds": round(time.time() - t0, 1)})
+    swept = rec.stage("sweep")
+    best = swept["best"]
+    sweep = Sweep(family, bundle, theta_r, load_state_dict(swept["theta_s"]), cfg.sweep, metric)
 
-    # 4. θneon at the chosen w, saved in the family's container, and the final full-count evaluation.
+    # 4. θneon at the best snapshot's point, saved in the family's container; θr's final evaluation with its own
+    # sampler settings, on the same final seeds as θneon's (evaluated with the snapshot above).
     neon_path = os.path.join(out, "neon" + (os.path.splitext(base_path)[1] if base_path else ".pth"))
     if not os.path.exists(neon_path):  # a file, or a folder for pipeline-folder families
         bundle.net.load_state_dict(sweep.merged(best["w"]))
@@ -172,7 +199,8 @@ def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device, config: 
             family.save(bundle, neon_path)
         dist.barrier()
     if not rec.stage("final"):
-        rec.record("final", final_evaluation(family, bundle, sweep, cfg, metric, best))
+        bundle.net.load_state_dict(theta_r)
+        rec.record("final", final_evaluation(family, bundle, cfg, metric, swept, out, offset))
     bundle.net.load_state_dict(theta_r)
     if dist.is_main():
         write_model_card(out, rec.doc, config, neon_path)
@@ -180,43 +208,47 @@ def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device, config: 
     return rec.doc
 
 
-def final_evaluation(family, bundle, sweep: Sweep, cfg: RunConfig, metric, best: dict) -> dict:
-    """θr and θneon on the final image count, at the best point of the sweep; θr at its own best guidance
-    scale among the sweep's w = 0 points (or final.base_cfg). With a sweep grid (e.g. IMM's step counts), also
-    each setting at its own best point, under 'per_setting'."""
-    if len(sweep.settings_grid) == 1:
-        return _final_pair(family, bundle, sweep, cfg, metric, best)
-    per_setting = [{"setting": s, **_final_pair(family, bundle, sweep, cfg, metric, sweep.best(s))}
-                   for s in sweep.settings_grid]
-    overall = next(p for p in per_setting if p["setting"] == best.get("setting", {}))
-    return {"base": overall.get("base"), "neon": overall["neon"], "per_setting": per_setting}
+def base_sampler_args(cfg: RunConfig, setting: dict) -> dict:
+    """θr's sampler arguments: its published settings (final.base_sampler, else final.sampler as written), with
+    the setting of a sweep grid (e.g. IMM's step count) applied."""
+    base = cfg.final.base_sampler if cfg.final.base_sampler is not None else cfg.final.sampler
+    return {**base, **setting}
 
 
-def _final_pair(family, bundle, sweep: Sweep, cfg: RunConfig, metric, best: dict) -> dict:
-    f, setting = cfg.final, best.get("setting", {})
-    base_points = [p for p in sweep.points.values() if p["w"] == 0 and p.get("setting", {}) == setting]
-    base_guidance = f.base_cfg if f.base_cfg is not None else \
-        min(base_points, key=lambda p: p["fid"])["cfg"] if base_points else best["cfg"]
-    out = {}
-    for name, w, guidance in (("base", 0.0, base_guidance), ("neon", best["w"], best["cfg"])):
-        if name == "base" and not f.evaluate_base:
-            continue
-        bundle.net.load_state_dict(sweep.merged(w))
-        t0 = time.time()
-        result = evaluate_images(family, bundle, metric, f.num_images, f.per_class, f.seed_offset, f.batch,
-                                 sweep.sampler_args(guidance, setting, f.sampler), desc=f"final {name}")
-        out[name] = {"w": w, "cfg": guidance, "setting": setting, **result, "seconds": round(time.time() - t0, 1)}
-    return out
+def final_evaluation(family, bundle, cfg: RunConfig, metric, swept: dict, out: str, offset: int) -> dict:
+    """θr (bundle.net holds it) at its own sampler settings, beside θneon's final evaluation at the best
+    snapshot's point (made during the sweep stage). With a sweep grid, each setting under 'per_setting'."""
+    entry = next(e for e in swept["snapshots"] if e["snapshot"] == swept["best"]["snapshot"])
+    with open(os.path.join(out, "sweep", f"{snapshot_name(entry['snapshot'])}-final.json")) as f:
+        neon = json.load(f).get("final_per_setting") or [entry["final"]]
+    pairs = []
+    for result in neon:
+        pair = {"setting": result["setting"], "neon": result}
+        if cfg.final.evaluate_base:
+            args = base_sampler_args(cfg, result["setting"])
+            base = final_result(family, bundle, metric, cfg, offset, args, "final base")
+            pair["base"] = {"w": 0.0, "cfg": args.get(cfg.sweep.cfg_key), "setting": result["setting"], **base}
+        pairs.append(pair)
+    overall = next(p for p in pairs if p["setting"] == entry["final"]["setting"])
+    doc = {"snapshot": entry["snapshot"], "base": overall.get("base"), "neon": overall["neon"]}
+    return {**doc, "per_setting": pairs} if len(pairs) > 1 else doc
 
 
 def summarize(doc: dict, cfg: RunConfig) -> None:
-    final = doc["stages"].get("final", {})
+    swept, final = doc["stages"].get("sweep", {}), doc["stages"].get("final", {})
+    for e in swept.get("snapshots", []):
+        b = e["best"]
+        print(f"{e['snapshot']}: best {point_label(b['w'], b['cfg'], b.get('setting', {}), cfg.sweep.cfg_key)} "
+              f"sweep FID {b['fid']:.4f}, final FID {e['final']['fid']:.4f}")
+    if final.get("snapshot"):
+        print(f"best snapshot: {final['snapshot']}")
     for pair in final.get("per_setting") or [final]:
         for name in ("base", "neon"):
             if pair.get(name):
                 r = pair[name]
                 where = point_label(r["w"], r["cfg"], r.get("setting", {}), cfg.sweep.cfg_key)
-                print(f"{name:>5}: {where}  FID {r['fid']:.4f} on {r['num_images']} images")
+                seeds = f", seeds {r['seeds'][0]}–{r['seeds'][1]}" if r.get("seeds") else ""
+                print(f"{name:>5}: {where}  FID {r['fid']:.4f} on {r['num_images']} images{seeds}")
     if doc.get("smoke"):
         print("(smoke run: statistics of S stand in for the reference; the numbers mean nothing)")
 

@@ -10,7 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from neon.config import METHOD_KIND, ConfigError, config_kind, load_config, parse_config
+from neon.config import (
+    METHOD_KIND,
+    ConfigError,
+    check_seed_overlap,
+    config_kind,
+    final_seed_offset,
+    load_config,
+    parse_config,
+    seed_range,
+    snapshot_images,
+)
 from neon.family import TrainDefaults, arg_names, get_family
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,6 +42,63 @@ def test_config_validates_as_is_and_with_smoke(config):
     assert cfg.base and cfg.ref_stats, "a paper row names its base checkpoint and reference statistics"
     smoke = load_config(str(config), smoke=True)
     assert smoke.base is None
+
+
+@pytest.mark.parametrize("config", PAPER_ROWS, ids=lambda p: p.stem)
+def test_a_paper_row_evaluates_theta_r_with_its_own_sampler_settings(config):
+    cfg = load_config(str(config))
+    assert cfg.final.evaluate_base and cfg.final.base_sampler, "final.base_sampler: θr's published settings"
+
+
+def _swept(cfg) -> list[int]:
+    written = snapshot_images(cfg.finetune)
+    choice = cfg.sweep.snapshot
+    return written[-1:] if choice == "last" else written if choice == "all" else \
+        [n for n in written if n in choice or f"snapshot-{n:010d}" in str(choice)]
+
+
+@pytest.mark.parametrize("config", PAPER_ROWS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("smoke", [False, True], ids=["full", "smoke"])
+def test_final_seeds_are_apart_from_the_sweeps(config, smoke):
+    cfg = load_config(str(config), smoke=smoke)
+    assert not cfg.final.allow_overlap
+    classes = 1000 if not smoke and cfg.sweep.per_class else None   # the ImageNet rows' per-class plans
+    sweep = seed_range(cfg.sweep.num_images, cfg.sweep.per_class, cfg.sweep.seed_offset, classes)
+    final = seed_range(cfg.final.num_images, cfg.final.per_class, final_seed_offset(cfg, classes), classes)
+    assert final[1] < sweep[0] or sweep[1] < final[0], (sweep, final)
+    check_seed_overlap(cfg, classes)
+
+
+# The snapshots the official scripts sweep (SinaAlemohammad/Neon @76496c3): VAR/*/run_var_imagenet_*.sh and
+# xAR/run_xar{b,l}.sh list them by images seen (EPOCHS); edm/cal_metrics_all.py and imm/run_imm_imagenet_256.sh
+# take every network-snapshot-*.pkl of the run, named by kimg at a tick's end (EDM) or by tick (IMM): their count,
+# past EDM's tick-0 copy of θr (12 = 6 Mimg / 500 kimg or 3 Mimg / 250 kimg; IMM: 60 ticks).
+OFFICIAL_SNAPSHOTS = {
+    "edm_cifar10_cond": 12,
+    "edm_cifar10_uncond": 12,
+    "edm_ffhq64": 12,
+    "var_d16_256": [250368, 500736, 750336, 1000704, 1250304, 1500672, 1750272, 2000640, 2250240, 2500608, 2750208,
+                    3000576, 3250176, 3500544, 3750144, 4000512, 4250112, 4500480, 4750080, 5000448, 5250048,
+                    5500416, 5750016, 6000384, 6250752, 6500352, 6750720, 7000320, 7250688],
+    "var_d36_512": [200016, 400008, 600000, 800016, 1000008, 1200000, 1400016, 1600008, 1800000, 2000016, 2200008,
+                    2400000, 2600016, 2800008, 3000000],
+    "xar_b_256": [250112, 500224, 750080, 1000192, 1250048, 1500160, 1750016, 2000128, 2250240, 2500096, 2750208,
+                  3000064, 3250176, 3500032, 3750144, 4000000, 4250112, 4500224, 4750080, 5000192, 5250048, 5500160,
+                  5750016, 6000128, 6250240, 6500096, 6750208, 7000064, 7250176],
+    "imm_in256": 60,
+}
+OFFICIAL_SNAPSHOTS["xar_l_256"] = OFFICIAL_SNAPSHOTS["xar_b_256"]
+
+
+@pytest.mark.parametrize("row", sorted(OFFICIAL_SNAPSHOTS))
+def test_a_paper_row_sweeps_the_snapshots_the_official_script_sweeps(row):
+    swept, official = _swept(load_config(str(REPO / "configs" / f"{row}.yaml"))), OFFICIAL_SNAPSHOTS[row]
+    assert (len(swept) if isinstance(official, int) else swept) == official
+
+
+@pytest.mark.parametrize("config", PAPER_ROWS, ids=lambda p: p.stem)
+def test_a_smoke_run_sweeps_at_least_two_snapshots(config):
+    assert len(_swept(load_config(str(config), smoke=True))) >= 2
 
 
 def _smoke_images(section, num_classes: int) -> int:
@@ -102,6 +169,16 @@ def test_bad_fields_are_named_in_one_line(tmp_path):
         with pytest.raises(ConfigError, match=message) as info:
             parse_config(data)
         assert "\n" not in str(info.value)
+    overlap = {"family": "edm", "synthetic": {"num_images": 4}, "final": {"seed_offset": 5000}}
+    with pytest.raises(ConfigError, match=r"^final\.seed_offset: final seeds 5000–54999 overlap the sweep's "
+                                          r"0–9999 \(set final\.allow_overlap: true to allow\)$"):
+        parse_config(overlap)
+    parse_config({**overlap, "final": {"seed_offset": 5000, "allow_overlap": True}})
+    with pytest.raises(ConfigError, match=r"^final\.base_sampler\.num_stepz: unknown argument \(known: num_steps"):
+        parse_config({"family": "edm", "synthetic": {"num_images": 4}, "final": {"base_sampler": {"num_stepz": 8}}},
+                     family_args=True)
+    with pytest.raises(ConfigError, match=r"^sweep\.snapshot\[0\]: no snapshot at 5 images"):
+        parse_config({"family": "edm", "synthetic": {"num_images": 4}, "sweep": {"snapshot": [5]}})
     (tmp_path / "bad.yaml").write_text("family: edm\nsweep: {w: [0, 1}\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(str(tmp_path / "bad.yaml"))
@@ -116,7 +193,16 @@ def test_smoke_run_goes_through_every_stage(config, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     doc = json.loads((out / "run.json").read_text())
     assert set(doc["stages"]) == {"sample", "finetune", "sweep", "final"} and doc["smoke"] is True
-    assert doc["stages"]["final"]["neon"]["fid"] is not None
+    final = doc["stages"]["final"]
+    assert final["neon"]["fid"] is not None
     for name in ("synthetic.npz", "sweep.json", "sweep.png"):
         assert (out / name).is_file(), name
     assert list(out.glob("neon.*")) and list((out / "finetune").glob("snapshot-*"))
+    swept = json.loads((out / "sweep.json").read_text())["snapshots"]
+    assert len(swept) >= 2 and final["snapshot"] == min(swept, key=lambda e: e["final"]["fid"])["snapshot"]
+    cfg = load_config(str(config), smoke=True)
+    for pair in final.get("per_setting") or [final]:   # θr at its own settings (a grid's setting applied)
+        assert pair["base"]["sampler"] == {**cfg.final.base_sampler, **pair["neon"]["setting"]}
+        first, last = doc["stages"]["sweep"]["seeds"]
+        assert pair["base"]["seeds"] == pair["neon"]["seeds"] and (pair["neon"]["seeds"][0] > last
+                                                                   or pair["neon"]["seeds"][1] < first)

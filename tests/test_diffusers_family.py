@@ -321,7 +321,7 @@ def test_a_run_on_a_pipeline_folder_writes_pipeline_snapshots_and_a_merged_pipel
     assert snapshots and all(os.path.isfile(os.path.join(p, "model_index.json")) for p in snapshots)
     w = doc["stages"]["sweep"]["best"]["w"]
     neon = diffusers.DiffusionPipeline.from_pretrained(str(out / "neon")).unet.state_dict()
-    r, s = load_state_dict(str(base)), load_state_dict(snapshots[-1])
+    r, s = load_state_dict(str(base)), load_state_dict(doc["stages"]["sweep"]["theta_s"])   # the best snapshot
     assert all(torch.equal(v, merge_tensor(r[k], s[k], w)) for k, v in neon.items())
     card = (out / "MODEL_CARD.md").read_text()   # what the merged pipeline is, to share it as it is
     points = json.loads((out / "sweep.json").read_text())["points"]

@@ -1,0 +1,197 @@
+"""Stage 3 over self-training length: one sweep of w (× cfg) per θs snapshot, then the final evaluation of θneon
+at each snapshot's best point; the best snapshot is the one with the best final metric.
+
+This is the official protocol (SinaAlemohammad/Neon @76496c3: edm/cal_metrics_all.py loops over every
+network-snapshot-*.pkl; VAR/*/run_var_imagenet_*.sh, xAR/run_xar{b,l}.sh and imm/run_imm_imagenet_256.sh loop
+over their snapshot lists, each with its own grid walk and a 50k evaluation at that snapshot's best point).
+Files, all resumable: `sweep/<snapshot>.json` (that snapshot's points, neon.sweep.Sweep), `sweep/<snapshot>.png`,
+`sweep/<snapshot>-final.json` (its final evaluation), and `sweep.json` / `sweep.png`, the summary over snapshots.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from neon import dist
+from neon.checkpoint import atomic_open, atomic_path, load_state_dict
+from neon.config import SNAPSHOT_NAME, RunConfig, seed_range
+from neon.errors import NeonError
+from neon.evaluate import evaluate_images
+from neon.sweep import Sweep
+
+
+def snapshot_name(path: str) -> str:
+    """'snapshot-0000250368' of 'finetune/snapshot-0000250368.pth' (or of a pipeline folder of that name)."""
+    return os.path.splitext(os.path.basename(path.rstrip("/")))[0]
+
+
+def snapshot_images(path: str) -> int | None:
+    """Images seen when the snapshot was written, read from its name."""
+    match = SNAPSHOT_NAME.fullmatch(os.path.basename(path.rstrip("/")))
+    return int(match.group(1)) if match else None
+
+
+def select_snapshots(paths: list[str], choice: str | list) -> list[str]:
+    """The snapshots `sweep.snapshot` names among those written (`paths`, in training order): 'last', 'all',
+    a file name (with or without its extension), or a list of file names or image counts. An unknown one is a
+    one-line NeonError."""
+    if choice == "last":
+        return paths[-1:]
+    if choice == "all":
+        return list(paths)
+    chosen = []
+    for i, item in enumerate([choice] if isinstance(choice, str) else choice):
+        where = "sweep.snapshot" + ("" if isinstance(choice, str) else f"[{i}]")
+        found = [p for p in paths if (item in (os.path.basename(p.rstrip("/")), snapshot_name(p))
+                                      if isinstance(item, str) else snapshot_images(p) == item)]
+        if not found:
+            known = ", ".join(os.path.basename(p.rstrip("/")) for p in paths)
+            raise NeonError(f"{where}: no snapshot {item!r} among those self-training wrote ({known})")
+        chosen += [p for p in found if p not in chosen]
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One final evaluation: N images on the final seeds, with the sampler arguments and seed range recorded.
+
+def final_result(family, bundle, metric, cfg: RunConfig, offset: int, sampler_args: dict, desc: str) -> dict:
+    f = cfg.final
+    t0 = time.time()
+    result = evaluate_images(family, bundle, metric, f.num_images, f.per_class, offset, f.batch, sampler_args,
+                             desc=desc)
+    first, last = seed_range(f.num_images, f.per_class, offset, bundle.num_classes)
+    return {**result, "sampler": dict(sampler_args), "seeds": [first, last], "seconds": round(time.time() - t0, 1)}
+
+
+def neon_final(family, bundle, sweep: Sweep, cfg: RunConfig, metric, point: dict, offset: int, desc: str) -> dict:
+    """θneon at one sweep point (w, cfg, setting), evaluated on the final seeds."""
+    setting = point.get("setting", {})
+    bundle.net.load_state_dict(sweep.merged(point["w"]))
+    result = final_result(family, bundle, metric, cfg, offset, sweep.sampler_args(point["cfg"], setting,
+                                                                                    cfg.final.sampler), desc)
+    return {"w": point["w"], "cfg": point["cfg"], "setting": setting, **result}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One snapshot: its sweep, then the final evaluation at its best point (each setting's best, with a grid).
+
+def sweep_snapshot(family, bundle, theta_r: dict, path: str, cfg: RunConfig, metric, out: str,
+                   final_offset: int) -> dict:
+    """{'snapshot', 'path', 'images', 'best', 'final'[, 'final_per_setting']} of the snapshot at `path`; read
+    back from sweep/<snapshot>-final.json when that exists (a rerun skips the snapshot)."""
+    name = snapshot_name(path)
+    done_path = os.path.join(out, "sweep", f"{name}-final.json")
+    if os.path.isfile(done_path):
+        with open(done_path) as f:
+            return json.load(f)
+    os.makedirs(os.path.dirname(done_path), exist_ok=True)
+    sweep = Sweep(family, bundle, theta_r, load_state_dict(path), cfg.sweep, metric,
+                  os.path.join(out, "sweep", f"{name}.json"))
+    if dist.is_main():
+        print(f"sweeping θs = {os.path.basename(path)}")
+    best = sweep.run()
+    entry = {"snapshot": os.path.basename(path.rstrip("/")), "path": path, "images": snapshot_images(path),
+             "best": best}
+    if len(sweep.settings_grid) == 1:
+        entry["final"] = neon_final(family, bundle, sweep, cfg, metric, best, final_offset, f"final {name}")
+    else:
+        per_setting = [neon_final(family, bundle, sweep, cfg, metric, sweep.best(s), final_offset,
+                                  f"final {name} {s}") for s in sweep.settings_grid]
+        entry["final"] = next(r for r in per_setting if r["setting"] == best.get("setting", {}))
+        entry["final_per_setting"] = per_setting
+    bundle.net.load_state_dict(sweep.theta_r)
+    if dist.is_main():
+        print(f"{name}: final FID {entry['final']['fid']:.4f} at w={best['w']:g}")
+        with atomic_open(done_path, "w") as f:
+            json.dump(entry, f, indent=1)
+    dist.barrier()
+    return entry
+
+
+def best_entry(entries: list[dict]) -> dict:
+    """The snapshot with the lowest final FID (the earliest of equals)."""
+    return min(entries, key=lambda e: e["final"]["fid"])
+
+
+def write_summary(out: str, entries: list[dict], cfg_key: str) -> dict:
+    """sweep.json: every swept snapshot, the best one, and its points (what one sweep's file holds); and
+    sweep.png. Returns the document."""
+    best = best_entry(entries)
+    with open(os.path.join(out, "sweep", f"{snapshot_name(best['snapshot'])}.json")) as f:
+        best_sweep = json.load(f)
+    doc = {"settings": best_sweep["settings"],
+           "snapshots": [{k: e[k] for k in ("snapshot", "images", "best", "final")} for e in entries],
+           "best_snapshot": best["snapshot"], "best": {**best["best"], "snapshot": best["snapshot"]},
+           "final": best["final"], "points": best_sweep["points"]}
+    if dist.is_main():
+        with atomic_open(os.path.join(out, "sweep.json"), "w") as f:
+            json.dump(doc, f, indent=1)
+        plot_snapshots(entries, out, os.path.join(out, "sweep.png"), cfg_key)
+    return doc
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The picture: FID over (snapshot, w), to see how the best w moves as self-training lengthens (Eq. 4).
+
+def snapshot_points(out: str, entry: dict) -> list[dict]:
+    """The sweep points of one swept snapshot (from sweep/<snapshot>.json)."""
+    with open(os.path.join(out, "sweep", f"{snapshot_name(entry['snapshot'])}.json")) as f:
+        return json.load(f)["points"]
+
+
+def plot_snapshots(entries: list[dict], out: str, path: str, cfg_key: str = "cfg") -> None:
+    """Left: heat map of the sweep FID, one row per snapshot, one column per w (each w's best over guidance
+    scales and settings), each row's best point starred. Right: each snapshot's best w and its final FID."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    grids = [snapshot_points(out, e) for e in entries]
+    ws = sorted({p["w"] for pts in grids for p in pts})
+    fid = np.full((len(entries), len(ws)), np.nan)
+    for row, pts in enumerate(grids):
+        for p in pts:
+            col = ws.index(p["w"])
+            fid[row, col] = np.nanmin([fid[row, col], p["fid"]])
+    labels = [_images_label(e["images"]) if e["images"] is not None else e["snapshot"] for e in entries]
+    fig, (heat, trend) = plt.subplots(1, 2, figsize=(10, 0.9 + max(2.8, 0.28 * len(entries))), dpi=120,
+                                      gridspec_kw={"width_ratios": [1.5, 1]})
+    image = heat.imshow(fid, aspect="auto", cmap="viridis_r", interpolation="nearest")
+    heat.set_xticks(range(len(ws)), [f"{w:g}" for w in ws], fontsize=7, rotation=90 if len(ws) > 12 else 0)
+    heat.set_yticks(range(len(entries)), labels, fontsize=7)
+    heat.plot([ws.index(e["best"]["w"]) for e in entries], range(len(entries)), "*", color="w", ms=9, mec="k",
+              label="best w of the snapshot")
+    heat.set_xlabel("merge weight w   (θneon = (1+w)·θr − w·θs)")
+    heat.set_ylabel("θs: images seen in self-training")
+    guided = any(p["cfg"] is not None or p.get("setting") for pts in grids for p in pts)
+    heat.set_title(f"sweep FID, {entries[0]['best'].get('num_images', '?')} images per point"
+                   + (f" (each w at its best {cfg_key} / setting)" if guided else ""), fontsize=9)
+    heat.legend(fontsize=7, loc="lower right")
+    bar = fig.colorbar(image, ax=heat, fraction=0.05, pad=0.02)
+    bar.set_label("sweep FID (lower is better)", fontsize=8)
+    bar.formatter.set_useOffset(False)   # FIDs that differ in the 2nd decimal read as they are, not as an offset
+    bar.update_ticks()
+    x = [e["images"] if e["images"] is not None else i for i, e in enumerate(entries)]
+    trend.plot(x, [e["best"]["w"] for e in entries], "o-", ms=4, color="C0", label="best w (left axis)")
+    trend.set_xlabel("θs: images seen in self-training")
+    trend.set_ylabel("best w", color="C0")
+    final = trend.twinx()
+    final.plot(x, [e["final"]["fid"] for e in entries], "s--", ms=4, color="C3",
+               label="final FID at that w (right axis)")
+    final.set_ylabel(f"final FID ({entries[0]['final']['num_images']} images)", color="C3")
+    best = best_entry(entries)
+    final.plot([x[entries.index(best)]], [best["final"]["fid"]], "*", ms=14, color="k",
+               label=f"best snapshot: {best['snapshot']}")
+    handles = trend.get_legend_handles_labels()[0] + final.get_legend_handles_labels()[0]
+    final.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="best")
+    trend.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def _images_label(images: int) -> str:
+    return f"{images / 1e6:.3g}M" if images >= 1_000_000 else f"{images / 1e3:.4g}k" if images >= 1000 else str(images)
+
