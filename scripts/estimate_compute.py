@@ -2,8 +2,9 @@
 
     python scripts/estimate_compute.py [--tflops-bf16 400] [--tflops-fp32 150]
 
-Image counts come from configs/*.yaml (synthetic set, self-training length, sweep grid — every point, no early
-stop, every setting of a grid such as IMM's step counts — and the final 2 × 50k evaluation per setting). Network
+Image counts come from configs/*.yaml: the synthetic set, the self-training length, and for every swept θs
+snapshot its sweep (every point of every setting's grid, e.g. IMM's per-step-count grids, no early stop, plus the
+refinement's neighbours) and a final evaluation of θneon at its best point; θr's final evaluation once. Network
 cost per image:
   - EDM: forward FLOPs of the release SongUNet, counted with torch's FlopCounterMode on the meta device, times
     the sampler's 2N−1 evaluations; training 3× a forward (forward + backward);
@@ -19,7 +20,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from neon.config import load_config
+from neon.config import load_config, snapshot_images
+from neon.sweep import setting_grids
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,30 +85,39 @@ def costs(row: str, cfg) -> tuple[float, float, str]:
     return 2 * steps * transformer_forward_flops(shape, L), 4 * transformer_forward_flops(shape, L), "bf16"
 
 
+def snapshots_swept(cfg) -> int:
+    """How many θs snapshots the sweep walks (sweep.snapshot: 'last', 'all', or a list)."""
+    choice = cfg.sweep.snapshot
+    if choice == "last" or isinstance(choice, str) and choice != "all":
+        return 1
+    return len(snapshot_images(cfg.finetune)) if choice == "all" else len(choice)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tflops-bf16", type=float, default=400.0, help="sustained TFLOP/s, bf16/fp16 (H100 ~40%%)")
     p.add_argument("--tflops-fp32", type=float, default=150.0, help="sustained TFLOP/s, fp32 via TF32")
     args = p.parse_args()
-    print(f"{'row':<20} {'S':>8} {'self-train':>11} {'sweep':>8} {'final':>8} {'total GPU-h':>12}")
+    print(f"{'row':<20} {'S':>8} {'self-train':>11} {'snapshots':>10} {'sweep':>8} {'final':>8} {'total GPU-h':>12}")
     for row in [*EDM_NETWORKS, *TRANSFORMERS]:
         cfg = load_config(str(REPO / "configs" / f"{row}.yaml"))
         sample, train, precision = costs(row, cfg)
         rate = 1e12 * (args.tflops_fp32 if precision == "fp32" else args.tflops_bf16)
-        n_cfg = len(cfg.sweep.cfg or [None])
-        n_settings = 1
-        for values in cfg.sweep.grid.values():
-            n_settings *= len(values)
-        n_points = (len(cfg.sweep.w) * n_cfg + (4 if cfg.sweep.refine else 0)) * n_settings
-        steps = cfg.sweep.grid.get("steps")
-        sweep_sample = sample * (sum(steps) / len(steps) / cfg.synthetic.sampler["steps"] if steps else 1)
+        refine = {"3x3": 8, "cross": 4, None: 4}[cfg.sweep.refine_pattern] if cfg.sweep.refine else 0
+        sweep_images = final_images = 0.0   # image-equivalents at the synthetic sampler's cost
+        for setting, ws, guidance in setting_grids(cfg.sweep):
+            scale = setting["steps"] / cfg.synthetic.sampler["steps"] if "steps" in setting else 1
+            n_points = len(ws) * len(guidance or [None]) + (refine if guidance else min(refine, 2))
+            sweep_images += n_points * cfg.sweep.num_images * scale
+            final_images += cfg.final.num_images * scale
+        n_snap = snapshots_swept(cfg)
         classes = 10 if row.startswith("edm") else 1000
         n_syn = cfg.synthetic.per_class * classes if cfg.synthetic.per_class else cfg.synthetic.num_images
+        # Every snapshot: its sweep and a final evaluation of θneon at its best point; θr's final evaluation once.
         hours = [n_syn * sample / rate / 3600, cfg.finetune.total_images * train / rate / 3600,
-                 n_points * cfg.sweep.num_images * sweep_sample / rate / 3600,
-                 2 * n_settings * cfg.final.num_images * sweep_sample / rate / 3600]
-        print(f"{row:<20} " + " ".join(f"{h:8.1f}" if i != 1 else f"{h:11.1f}" for i, h in enumerate(hours))
-              + f" {sum(hours):12.0f}")
+                 n_snap * sweep_images * sample / rate / 3600, (n_snap + 1) * final_images * sample / rate / 3600]
+        print(f"{row:<20} {hours[0]:8.1f} {hours[1]:11.1f} {n_snap:10d} {hours[2]:8.1f} {hours[3]:8.1f}"
+              f" {sum(hours):12.0f}")
 
 
 if __name__ == "__main__":
