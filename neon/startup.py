@@ -1,7 +1,7 @@
 """What a process pays to start and to end: importing the heavy libraries, and the interpreter's exit.
 
-Importing torch creates about a million Python objects, diffusers (which imports torch._dynamo, sympy and
-scipy.stats) as many again. Python's cyclic garbage collector walks every tracked object at each full collection,
+Importing torch leaves about 180,000 objects for Python's cyclic garbage collector to track, diffusers (which
+imports torch._dynamo, sympy and scipy.stats) 250,000 more. The collector walks every one at each full collection,
 which it runs whenever the heap has grown by a quarter, and once more while the interpreter shuts down. None of
 those objects is garbage, yet the walks cost, per `neon sample --family imm --tiny` process, about 0.8 s of CPU
 while importing and 1 s at exit, of some 7 s (measured with gc.callbacks; bench/README.md), and every torchrun
