@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -31,32 +32,36 @@ CONFIGS = {
 BATCH_VS = {"imm": ["--num-images", "1024", "--batch", "32", "--arg", "steps=8", "--arg", "cfg=1.5"]}
 
 
-def run(family: str, args: list[str], procs: int, folder: str) -> tuple[float, float]:
-    """-> (whole-process seconds, sampling seconds) of one `neon sample` run."""
+def run(family: str, args: list[str], procs: int, folder: str) -> tuple[float, float, float]:
+    """-> (whole-process seconds, sampling seconds, CPU seconds) of one `neon sample` run. CPU: user + system
+    time of the process and every process it waited for (torchrun's workers), as /usr/bin/time reports it."""
     out = os.path.join(folder, f"{family}-{procs}-{time.monotonic_ns()}.npz")
     launcher = [sys.executable] if procs == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
     cmd = [*launcher, "-m", "neon", "sample", "--family", family, "--tiny", *args, "--out", out]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
     if res.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
     os.remove(out)
     sampling = float(re.search(r"images in ([0-9.]+) s", res.stdout).group(1))
-    return wall, sampling
+    return wall, sampling, cpu
 
 
 def compare(family: str, a: tuple[list[str], int], b: tuple[list[str], int], rounds: int, folder: str):
-    """Interleaved rounds of two commands -> medians (wall_a, sampling_a, wall_b, sampling_b)."""
+    """Interleaved rounds of two commands -> medians (wall_a, sampling_a, cpu_a, wall_b, sampling_b, cpu_b)."""
     times = {0: [], 1: []}
     for r in range(rounds):
         order = (0, 1) if r % 2 == 0 else (1, 0)
         for i in order:
             args, procs = (a, b)[i]
             times[i].append(run(family, args, procs, folder))
-    med = [statistics.median(t[j] for t in times[i]) for i in (0, 1) for j in (0, 1)]
+    med = [statistics.median(t[j] for t in times[i]) for i in (0, 1) for j in (0, 1, 2)]
     return tuple(med)
 
 
@@ -73,15 +78,16 @@ def main() -> None:
             cfg = BATCH_VS.get(family, CONFIGS[family]) if args.batch_vs else CONFIGS[family]
             if args.batch_vs:
                 other = [*cfg[:cfg.index("--batch") + 1], str(args.batch_vs), *cfg[cfg.index("--batch") + 2:]]
-                w1, s1, w2, s2 = compare(family, (cfg, 1), (other, 1), args.rounds, folder)
-                print(f"{family}: {' '.join(cfg)}: {w1:.1f} s (sampling {s1:.1f} s); at --batch {args.batch_vs}: "
-                      f"{w2:.1f} s (sampling {s2:.1f} s); speed-up of the batch: {w2 / w1:.2f}x whole process, "
-                      f"{s2 / s1:.2f}x sampling", flush=True)
+                w1, s1, c1, w2, s2, c2 = compare(family, (cfg, 1), (other, 1), args.rounds, folder)
+                print(f"{family}: {' '.join(cfg)}: {w1:.1f} s (sampling {s1:.1f} s, CPU {c1:.1f} s); at --batch "
+                      f"{args.batch_vs}: {w2:.1f} s (sampling {s2:.1f} s, CPU {c2:.1f} s); speed-up of the batch: "
+                      f"{w2 / w1:.2f}x whole process, {s2 / s1:.2f}x sampling", flush=True)
             else:
-                w1, s1, w2, s2 = compare(family, (cfg, 1), (cfg, 2), args.rounds, folder)
-                print(f"{family}: {' '.join(cfg)}: 1 process {w1:.1f} s (sampling {s1:.1f} s), 2 processes "
-                      f"{w2:.1f} s (sampling {s2:.1f} s); speed-up {w1 / w2:.2f}x whole process, "
-                      f"{s1 / s2:.2f}x sampling", flush=True)
+                w1, s1, c1, w2, s2, c2 = compare(family, (cfg, 1), (cfg, 2), args.rounds, folder)
+                print(f"{family}: {' '.join(cfg)}: 1 process {w1:.1f} s (sampling {s1:.1f} s, CPU {c1:.1f} s), "
+                      f"2 processes {w2:.1f} s (sampling {s2:.1f} s, CPU {c2:.1f} s); speed-up {w1 / w2:.2f}x "
+                      f"whole process, {s1 / s2:.2f}x sampling", flush=True)
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

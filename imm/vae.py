@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from neon.errors import NeonError
+from neon.startup import import_attribute  # diffusers, imported where used: seconds of start-up otherwise
 
 VAE_NAME = "stabilityai/sd-vae-ft-ema"
 RAW_MEAN = (0.86488, -0.27787343, 0.21616915, 0.3738409)       # per-channel mean of raw ImageNet-256 latents
@@ -90,7 +91,7 @@ def load_vae(path: str | None = None, device: torch.device | str = "cpu", fp16: 
              **mapping) -> LatentVAE:
     """The SD-VAE from a local diffusers folder, or from the Hugging Face hub when `path` is a hub id (default
     'stabilityai/sd-vae-ft-ema'; downloads). fp16: run it in float16 on CUDA, as the official code does."""
-    from diffusers import AutoencoderKL
+    AutoencoderKL = import_attribute("diffusers", "AutoencoderKL")
 
     path = path or VAE_NAME
     if os.path.exists(path) and not os.path.isfile(os.path.join(path, "config.json")):
@@ -109,7 +110,7 @@ def load_vae(path: str | None = None, device: torch.device | str = "cpu", fp16: 
 def tiny_vae(seed: int = 0, device: torch.device | str = "cpu") -> LatentVAE:
     """A randomly initialised AutoencoderKL with the SD-VAE layout (4 levels, 8x downsampling, 4 latent
     channels) at a few thousand parameters, with the release latent mapping."""
-    from diffusers import AutoencoderKL
+    AutoencoderKL = import_attribute("diffusers", "AutoencoderKL")
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -15,6 +15,7 @@ import os
 import sys
 import time
 
+from neon import startup
 from neon.errors import USER_ERROR, NeonError
 from neon.registry import Registry
 
@@ -83,6 +84,7 @@ def fail(line: str) -> None:
 
 def run_as_script(main_fn) -> None:
     """Run a `main()` of a family front-end (`python -m edm.calculate_fid ...`): user errors as one line."""
+    startup.skip_collection_at_exit()
     try:
         main_fn()
     except USER_ERRORS as e:
@@ -91,14 +93,17 @@ def run_as_script(main_fn) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
+    startup.skip_collection_at_exit()
     if argv[:1] == ["torchrun"]:  # its arguments are torchrun's: not parsed here
         return _module("torchrun").launch(argv[1:])
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in COMMANDS and command not in PLUGINS:
         command = None
-    args = build_parser(command).parse_args(argv)
+    with startup.paused_gc():  # the command's module imports torch and what else it needs
+        args = build_parser(command).parse_args(argv)
+        command_main = getattr(_module(args.command), f"{args.command}_main")
     try:
-        getattr(_module(args.command), f"{args.command}_main")(args)
+        command_main(args)
     except USER_ERRORS as e:
         fail(f"neon {args.command}: error: {e}")
 

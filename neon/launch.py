@@ -13,6 +13,7 @@ import os
 import sys
 
 from neon.errors import USER_ERROR
+from neon.startup import import_attribute
 
 # Set by this launcher for its workers: they leave the printing of their error line to it.
 LAUNCHER_PRINTS = "NEON_LAUNCHER_PRINTS_ERRORS"
@@ -28,8 +29,8 @@ def torchrun_main(args) -> None:
 
 
 def launch(argv: list[str]) -> None:
-    from torch.distributed import run as torchrun
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    torchrun = import_attribute("torch.distributed.run")
+    ChildFailedError = import_attribute("torch.distributed.elastic.multiprocessing.errors", "ChildFailedError")
     os.environ[LAUNCHER_PRINTS] = "1"
     try:
         torchrun.run(torchrun.parse_args(argv))

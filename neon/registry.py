@@ -11,6 +11,7 @@ import importlib.metadata
 from typing import Any
 
 from neon.errors import NeonError
+from neon.startup import import_attribute, paused_gc
 
 
 class Registry:
@@ -34,7 +35,8 @@ class Registry:
             return self._registered[name]
         for ep in importlib.metadata.entry_points(group=self.group):
             if ep.name == name:
-                return ep.load()
+                with paused_gc():  # a plug-in's modules import what they need (diffusers, ...)
+                    return ep.load()
         raise NeonError(f"unknown {self.what} {name!r}; available: {', '.join(self.names()) or 'none'}")
 
     def __contains__(self, name: str) -> bool:
@@ -46,6 +48,6 @@ def load_attribute(spec: str) -> Any:
     """'package.module:attribute' -> the attribute (for plug-ins that are not installed as entry points)."""
     module, _, attr = spec.partition(":")
     try:
-        return getattr(importlib.import_module(module), attr)
+        return import_attribute(module, attr)
     except (ImportError, AttributeError) as e:
         raise NeonError(f"cannot load {spec!r}: {e}") from None
