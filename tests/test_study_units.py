@@ -11,9 +11,22 @@ import yaml
 
 from experiments.fashion_mnist.classifier import FeatureCNN, predict, train_classifier
 from experiments.fashion_mnist.config import GUIDE_ARM, parse_study
-from experiments.fashion_mnist.evaluate import choose, image_set_metrics, reference_statistics, sweep_rows
+from experiments.fashion_mnist.evaluate import (
+    choose,
+    image_set_metrics,
+    improvement,
+    paired_row,
+    reference_statistics,
+    sweep_rows,
+)
 from experiments.fashion_mnist.pipeline import StudyRecord, evaluation_ranges
-from experiments.fashion_mnist.protocol import merge_point, neon_guided_points, unconditional_points
+from experiments.fashion_mnist.protocol import (
+    arm_sweep,
+    merge_point,
+    neon_guided_points,
+    neon_w,
+    unconditional_points,
+)
 from neon.config import ConfigError
 from neon.errors import NeonError
 from neon.family import get_family
@@ -98,47 +111,52 @@ def test_bad_configs_are_refused_naming_the_field(edit, message):
 
 # -- the paired summary and the choice on the validation range -----------------------------------------
 
-def point(validation, report, pixel=0.0):
-    """A point as the evaluation stores it: metrics of the validation range and of each report range."""
-    return {"validation": {"classifier_fd": validation, "pixel_fd": pixel},
-            "report": [{"classifier_fd": v, "pixel_fd": pixel} for v in report]}
+def metrics(*classifier_fd, pixel=0.0):
+    """Metrics of one range (one value) or of several report ranges (a list)."""
+    out = [{"classifier_fd": v, "pixel_fd": pixel} for v in classifier_fd]
+    return out[0] if len(out) == 1 else out
 
 
 def test_paired_difference_is_taken_range_by_range():
-    base = point(3.0, [2.0, 3.0, 4.0])
-    rows = sweep_rows({1.0: point(2.5, [1.5, 2.6, 3.4])}, base)
-    assert [r["w"] for r in rows] == [0.0, 1.0]
-    r = rows[1]
-    assert r["classifier_fd"]["mean"] == pytest.approx(2.5)
-    assert r["classifier_fd"]["std"] == pytest.approx(np.std([1.5, 2.6, 3.4], ddof=1))
-    assert r["classifier_fd_diff"]["mean"] == pytest.approx(-0.5)     # diffs -0.5, -0.4, -0.6
-    assert r["classifier_fd_diff"]["std"] == pytest.approx(0.1)       # far smaller than the unpaired std
-    assert r["validation"]["classifier_fd_diff"] == pytest.approx(-0.5)
-    chosen = choose(rows)
-    assert chosen["w"] == 1.0 and chosen["improvement"] == pytest.approx(0.5) and chosen["ratio"] == pytest.approx(5.0)
+    row = paired_row(metrics(1.5, 2.6, 3.4), metrics(2.0, 3.0, 4.0))
+    assert row["classifier_fd"]["mean"] == pytest.approx(2.5)
+    assert row["classifier_fd"]["std"] == pytest.approx(np.std([1.5, 2.6, 3.4], ddof=1))
+    assert row["classifier_fd_diff"]["mean"] == pytest.approx(-0.5)     # diffs -0.5, -0.4, -0.6
+    assert row["classifier_fd_diff"]["std"] == pytest.approx(0.1)       # far smaller than the unpaired std
+    gain = improvement(row)
+    assert gain["improvement"] == pytest.approx(0.5) and gain["ratio"] == pytest.approx(5.0)
 
 
-def test_choice_is_made_on_the_validation_range_not_the_report_ranges():
-    base = point(3.0, [3.0, 3.0, 3.0])
-    # w = 1 is best on the validation range, w = 2 on the report ranges: the validation range decides.
-    rows = sweep_rows({1.0: point(2.0, [2.8, 2.9, 2.7]), 2.0: point(2.5, [1.0, 1.1, 0.9])}, base)
-    chosen = choose(rows)
-    assert chosen["w"] == 1.0 and chosen["validation_fd"] == 2.0
-    assert chosen["fd"] == pytest.approx(2.8) and chosen["improvement"] == pytest.approx(0.2)
-
-
-def test_no_improvement_when_w0_is_best_on_validation():
-    rows = sweep_rows({1.0: point(3.5, [2.5, 3.5, 4.5]), -1.0: point(3.2, [1.0, 1.1, 1.2])}, point(3.0, [2, 3, 4]))
+def test_grid_rows_hold_the_validation_fd_and_its_difference_to_theta_r():
+    rows = sweep_rows({1.0: metrics(2.5), -1.0: metrics(3.5)}, metrics(3.0))
     assert [r["w"] for r in rows] == [-1.0, 0.0, 1.0]
-    assert choose(rows)["w"] == 0.0 and choose(rows)["ratio"] == 0.0
+    assert [r["classifier_fd_diff"] for r in rows] == [0.5, 0.0, -0.5]
 
 
-def test_a_sweep_can_start_from_another_model_than_theta_r():
-    base, neon = point(3.0, [3.0, 3.0]), point(2.0, [2.0, 2.2])
-    rows = sweep_rows({0.5: point(1.9, [1.8, 2.1])}, base, "omega", zero=neon)
+def test_choice_is_the_lowest_validation_fd():
+    rows = sweep_rows({1.0: metrics(2.0), 2.0: metrics(2.5)}, metrics(3.0))
+    assert choose(rows) == 1.0
+    rows = sweep_rows({1.0: metrics(3.5), -1.0: metrics(3.2)}, metrics(3.0))
+    assert choose(rows) == 0.0                                         # θr itself when nothing beats it
+
+
+def test_choice_ignores_the_report_ranges():
+    """w = 1 is best on the validation range, w = 2 on the report ranges: the validation range decides."""
+    validation = {"base_w0": metrics(3.0), "ode_w1": metrics(2.0), "ode_w2": metrics(2.5)}
+    report = {"base_w0": metrics(3.0, 3.0, 3.0), "ode_w1": metrics(2.8, 2.9, 2.7), "ode_w2": metrics(1.0, 1.1, 0.9)}
+    cfg = parse_study(CONFIG).study
+    cfg.sweep.ode = [1.0, 2.0]
+    assert neon_w(validation, cfg) == 1.0
+    chosen = arm_sweep(validation, "ode", cfg.sweep.ode)
+    assert chosen["chosen"] == 1.0 and chosen["point"].name == "ode_w1"
+    assert paired_row(report["ode_w1"], report["base_w0"])["classifier_fd"]["mean"] == pytest.approx(2.8)
+
+
+def test_a_guided_grid_starts_from_its_unguided_model():
+    base, neon = metrics(3.0), metrics(2.0)
+    rows = sweep_rows({0.5: metrics(1.9)}, base, "omega", zero=neon)
     assert [r["omega"] for r in rows] == [0.0, 0.5]
-    assert rows[0]["classifier_fd_values"] == [2.0, 2.2]               # ω = 0: the given model, unguided
-    assert rows[0]["classifier_fd_diff"]["mean"] == pytest.approx(-0.9)   # Δ is still to θr
+    assert rows[0]["classifier_fd"] == 2.0 and rows[0]["classifier_fd_diff"] == -1.0   # ω = 0: θneon; Δ to θr
 
 
 # -- what is evaluated -----------------------------------------------------------------------------------

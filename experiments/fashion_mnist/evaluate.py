@@ -3,8 +3,9 @@ report ranges.
 
 Every model samples the same seeds with the same labels, so for report range b the difference FD_b(model) −
 FD_b(θr) compares the models on identical noise: the sampling noise common to both cancels, and what remains is
-spread across ranges, which is the std we report. w and ω are chosen on a separate validation range, so the
-reported improvement is not the minimum of several noisy estimates taken on the images it is judged on.
+spread across ranges, which is the std we report. w and ω are chosen on a separate validation range (where every
+grid point is measured), so the reported improvement is not the minimum of several noisy estimates taken on the
+images it is judged on.
 """
 from __future__ import annotations
 
@@ -66,25 +67,25 @@ def paired_row(report: list[dict], base: list[dict]) -> dict:
 
 
 def sweep_rows(points: dict[float, dict], base: dict, axis: str = "w", zero: dict | None = None) -> list[dict]:
-    """points: {x: {"validation": metrics, "report": [metrics per report range]}} for the grid values x of one
-    sweep (w or ω); base: θr's point; zero: the point of x = 0 (default θr) unless the sweep evaluated x = 0.
-    -> rows sorted by x: the validation range's metrics and Δ to θr, and the report ranges' `paired_row`."""
+    """points: {x: metrics on the validation range} for the grid values x of one sweep (w or ω); base: θr's
+    validation metrics; zero: the metrics of x = 0 (default θr's) unless the grid evaluated x = 0 itself.
+    -> rows sorted by x: each metric on the validation range and its difference to θr there."""
     rows = []
     for x in sorted(set(points) | {0.0}):
         p = points.get(x, base if zero is None else zero)
-        val = {m: p["validation"][m] for m in METRICS}
-        val.update({m + "_diff": p["validation"][m] - base["validation"][m] for m in METRICS})
-        rows.append({axis: x, "validation": val, **paired_row(p["report"], base["report"])})
+        rows.append({axis: x, **{m: p[m] for m in METRICS}, **{m + "_diff": p[m] - base[m] for m in METRICS}})
     return rows
 
 
-def choose(rows: list[dict], axis: str = "w", metric: str = "classifier_fd") -> dict:
-    """The row with the lowest FD on the validation range (the report ranges are never looked at; ties go to
-    the smaller |x|), and its paired improvement over θr on the report ranges against that improvement's std."""
-    best = min(rows, key=lambda r: (r["validation"][metric], abs(r[axis])))
-    d = best[metric + "_diff"]
-    improvement = -d["mean"]
-    ratio = improvement / d["std"] if d["std"] > 0 else (float("inf") if improvement > 0 else 0.0)
-    return {axis: best[axis], "validation_fd": best["validation"][metric], "fd": best[metric]["mean"],
-            "fd_std": best[metric]["std"], "improvement": improvement, "improvement_std": d["std"],
-            "ratio": ratio if best[axis] != 0 else 0.0}
+def choose(rows: list[dict], axis: str = "w", metric: str = "classifier_fd") -> float:
+    """The grid value with the lowest FD on the validation range (ties go to the smaller |x|). The report
+    ranges play no part in it."""
+    return min(rows, key=lambda r: (r[metric], abs(r[axis])))[axis]
+
+
+def improvement(row: dict, metric: str = "classifier_fd") -> dict:
+    """A `paired_row`'s improvement over θr (−mean Δ), its std across report ranges, and their ratio."""
+    d = row[metric + "_diff"]
+    gain = -d["mean"]
+    ratio = gain / d["std"] if d["std"] > 0 else (float("inf") if gain > 0 else 0.0)
+    return {"improvement": gain, "improvement_std": d["std"], "ratio": ratio}

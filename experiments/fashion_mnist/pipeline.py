@@ -29,7 +29,14 @@ from experiments.fashion_mnist.classifier import load_classifier, predict, save_
 from experiments.fashion_mnist.config import ARMS, GUIDE_ARM, StudyConfig, load_study
 from experiments.fashion_mnist.datasets import load_fashion_mnist
 from experiments.fashion_mnist.evaluate import image_set_metrics, reference_statistics
-from experiments.fashion_mnist.protocol import Point, arm_sweep, neon_guided_points, unconditional_points
+from experiments.fashion_mnist.protocol import (
+    Point,
+    guidance_cost,
+    neon_guided_points,
+    neon_w,
+    report_points,
+    unconditional_points,
+)
 from experiments.fashion_mnist.report import write_report
 from neon.checkpoint import atomic_open, load_state_dict
 from neon.errors import NeonError
@@ -303,8 +310,8 @@ def count_network_images(*modules: torch.nn.Module | None):
 
 def evaluate_point(family: Family, bundle: Bundle, guided: Bundle, weights: dict, point: Point, ranges: list,
                    cfg: StudyConfig, clf, ref) -> tuple[dict, np.ndarray]:
-    """Sample `point`'s model (bundle.net carrying `weights`) on every range and measure each range's images.
-    -> (the point's record, the images of all ranges in order)."""
+    """Sample `point`'s model (bundle.net carrying `weights`) on each of `ranges` and measure each range's images.
+    -> ({"metrics": [per range], "images", "network_calls", "sampling_cpu_seconds"}, the images of all ranges)."""
     e = cfg.evaluation
     bundle.net.load_state_dict(weights)
     sampler = {**e.sampler, "guide_scale": point.omega} if point.guided else e.sampler
@@ -317,9 +324,8 @@ def evaluate_point(family: Family, bundle: Bundle, guided: Bundle, weights: dict
             cpu += time.process_time() - t0
             results.append(image_set_metrics(clf, x, ref, labels))
             images.append(x)
-    record = {**dataclasses.asdict(point), "validation": results[0], "report": results[1:],
-              "images": sum(len(x) for x in images), "network_calls": calls[0],
-              "sampling_cpu_seconds": round(cpu, 2)}
+    record = {"metrics": results, "images": sum(len(x) for x in images), "network_calls": calls[0],
+              "sampling_cpu_seconds": round(cpu, 3)}
     return record, np.concatenate(images)
 
 
@@ -333,9 +339,9 @@ def point_weights(point: Point, theta_r: dict, thetas: dict) -> dict:
 
 def stage_evaluate(family: Family, bundle: Bundle, theta_r: dict, thetas: dict, cfg: StudyConfig,
                    rec: StudyRecord, clf, ref, upstream: list[str], arm_keys: dict) -> dict:
-    """Every model of the protocol on the validation range and the report ranges (the same seeds for all); the
-    guided Neon points follow the ODE arm's w chosen on the validation range. Points are saved as they finish,
-    so a killed run resumes."""
+    """Every grid point on the validation range, where w and ω are chosen (the guided Neon grid at the ODE arm's
+    chosen w); then θr and the chosen models on the report ranges. The same seeds and labels for every model in
+    a range set. Points are saved as they finish, so a killed run resumes."""
     e = cfg.evaluation
     key = rec.key(dataclasses.asdict(e), *upstream)
     folder, done = rec.begin("eval", key)
@@ -345,40 +351,46 @@ def stage_evaluate(family: Family, bundle: Bundle, theta_r: dict, thetas: dict, 
         with open(points_path) as f:
             points = json.load(f)
     ranges = evaluation_ranges(family, bundle, cfg)
-    seeds = np.concatenate([np.asarray(s, dtype=np.int64) for _, s, _ in ranges])
-    labels = None if ranges[0][2] is None else np.concatenate([lab for _, _, lab in ranges])
+    sets = {"validation": ranges[:1], "report": ranges[1:]}
     guided = with_guide(bundle, thetas[GUIDE_ARM], f"θs of the {GUIDE_ARM} arm")
     computed, asked = False, []
 
-    def run(todo: list[Point]) -> None:
+    def run(todo: list[Point], where: str) -> dict[str, list[dict]]:
         nonlocal computed
+        out = {}
+        os.makedirs(os.path.join(folder, where), exist_ok=True)
         for point in todo:
             asked.append(point.name)
-            point_key = rec.key(dataclasses.asdict(point), key, arm_keys.get(point.arm, ""),
+            point_key = rec.key([dataclasses.asdict(point), where], key, arm_keys.get(point.arm, ""),
                                 arm_keys[GUIDE_ARM] if point.guided else "")
-            if points.get(point.name, {}).get("key") == point_key:
-                continue
-            t0 = time.time()
-            record, images = evaluate_point(family, bundle, guided, point_weights(point, theta_r, thetas), point,
-                                            ranges, cfg, clf, ref)
-            bundle.net.load_state_dict(theta_r)
-            save_images_npz(os.path.join(folder, f"{point.name}.npz"), images, labels, seeds)
-            points[point.name] = {**record, "key": point_key, "seconds": round(time.time() - t0, 1)}
-            computed = True
-            with atomic_open(points_path, "w") as f:
-                json.dump(points, f, indent=1)
-            fds = ", ".join(f"{r['classifier_fd']:.3f}" for r in record["report"])
-            log(f"eval {point.name:>22}: classifier FD validation {record['validation']['classifier_fd']:.3f}, "
-                f"report [{fds}]  ({time.time() - t0:.0f} s)")
+            entry = points.setdefault(point.name, dataclasses.asdict(point))
+            if entry.get(where, {}).get("key") != point_key:
+                t0 = time.time()
+                record, images = evaluate_point(family, bundle, guided, point_weights(point, theta_r, thetas), point,
+                                                sets[where], cfg, clf, ref)
+                bundle.net.load_state_dict(theta_r)
+                seeds = np.concatenate([np.asarray(s, dtype=np.int64) for _, s, _ in sets[where]])
+                labels = None if ranges[0][2] is None else np.concatenate([lab for _, _, lab in sets[where]])
+                save_images_npz(os.path.join(folder, where, f"{point.name}.npz"), images, labels, seeds)
+                entry[where] = {**record, "key": point_key, "seconds": round(time.time() - t0, 1)}
+                computed = True
+                with atomic_open(points_path, "w") as f:
+                    json.dump(points, f, indent=1)
+                fds = ", ".join(f"{r['classifier_fd']:.3f}" for r in record["metrics"])
+                log(f"eval {where:>10} {point.name:>22}: classifier FD [{fds}]  ({time.time() - t0:.0f} s)")
+            out[point.name] = entry[where]["metrics"]
+        return out
 
-    run(unconditional_points(cfg))
-    neon_w = arm_sweep(points, GUIDE_ARM, cfg.sweep.ode)["chosen"]["w"]
-    run(neon_guided_points(cfg, neon_w))
+    validation = {k: v[0] for k, v in run(unconditional_points(cfg), "validation").items()}
+    validation.update({k: v[0] for k, v in run(neon_guided_points(cfg, neon_w(validation, cfg)), "validation")
+                       .items()})
+    report = run(report_points(validation, cfg), "report")
     points = {name: points[name] for name in dict.fromkeys(asked)}      # drop points no longer asked
     if not done or computed:
-        seconds = sum(p["seconds"] for p in points.values())
+        seconds = sum(p[w]["seconds"] for p in points.values() for w in sets if w in p)
         rec.record("eval", key, {"points": len(points), "path": points_path, "seconds": round(seconds, 1)})
-    return {"points": points, "folder": folder,
+    records = [{**p, **p[where]} for p in points.values() for where in sets if where in p]
+    return {"validation": validation, "report": report, "folder": folder, "guidance_cost": guidance_cost(records),
             "ranges": {name: [int(s[0]), int(s[-1])] for name, s, _ in ranges},
             "reference_trace": float(np.trace(ref["classifier_sigma"]))}
 

@@ -8,8 +8,9 @@ Models (`Point`s), all sampled with the same deterministic sampler on the same s
   - θr sampled with the ODE arm's θs as guide, (1+ω)·D_θr − ω·D_θs at every denoiser evaluation (SIMS /
     autoguidance form, neon/guidance.py), over an ω grid;
   - Neon + guidance: θneon at the ODE arm's chosen w, sampled with the same guide, over an ω grid.
-Every w and ω is chosen on the validation range (lowest classifier FD there); the chosen point is reported on the
-report ranges as mean ± std and paired Δ to θr, range by range. The grid curves are kept on both.
+Every grid point is measured on the validation range, where each w and ω is chosen (lowest classifier FD); θr and
+the chosen models are then measured on the report ranges: mean ± std and paired Δ to θr, range by range. The
+grid curves are therefore validation-range curves (one range, no error bars).
 
 There is no "θr with classifier-free guidance re-tuned" baseline: the model is trained without label dropout, so
 it has no unconditional branch to guide with.
@@ -21,7 +22,7 @@ import dataclasses
 import numpy as np
 
 from experiments.fashion_mnist.config import ARMS, GUIDE_ARM, StudyConfig
-from experiments.fashion_mnist.evaluate import choose, paired_row, sweep_rows
+from experiments.fashion_mnist.evaluate import choose, improvement, paired_row, sweep_rows
 
 # The continued fine-tuning baselines: (arm, w = −1 → that arm's fine-tuned θ, unmerged).
 BASELINES = {"finetune_real": "control", "selftrained": "ode"}
@@ -70,75 +71,89 @@ def neon_guided_points(cfg: StudyConfig, neon_w: float) -> list[Point]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The summary. `points`: {name: {"validation": metrics, "report": [metrics per report range], ...}}.
+# Choices (validation range) and the summary (report ranges). `validation`: {point name: metrics};
+# `report`: {point name: [metrics per report range]}.
 
-def arm_sweep(points: dict, arm: str, ws: list[float]) -> dict:
-    base = points[base_point().name]
-    rows = sweep_rows({float(w): points[merge_point(arm, w).name] for w in ws if w != 0}, base, "w")
-    return {"rows": rows, "chosen": choose(rows, "w")}
+def arm_sweep(validation: dict, arm: str, ws: list[float]) -> dict:
+    base = validation[base_point().name]
+    rows = sweep_rows({float(w): validation[merge_point(arm, w).name] for w in ws if w != 0}, base, "w")
+    chosen = choose(rows, "w")
+    return {"rows": rows, "chosen": chosen, "point": merge_point(arm, chosen)}
 
 
-def guided_sweep(points: dict, omegas: list[float], neon_w: float | None) -> dict:
+def guided_sweep(validation: dict, omegas: list[float], neon_w: float | None) -> dict:
     """ω = 0 is the unguided model (θr, or θneon at neon_w) unless the grid evaluated ω = 0 itself."""
-    base = points[base_point().name]
-    zero = base if neon_w is None else points[merge_point(GUIDE_ARM, neon_w).name]
-    rows = sweep_rows({float(o): points[guided_point(o, neon_w).name] for o in omegas}, base, "omega", zero)
-    return {"rows": rows, "chosen": choose(rows, "omega")}
+    base = validation[base_point().name]
+    unguided = base_point() if neon_w is None else merge_point(GUIDE_ARM, neon_w)
+    rows = sweep_rows({float(o): validation[guided_point(o, neon_w).name] for o in omegas}, base, "omega",
+                      validation[unguided.name])
+    chosen = choose(rows, "omega")
+    point = guided_point(chosen, neon_w) if chosen in omegas else unguided
+    return {"rows": rows, "chosen": chosen, "point": point}
 
 
-def summarize(points: dict, cfg: StudyConfig) -> dict:
-    """The arms' sweeps, the baselines, the guided sweeps (each chosen on the validation range) and the comparison
-    of the chosen models on the report ranges."""
-    base = points[base_point().name]
-    arms = {arm: arm_sweep(points, arm, getattr(cfg.sweep, arm)) for arm in ARMS}
-    neon_w = arms[GUIDE_ARM]["chosen"]["w"]
-    baselines = {name: with_validation(points[merge_point(arm, -1.0).name], base) for name, arm in BASELINES.items()}
-    guided = guided_sweep(points, cfg.sweep.guided, None)
-    neon_guided = guided_sweep(points, cfg.sweep.neon_guided, neon_w)
-    neon = points[merge_point(GUIDE_ARM, neon_w).name]
-    chosen_ng = points[guided_point(neon_guided["chosen"]["omega"], neon_w).name] \
-        if neon_guided["chosen"]["omega"] != 0 else neon
-    neon_guided.update(neon_w=neon_w, vs_neon=paired_row(chosen_ng["report"], neon["report"]))
-    return {"arms": arms, "baselines": baselines, "guidance": {"guided": guided, "neon_guided": neon_guided},
-            "comparison": comparison(points, arms, baselines, guided, neon_guided),
-            "guidance_cost": guidance_cost(points)}
+def neon_w(validation: dict, cfg: StudyConfig) -> float:
+    """The ODE arm's w chosen on the validation range: where the guided Neon grid is centred."""
+    return arm_sweep(validation, GUIDE_ARM, cfg.sweep.ode)["chosen"]
 
 
-def with_validation(point: dict, base: dict) -> dict:
-    row = paired_row(point["report"], base["report"])
-    row["validation"] = {m: point["validation"][m] for m in ("classifier_fd", "pixel_fd")}
-    return row
+def all_sweeps(validation: dict, cfg: StudyConfig) -> dict[str, dict]:
+    """Every grid searched on the validation range: the arms (x = w), `guided` and `neon_guided` (x = ω)."""
+    out = {arm: arm_sweep(validation, arm, getattr(cfg.sweep, arm)) for arm in ARMS}
+    out["guided"] = guided_sweep(validation, cfg.sweep.guided, None)
+    out["neon_guided"] = guided_sweep(validation, cfg.sweep.neon_guided, out[GUIDE_ARM]["chosen"])
+    return out
 
 
-def comparison(points: dict, arms: dict, baselines: dict, guided: dict, neon_guided: dict) -> list[dict]:
-    """The headline table: θr, Neon at its chosen w, each baseline at its chosen setting, the other arms."""
-    base = points[base_point().name]
-
-    def entry(model: str, setting: str, name: str) -> dict:
-        return {"model": model, "setting": setting, "point": name, **with_validation(points[name], base)}
-
-    w, omega, omega_ng = arms[GUIDE_ARM]["chosen"]["w"], guided["chosen"]["omega"], neon_guided["chosen"]["omega"]
-    rows = [entry("θr", "", base_point().name),
-            entry("Neon (S from the ODE sampler)", f"w = {w:+g}", merge_point(GUIDE_ARM, w).name)]
-    rows += [entry(BASELINE_TITLES[b], "w = -1", merge_point(arm, -1.0).name) for b, arm in BASELINES.items()]
-    rows.append(entry("θr guided by θs", f"ω = {omega:+g}", guided_point(omega).name if omega else "base_w0"))
-    ng = guided_point(omega_ng, w).name if omega_ng else merge_point(GUIDE_ARM, w).name
-    rows.append(entry("Neon + θs guidance", f"w = {w:+g}, ω = {omega_ng:+g}", ng))
-    for arm in ARMS:
-        if arm != GUIDE_ARM:
-            wa = arms[arm]["chosen"]["w"]
-            rows.append(entry(f"{arm} arm merged", f"w = {wa:+g}", merge_point(arm, wa).name))
+def comparison_points(sweeps: dict) -> list[tuple[str, str, Point]]:
+    """The headline table's models, each at its chosen setting: (model, setting, point)."""
+    w = sweeps[GUIDE_ARM]["chosen"]
+    rows = [("θr", "", base_point()), ("Neon (S from the ODE sampler)", f"w = {w:+g}", sweeps[GUIDE_ARM]["point"])]
+    rows += [(BASELINE_TITLES[b], "w = -1", merge_point(arm, -1.0)) for b, arm in BASELINES.items()]
+    rows.append(("θr guided by θs", f"ω = {sweeps['guided']['chosen']:+g}", sweeps["guided"]["point"]))
+    rows.append(("Neon + θs guidance", f"w = {w:+g}, ω = {sweeps['neon_guided']['chosen']:+g}",
+                 sweeps["neon_guided"]["point"]))
+    rows += [(f"{arm} arm merged", f"w = {sweeps[arm]['chosen']:+g}", sweeps[arm]["point"])
+             for arm in ARMS if arm != GUIDE_ARM]
     return rows
 
 
-def guidance_cost(points: dict) -> dict:
-    """What θs guidance costs at sampling time, measured on this run: network evaluations per image (counted
-    calls of θr's and the guide's networks) and sampling CPU seconds per image, guided (ω ≠ 0) vs unguided."""
-    guided = [p for p in points.values() if p["guided"] and p["omega"] != 0]
-    plain = [p for p in points.values() if not p["guided"]]
+def report_points(validation: dict, cfg: StudyConfig) -> list[Point]:
+    """What the report ranges measure: θr and every model of the comparison, once each."""
+    return list(dict.fromkeys(p for _, _, p in comparison_points(all_sweeps(validation, cfg))))
 
-    def per_image(ps, field):
-        return float(np.sum([p[field] for p in ps]) / np.sum([p["images"] for p in ps])) if ps else None
+
+def summarize(validation: dict, report: dict, cfg: StudyConfig) -> dict:
+    """The grids on the validation range with their choices, and the chosen models on the report ranges (paired
+    with θr range by range); Neon + guidance is also paired with Neon alone."""
+    sweeps = all_sweeps(validation, cfg)
+    base = report[base_point().name]
+    comparison = [{"model": model, "setting": setting, "point": p.name, "validation": validation[p.name],
+                   **paired_row(report[p.name], base)} for model, setting, p in comparison_points(sweeps)]
+    out = {}
+    for name, sw in sweeps.items():
+        row = paired_row(report[sw["point"].name], base)
+        out[name] = {"rows": sw["rows"], "chosen": {"w" if name in ARMS else "omega": sw["chosen"],
+                                                    "point": sw["point"].name, **row, **improvement(row)}}
+    neon = sweeps[GUIDE_ARM]["point"].name
+    out["neon_guided"].update(neon_w=sweeps[GUIDE_ARM]["chosen"],
+                              vs_neon=paired_row(report[sweeps["neon_guided"]["point"].name], report[neon]))
+    baselines = {b: {"point": merge_point(arm, -1.0).name, "validation": validation[merge_point(arm, -1.0).name],
+                     **paired_row(report[merge_point(arm, -1.0).name], base)} for b, arm in BASELINES.items()}
+    return {"arms": {arm: out[arm] for arm in ARMS}, "baselines": baselines,
+            "guidance": {"guided": out["guided"], "neon_guided": out["neon_guided"]}, "comparison": comparison}
+
+
+def guidance_cost(records: list[dict]) -> dict:
+    """What θs guidance costs at sampling time, measured on this run: network evaluations per image (counted
+    calls of θr's and the guide's networks) and sampling CPU seconds per image, guided (ω ≠ 0) vs unguided.
+    records: one per sampled point and range set, with "guided", "omega", "images", "network_calls",
+    "sampling_cpu_seconds"."""
+    guided = [r for r in records if r["guided"] and r["omega"] != 0]
+    plain = [r for r in records if not r["guided"]]
+
+    def per_image(rs, field):
+        return float(np.sum([r[field] for r in rs]) / np.sum([r["images"] for r in rs])) if rs else None
 
     nfe_g, nfe_p = per_image(guided, "network_calls"), per_image(plain, "network_calls")
     cpu_g, cpu_p = per_image(guided, "sampling_cpu_seconds"), per_image(plain, "sampling_cpu_seconds")

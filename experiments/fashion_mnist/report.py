@@ -32,10 +32,11 @@ def _pm(d: dict, digits: int) -> str:
 def table_markdown(summary: dict, ranges: dict, n_images: int) -> str:
     report = [k for k in ranges if k != "validation"]
     val = ranges["validation"]
-    lines = [(f"Chosen on the validation range (seeds {val[0]}–{val[1]}), reported on {len(report)} report ranges × "
-              f"{n_images} images ({', '.join(f'{ranges[k][0]}–{ranges[k][1]}' for k in report)}), the same seeds "
-              "and labels for every model. mean ± std across report ranges; Δ = FD(model) − FD(θr) per range "
-              "(negative = better than θr)."), "",
+    spans = ", ".join(f"{ranges[k][0]}–{ranges[k][1]}" for k in report)
+    lines = [(f"Each model at its setting chosen on the validation range (seeds {val[0]}–{val[1]}), measured on "
+              f"{len(report)} report ranges × {n_images} images ({spans}), "
+              "the same seeds and labels for every model. mean ± std across report ranges; Δ = FD(model) − FD(θr) "
+              "per range (negative = better than θr)."), "",
              "| model | chosen on validation | val. classifier FD | classifier FD | Δ classifier FD | pixel FD | "
              "Δ pixel FD |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in summary["comparison"]:
@@ -46,22 +47,22 @@ def table_markdown(summary: dict, ranges: dict, n_images: int) -> str:
     lines += ["", f"Neon + guidance vs Neon alone (paired, report ranges): Δ classifier FD "
                   f"{_pm(ng['vs_neon']['classifier_fd_diff'], 3)}, Δ pixel FD {_pm(ng['vs_neon']['pixel_fd_diff'], 4)}",
               guidance_cost_line(summary["guidance_cost"]), NO_CFG, "",
-              "Every grid point (x = w or ω): classifier FD on the validation range, and on the report ranges:", "",
-              "| grid | x | val. classifier FD | val. Δ | classifier FD | Δ classifier FD | pixel FD | Δ pixel FD |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              f"Every grid point on the validation range (seeds {val[0]}–{val[1]}; ← = chosen); Δ to θr on the same "
+              "range:", "",
+              "| grid | x | classifier FD | Δ classifier FD | pixel FD | Δ pixel FD |",
+              "|---|---:|---:|---:|---:|---:|"]
     for name, (axis, sweep) in sweeps(summary).items():
         for r in sweep["rows"]:
             mark = " ←" if r[axis] == sweep["chosen"][axis] else ""
             lines.append(f"| {name} | {'ω' if axis == 'omega' else 'w'} = {r[axis]:+.2f}{mark} "
-                         f"| {r['validation']['classifier_fd']:.3f} | {r['validation']['classifier_fd_diff']:+.3f} "
-                         f"| {_pm(r['classifier_fd'], 3)} | {_pm(r['classifier_fd_diff'], 3)} "
-                         f"| {_pm(r['pixel_fd'], 4)} | {_pm(r['pixel_fd_diff'], 4)} |")
+                         f"| {r['classifier_fd']:.3f} | {r['classifier_fd_diff']:+.3f} "
+                         f"| {r['pixel_fd']:.4f} | {r['pixel_fd_diff']:+.4f} |")
     lines.append("")
     for name, (axis, sweep) in sweeps(summary).items():
         c = sweep["chosen"]
-        lines.append(f"- chosen {'ω' if axis == 'omega' else 'w'} ({name}): {c[axis]:+g} (validation FD "
-                     f"{c['validation_fd']:.3f}); report: classifier FD {c['fd']:.3f}, paired improvement over θr "
-                     f"{c['improvement']:.3f} ± {c['improvement_std']:.3f} (ratio {c['ratio']:.1f})")
+        lines.append(f"- chosen {'ω' if axis == 'omega' else 'w'} ({name}): {c[axis]:+g}; report ranges: classifier FD "
+                     f"{_pm(c['classifier_fd'], 3)}, paired improvement over θr {c['improvement']:.3f} ± "
+                     f"{c['improvement_std']:.3f} (ratio {c['ratio']:.1f})")
     return "\n".join(lines) + "\n"
 
 
@@ -78,39 +79,33 @@ def plot_fd_vs_w(summary: dict, path: str, ranges: dict, n_images: int) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6), dpi=110, gridspec_kw={"width_ratios": [1, 1, 1.15]})
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8), dpi=110, gridspec_kw={"width_ratios": [1, 1, 1.2]})
     n_report = len(ranges) - 1
     val = ranges["validation"]
-    for ax, report in zip(axes[:2], (False, True)):
+    for ax, metric in zip(axes[:2], ("classifier_fd_diff", "pixel_fd_diff")):
         for name, (axis, sweep) in sweeps(summary).items():
             color, fmt, label = SWEEP_STYLES[name]
             rows = sweep["rows"]
-            xs = [r[axis] for r in rows]
-            if report:
-                ax.errorbar(xs, [r["classifier_fd_diff"]["mean"] for r in rows], capsize=3, color=color, fmt=fmt,
-                            ms=4, yerr=[r["classifier_fd_diff"]["std"] for r in rows], label=label)
-            else:
-                ax.plot(xs, [r["validation"]["classifier_fd"] for r in rows], fmt, ms=4, color=color, label=label)
+            ax.plot([r[axis] for r in rows], [r[metric] for r in rows], fmt, ms=4, color=color, label=label)
             chosen = next(r for r in rows if r[axis] == sweep["chosen"][axis])
-            y = chosen["classifier_fd_diff"]["mean"] if report else chosen["validation"]["classifier_fd"]
-            ax.plot([chosen[axis]], [y], "*", ms=13, color=color, mec="k", mew=0.6)
+            ax.plot([chosen[axis]], [chosen[metric]], "*", ms=13, color=color, mec="k", mew=0.6)
         ax.axvline(0, color="0.6", lw=0.8)
-        if report:
-            ax.axhline(0, color="0.6", lw=0.8)
-        ax.set_xlabel("w (θneon = (1+w)·θr − w·θ)   or   ω (guided: (1+ω)·D − ω·D_θs)")
+        ax.axhline(0, color="0.6", lw=0.8)
+        ax.set_xlabel("w (θ = (1+w)·θr − w·θ_arm)   or   ω (guided: (1+ω)·D − ω·D_θs)")
         ax.grid(alpha=0.3)
-    axes[0].set_title(f"classifier FD on the validation range (seeds {val[0]}–{val[1]}); ★ = chosen", fontsize=9.5)
-    axes[1].set_title(f"Δ classifier FD vs θr on the {n_report} report ranges (paired, mean ± std)", fontsize=9.5)
+    axes[0].set_title(f"validation range (seeds {val[0]}–{val[1]}): Δ classifier FD vs θr; ★ = chosen",
+                      fontsize=9.5)
+    axes[1].set_title(f"validation range (seeds {val[0]}–{val[1]}): Δ pixel FD vs θr", fontsize=9.5)
     axes[0].legend(fontsize=7.5)
     rows = summary["comparison"]
     ys = np.arange(len(rows))[::-1]
-    axes[2].barh(ys, [r["classifier_fd_diff"]["mean"] for r in rows], xerr=[r["classifier_fd_diff"]["std"]
-                 for r in rows], color=["0.6"] + ["C0"] + ["C5"] * 2 + ["C1", "C4"] + ["0.75"] * (len(rows) - 6),
-                 capsize=3)
+    colors = ["0.6", "C0", "C5", "C5", "C1", "C4"] + ["0.75"] * max(0, len(rows) - 6)
+    axes[2].barh(ys, [r["classifier_fd_diff"]["mean"] for r in rows],
+                 xerr=[r["classifier_fd_diff"]["std"] for r in rows], color=colors[:len(rows)], capsize=3)
     axes[2].set_yticks(ys, [f"{r['model']} {r['setting']}".strip() for r in rows], fontsize=7.5)
     axes[2].axvline(0, color="0.4", lw=0.8)
-    axes[2].set_xlabel("Δ classifier FD vs θr (report ranges, paired; negative = better)")
-    axes[2].set_title("each model at the setting chosen on the validation range", fontsize=9.5)
+    axes[2].set_xlabel("Δ classifier FD vs θr (paired; negative = better)")
+    axes[2].set_title(f"chosen settings on the {n_report} report ranges (mean ± std)", fontsize=9.5)
     axes[2].grid(alpha=0.3, axis="x")
     fig.suptitle(f"Neon and its baselines on Fashion-MNIST 16×16 — w, ω chosen on a validation range of {n_images} "
                  f"images, reported on {n_report} disjoint ranges × {n_images}", fontsize=11)
@@ -122,8 +117,8 @@ def plot_fd_vs_w(summary: dict, path: str, ranges: dict, n_images: int) -> None:
 
 def plot_samples(eval_folder: str, panels: list[tuple[str, str]], path: str, count: int = 30,
                  real: np.ndarray | None = None) -> None:
-    """panels: (title, point name) of models sampled on the same seeds and labels (their first `count` images,
-    from the validation range), then `real` test images of the same classes."""
+    """panels: (title, point name) of models sampled on the same seeds and labels (their first `count` images in
+    `eval_folder`), then `real` test images of the same classes."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -168,7 +163,8 @@ def training_set_lines(training_sets: dict, reference_trace: float | None) -> st
 def write_report(out: str, run_doc: dict, cfg: StudyConfig, evaluation: dict, training_sets: dict, smoke: bool,
                  wall_seconds: float) -> dict:
     stages = run_doc["stages"]
-    summary = summarize(evaluation["points"], cfg)
+    summary = summarize(evaluation["validation"], evaluation["report"], cfg)
+    summary["guidance_cost"] = evaluation["guidance_cost"]
     ranges = evaluation["ranges"]
     n_images = ranges["validation"][1] - ranges["validation"][0] + 1
     chosen = summary["arms"][GUIDE_ARM]["chosen"]
@@ -182,7 +178,8 @@ def write_report(out: str, run_doc: dict, cfg: StudyConfig, evaluation: dict, tr
            "selftrain": {arm: {k: stages[f"selftrain_{arm}"].get(k) for k in ("relative_change", "final_loss")}
                          for arm in ARMS},
            "evaluation": {"ranges": ranges, "images_per_range": n_images, "sampler": cfg.evaluation.sampler,
-                          "chosen_on": "validation", "curves": "validation range and report ranges"},
+                          "chosen_on": "validation range", "grid_curves": "validation range",
+                          "chosen_models": "report ranges"},
            **summary, "no_cfg_baseline": NO_CFG, "criterion": criterion,
            "seconds": {"stages": compute, "total_compute": round(sum(v or 0 for v in compute.values()), 1),
                        "this_invocation_wall": round(wall_seconds, 1)}}
@@ -202,7 +199,7 @@ def write_report(out: str, run_doc: dict, cfg: StudyConfig, evaluation: dict, tr
     with atomic_open(os.path.join(out, "study.json"), "w") as f:
         json.dump(doc, f, indent=1, default=str)
     plot_fd_vs_w(summary, os.path.join(out, "fd_vs_w.png"), ranges, n_images)
-    folder = evaluation["folder"]
+    folder = os.path.join(evaluation["folder"], "report")
     base_labels = NpzImages(os.path.join(folder, "base_w0.npz")).labels
     real = real_like(stages["data"]["paths"]["test"], base_labels, 30) if base_labels is not None else None
     plot_samples(folder, sample_panels(summary), os.path.join(out, "samples.png"), real=real)
