@@ -82,21 +82,24 @@ def plot_fd_vs_w(summary: dict, path: str, ranges: dict, n_images: int) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8), dpi=110, gridspec_kw={"width_ratios": [1, 1, 1.2]})
     n_report = len(ranges) - 1
     val = ranges["validation"]
-    for ax, metric in zip(axes[:2], ("classifier_fd_diff", "pixel_fd_diff")):
-        for name, (axis, sweep) in sweeps(summary).items():
+    panels = ((axes[0], list(ARMS), "w   (θ = (1+w)·θr − w·θ_arm)", "weight merges"),
+              (axes[1], ["guided", "neon_guided"], "ω   ((1+ω)·D − ω·D_θs at every step)", "θs as sampling-time guide"))
+    for ax, names, xlabel, title in panels:
+        for name in names:
+            axis, sweep = sweeps(summary)[name]
             color, fmt, label = SWEEP_STYLES[name]
             rows = sweep["rows"]
-            ax.plot([r[axis] for r in rows], [r[metric] for r in rows], fmt, ms=4, color=color, label=label)
+            ax.plot([r[axis] for r in rows], [r["classifier_fd_diff"] for r in rows], fmt, ms=4, color=color,
+                    label=label)
             chosen = next(r for r in rows if r[axis] == sweep["chosen"][axis])
-            ax.plot([chosen[axis]], [chosen[metric]], "*", ms=13, color=color, mec="k", mew=0.6)
+            ax.plot([chosen[axis]], [chosen["classifier_fd_diff"]], "*", ms=13, color=color, mec="k", mew=0.6)
         ax.axvline(0, color="0.6", lw=0.8)
         ax.axhline(0, color="0.6", lw=0.8)
-        ax.set_xlabel("w (θ = (1+w)·θr − w·θ_arm)   or   ω (guided: (1+ω)·D − ω·D_θs)")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("Δ classifier FD vs θr")
+        ax.set_title(f"{title}\nvalidation range (seeds {val[0]}–{val[1]}), ★ = chosen", fontsize=9.5)
         ax.grid(alpha=0.3)
-    axes[0].set_title(f"validation range (seeds {val[0]}–{val[1]}): Δ classifier FD vs θr; ★ = chosen",
-                      fontsize=9.5)
-    axes[1].set_title(f"validation range (seeds {val[0]}–{val[1]}): Δ pixel FD vs θr", fontsize=9.5)
-    axes[0].legend(fontsize=7.5)
+        ax.legend(fontsize=7.5)
     rows = summary["comparison"]
     ys = np.arange(len(rows))[::-1]
     colors = ["0.6", "C0", "C5", "C5", "C1", "C4"] + ["0.75"] * max(0, len(rows) - 6)
@@ -105,7 +108,7 @@ def plot_fd_vs_w(summary: dict, path: str, ranges: dict, n_images: int) -> None:
     axes[2].set_yticks(ys, [f"{r['model']} {r['setting']}".strip() for r in rows], fontsize=7.5)
     axes[2].axvline(0, color="0.4", lw=0.8)
     axes[2].set_xlabel("Δ classifier FD vs θr (paired; negative = better)")
-    axes[2].set_title(f"chosen settings on the {n_report} report ranges (mean ± std)", fontsize=9.5)
+    axes[2].set_title(f"each model at its chosen setting\n{n_report} report ranges (mean ± std)", fontsize=9.5)
     axes[2].grid(alpha=0.3, axis="x")
     fig.suptitle(f"Neon and its baselines on Fashion-MNIST 16×16 — w, ω chosen on a validation range of {n_images} "
                  f"images, reported on {n_report} disjoint ranges × {n_images}", fontsize=11)
@@ -213,5 +216,5 @@ def sample_panels(summary: dict) -> list[tuple[str, str]]:
     panels = {rows[0]["point"]: "θr"}
     for r in rows[1:]:
         if r["model"] in ("Neon (S from the ODE sampler)", "θr guided by θs"):
-            panels.setdefault(r["point"], f"{r['model']} ({r['setting']}), same seeds")
+            panels.setdefault(r["point"], f"{r['model']}, {r['setting']}, same seeds")
     return [(title, name) for name, title in panels.items()]
