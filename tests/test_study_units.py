@@ -21,10 +21,11 @@ from experiments.fashion_mnist.evaluate import (
 )
 from experiments.fashion_mnist.pipeline import StudyRecord, evaluation_ranges
 from experiments.fashion_mnist.protocol import (
-    arm_sweep,
     merge_point,
     neon_guided_points,
     neon_w,
+    report_points,
+    summarize,
     unconditional_points,
 )
 from neon.config import ConfigError
@@ -141,15 +142,24 @@ def test_choice_is_the_lowest_validation_fd():
 
 
 def test_choice_ignores_the_report_ranges():
-    """w = 1 is best on the validation range, w = 2 on the report ranges: the validation range decides."""
-    validation = {"base_w0": metrics(3.0), "ode_w1": metrics(2.0), "ode_w2": metrics(2.5)}
-    report = {"base_w0": metrics(3.0, 3.0, 3.0), "ode_w1": metrics(2.8, 2.9, 2.7), "ode_w2": metrics(1.0, 1.1, 0.9)}
+    """ode w = 1 is best on the validation range, w = 2 on the report ranges: the validation range decides what is
+    reported, and w = 2 is not even measured on the report ranges."""
     cfg = parse_study(CONFIG).study
-    cfg.sweep.ode = [1.0, 2.0]
+    cfg.sweep.ode, cfg.sweep.control, cfg.sweep.diverse = [1.0, 2.0], [1.0], [-1.0]
+    cfg.sweep.guided, cfg.sweep.neon_guided = [1.0], [1.0]
+    points = unconditional_points(cfg) + neon_guided_points(cfg, 1.0)
+    validation = {p.name: metrics(3.0) for p in points}
+    validation.update(ode_w1=metrics(2.0), ode_w2=metrics(2.5))
     assert neon_w(validation, cfg) == 1.0
-    chosen = arm_sweep(validation, "ode", cfg.sweep.ode)
-    assert chosen["chosen"] == 1.0 and chosen["point"].name == "ode_w1"
-    assert paired_row(report["ode_w1"], report["base_w0"])["classifier_fd"]["mean"] == pytest.approx(2.8)
+    measured = [p.name for p in report_points(validation, cfg)]
+    assert "ode_w1" in measured and "ode_w2" not in measured
+    report = {p.name: metrics(3.0, 3.0, 3.0) for p in points}
+    report.update(ode_w1=metrics(2.8, 2.9, 2.7), ode_w2=metrics(1.0, 1.1, 0.9))
+    summary = summarize(validation, report, cfg)
+    chosen = summary["arms"]["ode"]["chosen"]
+    assert chosen["w"] == 1.0 and chosen["point"] == "ode_w1"
+    assert chosen["classifier_fd"]["mean"] == pytest.approx(2.8) and chosen["improvement"] == pytest.approx(0.2)
+    assert summary["comparison"][1]["point"] == "ode_w1"
 
 
 def test_a_guided_grid_starts_from_its_unguided_model():
