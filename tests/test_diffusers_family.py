@@ -363,4 +363,4 @@ def test_the_fashion_mnist_study_runs_through_the_family(tmp_path):
     for arm, ws in data["smoke"]["study"]["sweep"].items():
         rows = doc["arms"][arm]["rows"]
         assert [r["w"] for r in rows] == sorted(set(ws) | {0.0})
-        assert all(np.isfinite(r["classifier_fd"]["mean"]) for r in rows)
+        assert all(np.isfinite(r["classifier_fd"]) for r in rows)           # the grid, on the validation range

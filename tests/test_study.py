@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -78,32 +79,92 @@ def test_smoke_run_writes_table_json_and_plots(smoke_run):
     smoke = yaml.safe_load(CONFIG.read_text())["smoke"]["study"]
     assert doc["smoke"] is True
     assert set(doc["arms"]) == {"ode", "control", "diverse"}
-    for arm, ws in smoke["sweep"].items():
-        rows = doc["arms"][arm]["rows"]
-        assert [r["w"] for r in rows] == sorted(set(ws) | {0.0})
-        for r in rows:
-            assert len(r["classifier_fd_values"]) == smoke["evaluation"]["seeds"]
-            assert np.isfinite(r["classifier_fd"]["mean"]) and r["classifier_fd"]["std"] >= 0
-        w0 = next(r for r in rows if r["w"] == 0)
-        assert w0["classifier_fd_diff"] == {"mean": 0.0, "std": 0.0}   # w = 0 is θr itself
+    for arm in doc["arms"]:
+        rows = doc["arms"][arm]["rows"]                                 # the grid, on the validation range
+        assert [r["w"] for r in rows] == sorted(set(smoke["sweep"][arm]) | {0.0})
+        assert all(np.isfinite(r["classifier_fd"]) and np.isfinite(r["pixel_fd"]) for r in rows)
+        assert next(r for r in rows if r["w"] == 0)["classifier_fd_diff"] == 0.0   # w = 0 is θr itself
+        chosen = doc["arms"][arm]["chosen"]                             # the chosen w, on the report ranges
+        assert len(chosen["classifier_fd_values"]) == smoke["evaluation"]["repeats"]
+        assert np.isfinite(chosen["classifier_fd"]["mean"]) and chosen["classifier_fd"]["std"] >= 0
     assert 0 <= doc["classifier"]["test_accuracy"] <= 1
-    assert set(doc["criterion"]) >= {"required_ratio", "best_w", "ratio", "met"}
-    assert "classifier FD" in (out / "table.md").read_text() and "FID" not in (out / "table.md").read_text()
+    assert set(doc["criterion"]) >= {"required_ratio", "chosen_w", "ratio", "met"}
+    table = (out / "table.md").read_text()
+    assert "classifier FD" in table and "FID" not in table and "success criterion" in table
     for png in ("fd_vs_w.png", "samples.png"):
         assert (out / png).read_bytes()[:8] == PNG
 
 
+def test_smoke_run_reports_every_baseline_beside_neon(smoke_run):
+    _, out = smoke_run
+    doc = json.loads((out / "study.json").read_text())
+    smoke = yaml.safe_load(CONFIG.read_text())["smoke"]["study"]
+    assert set(doc["baselines"]) == {"finetune_real", "selftrained"}
+    assert (doc["baselines"]["finetune_real"]["point"], doc["baselines"]["selftrained"]["point"]) == \
+        ("control_w-1", "ode_w-1")                                     # each arm's fine-tuned θ, unmerged
+    guidance = doc["guidance"]
+    assert [r["omega"] for r in guidance["guided"]["rows"]] == sorted(set(smoke["sweep"]["guided"]) | {0.0})
+    assert [r["omega"] for r in guidance["neon_guided"]["rows"]] == sorted(set(smoke["sweep"]["neon_guided"]) | {0.0})
+    assert guidance["neon_guided"]["neon_w"] == doc["arms"]["ode"]["chosen"]["w"]
+    assert len(guidance["neon_guided"]["vs_neon"]["classifier_fd_values"]) == smoke["evaluation"]["repeats"]
+    models = [r["model"] for r in doc["comparison"]]
+    assert models[:2] == ["θr", "Neon (S from the ODE sampler)"] and len(models) == 8
+    assert {"continued fine-tuning on real images (control θ)", "continued fine-tuning on S (θs)",
+            "θr guided by θs", "Neon + θs guidance"} <= set(models)
+    for r in doc["comparison"]:
+        assert len(r["classifier_fd_values"]) == smoke["evaluation"]["repeats"]
+    table = (out / "table.md").read_text()
+    for name in models + ["classifier-free guidance", "network evaluations per image"]:
+        assert name in table
+    # Guidance evaluates θr and θs at every step: twice the network evaluations, counted, not assumed.
+    assert doc["guidance_cost"]["network_evaluations_ratio"] == 2.0
+    assert doc["guidance_cost"]["sampling_cpu_ratio"] > 0
+
+
+def test_every_choice_is_the_best_grid_point_on_the_validation_range(smoke_run):
+    _, out = smoke_run
+    doc = json.loads((out / "study.json").read_text())
+    sweeps = [(doc["arms"][arm], "w") for arm in doc["arms"]] + [(doc["guidance"][g], "omega") for g in doc["guidance"]]
+    for sweep, axis in sweeps:
+        best = min(sweep["rows"], key=lambda r: (r["classifier_fd"], abs(r[axis])))
+        assert sweep["chosen"][axis] == best[axis]
+
+
+def test_guided_baseline_at_omega_0_is_theta_r_exactly(smoke_run):
+    _, out = smoke_run
+    base = NpzImages(str(out / "eval" / "validation" / "base_w0.npz"))
+    guided = NpzImages(str(out / "eval" / "validation" / "guided_o0.npz"))
+    assert np.array_equal(guided.read(0, len(guided)), base.read(0, len(base)))
+    doc = json.loads((out / "study.json").read_text())
+    w0 = next(r for r in doc["guidance"]["guided"]["rows"] if r["omega"] == 0)
+    theta_r = next(r for r in doc["arms"]["ode"]["rows"] if r["w"] == 0)
+    assert w0.pop("omega") == theta_r.pop("w") == 0 and w0 == theta_r   # the same FDs, bit for bit
+
+
 def test_every_model_is_evaluated_on_the_same_seeds_and_labels(smoke_run):
     _, out = smoke_run
-    files = sorted((out / "eval").glob("*.npz"))
-    base = NpzImages(str(out / "eval" / "base_w0.npz"))
-    assert len(files) > 1
-    for f in files:
-        s = NpzImages(str(f))
-        assert np.array_equal(s.seeds, base.seeds) and np.array_equal(s.labels, base.labels)
-        assert s.shape[1:] == (16, 16, 1)
-    seeds = base.seeds
-    assert len(np.unique(seeds)) == len(seeds)   # the evaluation seeds' ranges are disjoint
+    for where in ("validation", "report"):
+        files = sorted((out / "eval" / where).glob("*.npz"))
+        base = NpzImages(str(out / "eval" / where / "base_w0.npz"))
+        assert len(files) > 1
+        for f in files:
+            s = NpzImages(str(f))
+            assert np.array_equal(s.seeds, base.seeds) and np.array_equal(s.labels, base.labels)
+            assert s.shape[1:] == (16, 16, 1)
+        assert len(np.unique(base.seeds)) == len(base.seeds)           # no seed in two report ranges
+
+
+def test_validation_and_report_seed_ranges_are_disjoint(smoke_run):
+    _, out = smoke_run
+    doc = json.loads((out / "study.json").read_text())
+    ranges = doc["evaluation"]["ranges"]
+    smoke = yaml.safe_load(CONFIG.read_text())["smoke"]["study"]
+    assert len(ranges) == 1 + smoke["evaluation"]["repeats"] and "validation" in ranges
+    seeds = [set(range(first, last + 1)) for first, last in ranges.values()]
+    assert sum(map(len, seeds)) == len(set().union(*seeds))
+    validation = set(NpzImages(str(out / "eval" / "validation" / "base_w0.npz")).seeds.tolist())
+    report = set(NpzImages(str(out / "eval" / "report" / "base_w0.npz")).seeds.tolist())
+    assert validation and report and not validation & report
 
 
 def test_rerun_skips_every_finished_stage(smoke_run, capsys):
@@ -131,9 +192,9 @@ def test_changed_evaluation_setting_redoes_only_the_evaluation(smoke_run, tmp_pa
     capsys.readouterr()
     neon_main(["run", str(changed), "--smoke", "--out", str(out)])
     printed = capsys.readouterr().out
-    assert "base: training" not in printed and "eval     base" in printed
+    assert "base: training" not in printed and re.search(r"eval +validation +base_w0", printed)
     assert os.stat(theta_r).st_mtime_ns == stamp
-    assert NpzImages(str(out / "eval" / "base_w0.npz")).seeds[0] == 500
+    assert NpzImages(str(out / "eval" / "report" / "base_w0.npz")).seeds.min() == 500
 
 
 @pytest.mark.skipif(not os.path.isdir(DEFAULT_ROOT), reason=f"needs `{INSTALL_HINT}`")

@@ -10,9 +10,24 @@ import torch
 import yaml
 
 from experiments.fashion_mnist.classifier import FeatureCNN, predict, train_classifier
-from experiments.fashion_mnist.config import parse_study
-from experiments.fashion_mnist.evaluate import best_row, image_set_metrics, reference_statistics, summarize_arm
-from experiments.fashion_mnist.pipeline import StudyRecord, evaluation_blocks
+from experiments.fashion_mnist.config import GUIDE_ARM, parse_study
+from experiments.fashion_mnist.evaluate import (
+    choose,
+    image_set_metrics,
+    improvement,
+    paired_row,
+    reference_statistics,
+    sweep_rows,
+)
+from experiments.fashion_mnist.pipeline import StudyRecord, evaluation_ranges
+from experiments.fashion_mnist.protocol import (
+    merge_point,
+    neon_guided_points,
+    neon_w,
+    report_points,
+    summarize,
+    unconditional_points,
+)
 from neon.config import ConfigError
 from neon.errors import NeonError
 from neon.family import get_family
@@ -74,14 +89,16 @@ def test_repository_config_and_its_smoke_variant_validate():
     assert full.synthetic.num_images == 2000 and full.synthetic.sampler["num_steps"] == 18
     assert full.synthetic.sampler.get("S_churn", 0) == 0            # S: the deterministic Heun sampler
     assert full.synthetic.diverse_sampler["S_noise"] > 1            # the diversity-seeking one
-    assert full.evaluation.seeds >= 3 and min(full.sweep.diverse) < 0
+    assert full.evaluation.repeats >= 3 and min(full.sweep.diverse) < 0
+    assert 0.0 in smoke.sweep.guided                                 # the smoke run checks ω = 0 against θr
     assert max(full.sweep.ode) == 2.0
     assert smoke.synthetic.num_images < full.synthetic.num_images   # the smoke overrides are merged
 
 
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d["study"]["evaluation"].update(sed=1), "study.evaluation.sed: unknown field"),
-    (lambda d: d["study"]["evaluation"].update(seeds=1), "study.evaluation.seeds"),
+    (lambda d: d["study"]["evaluation"].update(repeats=1), "study.evaluation.repeats"),
+    (lambda d: d["study"]["sweep"].update(guided=[]), "study.sweep.guided"),
     (lambda d: d["study"]["selftrain"].update(lr="fast"), "study.selftrain.lr: expected a number"),
     (lambda d: d["study"].update(threads=0), "study.threads"),
     (lambda d: d.pop("study"), "study"),
@@ -93,30 +110,79 @@ def test_bad_configs_are_refused_naming_the_field(edit, message):
         parse_study(data)
 
 
-# -- the paired summary ---------------------------------------------------------------------------------
+# -- the paired summary and the choice on the validation range -----------------------------------------
 
-def blocks(values, pixel=None):
-    pixel = pixel or [0.0] * len(values)
-    return [{"classifier_fd": v, "pixel_fd": p} for v, p in zip(values, pixel)]
-
-
-def test_paired_difference_is_taken_seed_by_seed():
-    base = blocks([2.0, 3.0, 4.0])
-    rows = summarize_arm({1.0: blocks([1.5, 2.6, 3.4])}, base)
-    assert [r["w"] for r in rows] == [0.0, 1.0]
-    r = rows[1]
-    assert r["classifier_fd"]["mean"] == pytest.approx(2.5)
-    assert r["classifier_fd"]["std"] == pytest.approx(np.std([1.5, 2.6, 3.4], ddof=1))
-    assert r["classifier_fd_diff"]["mean"] == pytest.approx(-0.5)     # diffs -0.5, -0.4, -0.6
-    assert r["classifier_fd_diff"]["std"] == pytest.approx(0.1)       # far smaller than the unpaired std
-    best = best_row(rows)
-    assert best["w"] == 1.0 and best["improvement"] == pytest.approx(0.5) and best["ratio"] == pytest.approx(5.0)
+def metrics(*classifier_fd, pixel=0.0):
+    """Metrics of one range (one value) or of several report ranges (a list)."""
+    out = [{"classifier_fd": v, "pixel_fd": pixel} for v in classifier_fd]
+    return out[0] if len(out) == 1 else out
 
 
-def test_no_improvement_when_w0_is_best():
-    rows = summarize_arm({1.0: blocks([2.5, 3.5, 4.5]), -1.0: blocks([3.0, 3.1, 4.2])}, blocks([2.0, 3.0, 4.0]))
+def test_paired_difference_is_taken_range_by_range():
+    row = paired_row(metrics(1.5, 2.6, 3.4), metrics(2.0, 3.0, 4.0))
+    assert row["classifier_fd"]["mean"] == pytest.approx(2.5)
+    assert row["classifier_fd"]["std"] == pytest.approx(np.std([1.5, 2.6, 3.4], ddof=1))
+    assert row["classifier_fd_diff"]["mean"] == pytest.approx(-0.5)     # diffs -0.5, -0.4, -0.6
+    assert row["classifier_fd_diff"]["std"] == pytest.approx(0.1)       # far smaller than the unpaired std
+    gain = improvement(row)
+    assert gain["improvement"] == pytest.approx(0.5) and gain["ratio"] == pytest.approx(5.0)
+
+
+def test_grid_rows_hold_the_validation_fd_and_its_difference_to_theta_r():
+    rows = sweep_rows({1.0: metrics(2.5), -1.0: metrics(3.5)}, metrics(3.0))
     assert [r["w"] for r in rows] == [-1.0, 0.0, 1.0]
-    assert best_row(rows)["w"] == 0.0 and best_row(rows)["ratio"] == 0.0
+    assert [r["classifier_fd_diff"] for r in rows] == [0.5, 0.0, -0.5]
+
+
+def test_choice_is_the_lowest_validation_fd():
+    rows = sweep_rows({1.0: metrics(2.0), 2.0: metrics(2.5)}, metrics(3.0))
+    assert choose(rows) == 1.0
+    rows = sweep_rows({1.0: metrics(3.5), -1.0: metrics(3.2)}, metrics(3.0))
+    assert choose(rows) == 0.0                                         # θr itself when nothing beats it
+
+
+def test_choice_ignores_the_report_ranges():
+    """ode w = 1 is best on the validation range, w = 2 on the report ranges: the validation range decides what is
+    reported, and w = 2 is not even measured on the report ranges."""
+    cfg = parse_study(CONFIG).study
+    cfg.sweep.ode, cfg.sweep.control, cfg.sweep.diverse = [1.0, 2.0], [1.0], [-1.0]
+    cfg.sweep.guided, cfg.sweep.neon_guided = [1.0], [1.0]
+    points = unconditional_points(cfg) + neon_guided_points(cfg, 1.0)
+    validation = {p.name: metrics(3.0) for p in points}
+    validation.update(ode_w1=metrics(2.0), ode_w2=metrics(2.5))
+    assert neon_w(validation, cfg) == 1.0
+    measured = [p.name for p in report_points(validation, cfg)]
+    assert "ode_w1" in measured and "ode_w2" not in measured
+    report = {p.name: metrics(3.0, 3.0, 3.0) for p in points}
+    report.update(ode_w1=metrics(2.8, 2.9, 2.7), ode_w2=metrics(1.0, 1.1, 0.9))
+    summary = summarize(validation, report, cfg)
+    chosen = summary["arms"]["ode"]["chosen"]
+    assert chosen["w"] == 1.0 and chosen["point"] == "ode_w1"
+    assert chosen["classifier_fd"]["mean"] == pytest.approx(2.8) and chosen["improvement"] == pytest.approx(0.2)
+    assert summary["comparison"][1]["point"] == "ode_w1"
+
+
+def test_a_guided_grid_starts_from_its_unguided_model():
+    base, neon = metrics(3.0), metrics(2.0)
+    rows = sweep_rows({0.5: metrics(1.9)}, base, "omega", zero=neon)
+    assert [r["omega"] for r in rows] == [0.0, 0.5]
+    assert rows[0]["classifier_fd"] == 2.0 and rows[0]["classifier_fd_diff"] == -1.0   # ω = 0: θneon; Δ to θr
+
+
+# -- what is evaluated -----------------------------------------------------------------------------------
+
+def test_the_protocol_evaluates_every_grid_point_and_both_continued_fine_tuning_baselines():
+    cfg = parse_study(CONFIG).study
+    names = [p.name for p in unconditional_points(cfg)]
+    assert len(names) == len(set(names)) and names[0] == "base_w0"
+    for arm in ("ode", "control", "diverse"):
+        assert {merge_point(arm, w).name for w in getattr(cfg.sweep, arm)} <= set(names)
+    assert {"control_w-1", "ode_w-1"} <= set(names)                    # the fine-tuned θ of each, as it is
+    guided = [p for p in unconditional_points(cfg) if p.guided]
+    assert [p.omega for p in guided] == cfg.sweep.guided and all(p.arm == "base" for p in guided)
+    neon = neon_guided_points(cfg, 1.5)
+    assert [p.omega for p in neon] == cfg.sweep.neon_guided
+    assert all(p.arm == GUIDE_ARM and p.w == 1.5 and p.guided for p in neon)
 
 
 # -- the classifier and the metrics ---------------------------------------------------------------------
@@ -155,16 +221,30 @@ def test_fd_of_the_reference_set_to_itself_is_zero():
 
 # -- evaluation seeds and the stage cache ---------------------------------------------------------------
 
-def test_evaluation_seeds_are_disjoint_ranges_with_balanced_labels(family):
+def test_validation_and_report_ranges_are_disjoint_with_balanced_labels(family):
     cfg = parse_study(CONFIG).study
     bundle = family.build(seed=0, resolution=8, img_channels=1, num_classes=10, **SMALL)
+    ranges = evaluation_ranges(family, bundle, cfg)
+    names = [name for name, _, _ in ranges]
+    assert names == ["validation"] + [f"report {b + 1}" for b in range(cfg.evaluation.repeats)]
     seen = []
-    for seeds, labels in evaluation_blocks(family, bundle, cfg):
+    for _, seeds, labels in ranges:
         n = cfg.evaluation.per_class * 10
         assert len(seeds) == n and seeds == list(range(seeds[0], seeds[0] + n))
         assert np.array_equal(np.bincount(labels, minlength=10), np.full(10, cfg.evaluation.per_class))
         seen += seeds
-    assert len(seen) == len(set(seen)) == cfg.evaluation.seeds * cfg.evaluation.per_class * 10
+    assert len(seen) == len(set(seen)) == (cfg.evaluation.repeats + 1) * cfg.evaluation.per_class * 10
+
+
+def test_a_validation_range_overlapping_a_report_range_is_refused(family):
+    data = yaml.safe_load(yaml.safe_dump(CONFIG))
+    data["study"]["evaluation"]["validation_offset"] = data["study"]["evaluation"]["per_class"] * 10 - 1
+    with pytest.raises(ConfigError, match="study.evaluation.validation_offset: .* overlap the report ranges"):
+        parse_study(data)
+    data["study"]["evaluation"]["validation_offset"] = 100_000          # elsewhere: accepted
+    cfg = parse_study(data).study
+    bundle = family.build(seed=0, resolution=8, img_channels=1, num_classes=10, **SMALL)
+    assert evaluation_ranges(family, bundle, cfg)[0][1][0] == 100_000
 
 
 def test_stage_folders_not_made_by_the_study_are_never_deleted(tmp_path):

@@ -10,10 +10,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from experiments.fashion_mnist.datasets import CLASSES
 from neon.config import ConfigError, FinetuneConfig, apply_smoke, build_config, load_yaml
 
 KIND = "fashion_mnist"
 ARMS = ("ode", "control", "diverse")   # θs from S (ODE sampler), from real images, from S (diversity-seeking)
+GUIDE_ARM = "ode"                      # the self-trained θs that guides θr (and θneon) at sampling time
 
 
 @dataclasses.dataclass
@@ -58,19 +60,25 @@ class ControlConfig:
 
 @dataclasses.dataclass
 class SweepConfig:
-    """Merge weights per arm; w = 0 (θr itself) is always evaluated and shared by the arms."""
+    """The grids, each searched on the validation range. Merge weights w per arm; w = 0 (θr itself) is always a
+    candidate, evaluated once and shared. `guided`: guide scales ω for θr sampled with the ODE arm's θs as guide
+    (ω = 0 is θr); `neon_guided`: ω for θneon at the ODE arm's chosen w, with the same guide (ω = 0 is θneon)."""
     ode: list[float] = dataclasses.field(default_factory=lambda: [0.5, 1.0, 2.0])
     control: list[float] = dataclasses.field(default_factory=lambda: [0.5, 1.0, 2.0])
     diverse: list[float] = dataclasses.field(default_factory=lambda: [-1.0, -0.5, 0.5, 1.0])
+    guided: list[float] = dataclasses.field(default_factory=lambda: [0.5, 1.0, 2.0])
+    neon_guided: list[float] = dataclasses.field(default_factory=lambda: [0.25, 0.5, 1.0])
 
 
 @dataclasses.dataclass
 class EvaluationConfig:
-    """Paired evaluation: every model samples the same seeds; `seeds` disjoint seed ranges give the error bars."""
-    per_class: int = 30                  # images of each class per evaluation seed (N = 10·per_class)
+    """Paired evaluation: every model samples the same seeds and labels. One validation range chooses every w and
+    ω; `repeats` report ranges, disjoint from it and from each other, give the chosen points' mean ± std."""
+    per_class: int = 30                  # images of each class per seed range (N = 10·per_class)
     num_images: int | None = None        # N for an unconditional model
-    seeds: int = 3                       # evaluation seeds: block b uses seeds offset + b·N … offset + (b+1)·N − 1
+    repeats: int = 3                     # report range b uses seeds offset + b·N … offset + (b+1)·N − 1
     seed_offset: int = 0
+    validation_offset: int | None = None   # first seed of the validation range; None = right after the report ranges
     batch: int = 300
     sampler: dict[str, Any] = dataclasses.field(default_factory=lambda: {"num_steps": 18})
 
@@ -88,7 +96,7 @@ class StudyConfig:
     control: ControlConfig = dataclasses.field(default_factory=ControlConfig)
     sweep: SweepConfig = dataclasses.field(default_factory=SweepConfig)
     evaluation: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
-    required_ratio: float = 3.0          # the success criterion: best-w improvement ≥ this × its std across seeds
+    required_ratio: float = 3.0          # success criterion: the chosen w's improvement ≥ this × its std
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -104,12 +112,22 @@ class StudyFile:
 
 def _checks(cfg: StudyConfig) -> None:
     e = cfg.evaluation
-    if e.seeds < 2:
-        raise ConfigError(f"study.evaluation.seeds: at least 2 evaluation seeds are needed for a std, got {e.seeds}")
+    if e.repeats < 2:
+        raise ConfigError(f"study.evaluation.repeats: at least 2 report ranges are needed for a std, got {e.repeats}")
     if cfg.model.conditional and (e.per_class is None or e.per_class <= 0):
         raise ConfigError("study.evaluation.per_class: a conditional model needs a positive per_class")
     if not cfg.model.conditional and (e.num_images is None or e.num_images < 2):
         raise ConfigError("study.evaluation.num_images: an unconditional model needs num_images >= 2")
+    if e.validation_offset is not None:
+        n = range_size(cfg)
+        report = range(e.seed_offset, e.seed_offset + e.repeats * n)
+        if e.validation_offset < report.stop and e.validation_offset + n > report.start:
+            raise ConfigError(f"study.evaluation.validation_offset: seeds {e.validation_offset}…"
+                              f"{e.validation_offset + n - 1} overlap the report ranges "
+                              f"{report.start}…{report.stop - 1}")
+    for name in ("guided", "neon_guided"):
+        if not getattr(cfg.sweep, name):
+            raise ConfigError(f"study.sweep.{name}: at least one guide scale is needed")
     for name, value in (("synthetic.num_images", cfg.synthetic.num_images), ("control.num_images",
                         cfg.control.num_images), ("classifier.epochs", cfg.classifier.epochs),
                         ("classifier.batch", cfg.classifier.batch), ("synthetic.batch", cfg.synthetic.batch),
@@ -125,6 +143,12 @@ def _checks(cfg: StudyConfig) -> None:
             raise ConfigError(f"study.{section}.lr: must be positive, got {t.lr}")
         if t.ema is not None and set(t.ema) - {"beta", "halflife_images"}:
             raise ConfigError(f"study.{section}.ema: expected 'beta' or 'halflife_images', got {sorted(t.ema)}")
+
+
+def range_size(cfg: StudyConfig, num_classes: int = len(CLASSES)) -> int:
+    """N, the images of one seed range: per_class · classes (conditional) or num_images."""
+    e = cfg.evaluation
+    return e.per_class * num_classes if cfg.model.conditional else e.num_images
 
 
 def parse_study(data: Any, smoke: bool = False) -> StudyFile:

@@ -1,8 +1,11 @@
-"""Metrics of one image set and the paired summary over evaluation seeds.
+"""Metrics of one image set, the choice of w (or ω) on the validation range, and the paired summary over the
+report ranges.
 
-Every (arm, w) model samples the same evaluation seeds with the same labels, so for seed block b the difference
-FD_b(w) − FD_b(0) compares the models on identical noise: the sampling noise common to both cancels, and what
-remains is spread across blocks, which is the std we report.
+Every model samples the same seeds with the same labels, so for report range b the difference FD_b(model) −
+FD_b(θr) compares the models on identical noise: the sampling noise common to both cancels, and what remains is
+spread across ranges, which is the std we report. w and ω are chosen on a separate validation range (where every
+grid point is measured), so the reported improvement is not the minimum of several noisy estimates taken on the
+images it is judged on.
 """
 from __future__ import annotations
 
@@ -50,28 +53,39 @@ def mean_std(values) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
-def summarize_arm(per_w: dict[float, list[dict]], base: list[dict]) -> list[dict]:
-    """per_w: {w: [metrics of block 0, 1, …]} (w = 0 included or not), base: θr's blocks.
-    -> rows sorted by w: mean ± std of each metric across blocks, and of the paired difference to w = 0."""
+def paired_row(report: list[dict], base: list[dict]) -> dict:
+    """report, base: [metrics of report range 0, 1, …] of a model and of θr (the same seeds range by range).
+    -> mean ± std of each metric across ranges, and of the per-range difference to θr (the paired Δ)."""
+    row = {"ranges": len(report)}
+    for m in METRICS:
+        values = [b[m] for b in report]
+        diffs = [b[m] - b0[m] for b, b0 in zip(report, base, strict=True)]
+        row[m] = dict(zip(("mean", "std"), mean_std(values)))
+        row[m + "_diff"] = dict(zip(("mean", "std"), mean_std(diffs)))
+        row[m + "_values"] = values
+    return row
+
+
+def sweep_rows(points: dict[float, dict], base: dict, axis: str = "w", zero: dict | None = None) -> list[dict]:
+    """points: {x: metrics on the validation range} for the grid values x of one sweep (w or ω); base: θr's
+    validation metrics; zero: the metrics of x = 0 (default θr's) unless the grid evaluated x = 0 itself.
+    -> rows sorted by x: each metric on the validation range and its difference to θr there."""
     rows = []
-    for w in sorted(set(per_w) | {0.0}):
-        blocks = base if w == 0 else per_w[w]
-        row = {"w": w, "blocks": len(blocks)}
-        for m in METRICS:
-            values = [b[m] for b in blocks]
-            diffs = [b[m] - b0[m] for b, b0 in zip(blocks, base)]
-            row[m] = dict(zip(("mean", "std"), mean_std(values)))
-            row[m + "_diff"] = dict(zip(("mean", "std"), mean_std(diffs)))
-            row[m + "_values"] = values
-        rows.append(row)
+    for x in sorted(set(points) | {0.0}):
+        p = points.get(x, base if zero is None else zero)
+        rows.append({axis: x, **{m: p[m] for m in METRICS}, **{m + "_diff": p[m] - base[m] for m in METRICS}})
     return rows
 
 
-def best_row(rows: list[dict], metric: str = "classifier_fd") -> dict:
-    """The w with the lowest mean FD, and how its paired improvement over w = 0 compares with its std."""
-    best = min(rows, key=lambda r: r[metric]["mean"])
-    d = best[metric + "_diff"]
-    improvement = -d["mean"]
-    ratio = improvement / d["std"] if d["std"] > 0 else (float("inf") if improvement > 0 else 0.0)
-    return {"w": best["w"], "fd": best[metric]["mean"], "improvement": improvement, "improvement_std": d["std"],
-            "ratio": ratio if best["w"] != 0 else 0.0}
+def choose(rows: list[dict], axis: str = "w", metric: str = "classifier_fd") -> float:
+    """The grid value with the lowest FD on the validation range (ties go to the smaller |x|). The report
+    ranges play no part in it."""
+    return min(rows, key=lambda r: (r[metric], abs(r[axis])))[axis]
+
+
+def improvement(row: dict, metric: str = "classifier_fd") -> dict:
+    """A `paired_row`'s improvement over θr (−mean Δ), its std across report ranges, and their ratio."""
+    d = row[metric + "_diff"]
+    gain = -d["mean"]
+    ratio = gain / d["std"] if d["std"] > 0 else (float("inf") if gain > 0 else 0.0)
+    return {"improvement": gain, "improvement_std": d["std"], "ratio": ratio}

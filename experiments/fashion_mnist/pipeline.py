@@ -7,7 +7,8 @@ A training stage killed half-way resumes from the core loop's own `train_state.p
 
     data ─► classifier (+ reference statistics of the test split)
       └───► base θr (trained from scratch) ─► S_ode, S_diverse ─► θs per arm ─► paired evaluation ─► report
-      └───► real subset (control) ────────────────────────────────┘
+      └───► real subset (control) ────────────────────────────────┘     (validation range: w, ω chosen;
+                                                                         report ranges: mean ± std, paired Δ)
 """
 from __future__ import annotations
 
@@ -25,13 +26,22 @@ import numpy as np
 import torch
 
 from experiments.fashion_mnist.classifier import load_classifier, predict, save_classifier, train_classifier
-from experiments.fashion_mnist.config import ARMS, StudyConfig, load_study
+from experiments.fashion_mnist.config import ARMS, GUIDE_ARM, StudyConfig, load_study
 from experiments.fashion_mnist.datasets import load_fashion_mnist
 from experiments.fashion_mnist.evaluate import image_set_metrics, reference_statistics
+from experiments.fashion_mnist.protocol import (
+    Point,
+    guidance_cost,
+    neon_guided_points,
+    neon_w,
+    report_points,
+    unconditional_points,
+)
 from experiments.fashion_mnist.report import write_report
 from neon.checkpoint import atomic_open, load_state_dict
 from neon.errors import NeonError
 from neon.family import Bundle, Family, get_family
+from neon.guidance import with_guide
 from neon.images import NpzImages, save_images_npz
 from neon.merge import merge_state_dicts
 from neon.sampling import draw_labels, generate, plan_seeds, sample_to_npz
@@ -263,20 +273,76 @@ def relative_change(theta_r: dict, theta: dict) -> float:
     return (num / den) ** 0.5
 
 
-def evaluation_blocks(family: Family, bundle: Bundle, cfg: StudyConfig) -> list[tuple[list[int], np.ndarray | None]]:
-    """(seeds, labels) of each evaluation seed: disjoint consecutive seed ranges, balanced labels."""
+def evaluation_ranges(family: Family, bundle: Bundle, cfg: StudyConfig) -> list[tuple[str, list[int], np.ndarray]]:
+    """(name, seeds, labels) of the validation range, then of each report range: consecutive seeds, balanced
+    labels, no seed in two ranges."""
     e = cfg.evaluation
     n = e.per_class * bundle.num_classes if bundle.conditional else e.num_images
-    blocks = []
-    for b in range(e.seeds):
-        seeds = plan_seeds(n, None, bundle.num_classes, e.seed_offset + b * n)
-        blocks.append((seeds, draw_labels(family, bundle, seeds, "per_class" if bundle.conditional else "none")))
-    return blocks
+    validation = e.validation_offset if e.validation_offset is not None else e.seed_offset + e.repeats * n
+    starts = [("validation", validation)] + [(f"report {b + 1}", e.seed_offset + b * n) for b in range(e.repeats)]
+    ranges = []
+    for name, start in starts:
+        seeds = plan_seeds(n, None, bundle.num_classes, start)
+        ranges.append((name, seeds, draw_labels(family, bundle, seeds, "per_class" if bundle.conditional else "none")))
+    every = [s for _, seeds, _ in ranges for s in seeds]
+    if len(set(every)) != len(every):
+        raise NeonError(f"study.evaluation.validation_offset: the validation range {validation}… overlaps a report "
+                        f"range ({e.seed_offset}…{e.seed_offset + e.repeats * n - 1})")
+    return ranges
+
+
+@contextlib.contextmanager
+def count_network_images(*modules: torch.nn.Module | None):
+    """A one-item list holding how many images all calls of `modules` processed (Σ batch sizes): per sampled
+    image, the network evaluations its sampler made."""
+    count = [0]
+
+    def hook(_module, args, kwargs):
+        x = args[0] if args else next(iter(kwargs.values()))
+        count[0] += int(x.shape[0])
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules if m is not None]
+    try:
+        yield count
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def evaluate_point(family: Family, bundle: Bundle, guided: Bundle, weights: dict, point: Point, ranges: list,
+                   cfg: StudyConfig, clf, ref) -> tuple[dict, np.ndarray]:
+    """Sample `point`'s model (bundle.net carrying `weights`) on each of `ranges` and measure each range's images.
+    -> ({"metrics": [per range], "images", "network_calls", "sampling_cpu_seconds"}, the images of all ranges)."""
+    e = cfg.evaluation
+    bundle.net.load_state_dict(weights)
+    sampler = {**e.sampler, "guide_scale": point.omega} if point.guided else e.sampler
+    results, images, cpu = [], [], 0.0
+    with count_network_images(bundle.net, guided.guide if point.guided else None) as calls:
+        for _, seeds, labels in ranges:
+            t0 = time.process_time()
+            x = np.concatenate([img for _, _, img in generate(family, guided if point.guided else bundle, seeds,
+                                                               labels, e.batch, sampler)])
+            cpu += time.process_time() - t0
+            results.append(image_set_metrics(clf, x, ref, labels))
+            images.append(x)
+    record = {"metrics": results, "images": sum(len(x) for x in images), "network_calls": calls[0],
+              "sampling_cpu_seconds": round(cpu, 3)}
+    return record, np.concatenate(images)
+
+
+def point_weights(point: Point, theta_r: dict, thetas: dict) -> dict:
+    if point.arm == "base":
+        return theta_r
+    if point.w == -1:            # the arm's fine-tuned θ as it is (what (1+w)·θr − w·θ gives at w = −1)
+        return thetas[point.arm]
+    return merge_state_dicts(theta_r, thetas[point.arm], point.w)
 
 
 def stage_evaluate(family: Family, bundle: Bundle, theta_r: dict, thetas: dict, cfg: StudyConfig,
                    rec: StudyRecord, clf, ref, upstream: list[str], arm_keys: dict) -> dict:
-    """Every (arm, w) on the same evaluation seeds; points are saved as they finish, so a killed run resumes."""
+    """Every grid point on the validation range, where w and ω are chosen (the guided Neon grid at the ODE arm's
+    chosen w); then θr and the chosen models on the report ranges. The same seeds and labels for every model in
+    a range set. Points are saved as they finish, so a killed run resumes."""
     e = cfg.evaluation
     key = rec.key(dataclasses.asdict(e), *upstream)
     folder, done = rec.begin("eval", key)
@@ -285,37 +351,48 @@ def stage_evaluate(family: Family, bundle: Bundle, theta_r: dict, thetas: dict, 
     if os.path.isfile(points_path):
         with open(points_path) as f:
             points = json.load(f)
-    blocks = evaluation_blocks(family, bundle, cfg)
-    todo = [("base", 0.0)] + [(arm, float(w)) for arm in ARMS for w in getattr(cfg.sweep, arm) if w != 0]
-    computed = False
-    for arm, w in todo:
-        name = f"{arm}_w{w:g}"
-        point_key = rec.key({"w": w}, key, arm_keys.get(arm, ""))
-        if points.get(name, {}).get("key") == point_key:
-            continue
-        t0 = time.time()
-        bundle.net.load_state_dict(theta_r if arm == "base" else merge_state_dicts(theta_r, thetas[arm], w))
-        results, all_images = [], []
-        for seeds, labels in blocks:
-            images = np.concatenate([img for _, _, img in generate(family, bundle, seeds, labels, e.batch, e.sampler)])
-            results.append(image_set_metrics(clf, images, ref, labels))
-            all_images.append(images)
-        bundle.net.load_state_dict(theta_r)
-        seeds = np.concatenate([np.asarray(s, dtype=np.int64) for s, _ in blocks])
-        labels = None if blocks[0][1] is None else np.concatenate([lab for _, lab in blocks])
-        save_images_npz(os.path.join(folder, f"{name}.npz"), np.concatenate(all_images), labels, seeds)
-        points[name] = {"arm": arm, "w": w, "key": point_key, "blocks": results, "seconds": round(time.time() - t0, 1)}
-        computed = True
-        with atomic_open(points_path, "w") as f:
-            json.dump(points, f, indent=1)
-        fds = ", ".join(f"{r['classifier_fd']:.3f}" for r in results)
-        log(f"eval {arm:>8} w={w:+.2f}: classifier FD per seed [{fds}]  pixel FD "
-            f"{np.mean([r['pixel_fd'] for r in results]):.4f}  ({time.time() - t0:.0f} s)")
-    points = {name: points[name] for name in (f"{arm}_w{w:g}" for arm, w in todo)}  # drop points no longer asked
+    ranges = evaluation_ranges(family, bundle, cfg)
+    sets = {"validation": ranges[:1], "report": ranges[1:]}
+    guided = with_guide(bundle, thetas[GUIDE_ARM], f"θs of the {GUIDE_ARM} arm")
+    computed, asked = False, []
+
+    def run(todo: list[Point], where: str) -> dict[str, list[dict]]:
+        nonlocal computed
+        out = {}
+        os.makedirs(os.path.join(folder, where), exist_ok=True)
+        for point in todo:
+            asked.append(point.name)
+            point_key = rec.key([dataclasses.asdict(point), where], key, arm_keys.get(point.arm, ""),
+                                arm_keys[GUIDE_ARM] if point.guided else "")
+            entry = points.setdefault(point.name, dataclasses.asdict(point))
+            if entry.get(where, {}).get("key") != point_key:
+                t0 = time.time()
+                record, images = evaluate_point(family, bundle, guided, point_weights(point, theta_r, thetas), point,
+                                                sets[where], cfg, clf, ref)
+                bundle.net.load_state_dict(theta_r)
+                seeds = np.concatenate([np.asarray(s, dtype=np.int64) for _, s, _ in sets[where]])
+                labels = None if ranges[0][2] is None else np.concatenate([lab for _, _, lab in sets[where]])
+                save_images_npz(os.path.join(folder, where, f"{point.name}.npz"), images, labels, seeds)
+                entry[where] = {**record, "key": point_key, "seconds": round(time.time() - t0, 1)}
+                computed = True
+                with atomic_open(points_path, "w") as f:
+                    json.dump(points, f, indent=1)
+                fds = ", ".join(f"{r['classifier_fd']:.3f}" for r in record["metrics"])
+                log(f"eval {where:>10} {point.name:>22}: classifier FD [{fds}]  ({time.time() - t0:.0f} s)")
+            out[point.name] = entry[where]["metrics"]
+        return out
+
+    validation = {k: v[0] for k, v in run(unconditional_points(cfg), "validation").items()}
+    validation.update({k: v[0] for k, v in run(neon_guided_points(cfg, neon_w(validation, cfg)), "validation")
+                       .items()})
+    report = run(report_points(validation, cfg), "report")
+    points = {name: points[name] for name in dict.fromkeys(asked)}      # drop points no longer asked
     if not done or computed:
-        seconds = sum(p["seconds"] for p in points.values())
+        seconds = sum(p[w]["seconds"] for p in points.values() for w in sets if w in p)
         rec.record("eval", key, {"points": len(points), "path": points_path, "seconds": round(seconds, 1)})
-    return {"points": points, "folder": folder, "blocks": [[int(s[0]), int(s[-1])] for s, _ in blocks],
+    records = [{**p, **p[where]} for p in points.values() for where in sets if where in p]
+    return {"validation": validation, "report": report, "folder": folder, "guidance_cost": guidance_cost(records),
+            "ranges": {name: [int(s[0]), int(s[-1])] for name, s, _ in ranges},
             "reference_trace": float(np.trace(ref["classifier_sigma"]))}
 
 
