@@ -1,4 +1,4 @@
-"""The 2-D Gaussian toy (the paper's appendix): its pieces, and the paper's claims on one quick run with a fixed seed."""
+"""The 2-D Gaussian toy (the paper's appendix): its pieces, and the paper's claims on one quick seeded run."""
 import dataclasses
 import json
 import math
