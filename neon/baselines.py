@@ -31,6 +31,7 @@ from neon.snapshot_sweep import final_result
 from neon.sweep import Sweep
 
 FOLDER = "baselines"
+GUIDED = ("self_guidance", "neon_guidance")   # the baselines that sample with θs as a guide
 
 
 class RetuneSweep(Sweep):
@@ -43,6 +44,9 @@ class RetuneSweep(Sweep):
 
     def evaluate(self, w: float, guidance: float | None, setting: dict | None = None) -> dict:
         return super().evaluate(0.0, guidance, setting)
+
+    def save(self, plot: bool = False) -> None:
+        super().save(plot=False)   # FID vs w says nothing at one w: baselines_sweep.png draws the re-tune
 
 
 class _AtWZero(dict):
@@ -76,6 +80,9 @@ class GuideSweep(Sweep):
 
     def sampler_args(self, guidance: float | None, setting: dict, base: dict | None = None) -> dict:
         return {**super().sampler_args(guidance, setting, base), GUIDE_SCALE.name: self.omega}
+
+    def save(self, plot: bool = False) -> None:
+        super().save(plot=False)   # its axis would read "merge weight w": baselines_sweep.png draws ω
 
 
 @dataclasses.dataclass
@@ -114,7 +121,7 @@ def run_baselines(family: Family, bundle: Bundle, theta_r: dict, cfg: RunConfig,
                 done[name] = json.load(f)
         else:
             if dist.is_main():
-                print(f"baseline: {name}")
+                print(f"baseline: {name}" + (" (its points' w is the guide scale ω)" if name in GUIDED else ""))
             done[name] = {"name": name, **BASELINES[name](ctx)}
             if dist.is_main():
                 with atomic_open(path, "w") as f:

@@ -199,3 +199,40 @@ def test_a_guide_baseline_on_a_family_without_guide_scale_is_refused():
                         "baselines": {"self_guidance": {"omega": [1.0]}}}, smoke=True)
     with pytest.raises(ConfigError, match=r"^baselines\.self_guidance: the tinypix sampler takes no guide"):
         check_family_args(dataclasses.replace(cfg), TinyPixFamily(), smoke=True)
+
+
+def test_guidance_retune_refinement_stays_at_w_zero_with_the_official_search(monkeypatch):
+    """With the official 3x3 refinement (moving centre) the walk asks for neighbours off w = 0; each is θr's point
+    at that guidance scale, so the chosen point has w = 0 and θr's weights were sampled at every point."""
+    from neon import sweep as sweep_module
+    from neon.baselines import RetuneSweep
+    family = GuidedPix()
+    bundle = family.tiny(seed=0)
+    theta_r = {k: v.clone() for k, v in bundle.net.state_dict().items()}
+    sampled = []
+
+    def fake_evaluate(family, bundle, metric, num_images, per_class, seed_offset, batch, args, desc=""):
+        sampled.append((args["cfg"], all(torch.equal(v, theta_r[k]) for k, v in bundle.net.state_dict().items())))
+        return {"fid": (args["cfg"] - 1.7) ** 2}          # lowest just off the grid: the refinement moves
+    monkeypatch.setattr(sweep_module, "evaluate_images", fake_evaluate)
+    data = {**BASE, "sweep": {**BASE["sweep"], "w": [0.5, 1.0], "cfg": [1.0, 1.5, 2.0], "search": "official",
+                              "tolerance": 0.5, "stop": "previous", "refine": 0.1, "refine_pattern": "3x3",
+                              "refine_centre": "moving", "refine_decimals": 1}}
+    cfg = parse_config(data, smoke=True)
+    ctx = _Context(family, bundle, theta_r, cfg, None, "", 0, {}, {})
+    retune = RetuneSweep(family, bundle, theta_r, theta_r, _sweep_config(ctx, [0.0]), None)
+    best = retune.run()
+    assert {p["w"] for p in retune.points.values()} == {0.0}
+    assert best["w"] == 0.0 and best["fid"] == min(p["fid"] for p in retune.points.values())
+    assert max(c for c, _ in sampled) > 2.0 - 1e-9 and any(c not in (1.0, 1.5, 2.0) for c, _ in sampled)  # refined
+    assert all(same for _, same in sampled)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("var_d16_256", ["guidance_retune", "continued_finetune", "self_guidance", "neon_guidance"]),
+    ("edm_cifar10_cond", ["continued_finetune", "self_guidance", "neon_guidance"])])
+def test_a_guided_and_an_unguided_smoke_run_turn_on_every_baseline_that_applies(name, expected):
+    from neon.config import load_config
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.yaml")
+    assert load_config(config, smoke=True).baselines.enabled() == expected
+    assert load_config(config).baselines.enabled() == []          # the paper row itself: off, as a comment shows
