@@ -272,7 +272,8 @@ def plot_baselines(out: str, doc: dict) -> None:
     if os.path.isfile(os.path.join(out, "sweep.json")):
         with open(os.path.join(out, "sweep.json")) as f:
             neon_points = json.load(f)["points"]
-    plot_guide_sweeps(neon_points, sweeps, os.path.join(out, "baselines_sweep.png"), cfg_key)
+    neon_w = ((doc["stages"].get("sweep") or {}).get("best") or {}).get("w")
+    plot_guide_sweeps(neon_points, sweeps, os.path.join(out, "baselines_sweep.png"), cfg_key, neon_w)
     plot_final_comparison(final_rows(doc), os.path.join(out, "baselines_final.png"))
 
 

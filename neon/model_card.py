@@ -110,8 +110,9 @@ def baselines_table(doc: dict) -> list[str]:
             if cost else "1×"
         rows.append(f"| {name} | {BASELINE_WHAT.get(name, name)} | {where} | {_number(r.get('fid'))} "
                     f"| {r['num_images']} | {spent} |")
-    return ["## Baselines", "", "Network evaluations per image relative to θneon's, and the measured sampling "
-            "seconds of the final evaluation:", "", *rows, ""]
+    return ["## Baselines", "", "The same final seeds for every row. Sampling cost: network evaluations per image "
+            "relative to θneon's, and the measured seconds of the final evaluation. baselines_sweep.png draws each "
+            "guide's sweep beside Neon's; baselines_final.png the final FIDs.", "", *rows, ""]
 
 
 def _of(doc: dict) -> str:

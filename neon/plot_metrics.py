@@ -108,10 +108,12 @@ def _best_along(points: list[dict]) -> tuple[list[float], list[float]]:
     return xs, [best[x] for x in xs]
 
 
-def plot_guide_sweeps(neon_points: list[dict], sweeps: dict[str, list[dict]], path: str, cfg_key: str = "cfg") -> bool:
+def plot_guide_sweeps(neon_points: list[dict], sweeps: dict[str, list[dict]], path: str, cfg_key: str = "cfg",
+                      neon_w: float | None = None) -> bool:
     """The sweep objective (FID) vs ω of the guide baselines ('self_guidance', 'neon_guidance') beside Neon's
     FID vs w, each x at its best guidance scale; θr re-tuned over the guidance grid ('guidance_retune') as a
-    level line. False (nothing written) when there is nothing to draw besides Neon."""
+    level line; `neon_w`, θneon's chosen w, names the guided merge. False (nothing written) when there is nothing
+    to draw besides Neon."""
     guides = {n: p for n, p in sweeps.items() if n != "guidance_retune" and p}
     retune = sweeps.get("guidance_retune") or []
     if not guides and not retune:
@@ -120,7 +122,8 @@ def plot_guide_sweeps(neon_points: list[dict], sweeps: dict[str, list[dict]], pa
     fig, ax = plt.subplots(figsize=(6.2, 4.0), dpi=120)
     if neon_points:
         ax.plot(*_best_along(neon_points), "o-", ms=4, color="k", label="θneon(w): merge weight w")
-    labels = {"self_guidance": "θr guided by θs: ω", "neon_guidance": "θneon guided by θs: ω"}
+    at = "" if neon_w is None else f" (w = {neon_w:g})"
+    labels = {"self_guidance": "θr guided by θs: ω", "neon_guidance": f"θneon{at} guided by θs: ω"}
     for i, (name, pts) in enumerate(sorted(guides.items())):
         ax.plot(*_best_along(pts), "s--", ms=4, color=f"C{i}", label=labels.get(name, name))
     if retune:
