@@ -167,6 +167,52 @@ class MetricsConfig:
     kid_subset_size: int = 1000             # ... kid_subset_size (the smaller set's size when it holds fewer)
 
 
+@dataclasses.dataclass
+class ContinuedFinetuneConfig:
+    """The "just train more" control: θr fine-tuned with the finetune section's recipe and compute."""
+    real_data: str | None = None         # real images (.npz or folder) to fine-tune on; None: S, continuing θs's
+                                         # own training for as many images again (twice the images in all)
+
+
+@dataclasses.dataclass
+class GuideBaselineConfig:
+    """θs as a sampling-time guide (SIMS / autoguidance): ω swept as w is, with the sweep's search and grid."""
+    omega: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.5, 1.0])   # guide scales ω
+
+
+@dataclasses.dataclass
+class BaselinesConfig:
+    """What Neon's gain is compared with, in the same run, on the same seeds (all off by default)."""
+    guidance_retune: bool = False        # θr (w = 0) over the sweep's guidance grid: guided families only
+    continued_finetune: ContinuedFinetuneConfig | None = None
+    self_guidance: GuideBaselineConfig | None = None    # θr guided by the best snapshot's θs
+    neon_guidance: GuideBaselineConfig | None = None    # θneon guided by θs: do merge and guidance add up?
+
+    def enabled(self) -> list[str]:
+        """The names of the baselines turned on, in the order the run computes them."""
+        return [n for n in BASELINES if getattr(self, n) not in (None, False)]
+
+
+BASELINES = ("guidance_retune", "continued_finetune", "self_guidance", "neon_guidance")
+
+
+def sweep_is_guided(s: SweepConfig) -> bool:
+    """True when the sweep walks a guidance scale (its own cfg list, or one of its settings')."""
+    return s.cfg is not None or any(g.cfg is not None for g in s.per_setting)
+
+
+def check_baselines(cfg: RunConfig) -> None:
+    b = cfg.baselines
+    if b.guidance_retune and not sweep_is_guided(cfg.sweep):
+        raise ConfigError("baselines.guidance_retune: the sweep has no guidance grid (sweep.cfg) to re-tune θr on")
+    for name in ("self_guidance", "neon_guidance"):
+        if getattr(b, name) is not None and not getattr(b, name).omega:
+            raise ConfigError(f"baselines.{name}.omega: at least one guide scale is needed")
+    real = b.continued_finetune.real_data if b.continued_finetune else None
+    if real is not None and not os.path.exists(real):
+        raise ConfigError(f"baselines.continued_finetune.real_data: {real} not found")
+
+
 METHOD_KIND = "neon"   # a config's `kind` when it names none: the paper's method, run by neon/run.py
 
 
@@ -183,6 +229,7 @@ class RunConfig:
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     sweep: SweepConfig = dataclasses.field(default_factory=SweepConfig)
     final: FinalConfig = dataclasses.field(default_factory=FinalConfig)
+    baselines: BaselinesConfig = dataclasses.field(default_factory=BaselinesConfig)
     smoke: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -299,6 +346,7 @@ def _semantic_checks(cfg: RunConfig, smoke: bool = False) -> None:
     _metrics_checks(cfg.metrics, smoke)
     check_snapshot_choice(cfg)
     check_seed_overlap(cfg)
+    check_baselines(cfg)
 
 
 def _metrics_checks(m: MetricsConfig, smoke: bool) -> None:
@@ -433,11 +481,14 @@ def check_family_args(cfg: RunConfig, family: Family, smoke: bool = False) -> No
             check_args(family.SAMPLER_ARGS, {key: value}, f"sweep.grid[{i}]")
     for i, grid in enumerate(cfg.sweep.per_setting):
         check_args(family.SAMPLER_ARGS, grid.setting, f"sweep.per_setting[{i}].setting")
-    guided = cfg.sweep.cfg is not None or any(g.cfg is not None for g in cfg.sweep.per_setting)
+    guided = sweep_is_guided(cfg.sweep)
     if guided and cfg.sweep.cfg_key not in sampler:
         raise ConfigError(f"sweep.cfg_key: {cfg.sweep.cfg_key!r} is not a sampler argument of {family.name} "
                           f"(known: {', '.join(sampler) or 'none'})")
     check_args(family.LOSS_ARGS, cfg.finetune.loss_args, "finetune.loss_args")
+    for name in ("self_guidance", "neon_guidance"):
+        if getattr(cfg.baselines, name) is not None and "guide_scale" not in sampler:
+            raise ConfigError(f"baselines.{name}: the {family.name} sampler takes no guide network (guide_scale)")
 
 
 def parse_config(data: dict, smoke: bool = False, where: str = "", family_args: bool = False) -> RunConfig:

@@ -85,6 +85,36 @@ def final_lines(doc: dict) -> list[str]:
     return lines
 
 
+BASELINE_WHAT = {"guidance_retune": "θr alone, its guidance re-tuned on the sweep's grid",
+                 "continued_finetune": "θr fine-tuned with the same recipe (w = −1)",
+                 "self_guidance": "θr guided by θs at sampling time (ω)",
+                 "neon_guidance": "θneon guided by θs at sampling time (ω)"}
+
+
+def baselines_table(doc: dict) -> list[str]:
+    """θr, θneon and every baseline the run computed, one Markdown row each, on the same final seeds."""
+    baselines = doc["stages"].get("baselines") or {}
+    if not baselines:
+        return []
+    final, cfg_key = doc["stages"].get("final") or {}, doc["config"]["sweep"]["cfg_key"]
+    rows = ["| model | what | chosen point | final FID | images | sampling cost |", "|---|---|---|---|---|---|"]
+    for name, what, r in (("θr", "the base model at its own sampler", final.get("base")),
+                          ("θneon", "the merge (1+w)·θr − w·θs", final.get("neon"))):
+        if r:
+            rows.append(f"| {name} | {what} | {_where(r, cfg_key)} | {_number(r.get('fid'))} | {r['num_images']} "
+                        "| 1× |")
+    for name, b in baselines.items():
+        r, cost = b["final"], b.get("cost")
+        where = _where(r, cfg_key).replace("w = ", "ω = ", 1) if "omega" in r else _where(r, cfg_key)
+        spent = f"{cost['network_evaluations_vs_neon']:g}× ({cost['seconds']} s vs {cost['neon_seconds']} s)" \
+            if cost else "1×"
+        rows.append(f"| {name} | {BASELINE_WHAT.get(name, name)} | {where} | {_number(r.get('fid'))} "
+                    f"| {r['num_images']} | {spent} |")
+    return ["## Baselines", "", "The same final seeds for every row. Sampling cost: network evaluations per image "
+            "relative to θneon's, and the measured seconds of the final evaluation. baselines_sweep.png draws each "
+            "guide's sweep beside Neon's; baselines_final.png the final FIDs.", "", *rows, ""]
+
+
 def _of(doc: dict) -> str:
     snapshot = doc["stages"]["sweep"]["best"].get("snapshot")
     return f" of θs = {snapshot}" if snapshot else ""
@@ -104,7 +134,8 @@ def card_text(doc: dict, points: list[dict], config_path: str, neon_path: str) -
              "", "## Recipe", "", *recipe(doc), "", "## Sweep", "", *_sweep_intro(doc),
              *sweep_table(points, cfg["sweep"]["cfg_key"]),
              "", f"Chosen: {_where(doc['stages']['sweep']['best'], cfg['sweep']['cfg_key'])}{_of(doc)}", "",
-             *snapshot_table(doc), "## Final evaluation", "", *final_lines(doc), "", "## Reproduce", "",
+             *snapshot_table(doc), "## Final evaluation", "", *final_lines(doc), "",
+             *baselines_table(doc), "## Reproduce", "",
              f"    neon run {config_path}{smoke}",
              ""]
     if smoke:

@@ -93,3 +93,73 @@ def plot_sweep_metrics(points: list[dict], sweep_path: str, cfg_key: str = "cfg"
     if plot_metric_vs_w(points, "kid_mean", stem + "_kid.png", "KID", cfg_key):
         written.append(stem + "_kid.png")
     return written
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The baselines beside Neon (neon/baselines.py).
+
+def _best_along(points: list[dict]) -> tuple[list[float], list[float]]:
+    """(x, lowest FID at x) of sweep points, x their 'w' (ω for a guide sweep), each x at its best guidance
+    scale / setting."""
+    best: dict[float, float] = {}
+    for p in points:
+        best[p["w"]] = min(best.get(p["w"], math.inf), p["fid"])
+    xs = sorted(best)
+    return xs, [best[x] for x in xs]
+
+
+def plot_guide_sweeps(neon_points: list[dict], sweeps: dict[str, list[dict]], path: str, cfg_key: str = "cfg",
+                      neon_w: float | None = None) -> bool:
+    """The sweep objective (FID) vs ω of the guide baselines ('self_guidance', 'neon_guidance') beside Neon's
+    FID vs w, each x at its best guidance scale; θr re-tuned over the guidance grid ('guidance_retune') as a
+    level line; `neon_w`, θneon's chosen w, names the guided merge. False (nothing written) when there is nothing
+    to draw besides Neon."""
+    guides = {n: p for n, p in sweeps.items() if n != "guidance_retune" and p}
+    retune = sweeps.get("guidance_retune") or []
+    if not guides and not retune:
+        return False
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6.2, 4.0), dpi=120)
+    if neon_points:
+        ax.plot(*_best_along(neon_points), "o-", ms=4, color="k", label="θneon(w): merge weight w")
+    at = "" if neon_w is None else f" (w = {neon_w:g})"
+    labels = {"self_guidance": "θr guided by θs: ω", "neon_guidance": f"θneon{at} guided by θs: ω"}
+    for i, (name, pts) in enumerate(sorted(guides.items())):
+        ax.plot(*_best_along(pts), "s--", ms=4, color=f"C{i}", label=labels.get(name, name))
+    if retune:
+        best = min(retune, key=lambda p: p["fid"])
+        ax.axhline(best["fid"], color="C3", ls=":", label=f"θr at its best {cfg_key} = {best['cfg']:g} (re-tuned)")
+    ax.axvline(0, color="0.7", lw=0.8)
+    ax.set_xlabel("w (merge)  or  ω (guide scale: (1+ω)·out_θr − ω·out_θs)")
+    counts = {p.get("num_images") for pts in [neon_points, retune, *guides.values()] for p in pts}
+    ax.set_ylabel(f"sweep FID ({', '.join(str(c) for c in sorted(c for c in counts if c))} images)")
+    ax.set_title("sweep objective, same seeds" + (f", each point at its best {cfg_key}" if retune else ""),
+                 fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    _save(plt, fig, path)
+    return True
+
+
+def plot_final_comparison(rows: list[tuple[str, dict]], path: str, key: str = "fid") -> bool:
+    """A horizontal bar per model (θr, θneon, each baseline): its final `key` with the value printed, the best
+    one in dark. rows: (label, final result); False (nothing written) when fewer than two recorded `key`."""
+    rows = [(label, r) for label, r in rows if r.get(key) is not None]
+    if len(rows) < 2:
+        return False
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6.2, 0.9 + 0.45 * len(rows)), dpi=120)
+    values = [r[key] for _, r in rows]
+    best = min(values)
+    y = list(range(len(rows)))[::-1]
+    ax.barh(y, values, color=["0.2" if v == best else "0.65" for v in values], height=0.6)
+    for yi, v in zip(y, values):
+        ax.text(v, yi, f" {v:.4g}", va="center", fontsize=8)
+    ax.set_yticks(y, [label for label, _ in rows], fontsize=8)
+    ax.set_xlim(0, max(values) * 1.18)
+    counts = sorted({r.get("num_images") for _, r in rows if r.get("num_images")})
+    ax.set_xlabel(f"final {key.upper() if key == 'fid' else key} ({', '.join(map(str, counts))} images, final seeds; "
+                  "lower is better)")
+    ax.grid(alpha=0.3, axis="x")
+    _save(plt, fig, path)
+    return True

@@ -20,6 +20,7 @@ import time
 import torch
 
 from neon import dist, hub, paths
+from neon.baselines import run_baselines, summary_lines
 from neon.checkpoint import atomic_open, load_state_dict
 from neon.config import (
     METHOD_KIND,
@@ -201,6 +202,7 @@ def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device, config: 
     if not rec.stage("final"):
         bundle.net.load_state_dict(theta_r)
         rec.record("final", final_evaluation(family, bundle, cfg, metric, swept, out, offset))
+    run_baselines(family, bundle, theta_r, cfg, metric, rec, out, offset)   # 5. what Neon must beat, if asked
     bundle.net.load_state_dict(theta_r)
     if dist.is_main():
         write_model_card(out, rec.doc, config, neon_path)
@@ -249,6 +251,8 @@ def summarize(doc: dict, cfg: RunConfig) -> None:
                 where = point_label(r["w"], r["cfg"], r.get("setting", {}), cfg.sweep.cfg_key)
                 seeds = f", seeds {r['seeds'][0]}–{r['seeds'][1]}" if r.get("seeds") else ""
                 print(f"{name:>5}: {where}  FID {r['fid']:.4f} on {r['num_images']} images{seeds}")
+    for line in summary_lines(doc, cfg.sweep.cfg_key):
+        print(f"baseline {line}")
     if doc.get("smoke"):
         print("(smoke run: statistics of S stand in for the reference; the numbers mean nothing)")
 

@@ -192,7 +192,8 @@ def test_smoke_run_goes_through_every_stage(config, tmp_path):
                          env=ENV, capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     doc = json.loads((out / "run.json").read_text())
-    assert set(doc["stages"]) == {"sample", "finetune", "sweep", "final"} and doc["smoke"] is True
+    baselines = {"baselines"} if load_config(str(config), smoke=True).baselines.enabled() else set()
+    assert set(doc["stages"]) == {"sample", "finetune", "sweep", "final"} | baselines and doc["smoke"] is True
     final = doc["stages"]["final"]
     assert final["neon"]["fid"] is not None
     for name in ("synthetic.npz", "sweep.json", "sweep.png"):
