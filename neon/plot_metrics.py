@@ -1,5 +1,5 @@
-"""Sweep metrics other than FID against the merge weight w: the paper's Fig. 4 (precision falls as w grows,
-recall rises then falls) and any one recorded number (KID, IS) vs w. Each figure is written atomically.
+"""Sweep metrics against the merge weight w: the paper's Fig. 4 (precision falls as w grows, recall rises then
+falls) and any one recorded number (FID, FD_DINOv2, KID, IS) vs w. Each figure is written atomically.
 
     plot_precision_recall(points, 'sweep_precision_recall.png')   # points: sweep.json's "points"
     plot_metric_vs_w(points, 'kid_mean', 'sweep_kid_mean.png')
@@ -83,13 +83,19 @@ def plot_precision_recall(points: list[dict], path: str, cfg_key: str = "cfg") -
     return True
 
 
+# One figure per distance the sweep may record, whichever of them is its objective: (key, file suffix, axis label)
+METRIC_FIGURES = (("fid", "fid", "FID"), ("fd_dinov2", "fd_dinov2", "FD_DINOv2"), ("kid_mean", "kid", "KID"))
+
+
 def plot_sweep_metrics(points: list[dict], sweep_path: str, cfg_key: str = "cfg") -> list[str]:
-    """Next to sweep.json: `<stem>_precision_recall.png` and `<stem>_kid.png` when the points recorded them.
-    Returns the files written."""
+    """Next to sweep.json: `<stem>_precision_recall.png`, and `<stem>_fid.png`, `<stem>_fd_dinov2.png`,
+    `<stem>_kid.png`, each when the points recorded it. Returns the files written."""
     stem = os.path.splitext(sweep_path)[0]
     written = []
     if plot_precision_recall(points, stem + "_precision_recall.png", cfg_key):
         written.append(stem + "_precision_recall.png")
-    if plot_metric_vs_w(points, "kid_mean", stem + "_kid.png", "KID", cfg_key):
-        written.append(stem + "_kid.png")
+    for key, suffix, label in METRIC_FIGURES:
+        n = next((p.get("num_images") for p in points if p.get(key) is not None), "?")
+        if plot_metric_vs_w(points, key, f"{stem}_{suffix}.png", f"{label} ({n} images)", cfg_key):
+            written.append(f"{stem}_{suffix}.png")
     return written

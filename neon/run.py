@@ -23,11 +23,13 @@ from neon import dist, hub, paths
 from neon.checkpoint import atomic_open, load_state_dict
 from neon.config import (
     METHOD_KIND,
+    OBJECTIVE_LABELS,
     RunConfig,
     check_seed_overlap,
     config_kind,
     final_seed_offset,
     load_config,
+    objective_key,
     seed_range,
 )
 from neon.errors import NeonError
@@ -36,6 +38,7 @@ from neon.family import Bundle, Family, get_family
 from neon.model_card import write_model_card
 from neon.pipeline_folder import is_pipeline_folder
 from neon.registry import Registry
+from neon.repeats import paired_difference, per_range
 from neon.sampling import draw_labels, plan_seeds, sample_to_npz
 from neon.selftrain import CACHE_FILE, check_finetune_config, encode_examples, finetune
 from neon.snapshot_sweep import (
@@ -47,7 +50,7 @@ from neon.snapshot_sweep import (
     sweep_snapshot,
     write_summary,
 )
-from neon.sweep import Sweep, point_label, state_dict_copy
+from neon.sweep import Sweep, metrics_label, point_label, state_dict_copy
 
 
 def _versions() -> dict:
@@ -129,8 +132,11 @@ def check_run_inputs(cfg: RunConfig, smoke: bool, out: str) -> None:
     if base is not None and not os.path.exists(base) and \
             get_family(cfg.family).resolve_remote(base, cfg.load_args) is not None:
         base = None   # a remote name (a Hub repo id) the family has fetched, or found in its cache, just now
+    dinov2 = cfg.metrics.fd_dinov2
     for field, path, what in (("base", base, "checkpoint"), ("ref_stats", cfg.ref_stats, "statistics file"),
-                              ("metrics.real_features", cfg.metrics.real_features, "features file")):
+                              ("metrics.real_features", cfg.metrics.real_features, "features file"),
+                              ("metrics.fd_dinov2.weights", dinov2 and dinov2.weights, "weights file"),
+                              ("metrics.fd_dinov2.ref_stats", dinov2 and dinov2.ref_stats, "statistics file")):
         if path is not None and os.path.isdir(path) and not (field == "base" and is_pipeline_folder(path)):
             raise NeonError(f"{field}: {path} is a folder, expected a {what}")
         if path is not None and not (os.path.isfile(path) or field == "base" and is_pipeline_folder(path)):
@@ -179,10 +185,12 @@ def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device, config: 
     if not (rec.stage("sweep") or {}).get("best"):
         t0 = time.time()
         entries = [sweep_snapshot(family, bundle, theta_r, path, cfg, metric, out, offset) for path in snapshots]
-        doc = write_summary(out, entries, cfg.sweep.cfg_key)
+        key = objective_key(cfg.sweep.objective)
+        doc = write_summary(out, entries, cfg.sweep.cfg_key, key)
         first, last = seed_range(cfg.sweep.num_images, cfg.sweep.per_class, cfg.sweep.seed_offset,
                                  bundle.num_classes)
-        rec.record("sweep", {"best": doc["best"], "theta_s": best_entry(entries)["path"], "ref_stats": ref,
+        rec.record("sweep", {"best": doc["best"], "theta_s": best_entry(entries, key)["path"], "ref_stats": ref,
+                             "objective": cfg.sweep.objective,
                              "snapshots": doc["snapshots"], "seeds": [first, last],
                              "points": sum(len(snapshot_points(out, e)) for e in entries),
                              "seconds": round(time.time() - t0, 1)})
@@ -217,7 +225,8 @@ def base_sampler_args(cfg: RunConfig, setting: dict) -> dict:
 
 def final_evaluation(family, bundle, cfg: RunConfig, metric, swept: dict, out: str, offset: int) -> dict:
     """θr (bundle.net holds it) at its own sampler settings, beside θneon's final evaluation at the best
-    snapshot's point (made during the sweep stage). With a sweep grid, each setting under 'per_setting'."""
+    snapshot's point (made during the sweep stage), and 'delta': θneon − θr per final seed range, mean ± std
+    (neon.repeats.paired_difference). With a sweep grid, each setting under 'per_setting'."""
     entry = next(e for e in swept["snapshots"] if e["snapshot"] == swept["best"]["snapshot"])
     with open(os.path.join(out, "sweep", f"{snapshot_name(entry['snapshot'])}-final.json")) as f:
         neon = json.load(f).get("final_per_setting") or [entry["final"]]
@@ -228,29 +237,48 @@ def final_evaluation(family, bundle, cfg: RunConfig, metric, swept: dict, out: s
             args = base_sampler_args(cfg, result["setting"])
             base = final_result(family, bundle, metric, cfg, offset, args, "final base")
             pair["base"] = {"w": 0.0, "cfg": args.get(cfg.sweep.cfg_key), "setting": result["setting"], **base}
+            pair["delta"] = paired_difference(result, pair["base"])
         pairs.append(pair)
     overall = next(p for p in pairs if p["setting"] == entry["final"]["setting"])
-    doc = {"snapshot": entry["snapshot"], "base": overall.get("base"), "neon": overall["neon"]}
+    doc = {"snapshot": entry["snapshot"], "base": overall.get("base"), "neon": overall["neon"],
+           "delta": overall.get("delta"), "repeats": cfg.final.repeats}
     return {**doc, "per_setting": pairs} if len(pairs) > 1 else doc
 
 
 def summarize(doc: dict, cfg: RunConfig) -> None:
     swept, final = doc["stages"].get("sweep", {}), doc["stages"].get("final", {})
+    key = objective_key(cfg.sweep.objective)
     for e in swept.get("snapshots", []):
         b = e["best"]
         print(f"{e['snapshot']}: best {point_label(b['w'], b['cfg'], b.get('setting', {}), cfg.sweep.cfg_key)} "
-              f"sweep FID {b['fid']:.4f}, final FID {e['final']['fid']:.4f}")
+              f"sweep {metrics_label(b, key)}, final {metrics_label(e['final'], key)}")
     if final.get("snapshot"):
-        print(f"best snapshot: {final['snapshot']}")
+        print(f"best snapshot: {final['snapshot']} (by the final {cfg.sweep.objective})")
     for pair in final.get("per_setting") or [final]:
         for name in ("base", "neon"):
             if pair.get(name):
                 r = pair[name]
                 where = point_label(r["w"], r["cfg"], r.get("setting", {}), cfg.sweep.cfg_key)
                 seeds = f", seeds {r['seeds'][0]}–{r['seeds'][1]}" if r.get("seeds") else ""
-                print(f"{name:>5}: {where}  FID {r['fid']:.4f} on {r['num_images']} images{seeds}")
+                print(f"{name:>5}: {where}  {_mean_std(r, key)} on {r['num_images']} images{seeds}")
+                if len(per_range(r)) > 1:
+                    print("       per range: " + "; ".join(f"{x['seeds'][0]}–{x['seeds'][1]} {x[key]:.4f}"
+                                                          for x in per_range(r)))
+        if pair.get("delta") and key in pair["delta"]:
+            d = pair["delta"][key]
+            std = "" if d["std"] is None else f" ± {d['std']:.4f}"
+            print(f"    Δ: θneon − θr {OBJECTIVE_LABELS[key]} {d['mean']:+.4f}{std} (paired, per seed range: "
+                  + ", ".join(f"{v:+.4f}" for v in d["per_range"]) + ")")
     if doc.get("smoke"):
         print("(smoke run: statistics of S stand in for the reference; the numbers mean nothing)")
+
+
+def _mean_std(r: dict, key: str) -> str:
+    """'FID 12.3456 ± 0.0123 (mean ± std of 3 seed ranges)', or the one number of a single range."""
+    std = (r.get("std") or {}).get(key)
+    if std is None:
+        return metrics_label(r, key)
+    return f"{OBJECTIVE_LABELS[key]} {r[key]:.4f} ± {std:.4f} (mean ± std of {len(per_range(r))} seed ranges)"
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
