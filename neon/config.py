@@ -109,6 +109,11 @@ OBJECTIVES = {"fid": "fid", "fd_dinov2": "fd_dinov2", "kid": "kid_mean"}
 OBJECTIVE_LABELS = {"fid": "FID", "fd_dinov2": "FD_DINOv2", "kid_mean": "KID"}
 
 
+def metric_digits(key: str) -> int:
+    """Decimals a metric is printed with: KID is ~1e-3 where FID is ~1."""
+    return 6 if key.startswith("kid") else 4
+
+
 def objective_key(objective: str) -> str:
     """The result key `sweep.objective` names ('kid' -> 'kid_mean')."""
     return OBJECTIVES[objective]

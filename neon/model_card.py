@@ -9,7 +9,7 @@ import json
 import os
 
 from neon.checkpoint import atomic_open
-from neon.config import OBJECTIVE_LABELS, objective_key
+from neon.config import OBJECTIVE_LABELS, metric_digits, objective_key
 
 PAPER = "Neon: Negative Extrapolation from Self-Training (arXiv 2510.03597)"
 
@@ -27,10 +27,6 @@ def _objective(doc: dict) -> str:
     return objective_key(doc["config"]["sweep"].get("objective", "fid"))
 
 
-def _digits(key: str) -> int:
-    return 6 if key.startswith("kid") else 4
-
-
 def sweep_table(points: list[dict], cfg_key: str, key: str = "fid") -> list[str]:
     """One Markdown row per evaluated point, in the sweep's order: the objective `key` first, then every other
     metric some point recorded (FID, FD_DINOv2, KID), then IS."""
@@ -39,7 +35,7 @@ def sweep_table(points: list[dict], cfg_key: str, key: str = "fid") -> list[str]
     rows = [f"| w | {cfg_key} | setting | {names} | IS | images |", "|---|---|---|" + "---|" * len(keys) + "---|---|"]
     for p in points:
         setting = _kv(p["setting"]) if p.get("setting") else "–"
-        values = " | ".join(_number(p.get(k), _digits(k)) for k in keys)
+        values = " | ".join(_number(p.get(k), metric_digits(k)) for k in keys)
         rows.append(f"| {p['w']:g} | {_number(p.get('cfg'), 3)} | {setting} | {values} "
                     f"| {_number(p.get('is_mean'), 3)} | {p.get('num_images', '–')} |")
     return rows
@@ -78,12 +74,12 @@ def snapshot_table(doc: dict) -> list[str]:
     if not entries:
         return []
     key = _objective(doc)
-    name = OBJECTIVE_LABELS[key]
+    name, digits = OBJECTIVE_LABELS[key], metric_digits(key)
     rows = [f"| snapshot | images seen | best point | sweep {name} | final {name} |", "|---|---|---|---|---|"]
     for e in entries:
         mark = " (best)" if e["snapshot"] == swept["best"].get("snapshot") else ""
         rows.append(f"| {e['snapshot']}{mark} | {e.get('images', '–')} | {_where(e['best'], cfg_key)} "
-                    f"| {_number(e['best'].get(key), _digits(key))} | {_number(e['final'].get(key), _digits(key))} |")
+                    f"| {_number(e['best'].get(key), digits)} | {_number(e['final'].get(key), digits)} |")
     return ["## Snapshots", "", f"Best snapshot (lowest final {name}): {swept['best'].get('snapshot', '–')}", "",
             *rows, ""]
 
@@ -94,41 +90,48 @@ def _scores(r: dict) -> str:
     parts = []
     for k in OBJECTIVE_LABELS:
         if r.get(k) is not None:
-            spread = f" ± {_number(std[k], _digits(k))}" if std.get(k) is not None else ""
-            parts.append(f"{OBJECTIVE_LABELS[k]} {_number(r[k], _digits(k))}{spread}")
+            spread = f" ± {_number(std[k], metric_digits(k))}" if std.get(k) is not None else ""
+            parts.append(f"{OBJECTIVE_LABELS[k]} {_number(r[k], metric_digits(k))}{spread}")
     return ", ".join(parts)
 
 
 def final_lines(doc: dict) -> list[str]:
     final, cfg_key = doc["stages"].get("final", {}), doc["config"]["sweep"]["cfg_key"]
     repeats = max(1, int(final.get("repeats") or 1))
-    lines = [f"Mean ± std over {repeats} disjoint seed ranges; per range in the table below.", ""] if repeats > 1 \
-        else []
+    lines = [f"Mean ± std over {repeats} disjoint seed ranges (each range in the table below).", ""] \
+        if repeats > 1 else []
     for name in ("base", "neon"):
         r = final.get(name)
         if r:
             score = f", IS {_number(r['is_mean'], 3)}" if r.get("is_mean") is not None else ""
             sampler = f", sampler {_kv(r['sampler'])}" if "sampler" in r else ""
-            lines.append(f"- {name}: {_scores(r)}{score} on {r['num_images']} images{_seeds(r)} "
+            per = " per range" if repeats > 1 else ""
+            lines.append(f"- {name}: {_scores(r)}{score} on {r['num_images']} images{per}{_seeds(r)} "
                          f"({_where(r, cfg_key)}{sampler})")
     return lines + delta_lines(final)
 
 
 def delta_lines(final: dict) -> list[str]:
-    """θneon − θr, paired on each seed range: a row per range and the mean ± std, for every metric."""
-    delta = final.get("delta") or {}
+    """Per seed range: θr, θneon and their paired difference θneon − θr for every metric; then the mean ± std
+    of each column when there are several ranges."""
+    delta, base, neon = final.get("delta") or {}, final.get("base"), final.get("neon")
     keys = [k for k in OBJECTIVE_LABELS if k in delta]
-    if not keys:
+    if not keys or not base:
         return []
-    ranges = [r["seeds"] for r in (final["neon"].get("ranges") or [final["neon"]])]
-    rows = ["", "θneon − θr on the same seeds (paired):", "",
-            "| seeds | " + " | ".join(f"Δ {OBJECTIVE_LABELS[k]}" for k in keys) + " |", "|---|" + "---|" * len(keys)]
-    for i, seeds in enumerate(ranges):
-        rows.append(f"| {seeds[0]}–{seeds[1]} | " + " | ".join(f"{delta[k]['per_range'][i]:+.{_digits(k)}f}"
-                                                               for k in keys) + " |")
-    if len(ranges) > 1:
-        rows.append("| mean ± std | " + " | ".join(f"{delta[k]['mean']:+.{_digits(k)}f} ± "
-                                                   f"{_number(delta[k]['std'], _digits(k))}" for k in keys) + " |")
+    pairs = list(zip(base.get("ranges") or [base], neon.get("ranges") or [neon]))
+    head = " | ".join(f"θr {OBJECTIVE_LABELS[k]} | θneon {OBJECTIVE_LABELS[k]} | Δ {OBJECTIVE_LABELS[k]}" for k in keys)
+    rows = ["", "Per seed range (θr and θneon on the same seeds; Δ = θneon − θr, paired):", "",
+            f"| seeds | {head} |", "|---|" + "---|" * (3 * len(keys))]
+    for i, (b, n) in enumerate(pairs):
+        cells = [f"{_number(b[k], metric_digits(k))} | {_number(n[k], metric_digits(k))} | "
+                 f"{delta[k]['per_range'][i]:+.{metric_digits(k)}f}" for k in keys]
+        rows.append(f"| {n['seeds'][0]}–{n['seeds'][1]} | " + " | ".join(cells) + " |")
+    if len(pairs) > 1:
+        def spread(r, k):
+            return f"{_number(r[k], metric_digits(k))} ± {_number(r['std'][k], metric_digits(k))}"
+        cells = [f"{spread(base, k)} | {spread(neon, k)} | {delta[k]['mean']:+.{metric_digits(k)}f} ± "
+                 f"{_number(delta[k]['std'], metric_digits(k))}" for k in keys]
+        rows.append("| mean ± std | " + " | ".join(cells) + " |")
     return rows
 
 

@@ -29,6 +29,7 @@ from neon.config import (
     config_kind,
     final_seed_offset,
     load_config,
+    metric_digits,
     objective_key,
     seed_range,
 )
@@ -259,26 +260,22 @@ def summarize(doc: dict, cfg: RunConfig) -> None:
             if pair.get(name):
                 r = pair[name]
                 where = point_label(r["w"], r["cfg"], r.get("setting", {}), cfg.sweep.cfg_key)
+                ranges = per_range(r)
                 seeds = f", seeds {r['seeds'][0]}–{r['seeds'][1]}" if r.get("seeds") else ""
-                print(f"{name:>5}: {where}  {_mean_std(r, key)} on {r['num_images']} images{seeds}")
-                if len(per_range(r)) > 1:
-                    print("       per range: " + "; ".join(f"{x['seeds'][0]}–{x['seeds'][1]} {x[key]:.4f}"
-                                                          for x in per_range(r)))
-        if pair.get("delta") and key in pair["delta"]:
-            d = pair["delta"][key]
-            std = "" if d["std"] is None else f" ± {d['std']:.4f}"
-            print(f"    Δ: θneon − θr {OBJECTIVE_LABELS[key]} {d['mean']:+.4f}{std} (paired, per seed range: "
-                  + ", ".join(f"{v:+.4f}" for v in d["per_range"]) + ")")
+                count = f"{r['num_images']} images" + (f" per range, mean ± std of {len(ranges)} ranges"
+                                                       if len(ranges) > 1 else "")
+                print(f"{name:>5}: {where}  {metrics_label(r, key)} on {count}{seeds}")
+                if len(ranges) > 1:
+                    print("       per range: " + "; ".join(f"{x['seeds'][0]}–{x['seeds'][1]} {OBJECTIVE_LABELS[key]} "
+                                                          f"{x[key]:.{metric_digits(key)}f}" for x in ranges))
+        for k, d in (pair.get("delta") or {}).items():
+            if k in OBJECTIVE_LABELS:
+                f = f"+.{metric_digits(k)}f"
+                std = "" if d["std"] is None else f" ± {d['std']:.{metric_digits(k)}f}"
+                print(f"    Δ θneon − θr {OBJECTIVE_LABELS[k]} {d['mean']:{f}}{std} (paired by seed range: "
+                      + ", ".join(f"{v:{f}}" for v in d["per_range"]) + ")")
     if doc.get("smoke"):
         print("(smoke run: statistics of S stand in for the reference; the numbers mean nothing)")
-
-
-def _mean_std(r: dict, key: str) -> str:
-    """'FID 12.3456 ± 0.0123 (mean ± std of 3 seed ranges)', or the one number of a single range."""
-    std = (r.get("std") or {}).get(key)
-    if std is None:
-        return metrics_label(r, key)
-    return f"{OBJECTIVE_LABELS[key]} {r[key]:.4f} ± {std:.4f} (mean ± std of {len(per_range(r))} seed ranges)"
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:

@@ -21,7 +21,7 @@ import torch
 
 from neon import dist
 from neon.checkpoint import atomic_open, atomic_path, load_state_dict
-from neon.config import OBJECTIVE_LABELS, SweepConfig, build_config, check_args, objective_key
+from neon.config import OBJECTIVE_LABELS, SweepConfig, build_config, check_args, metric_digits, objective_key
 from neon.errors import NeonError
 from neon.evaluate import FIDMetric, MetricFactory, evaluate_images
 from neon.family import Bundle, Family
@@ -170,9 +170,12 @@ class Sweep:
 
 
 def metrics_label(result: dict, key: str = "fid") -> str:
-    """'FID 12.3456  KID 0.012345' of a result: the objective `key` first, then the other recorded metrics."""
+    """'FID 12.3456  KID 0.012345' of a result: the objective `key` first, then the other recorded metrics, each
+    ± its std over seed ranges where the result holds one (neon.repeats.combine_ranges)."""
     keys = [key] + [k for k in OBJECTIVE_LABELS if k != key and result.get(k) is not None]
-    return "  ".join(f"{OBJECTIVE_LABELS[k]} {result[k]:.{6 if k == 'kid_mean' else 4}f}" for k in keys)
+    std = result.get("std") or {}
+    return "  ".join(f"{OBJECTIVE_LABELS[k]} {result[k]:.{metric_digits(k)}f}"
+                     + ("" if std.get(k) is None else f" ± {std[k]:.{metric_digits(k)}f}") for k in keys)
 
 
 def plot_sweep(points: list[dict], path: str, cfg_key: str = "cfg", key: str = "fid") -> None:
