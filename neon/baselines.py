@@ -22,7 +22,7 @@ import shutil
 
 from neon import dist
 from neon.checkpoint import atomic_open, load_state_dict
-from neon.config import RunConfig
+from neon.config import OBJECTIVE_LABELS, RunConfig, metric_digits, objective_key
 from neon.errors import NeonError
 from neon.family import Bundle, Family
 from neon.guidance import GUIDE_SCALE, with_guide
@@ -238,7 +238,8 @@ def neon_guidance(ctx: _Context) -> dict:
 
 
 def _point(p: dict) -> dict:
-    return {k: p[k] for k in ("w", "cfg", "setting", "fid", "num_images") if k in p}
+    """A chosen sweep point as run.json records it: where it is and what it measured there."""
+    return {k: v for k, v in p.items() if k in ("w", "cfg", "setting", "num_images") or k in OBJECTIVE_LABELS}
 
 
 BASELINES = {"guidance_retune": guidance_retune, "continued_finetune": continued_finetune,
@@ -273,13 +274,14 @@ def plot_baselines(out: str, doc: dict) -> None:
         with open(os.path.join(out, "sweep.json")) as f:
             neon_points = json.load(f)["points"]
     neon_w = ((doc["stages"].get("sweep") or {}).get("best") or {}).get("w")
-    plot_guide_sweeps(neon_points, sweeps, os.path.join(out, "baselines_sweep.png"), cfg_key, neon_w)
-    plot_final_comparison(final_rows(doc), os.path.join(out, "baselines_final.png"))
+    key = objective_key(doc["config"]["sweep"].get("objective", "fid"))
+    plot_guide_sweeps(neon_points, sweeps, os.path.join(out, "baselines_sweep.png"), cfg_key, neon_w, key)
+    plot_final_comparison(final_rows(doc), os.path.join(out, "baselines_final.png"), key)
 
 
 def summary_lines(doc: dict, cfg_key: str) -> list[str]:
-    """One printed line per finished baseline: its chosen point and final FID."""
-    lines = []
+    """One printed line per finished baseline: its chosen point and its final value of the sweep's objective."""
+    key, lines = objective_key(doc["config"]["sweep"].get("objective", "fid")), []
     for name, b in (doc["stages"].get("baselines") or {}).items():
         r = b["final"]
         parts = [f"ω={r['omega']:g}" if "omega" in r else f"w={r['w']:g}"]
@@ -287,6 +289,7 @@ def summary_lines(doc: dict, cfg_key: str) -> list[str]:
         parts += [] if r.get("cfg") is None else [f"{cfg_key}={r['cfg']:g}"]
         cost = b.get("cost")
         extra = f" ({cost['network_evaluations_vs_neon']:g}× Neon's network evaluations)" if cost else ""
-        lines.append(f"{name}: {' '.join(parts)}  FID {r['fid']:.4f} on {r['num_images']} images{extra}")
+        lines.append(f"{name}: {' '.join(parts)}  {OBJECTIVE_LABELS[key]} {r[key]:.{metric_digits(key)}f} "
+                     f"on {r['num_images']} images{extra}")
     return lines
 

@@ -95,9 +95,28 @@ class SweepConfig:
     # which self-training snapshots are θs, each swept on its own: 'last', 'all', a file name, or a list of file
     # names or of image counts (images seen when the snapshot was written, as in its name snapshot-<images>)
     snapshot: str | list[int] | list[str] = "last"
+    # what the search minimises, what picks each snapshot's best point and the best snapshot, and the main axis
+    # of the plots: 'fid', 'fd_dinov2' (needs metrics.fd_dinov2) or 'kid' (KID's mean; needs metrics.kid).
+    # Every point records every metric the metrics section asks for, whichever one is the objective.
+    objective: str = "fid"
 
     def __post_init__(self):
         check_search(self)
+
+
+# sweep.objective -> the key of a metric result (neon.evaluate.FIDMetric) it minimises
+OBJECTIVES = {"fid": "fid", "fd_dinov2": "fd_dinov2", "kid": "kid_mean"}
+OBJECTIVE_LABELS = {"fid": "FID", "fd_dinov2": "FD_DINOv2", "kid_mean": "KID"}
+
+
+def metric_digits(key: str) -> int:
+    """Decimals a metric is printed with: KID is ~1e-3 where FID is ~1."""
+    return 6 if key.startswith("kid") else 4
+
+
+def objective_key(objective: str) -> str:
+    """The result key `sweep.objective` names ('kid' -> 'kid_mean')."""
+    return OBJECTIVES[objective]
 
 
 SEARCHES = ("grid", "official")
@@ -108,6 +127,8 @@ def check_search(c: SweepConfig, where: str = "sweep") -> None:
     """Refuse an unknown search, a variant field the search does not use, or a value outside its range."""
     if c.search not in SEARCHES:
         raise ConfigError(f"{where}.search: expected 'grid' or 'official', got {c.search!r}")
+    if c.objective not in OBJECTIVES:
+        raise ConfigError(f"{where}.objective: expected one of {', '.join(OBJECTIVES)}, got {c.objective!r}")
     if c.tolerance is not None and c.tolerance < 0:
         raise ConfigError(f"{where}.tolerance: must be >= 0, got {c.tolerance}")
     if c.refine is not None and c.refine <= 0:
@@ -151,6 +172,17 @@ class FinalConfig:
     sampler: dict[str, Any] = dataclasses.field(default_factory=dict)   # θneon's (the sweep's cfg replaces its own)
     base_sampler: dict[str, Any] | None = None   # θr's own published settings; None: `sampler` as written
     evaluate_base: bool = True
+    # the final evaluation of θr and θneon repeated on this many disjoint seed ranges of num_images (per_class)
+    # each, one after another from seed_offset: per range, mean ± std, and the paired θneon − θr per range
+    repeats: int = 1
+
+
+@dataclasses.dataclass
+class FDDinoV2Config:
+    """FD_DINOv2 beside the main detector's FID, from the same images (EDM2's detector, neon/metrics/dinov2.py)."""
+    weights: str                            # dinov2_vitl14_pretrain.pth (download_models.sh --only dinov2-vitl14)
+    ref_stats: str | None = None            # DINOv2 statistics of the reference set (`neon stats --detector dinov2`);
+                                            # None only in smoke runs, where S's statistics stand in
 
 
 @dataclasses.dataclass
@@ -165,6 +197,7 @@ class MetricsConfig:
     real_features: str | None = None        # `neon stats --features` .npz of the real images, same detector
     kid_subsets: int = 100                  # toshas/torch-fidelity@5b1e99c defaults.py kid_subsets
     kid_subset_size: int = 1000             # ... kid_subset_size (the smaller set's size when it holds fewer)
+    fd_dinov2: FDDinoV2Config | None = None  # also FD_DINOv2 ('fd_dinov2') of every point, from the same images
 
 
 @dataclasses.dataclass
@@ -344,6 +377,9 @@ def _semantic_checks(cfg: RunConfig, smoke: bool = False) -> None:
     if cfg.metrics.detector not in ("inception-v3-compat", "nvidia", "dinov2"):
         raise ConfigError(f"metrics.detector: {cfg.metrics.detector!r} is not inception-v3-compat, nvidia or dinov2")
     _metrics_checks(cfg.metrics, smoke)
+    check_objective(cfg)
+    if cfg.final.repeats < 1:
+        raise ConfigError(f"final.repeats: must be at least 1, got {cfg.final.repeats}")
     check_snapshot_choice(cfg)
     check_seed_overlap(cfg)
     check_baselines(cfg)
@@ -359,6 +395,23 @@ def _metrics_checks(m: MetricsConfig, smoke: bool) -> None:
         asked = " and ".join(n for n, on in (("precision_recall", m.precision_recall), ("kid", m.kid)) if on)
         raise ConfigError(f"metrics.real_features: {asked} need the real images' features "
                           "(`neon stats --images REAL --out real.npz --features`)")
+    if m.fd_dinov2 is not None:
+        if m.detector == "dinov2":
+            raise ConfigError("metrics.fd_dinov2: the detector is dinov2 already ('fid' is FD_DINOv2); "
+                              "use one or the other")
+        if m.fd_dinov2.ref_stats is None and not smoke:
+            raise ConfigError("metrics.fd_dinov2.ref_stats: needs the reference set's DINOv2 statistics "
+                              "(`neon stats --detector dinov2 --detector-weights W --images REAL --out ref.npz`)")
+
+
+def check_objective(cfg: RunConfig) -> None:
+    """`sweep.objective` is a metric the metrics section computes."""
+    objective, m = cfg.sweep.objective, cfg.metrics
+    needs = {"kid": ("metrics.kid: true", m.kid), "fd_dinov2": ("metrics.fd_dinov2", m.fd_dinov2 is not None)}
+    if objective in needs and not needs[objective][1]:
+        hint = " (with metrics.detector: dinov2, 'fid' is FD_DINOv2)" if m.detector == "dinov2" else ""
+        raise ConfigError(f"sweep.objective: {objective!r} is not computed by the metrics section: it needs "
+                          f"{needs[objective][0]}{hint}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -437,17 +490,32 @@ def final_seed_offset(cfg: RunConfig, num_classes: int | None = None) -> int | N
     return None if sweep is None else sweep[1] + 1
 
 
+def final_seed_ranges(cfg: RunConfig, offset: int | None,
+                      num_classes: int | None = None) -> list[tuple[int, int]] | None:
+    """(first, last) seed of each of the final evaluation's `final.repeats` ranges, one after another from
+    `offset`; None when the count is not known yet."""
+    f = cfg.final
+    first = None if offset is None else seed_range(f.num_images, f.per_class, offset, num_classes)
+    if first is None:
+        return None
+    count = first[1] - first[0] + 1
+    return [(first[0] + k * count, first[1] + k * count) for k in range(f.repeats)]
+
+
 def check_seed_overlap(cfg: RunConfig, num_classes: int | None = None) -> None:
-    """Refuse final seeds that overlap the sweep's (unless final.allow_overlap). `num_classes`: the model's,
-    once loaded (per-class sections count per_class·C seeds)."""
+    """Refuse final seeds, in any of the `final.repeats` ranges, that overlap the sweep's (unless
+    final.allow_overlap). `num_classes`: the model's, once loaded (per-class sections count per_class·C seeds)."""
     s, f = cfg.sweep, cfg.final
-    offset = final_seed_offset(cfg, num_classes)
     sweep = seed_range(s.num_images, s.per_class, s.seed_offset, num_classes)
-    final = None if offset is None else seed_range(f.num_images, f.per_class, offset, num_classes)
-    if f.allow_overlap or sweep is None or final is None or final[1] < sweep[0] or sweep[1] < final[0]:
+    ranges = final_seed_ranges(cfg, final_seed_offset(cfg, num_classes), num_classes)
+    if f.allow_overlap or sweep is None or ranges is None:
         return
-    raise ConfigError(f"final.seed_offset: final seeds {final[0]}–{final[1]} overlap the sweep's {sweep[0]}–{sweep[1]} "
-                      "(set final.allow_overlap: true to allow)")
+    for k, final in enumerate(ranges):
+        if not (final[1] < sweep[0] or sweep[1] < final[0]):
+            which = f"final seeds {final[0]}–{final[1]}" + (f" (repeat {k + 1} of {f.repeats})" if f.repeats > 1
+                                                            else "")
+            raise ConfigError(f"final.seed_offset: {which} overlap the sweep's {sweep[0]}–{sweep[1]} "
+                              "(set final.allow_overlap: true to allow)")
 
 
 def check_args(declared: typing.Sequence[Arg], given: dict, where: str) -> None:

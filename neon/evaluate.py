@@ -1,8 +1,8 @@
 """Evaluate one checkpoint: sample N images with fixed seeds (split over torchrun ranks), FID/IS against
-reference statistics, optionally keep the images. `evaluate_images` and `FIDMetric` are also what the sweep
-measures each merge weight with. The family front-ends with the official scripts' flags
-(`python -m edm.calculate_fid`, `var.calculate_fid`, `xar.calculate_fid`, `imm.calculate_fid`) call this, as
-does `neon evaluate`.
+reference statistics (and FD_DINOv2 beside them, from the same images, when asked), optionally keep the images.
+`evaluate_images` and `FIDMetric` are also what the sweep measures each merge weight with. The family front-ends
+with the official scripts' flags (`python -m edm.calculate_fid`, `var.calculate_fid`, `xar.calculate_fid`,
+`imm.calculate_fid`) call this, as does `neon evaluate`.
 """
 from __future__ import annotations
 
@@ -60,6 +60,7 @@ def evaluate_images(family: Family, bundle: Bundle, metric: MetricFactory, num_i
 
 PRDC_K = 5  # the paper's precision/recall neighbourhood (SinaAlemohammad/Neon@9353b47 edm/cal_PR_single.py --nearest_k)
 SMOKE_REAL_FEATURES = "smoke_real_features.npz"
+SMOKE_DINOV2_STATS = "smoke_ref_stats_dinov2.npz"
 
 
 class FIDMetric:
@@ -77,7 +78,9 @@ class FIDMetric:
                  precision_recall: bool = False,         # 'precision', 'recall', 'density', 'coverage' (k = 5)
                  kid: bool = False,                      # 'kid_mean', 'kid_std' (torch-fidelity's convention)
                  kid_subsets: int = 100,                 # torch-fidelity's kid_subsets (neon.metrics.kid)
-                 kid_subset_size: int = 1000):           # torch-fidelity's kid_subset_size
+                 kid_subset_size: int = 1000,            # torch-fidelity's kid_subset_size
+                 dinov2_weights: str | None = None,      # also 'fd_dinov2' with this DINOv2 network's features ...
+                 dinov2_ref: str | None = None):         # ... against these DINOv2 reference statistics
         from neon import metrics
         inception_score = inception_score and detector != "dinov2"   # IS is an Inception metric: FD_DINOv2 has none
         self.ref = metrics.load_stats(ref_stats)
@@ -99,6 +102,16 @@ class FIDMetric:
             # Read now, so a bad file is refused before any sampling.
             self.real = torch.from_numpy(metrics.load_real_features(real_features, self.extractor.dim,
                                                                     PRDC_K + 1 if precision_recall else 2))
+        # FD_DINOv2 (EDM2's second metric) from the same images: a second extractor fed the same batches
+        self.dinov2 = self.dinov2_ref = None
+        if (dinov2_weights is None) != (dinov2_ref is None):
+            raise NeonError("metrics.fd_dinov2: needs both the DINOv2 weights and its reference statistics")
+        if dinov2_weights is not None:
+            self.dinov2 = metrics.FeatureExtractor("dinov2", weights=dinov2_weights, device=device, logits=False)
+            self.dinov2_ref = metrics.load_stats(dinov2_ref)
+            if self.dinov2_ref.dim != self.dinov2.dim:
+                raise NeonError(f"{dinov2_ref}: statistics are {self.dinov2_ref.dim}-d, the dinov2 detector gives "
+                                f"{self.dinov2.dim}-d features")
 
     @classmethod
     def from_config(cls, m, ref_stats: str, device, stand_in: str | None = None, out: str | None = None,
@@ -110,23 +123,41 @@ class FIDMetric:
         real = m.real_features
         if (m.precision_recall or m.kid) and real is None and stand_in is not None:
             real = _stand_in_features(m, stand_in, os.path.join(out or ".", SMOKE_REAL_FEATURES), device, batch)
+        dinov2 = m.fd_dinov2
+        dinov2_ref = None if dinov2 is None else dinov2.ref_stats
+        if dinov2 is not None and dinov2_ref is None and stand_in is not None:   # smoke runs: S's DINOv2 statistics
+            dinov2_ref = _stand_in_stats("dinov2", dinov2.weights, stand_in,
+                                         os.path.join(out or ".", SMOKE_DINOV2_STATS), device, batch)
         return cls(m.detector, ref_stats, device, m.weights, m.inception_score, real_features=real,
                    precision_recall=m.precision_recall, kid=m.kid, kid_subsets=m.kid_subsets,
-                   kid_subset_size=m.kid_subset_size)
+                   kid_subset_size=m.kid_subset_size, dinov2_weights=None if dinov2 is None else dinov2.weights,
+                   dinov2_ref=dinov2_ref)
 
     @property
     def keep_features(self) -> bool:
         return self.real is not None
 
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The keys of the numbers every result holds (a value may be None: IS without real logits)."""
+        return (("fid",) + (("is_mean", "is_std") if self.inception_score else ())
+                + (("precision", "recall", "density", "coverage") if self.precision_recall else ())
+                + (("kid_mean", "kid_std") if self.kid else ()) + (("fd_dinov2",) if self.dinov2 else ()))
+
     def __call__(self):
         return _FIDAccumulator(self)
 
-    def score(self, summary) -> dict:
-        """The metric's dict from a finished accumulator's Summary (or an accumulator: collective)."""
+    def score(self, summary, dinov2=None) -> dict:
+        """The metric's dict from a finished accumulator's Summary (or an accumulator: collective); `dinov2`: the
+        Summary (or accumulator) of the same images' DINOv2 features, when FD_DINOv2 is asked for."""
         from neon.metrics import evaluate
-        return evaluate(summary, self.ref, extractor=self.extractor, inception_score=self.inception_score,
-                        real=self.real, k=PRDC_K, precision_recall=self.precision_recall, kid=self.kid,
-                        kid_subsets=self.kid_subsets, kid_subset_size=self.kid_subset_size)
+        result = evaluate(summary, self.ref, extractor=self.extractor, inception_score=self.inception_score,
+                          real=self.real, k=PRDC_K, precision_recall=self.precision_recall, kid=self.kid,
+                          kid_subsets=self.kid_subsets, kid_subset_size=self.kid_subset_size)
+        if self.dinov2 is not None:
+            result["fd_dinov2"] = evaluate(dinov2, self.dinov2_ref, inception_score=False,
+                                           precision_recall=False)["fid"]
+        return result
 
 
 class _FIDAccumulator:
@@ -135,12 +166,27 @@ class _FIDAccumulator:
         self.metric = metric
         self.acc = FeatureAccumulator(metric.extractor, keep_features=metric.keep_features,
                                       logits=metric.inception_score)
+        self.dinov2 = None if metric.dinov2 is None else FeatureAccumulator(metric.dinov2, logits=False)
 
     def update(self, images, seeds) -> None:
         self.acc.update(images, index=seeds)
+        if self.dinov2 is not None:
+            self.dinov2.update(images, index=seeds)
 
     def finish(self) -> dict:
-        return self.metric.score(self.acc)
+        return self.metric.score(self.acc, self.dinov2)
+
+
+def _stand_in_stats(detector: str, weights: str | None, images: str, path: str, device, batch: int) -> str:
+    """Statistics of the image set `images` under `detector`, saved once (by rank 0) as a stats file."""
+    from neon import metrics
+    if not os.path.isfile(path):
+        extractor = metrics.FeatureExtractor(detector, weights, device, logits=False)
+        summary = metrics.summarize_images(images, extractor, batch, logits=False, progress=False)
+        if dist.is_main():
+            metrics.save_stats(path, summary.mu, summary.sigma, count=summary.count)
+    dist.barrier()
+    return path
 
 
 def _stand_in_features(m, images: str, path: str, device, batch: int) -> str:

@@ -9,6 +9,7 @@ import json
 import os
 
 from neon.checkpoint import atomic_open
+from neon.config import OBJECTIVE_LABELS, metric_digits, objective_key
 
 PAPER = "Neon: Negative Extrapolation from Self-Training (arXiv 2510.03597)"
 
@@ -21,12 +22,21 @@ def _kv(mapping: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(mapping.items())) or "defaults"
 
 
-def sweep_table(points: list[dict], cfg_key: str) -> list[str]:
-    """One Markdown row per evaluated point, in the sweep's order."""
-    rows = [f"| w | {cfg_key} | setting | FID | IS | images |", "|---|---|---|---|---|---|"]
+def _objective(doc: dict) -> str:
+    """The result key the sweep minimised ('fid' for a run recorded before the choice existed)."""
+    return objective_key(doc["config"]["sweep"].get("objective", "fid"))
+
+
+def sweep_table(points: list[dict], cfg_key: str, key: str = "fid") -> list[str]:
+    """One Markdown row per evaluated point, in the sweep's order: the objective `key` first, then every other
+    metric some point recorded (FID, FD_DINOv2, KID), then IS."""
+    keys = [key] + [k for k in OBJECTIVE_LABELS if k != key and any(p.get(k) is not None for p in points)]
+    names = " | ".join(OBJECTIVE_LABELS[k] for k in keys)
+    rows = [f"| w | {cfg_key} | setting | {names} | IS | images |", "|---|---|---|" + "---|" * len(keys) + "---|---|"]
     for p in points:
         setting = _kv(p["setting"]) if p.get("setting") else "–"
-        rows.append(f"| {p['w']:g} | {_number(p.get('cfg'), 3)} | {setting} | {_number(p.get('fid'))} "
+        values = " | ".join(_number(p.get(k), metric_digits(k)) for k in keys)
+        rows.append(f"| {p['w']:g} | {_number(p.get('cfg'), 3)} | {setting} | {values} "
                     f"| {_number(p.get('is_mean'), 3)} | {p.get('num_images', '–')} |")
     return rows
 
@@ -58,31 +68,71 @@ def _seeds(r: dict) -> str:
 
 
 def snapshot_table(doc: dict) -> list[str]:
-    """One Markdown row per swept θs snapshot: its best sweep point and the final FID there."""
+    """One Markdown row per swept θs snapshot: its best sweep point and the final objective there."""
     swept, cfg_key = doc["stages"]["sweep"], doc["config"]["sweep"]["cfg_key"]
     entries = swept.get("snapshots") or []
     if not entries:
         return []
-    rows = ["| snapshot | images seen | best point | sweep FID | final FID |", "|---|---|---|---|---|"]
+    key = _objective(doc)
+    name, digits = OBJECTIVE_LABELS[key], metric_digits(key)
+    rows = [f"| snapshot | images seen | best point | sweep {name} | final {name} |", "|---|---|---|---|---|"]
     for e in entries:
         mark = " (best)" if e["snapshot"] == swept["best"].get("snapshot") else ""
         rows.append(f"| {e['snapshot']}{mark} | {e.get('images', '–')} | {_where(e['best'], cfg_key)} "
-                    f"| {_number(e['best'].get('fid'))} | {_number(e['final'].get('fid'))} |")
-    return ["## Snapshots", "", f"Best snapshot (lowest final FID): {swept['best'].get('snapshot', '–')}", "",
+                    f"| {_number(e['best'].get(key), digits)} | {_number(e['final'].get(key), digits)} |")
+    return ["## Snapshots", "", f"Best snapshot (lowest final {name}): {swept['best'].get('snapshot', '–')}", "",
             *rows, ""]
+
+
+def _scores(r: dict) -> str:
+    """'FID 12.3456 ± 0.0100, KID 0.001234 ± 0.000100': every recorded metric, ± its std over the seed ranges."""
+    std = r.get("std") or {}
+    parts = []
+    for k in OBJECTIVE_LABELS:
+        if r.get(k) is not None:
+            spread = f" ± {_number(std[k], metric_digits(k))}" if std.get(k) is not None else ""
+            parts.append(f"{OBJECTIVE_LABELS[k]} {_number(r[k], metric_digits(k))}{spread}")
+    return ", ".join(parts)
 
 
 def final_lines(doc: dict) -> list[str]:
     final, cfg_key = doc["stages"].get("final", {}), doc["config"]["sweep"]["cfg_key"]
-    lines = []
+    repeats = max(1, int(final.get("repeats") or 1))
+    lines = [f"Mean ± std over {repeats} disjoint seed ranges (each range in the table below).", ""] \
+        if repeats > 1 else []
     for name in ("base", "neon"):
         r = final.get(name)
         if r:
             score = f", IS {_number(r['is_mean'], 3)}" if r.get("is_mean") is not None else ""
             sampler = f", sampler {_kv(r['sampler'])}" if "sampler" in r else ""
-            lines.append(f"- {name}: FID {_number(r.get('fid'))}{score} on {r['num_images']} images{_seeds(r)} "
+            per = " per range" if repeats > 1 else ""
+            lines.append(f"- {name}: {_scores(r)}{score} on {r['num_images']} images{per}{_seeds(r)} "
                          f"({_where(r, cfg_key)}{sampler})")
-    return lines
+    return lines + delta_lines(final)
+
+
+def delta_lines(final: dict) -> list[str]:
+    """Per seed range: θr, θneon and their paired difference θneon − θr for every metric; then the mean ± std
+    of each column when there are several ranges."""
+    delta, base, neon = final.get("delta") or {}, final.get("base"), final.get("neon")
+    keys = [k for k in OBJECTIVE_LABELS if k in delta]
+    if not keys or not base:
+        return []
+    pairs = list(zip(base.get("ranges") or [base], neon.get("ranges") or [neon]))
+    head = " | ".join(f"θr {OBJECTIVE_LABELS[k]} | θneon {OBJECTIVE_LABELS[k]} | Δ {OBJECTIVE_LABELS[k]}" for k in keys)
+    rows = ["", "Per seed range (θr and θneon on the same seeds; Δ = θneon − θr, paired):", "",
+            f"| seeds | {head} |", "|---|" + "---|" * (3 * len(keys))]
+    for i, (b, n) in enumerate(pairs):
+        cells = [f"{_number(b[k], metric_digits(k))} | {_number(n[k], metric_digits(k))} | "
+                 f"{delta[k]['per_range'][i]:+.{metric_digits(k)}f}" for k in keys]
+        rows.append(f"| {n['seeds'][0]}–{n['seeds'][1]} | " + " | ".join(cells) + " |")
+    if len(pairs) > 1:
+        def spread(r, k):
+            return f"{_number(r[k], metric_digits(k))} ± {_number(r['std'][k], metric_digits(k))}"
+        cells = [f"{spread(base, k)} | {spread(neon, k)} | {delta[k]['mean']:+.{metric_digits(k)}f} ± "
+                 f"{_number(delta[k]['std'], metric_digits(k))}" for k in keys]
+        rows.append("| mean ± std | " + " | ".join(cells) + " |")
+    return rows
 
 
 BASELINE_WHAT = {"guidance_retune": "θr alone, its guidance re-tuned on the sweep's grid",
@@ -132,7 +182,7 @@ def card_text(doc: dict, points: list[dict], config_path: str, neon_path: str) -
              cfg.get("description") or "", "",
              f"Made with {PAPER}: θneon = (1+w)·θr − w·θs, where θs is θr briefly self-trained on its own samples.",
              "", "## Recipe", "", *recipe(doc), "", "## Sweep", "", *_sweep_intro(doc),
-             *sweep_table(points, cfg["sweep"]["cfg_key"]),
+             *sweep_table(points, cfg["sweep"]["cfg_key"], _objective(doc)),
              "", f"Chosen: {_where(doc['stages']['sweep']['best'], cfg['sweep']['cfg_key'])}{_of(doc)}", "",
              *snapshot_table(doc), "## Final evaluation", "", *final_lines(doc), "",
              *baselines_table(doc), "## Reproduce", "",

@@ -1,5 +1,5 @@
-"""Sweep metrics other than FID against the merge weight w: the paper's Fig. 4 (precision falls as w grows,
-recall rises then falls) and any one recorded number (KID, IS) vs w. Each figure is written atomically.
+"""Sweep metrics against the merge weight w: the paper's Fig. 4 (precision falls as w grows, recall rises then
+falls) and any one recorded number (FID, FD_DINOv2, KID, IS) vs w. Each figure is written atomically.
 
     plot_precision_recall(points, 'sweep_precision_recall.png')   # points: sweep.json's "points"
     plot_metric_vs_w(points, 'kid_mean', 'sweep_kid_mean.png')
@@ -83,37 +83,43 @@ def plot_precision_recall(points: list[dict], path: str, cfg_key: str = "cfg") -
     return True
 
 
+# One figure per distance the sweep may record, whichever of them is its objective: (key, file suffix, axis label)
+METRIC_FIGURES = (("fid", "fid", "FID"), ("fd_dinov2", "fd_dinov2", "FD_DINOv2"), ("kid_mean", "kid", "KID"))
+
+
 def plot_sweep_metrics(points: list[dict], sweep_path: str, cfg_key: str = "cfg") -> list[str]:
-    """Next to sweep.json: `<stem>_precision_recall.png` and `<stem>_kid.png` when the points recorded them.
-    Returns the files written."""
+    """Next to sweep.json: `<stem>_precision_recall.png`, and `<stem>_fid.png`, `<stem>_fd_dinov2.png`,
+    `<stem>_kid.png`, each when the points recorded it. Returns the files written."""
     stem = os.path.splitext(sweep_path)[0]
     written = []
     if plot_precision_recall(points, stem + "_precision_recall.png", cfg_key):
         written.append(stem + "_precision_recall.png")
-    if plot_metric_vs_w(points, "kid_mean", stem + "_kid.png", "KID", cfg_key):
-        written.append(stem + "_kid.png")
+    for key, suffix, label in METRIC_FIGURES:
+        n = next((p.get("num_images") for p in points if p.get(key) is not None), "?")
+        if plot_metric_vs_w(points, key, f"{stem}_{suffix}.png", f"{label} ({n} images)", cfg_key):
+            written.append(f"{stem}_{suffix}.png")
     return written
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The baselines beside Neon (neon/baselines.py).
 
-def _best_along(points: list[dict]) -> tuple[list[float], list[float]]:
-    """(x, lowest FID at x) of sweep points, x their 'w' (ω for a guide sweep), each x at its best guidance
+def _best_along(points: list[dict], key: str = "fid") -> tuple[list[float], list[float]]:
+    """(x, lowest `key` at x) of sweep points, x their 'w' (ω for a guide sweep), each x at its best guidance
     scale / setting."""
     best: dict[float, float] = {}
     for p in points:
-        best[p["w"]] = min(best.get(p["w"], math.inf), p["fid"])
+        best[p["w"]] = min(best.get(p["w"], math.inf), p[key])
     xs = sorted(best)
     return xs, [best[x] for x in xs]
 
 
 def plot_guide_sweeps(neon_points: list[dict], sweeps: dict[str, list[dict]], path: str, cfg_key: str = "cfg",
-                      neon_w: float | None = None) -> bool:
-    """The sweep objective (FID) vs ω of the guide baselines ('self_guidance', 'neon_guidance') beside Neon's
-    FID vs w, each x at its best guidance scale; θr re-tuned over the guidance grid ('guidance_retune') as a
-    level line; `neon_w`, θneon's chosen w, names the guided merge. False (nothing written) when there is nothing
-    to draw besides Neon."""
+                      neon_w: float | None = None, key: str = "fid") -> bool:
+    """The sweep objective `key` (FID by default) vs ω of the guide baselines ('self_guidance', 'neon_guidance')
+    beside Neon's objective vs w, each x at its best guidance scale; θr re-tuned over the guidance grid
+    ('guidance_retune') as a level line; `neon_w`, θneon's chosen w, names the guided merge. False (nothing
+    written) when there is nothing to draw besides Neon."""
     guides = {n: p for n, p in sweeps.items() if n != "guidance_retune" and p}
     retune = sweeps.get("guidance_retune") or []
     if not guides and not retune:
@@ -121,18 +127,19 @@ def plot_guide_sweeps(neon_points: list[dict], sweeps: dict[str, list[dict]], pa
     plt = _figure()
     fig, ax = plt.subplots(figsize=(6.2, 4.0), dpi=120)
     if neon_points:
-        ax.plot(*_best_along(neon_points), "o-", ms=4, color="k", label="θneon(w): merge weight w")
+        ax.plot(*_best_along(neon_points, key), "o-", ms=4, color="k", label="θneon(w): merge weight w")
     at = "" if neon_w is None else f" (w = {neon_w:g})"
     labels = {"self_guidance": "θr guided by θs: ω", "neon_guidance": f"θneon{at} guided by θs: ω"}
     for i, (name, pts) in enumerate(sorted(guides.items())):
-        ax.plot(*_best_along(pts), "s--", ms=4, color=f"C{i}", label=labels.get(name, name))
+        ax.plot(*_best_along(pts, key), "s--", ms=4, color=f"C{i}", label=labels.get(name, name))
     if retune:
-        best = min(retune, key=lambda p: p["fid"])
-        ax.axhline(best["fid"], color="C3", ls=":", label=f"θr at its best {cfg_key} = {best['cfg']:g} (re-tuned)")
+        best = min(retune, key=lambda p: p[key])
+        ax.axhline(best[key], color="C3", ls=":", label=f"θr at its best {cfg_key} = {best['cfg']:g} (re-tuned)")
     ax.axvline(0, color="0.7", lw=0.8)
     ax.set_xlabel("w (merge)  or  ω (guide scale: (1+ω)·out_θr − ω·out_θs)")
     counts = {p.get("num_images") for pts in [neon_points, retune, *guides.values()] for p in pts}
-    ax.set_ylabel(f"sweep FID ({', '.join(str(c) for c in sorted(c for c in counts if c))} images)")
+    label = {k: name for k, _, name in METRIC_FIGURES}.get(key, key)
+    ax.set_ylabel(f"sweep {label} ({', '.join(str(c) for c in sorted(c for c in counts if c))} images)")
     ax.set_title("sweep objective, same seeds" + (f", each point at its best {cfg_key}" if retune else ""),
                  fontsize=9)
     ax.legend(fontsize=7)

@@ -24,11 +24,14 @@ from neon.baselines import run_baselines, summary_lines
 from neon.checkpoint import atomic_open, load_state_dict
 from neon.config import (
     METHOD_KIND,
+    OBJECTIVE_LABELS,
     RunConfig,
     check_seed_overlap,
     config_kind,
     final_seed_offset,
     load_config,
+    metric_digits,
+    objective_key,
     seed_range,
 )
 from neon.errors import NeonError
@@ -37,6 +40,7 @@ from neon.family import Bundle, Family, get_family
 from neon.model_card import write_model_card
 from neon.pipeline_folder import is_pipeline_folder
 from neon.registry import Registry
+from neon.repeats import paired_difference, per_range
 from neon.sampling import draw_labels, plan_seeds, sample_to_npz
 from neon.selftrain import CACHE_FILE, check_finetune_config, encode_examples, finetune
 from neon.snapshot_sweep import (
@@ -48,7 +52,7 @@ from neon.snapshot_sweep import (
     sweep_snapshot,
     write_summary,
 )
-from neon.sweep import Sweep, point_label, state_dict_copy
+from neon.sweep import Sweep, metrics_label, point_label, state_dict_copy
 
 
 def _versions() -> dict:
@@ -130,8 +134,11 @@ def check_run_inputs(cfg: RunConfig, smoke: bool, out: str) -> None:
     if base is not None and not os.path.exists(base) and \
             get_family(cfg.family).resolve_remote(base, cfg.load_args) is not None:
         base = None   # a remote name (a Hub repo id) the family has fetched, or found in its cache, just now
+    dinov2 = cfg.metrics.fd_dinov2
     for field, path, what in (("base", base, "checkpoint"), ("ref_stats", cfg.ref_stats, "statistics file"),
-                              ("metrics.real_features", cfg.metrics.real_features, "features file")):
+                              ("metrics.real_features", cfg.metrics.real_features, "features file"),
+                              ("metrics.fd_dinov2.weights", dinov2 and dinov2.weights, "weights file"),
+                              ("metrics.fd_dinov2.ref_stats", dinov2 and dinov2.ref_stats, "statistics file")):
         if path is not None and os.path.isdir(path) and not (field == "base" and is_pipeline_folder(path)):
             raise NeonError(f"{field}: {path} is a folder, expected a {what}")
         if path is not None and not (os.path.isfile(path) or field == "base" and is_pipeline_folder(path)):
@@ -180,10 +187,12 @@ def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device, config: 
     if not (rec.stage("sweep") or {}).get("best"):
         t0 = time.time()
         entries = [sweep_snapshot(family, bundle, theta_r, path, cfg, metric, out, offset) for path in snapshots]
-        doc = write_summary(out, entries, cfg.sweep.cfg_key)
+        key = objective_key(cfg.sweep.objective)
+        doc = write_summary(out, entries, cfg.sweep.cfg_key, key)
         first, last = seed_range(cfg.sweep.num_images, cfg.sweep.per_class, cfg.sweep.seed_offset,
                                  bundle.num_classes)
-        rec.record("sweep", {"best": doc["best"], "theta_s": best_entry(entries)["path"], "ref_stats": ref,
+        rec.record("sweep", {"best": doc["best"], "theta_s": best_entry(entries, key)["path"], "ref_stats": ref,
+                             "objective": cfg.sweep.objective,
                              "snapshots": doc["snapshots"], "seeds": [first, last],
                              "points": sum(len(snapshot_points(out, e)) for e in entries),
                              "seconds": round(time.time() - t0, 1)})
@@ -219,7 +228,8 @@ def base_sampler_args(cfg: RunConfig, setting: dict) -> dict:
 
 def final_evaluation(family, bundle, cfg: RunConfig, metric, swept: dict, out: str, offset: int) -> dict:
     """θr (bundle.net holds it) at its own sampler settings, beside θneon's final evaluation at the best
-    snapshot's point (made during the sweep stage). With a sweep grid, each setting under 'per_setting'."""
+    snapshot's point (made during the sweep stage), and 'delta': θneon − θr per final seed range, mean ± std
+    (neon.repeats.paired_difference). With a sweep grid, each setting under 'per_setting'."""
     entry = next(e for e in swept["snapshots"] if e["snapshot"] == swept["best"]["snapshot"])
     with open(os.path.join(out, "sweep", f"{snapshot_name(entry['snapshot'])}-final.json")) as f:
         neon = json.load(f).get("final_per_setting") or [entry["final"]]
@@ -230,27 +240,42 @@ def final_evaluation(family, bundle, cfg: RunConfig, metric, swept: dict, out: s
             args = base_sampler_args(cfg, result["setting"])
             base = final_result(family, bundle, metric, cfg, offset, args, "final base")
             pair["base"] = {"w": 0.0, "cfg": args.get(cfg.sweep.cfg_key), "setting": result["setting"], **base}
+            pair["delta"] = paired_difference(result, pair["base"])
         pairs.append(pair)
     overall = next(p for p in pairs if p["setting"] == entry["final"]["setting"])
-    doc = {"snapshot": entry["snapshot"], "base": overall.get("base"), "neon": overall["neon"]}
+    doc = {"snapshot": entry["snapshot"], "base": overall.get("base"), "neon": overall["neon"],
+           "delta": overall.get("delta"), "repeats": cfg.final.repeats}
     return {**doc, "per_setting": pairs} if len(pairs) > 1 else doc
 
 
 def summarize(doc: dict, cfg: RunConfig) -> None:
     swept, final = doc["stages"].get("sweep", {}), doc["stages"].get("final", {})
+    key = objective_key(cfg.sweep.objective)
     for e in swept.get("snapshots", []):
         b = e["best"]
         print(f"{e['snapshot']}: best {point_label(b['w'], b['cfg'], b.get('setting', {}), cfg.sweep.cfg_key)} "
-              f"sweep FID {b['fid']:.4f}, final FID {e['final']['fid']:.4f}")
+              f"sweep {metrics_label(b, key)}, final {metrics_label(e['final'], key)}")
     if final.get("snapshot"):
-        print(f"best snapshot: {final['snapshot']}")
+        print(f"best snapshot: {final['snapshot']} (by the final {cfg.sweep.objective})")
     for pair in final.get("per_setting") or [final]:
         for name in ("base", "neon"):
             if pair.get(name):
                 r = pair[name]
                 where = point_label(r["w"], r["cfg"], r.get("setting", {}), cfg.sweep.cfg_key)
+                ranges = per_range(r)
                 seeds = f", seeds {r['seeds'][0]}–{r['seeds'][1]}" if r.get("seeds") else ""
-                print(f"{name:>5}: {where}  FID {r['fid']:.4f} on {r['num_images']} images{seeds}")
+                count = f"{r['num_images']} images" + (f" per range, mean ± std of {len(ranges)} ranges"
+                                                       if len(ranges) > 1 else "")
+                print(f"{name:>5}: {where}  {metrics_label(r, key)} on {count}{seeds}")
+                if len(ranges) > 1:
+                    print("       per range: " + "; ".join(f"{x['seeds'][0]}–{x['seeds'][1]} {OBJECTIVE_LABELS[key]} "
+                                                          f"{x[key]:.{metric_digits(key)}f}" for x in ranges))
+        for k, d in (pair.get("delta") or {}).items():
+            if k in OBJECTIVE_LABELS:
+                f = f"+.{metric_digits(k)}f"
+                std = "" if d["std"] is None else f" ± {d['std']:.{metric_digits(k)}f}"
+                print(f"    Δ θneon − θr {OBJECTIVE_LABELS[k]} {d['mean']:{f}}{std} (paired by seed range: "
+                      + ", ".join(f"{v:{f}}" for v in d["per_range"]) + ")")
     for line in summary_lines(doc, cfg.sweep.cfg_key):
         print(f"baseline {line}")
     if doc.get("smoke"):

@@ -1,5 +1,6 @@
 """Stage 3 over self-training length: one sweep of w (× cfg) per θs snapshot, then the final evaluation of θneon
-at each snapshot's best point; the best snapshot is the one with the best final metric.
+at each snapshot's best point; the best snapshot is the one with the best final objective (`sweep.objective`,
+the mean over the `final.repeats` seed ranges).
 
 This is the official protocol (SinaAlemohammad/Neon @76496c3: edm/cal_metrics_all.py loops over every
 network-snapshot-*.pkl; VAR/*/run_var_imagenet_*.sh, xAR/run_xar{b,l}.sh and imm/run_imm_imagenet_256.sh loop
@@ -15,10 +16,11 @@ import time
 
 from neon import dist
 from neon.checkpoint import atomic_open, atomic_path, load_state_dict
-from neon.config import SNAPSHOT_NAME, RunConfig, seed_range
+from neon.config import OBJECTIVE_LABELS, SNAPSHOT_NAME, RunConfig, final_seed_ranges
 from neon.errors import NeonError
 from neon.evaluate import evaluate_images
-from neon.sweep import Sweep
+from neon.repeats import combine_ranges, per_range
+from neon.sweep import Sweep, metrics_label
 
 
 def snapshot_name(path: str) -> str:
@@ -53,15 +55,20 @@ def select_snapshots(paths: list[str], choice: str | list) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# One final evaluation: N images on the final seeds, with the sampler arguments and seed range recorded.
+# One final evaluation: N images on each of the final seed ranges, with the sampler arguments and seeds recorded.
 
 def final_result(family, bundle, metric, cfg: RunConfig, offset: int, sampler_args: dict, desc: str) -> dict:
+    """The metrics on `final.repeats` disjoint seed ranges from `offset` (neon.repeats.combine_ranges: their
+    mean, std and each range's numbers when there are several)."""
     f = cfg.final
     t0 = time.time()
-    result = evaluate_images(family, bundle, metric, f.num_images, f.per_class, offset, f.batch, sampler_args,
-                             desc=desc)
-    first, last = seed_range(f.num_images, f.per_class, offset, bundle.num_classes)
-    return {**result, "sampler": dict(sampler_args), "seeds": [first, last], "seconds": round(time.time() - t0, 1)}
+    ranges = final_seed_ranges(cfg, offset, bundle.num_classes)
+    results = []
+    for first, last in ranges:
+        result = evaluate_images(family, bundle, metric, f.num_images, f.per_class, first, f.batch, sampler_args,
+                                 desc=desc + (f" (seeds {first}–{last})" if len(ranges) > 1 else ""))
+        results.append({**result, "seeds": [first, last]})
+    return {**combine_ranges(results), "sampler": dict(sampler_args), "seconds": round(time.time() - t0, 1)}
 
 
 def neon_final(family, bundle, sweep: Sweep, cfg: RunConfig, metric, point: dict, offset: int, desc: str) -> dict:
@@ -84,7 +91,9 @@ def sweep_snapshot(family, bundle, theta_r: dict, path: str, cfg: RunConfig, met
     done_path = os.path.join(out, "sweep", f"{name}-final.json")
     if os.path.isfile(done_path):
         with open(done_path) as f:
-            return json.load(f)
+            done = json.load(f)
+        if len(per_range(done["final"])) == cfg.final.repeats:   # else: its points are kept, its finals redone
+            return done
     os.makedirs(os.path.dirname(done_path), exist_ok=True)
     sweep = Sweep(family, bundle, theta_r, load_state_dict(path), cfg.sweep, metric,
                   os.path.join(out, "sweep", f"{name}.json"))
@@ -102,37 +111,37 @@ def sweep_snapshot(family, bundle, theta_r: dict, path: str, cfg: RunConfig, met
         entry["final_per_setting"] = per_setting
     bundle.net.load_state_dict(sweep.theta_r)
     if dist.is_main():
-        print(f"{name}: final FID {entry['final']['fid']:.4f} at w={best['w']:g}")
+        print(f"{name}: final {metrics_label(entry['final'], sweep.key)} at w={best['w']:g}")
         with atomic_open(done_path, "w") as f:
             json.dump(entry, f, indent=1)
     dist.barrier()
     return entry
 
 
-def best_entry(entries: list[dict]) -> dict:
-    """The snapshot with the lowest final FID (the earliest of equals)."""
-    return min(entries, key=lambda e: e["final"]["fid"])
+def best_entry(entries: list[dict], key: str = "fid") -> dict:
+    """The snapshot with the lowest final objective `key` (the earliest of equals)."""
+    return min(entries, key=lambda e: e["final"][key])
 
 
-def write_summary(out: str, entries: list[dict], cfg_key: str) -> dict:
-    """sweep.json: every swept snapshot, the best one, and its points (what one sweep's file holds); and
-    sweep.png. Returns the document."""
-    best = best_entry(entries)
+def write_summary(out: str, entries: list[dict], cfg_key: str, key: str = "fid") -> dict:
+    """sweep.json: every swept snapshot, the best one by the final objective `key`, and its points (what one
+    sweep's file holds); and sweep.png. Returns the document."""
+    best = best_entry(entries, key)
     with open(os.path.join(out, "sweep", f"{snapshot_name(best['snapshot'])}.json")) as f:
         best_sweep = json.load(f)
-    doc = {"settings": best_sweep["settings"],
+    doc = {"settings": best_sweep["settings"], "objective": key,
            "snapshots": [{k: e[k] for k in ("snapshot", "images", "best", "final")} for e in entries],
            "best_snapshot": best["snapshot"], "best": {**best["best"], "snapshot": best["snapshot"]},
            "final": best["final"], "points": best_sweep["points"]}
     if dist.is_main():
         with atomic_open(os.path.join(out, "sweep.json"), "w") as f:
             json.dump(doc, f, indent=1)
-        plot_snapshots(entries, out, os.path.join(out, "sweep.png"), cfg_key)
+        plot_snapshots(entries, out, os.path.join(out, "sweep.png"), cfg_key, key)
     return doc
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The picture: FID over (snapshot, w), to see how the best w moves as self-training lengthens (Eq. 4).
+# The picture: the objective over (snapshot, w), to see how the best w moves as self-training lengthens (Eq. 4).
 
 def snapshot_points(out: str, entry: dict) -> list[dict]:
     """The sweep points of one swept snapshot (from sweep/<snapshot>.json)."""
@@ -140,24 +149,26 @@ def snapshot_points(out: str, entry: dict) -> list[dict]:
         return json.load(f)["points"]
 
 
-def plot_snapshots(entries: list[dict], out: str, path: str, cfg_key: str = "cfg") -> None:
-    """Left: heat map of the sweep FID, one row per snapshot, one column per w (each w's best over guidance
-    scales and settings), each row's best point starred. Right: each snapshot's best w and its final FID."""
+def plot_snapshots(entries: list[dict], out: str, path: str, cfg_key: str = "cfg", key: str = "fid") -> None:
+    """Left: heat map of the sweep objective `key`, one row per snapshot, one column per w (each w's best over
+    guidance scales and settings), each row's best point starred. Right: each snapshot's best w and its final
+    objective."""
+    name = OBJECTIVE_LABELS[key]
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
     grids = [snapshot_points(out, e) for e in entries]
     ws = sorted({p["w"] for pts in grids for p in pts})
-    fid = np.full((len(entries), len(ws)), np.nan)
+    values = np.full((len(entries), len(ws)), np.nan)
     for row, pts in enumerate(grids):
         for p in pts:
             col = ws.index(p["w"])
-            fid[row, col] = np.nanmin([fid[row, col], p["fid"]])
+            values[row, col] = np.nanmin([values[row, col], p[key]])
     labels = [_images_label(e["images"]) if e["images"] is not None else e["snapshot"] for e in entries]
     fig, (heat, trend) = plt.subplots(1, 2, figsize=(10, 0.9 + max(2.8, 0.28 * len(entries))), dpi=120,
                                       gridspec_kw={"width_ratios": [1.5, 1]})
-    image = heat.imshow(fid, aspect="auto", cmap="viridis_r", interpolation="nearest")
+    image = heat.imshow(values, aspect="auto", cmap="viridis_r", interpolation="nearest")
     heat.set_xticks(range(len(ws)), [f"{w:g}" for w in ws], fontsize=7, rotation=90 if len(ws) > 12 else 0)
     heat.set_yticks(range(len(entries)), labels, fontsize=7)
     heat.plot([ws.index(e["best"]["w"]) for e in entries], range(len(entries)), "*", color="w", ms=9, mec="k",
@@ -165,11 +176,11 @@ def plot_snapshots(entries: list[dict], out: str, path: str, cfg_key: str = "cfg
     heat.set_xlabel("merge weight w   (θneon = (1+w)·θr − w·θs)")
     heat.set_ylabel("θs: images seen in self-training")
     guided = any(p["cfg"] is not None or p.get("setting") for pts in grids for p in pts)
-    heat.set_title(f"sweep FID, {entries[0]['best'].get('num_images', '?')} images per point"
+    heat.set_title(f"sweep {name}, {entries[0]['best'].get('num_images', '?')} images per point"
                    + (f" (each w at its best {cfg_key} / setting)" if guided else ""), fontsize=9)
     heat.legend(fontsize=7, loc="lower right")
     bar = fig.colorbar(image, ax=heat, fraction=0.05, pad=0.02)
-    bar.set_label("sweep FID (lower is better)", fontsize=8)
+    bar.set_label(f"sweep {name} (lower is better)", fontsize=8)
     bar.formatter.set_useOffset(False)   # FIDs that differ in the 2nd decimal read as they are, not as an offset
     bar.update_ticks()
     x = [e["images"] if e["images"] is not None else i for i, e in enumerate(entries)]
@@ -177,11 +188,11 @@ def plot_snapshots(entries: list[dict], out: str, path: str, cfg_key: str = "cfg
     trend.set_xlabel("θs: images seen in self-training")
     trend.set_ylabel("best w", color="C0")
     final = trend.twinx()
-    final.plot(x, [e["final"]["fid"] for e in entries], "s--", ms=4, color="C3",
-               label="final FID at that w (right axis)")
-    final.set_ylabel(f"final FID ({entries[0]['final']['num_images']} images)", color="C3")
-    best = best_entry(entries)
-    final.plot([x[entries.index(best)]], [best["final"]["fid"]], "*", ms=14, color="k",
+    final.plot(x, [e["final"][key] for e in entries], "s--", ms=4, color="C3",
+               label=f"final {name} at that w (right axis)")
+    final.set_ylabel(f"final {name} ({entries[0]['final']['num_images']} images)", color="C3")
+    best = best_entry(entries, key)
+    final.plot([x[entries.index(best)]], [best["final"][key]], "*", ms=14, color="k",
                label=f"best snapshot: {best['snapshot']}")
     handles = trend.get_legend_handles_labels()[0] + final.get_legend_handles_labels()[0]
     final.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="best")

@@ -1,10 +1,12 @@
-"""Stage 3 — choose the merge weight: FID of θneon(w) = (1+w)·θr − w·θs over a grid of w (× guidance scale).
+"""Stage 3 — choose the merge weight: the objective (`sweep.objective`: FID, FD_DINOv2 or KID) of
+θneon(w) = (1+w)·θr − w·θs over a grid of w (× guidance scale).
 
 How the grid is walked is `sweep.search` (neon/search.py): 'grid' (per guidance scale, increasing w, early stop
 against the best, a ±refine cross) or 'official' (the paper's protocol as the official scripts run it). Each
 point merges in memory, samples `num_images` images with fixed seeds (the same noise for every w, so differences
-between points are not sampling noise) and computes the metric. Points are saved as they finish, so a killed
-sweep resumes; each records the `order` in which the latest walk first visited it, so the walk can be replayed.
+between points are not sampling noise) and computes every metric asked for (the objective is one of them).
+Points are saved as they finish, so a killed sweep resumes; each records the `order` in which the latest walk
+first visited it, so the walk can be replayed.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ import torch
 
 from neon import dist
 from neon.checkpoint import atomic_open, atomic_path, load_state_dict
-from neon.config import SweepConfig, build_config, check_args
+from neon.config import OBJECTIVE_LABELS, SweepConfig, build_config, check_args, metric_digits, objective_key
+from neon.errors import NeonError
 from neon.evaluate import FIDMetric, MetricFactory, evaluate_images
 from neon.family import Bundle, Family
 from neon.merge import check_compatible, merge_state_dicts
@@ -61,6 +64,7 @@ class Sweep:
                  metric: MetricFactory, path: str | None = None):
         """bundle: the networks the merged weights are loaded into; theta_r, theta_s: state dicts of θr, θs."""
         self.family, self.bundle, self.cfg, self.metric, self.path = family, bundle, cfg, metric, path
+        self.key = objective_key(cfg.objective)   # the result key the search minimises ('fid', 'kid_mean', ...)
         device = next(iter(bundle.net.state_dict().values())).device
         self.theta_r = {k: v.to(device) for k, v in theta_r.items()}
         self.theta_s = {k: v.to(device) for k, v in theta_s.items()}
@@ -73,7 +77,10 @@ class Sweep:
             with open(path) as f:
                 saved = json.load(f)
             if saved.get("settings") == self.settings():
-                self.points = {_key(p["w"], p["cfg"], p.get("setting", {})): p for p in saved.get("points", [])}
+                # a point saved before a metric was asked for lacks it: computed again, so every point has them all
+                needed = set(getattr(metric, "keys", ())) | {self.key}
+                self.points = {_key(p["w"], p["cfg"], p.get("setting", {})): p for p in saved.get("points", [])
+                               if needed <= p.keys()}
 
     def settings(self) -> dict:
         c = self.cfg
@@ -104,10 +111,12 @@ class Sweep:
             result = evaluate_images(self.family, self.bundle, self.metric, self.cfg.num_images, self.cfg.per_class,
                                      self.cfg.seed_offset, self.cfg.batch, self.sampler_args(guidance, setting),
                                      desc=label)
+            if result.get(self.key) is None:
+                raise NeonError(f"sweep.objective: the metric gave no {self.key!r} (it gave {', '.join(result)})")
             self.points[key] = {"w": w, "cfg": guidance, "setting": setting, **result,
                                 "seconds": round(time.time() - t0, 2)}
             if dist.is_main():
-                print(f"{label}: FID {result['fid']:.4f}")
+                print(f"{label}: {metrics_label(result, self.key)}")
         point = self.points[key]
         if "order" not in point:
             point["order"] = self.visits
@@ -117,22 +126,22 @@ class Sweep:
         return point
 
     def best(self, setting: dict | None = None) -> dict:
-        """The lowest-FID point (of one setting, or of all) among those the latest walk visited (all points when
-        none carries an `order`); a tie goes to the point visited first, as in the search."""
+        """The point with the lowest objective (of one setting, or of all) among those the latest walk visited (all
+        points when none carries an `order`); a tie goes to the point visited first, as in the search."""
         points = [p for p in self.points.values() if setting is None or p.get("setting", {}) == setting]
         visited = [p for p in points if "order" in p]
-        return min(visited or points, key=lambda p: (p["fid"], p.get("order", math.inf)))
+        return min(visited or points, key=lambda p: (p[self.key], p.get("order", math.inf)))
 
     def run(self) -> dict:
         """For every setting, walk its grid with the configured search. Returns the best point of all (the
-        lowest FID; a tie goes to the earlier setting)."""
+        lowest objective; a tie goes to the earlier setting)."""
         for p in self.points.values():
             p.pop("order", None)         # `order` describes the latest walk only
         self.visits = 0
         c, found = self.cfg, []
         for setting, w, guidance in self.grids:
             def objective(w_i, g, setting=setting):
-                return self.evaluate(w_i, g, setting)["fid"]
+                return self.evaluate(w_i, g, setting)[self.key]
             if c.search == "official":
                 b_w, b_g, _ = official_search(objective, w, guidance, c.tolerance, c.stop, c.refine,
                                               c.refine_pattern, c.refine_centre, c.refine_decimals)
@@ -141,7 +150,7 @@ class Sweep:
             found.append(self.points[_key(b_w, b_g, setting)])
         self.bundle.net.load_state_dict(self.theta_r)
         self.save(plot=True)
-        return min(found, key=lambda p: p["fid"])
+        return min(found, key=lambda p: p[self.key])
 
     def save(self, plot: bool = False) -> None:
         if not self.path or not dist.is_main():
@@ -155,13 +164,23 @@ class Sweep:
         with atomic_open(self.path, "w") as f:
             json.dump(doc, f, indent=1)
         if plot and points:
-            plot_sweep(points, os.path.splitext(self.path)[0] + ".png", self.cfg.cfg_key)
-            from neon.plot_metrics import plot_sweep_metrics  # precision/recall, KID vs w, when points hold them
+            plot_sweep(points, os.path.splitext(self.path)[0] + ".png", self.cfg.cfg_key, self.key)
+            from neon.plot_metrics import plot_sweep_metrics  # every metric recorded, one figure each
             plot_sweep_metrics(points, self.path, self.cfg.cfg_key)
 
 
-def plot_sweep(points: list[dict], path: str, cfg_key: str = "cfg") -> None:
-    """FID vs w, one curve per guidance scale, the best point starred."""
+def metrics_label(result: dict, key: str = "fid") -> str:
+    """'FID 12.3456  KID 0.012345' of a result: the objective `key` first, then the other recorded metrics, each
+    ± its std over seed ranges where the result holds one (neon.repeats.combine_ranges)."""
+    keys = [key] + [k for k in OBJECTIVE_LABELS if k != key and result.get(k) is not None]
+    std = result.get("std") or {}
+    return "  ".join(f"{OBJECTIVE_LABELS[k]} {result[k]:.{metric_digits(k)}f}"
+                     + ("" if std.get(k) is None else f" ± {std[k]:.{metric_digits(k)}f}") for k in keys)
+
+
+def plot_sweep(points: list[dict], path: str, cfg_key: str = "cfg", key: str = "fid") -> None:
+    """The objective `key` (FID, FD_DINOv2 or KID's mean) vs w, one curve per guidance scale, the best point
+    starred."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -172,13 +191,13 @@ def plot_sweep(points: list[dict], path: str, cfg_key: str = "cfg") -> None:
     for (setting, c), pts in sorted(curves.items(), key=lambda kv: (kv[0][0], -math.inf if kv[0][1] is None
                                                                     else kv[0][1])):
         pts = sorted(pts, key=lambda p: p["w"])
-        ax.plot([p["w"] for p in pts], [p["fid"] for p in pts], "o-", ms=3,
+        ax.plot([p["w"] for p in pts], [p[key] for p in pts], "o-", ms=3,
                 label=point_label(None, c, json.loads(setting), cfg_key) or "θneon")
-    best = min(points, key=lambda p: p["fid"])
-    ax.plot([best["w"]], [best["fid"]], "*", ms=14, color="k", label=f"best: w = {best['w']:g}")
+    best = min(points, key=lambda p: p[key])
+    ax.plot([best["w"]], [best[key]], "*", ms=14, color="k", label=f"best: w = {best['w']:g}")
     ax.axvline(0, color="0.7", lw=0.8)
     ax.set_xlabel("merge weight w   (θneon = (1+w)·θr − w·θs)")
-    ax.set_ylabel(f"FID ({best.get('num_images', '?')} images)")
+    ax.set_ylabel(f"{OBJECTIVE_LABELS[key]} ({best.get('num_images', '?')} images)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
