@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_core_sweep import LineFamily, OneWeight  # images filled with 100 + 10·p (θneon(w): 100 + 10·w)
 
 from neon.config import SweepConfig
-from neon.family import Arg, Bundle, Family, TrainDefaults
+from neon.family import Bundle
 from neon.plot_metrics import _curves, plot_metric_vs_w, plot_precision_recall
 from neon.sweep import Sweep
 
@@ -44,22 +45,6 @@ def test_nothing_is_written_when_no_point_recorded_the_metric(tmp_path):
     assert not plot_precision_recall(points, str(tmp_path / "pr.png"))
     assert not plot_metric_vs_w(points, "kid_mean", str(tmp_path / "kid.png"))
     assert list(tmp_path.iterdir()) == []
-
-
-class OneWeight(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.p = torch.nn.Parameter(torch.zeros(()))
-
-
-class LineFamily(Family):
-    """Images filled with 100 + 10·p: θneon(w) with θr: p=0, θs: p=-1 draws 100 + 10·w."""
-    name = "line"
-    train_defaults = TrainDefaults()
-    SAMPLER_ARGS = (Arg("cfg", float, 0.0, "unused"),)
-
-    def sample(self, bundle, seeds, labels, **_):
-        return torch.full((len(seeds), 2, 2, 3), round(100 + 10 * bundle.net.p.item()), dtype=torch.uint8)
 
 
 class Fig4Metric:

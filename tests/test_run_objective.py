@@ -4,15 +4,13 @@ and as the paired difference θneon − θr."""
 import json
 import os
 import statistics
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from test_core_run import CONFIG, ENV
-from test_metrics_plot import LineFamily, OneWeight
+from test_core_run import CONFIG, _run
+from test_core_sweep import LineFamily, OneWeight
 
 from conftest import fixtures_root
 from neon.config import ConfigError, final_seed_ranges, parse_config
@@ -158,11 +156,6 @@ RUN = {**CONFIG,
                    "fd_dinov2": {"weights": _dinov2_weights()}},
        "sweep": {**CONFIG["sweep"], "objective": "kid", "snapshot": "last", "refine": None},
        "final": {**CONFIG["final"], "repeats": 2}}
-
-
-def _run(config_path, out):
-    return subprocess.run([sys.executable, "-m", "neon", "run", str(config_path), "--smoke", "--out", str(out)],
-                          env=ENV, capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
