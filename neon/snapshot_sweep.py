@@ -28,7 +28,7 @@ def snapshot_name(path: str) -> str:
     return os.path.splitext(os.path.basename(path.rstrip("/")))[0]
 
 
-def snapshot_images(path: str) -> int | None:
+def images_seen(path: str) -> int | None:
     """Images seen when the snapshot was written, read from its name."""
     match = SNAPSHOT_NAME.fullmatch(os.path.basename(path.rstrip("/")))
     return int(match.group(1)) if match else None
@@ -46,7 +46,7 @@ def select_snapshots(paths: list[str], choice: str | list) -> list[str]:
     for i, item in enumerate([choice] if isinstance(choice, str) else choice):
         where = "sweep.snapshot" + ("" if isinstance(choice, str) else f"[{i}]")
         found = [p for p in paths if (item in (os.path.basename(p.rstrip("/")), snapshot_name(p))
-                                      if isinstance(item, str) else snapshot_images(p) == item)]
+                                      if isinstance(item, str) else images_seen(p) == item)]
         if not found:
             known = ", ".join(os.path.basename(p.rstrip("/")) for p in paths)
             raise NeonError(f"{where}: no snapshot {item!r} among those self-training wrote ({known})")
@@ -100,7 +100,7 @@ def sweep_snapshot(family, bundle, theta_r: dict, path: str, cfg: RunConfig, met
     if dist.is_main():
         print(f"sweeping θs = {os.path.basename(path)}")
     best = sweep.run()
-    entry = {"snapshot": os.path.basename(path.rstrip("/")), "path": path, "images": snapshot_images(path),
+    entry = {"snapshot": os.path.basename(path.rstrip("/")), "path": path, "images": images_seen(path),
              "best": best}
     if len(sweep.settings_grid) == 1:
         entry["final"] = neon_final(family, bundle, sweep, cfg, metric, best, final_offset, f"final {name}")
