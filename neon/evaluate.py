@@ -122,12 +122,13 @@ class FIDMetric:
         in for the real ones, as S's statistics stand in for the reference there: such numbers mean nothing."""
         real = m.real_features
         if (m.precision_recall or m.kid) and real is None and stand_in is not None:
-            real = _stand_in_features(m, stand_in, os.path.join(out or ".", SMOKE_REAL_FEATURES), device, batch)
+            real = stand_in_stats(m.detector, m.weights, stand_in, os.path.join(out or ".", SMOKE_REAL_FEATURES),
+                                  device, batch, features=True)
         dinov2 = m.fd_dinov2
         dinov2_ref = None if dinov2 is None else dinov2.ref_stats
         if dinov2 is not None and dinov2_ref is None and stand_in is not None:   # smoke runs: S's DINOv2 statistics
-            dinov2_ref = _stand_in_stats("dinov2", dinov2.weights, stand_in,
-                                         os.path.join(out or ".", SMOKE_DINOV2_STATS), device, batch)
+            dinov2_ref = stand_in_stats("dinov2", dinov2.weights, stand_in,
+                                        os.path.join(out or ".", SMOKE_DINOV2_STATS), device, batch)
         return cls(m.detector, ref_stats, device, m.weights, m.inception_score, real_features=real,
                    precision_recall=m.precision_recall, kid=m.kid, kid_subsets=m.kid_subsets,
                    kid_subset_size=m.kid_subset_size, dinov2_weights=None if dinov2 is None else dinov2.weights,
@@ -177,27 +178,18 @@ class _FIDAccumulator:
         return self.metric.score(self.acc, self.dinov2)
 
 
-def _stand_in_stats(detector: str, weights: str | None, images: str, path: str, device, batch: int) -> str:
-    """Statistics of the image set `images` under `detector`, saved once (by rank 0) as a stats file."""
+def stand_in_stats(detector: str, weights: str | None, images: str, path: str, device, batch: int,
+                   features: bool = False) -> str:
+    """Statistics of the image set `images` under `detector` (and, with `features`, the features themselves, as
+    `neon stats --features` writes them), saved once by rank 0 at `path`. Smoke runs let those of S stand in for
+    the real images' reference statistics and features."""
     from neon import metrics
     if not os.path.isfile(path):
         extractor = metrics.FeatureExtractor(detector, weights, device, logits=False)
-        summary = metrics.summarize_images(images, extractor, batch, logits=False, progress=False)
+        summary = metrics.summarize_images(images, extractor, batch, keep_features=features, logits=False)
         if dist.is_main():
-            metrics.save_stats(path, summary.mu, summary.sigma, count=summary.count)
-    dist.barrier()
-    return path
-
-
-def _stand_in_features(m, images: str, path: str, device, batch: int) -> str:
-    """Pool features of the image set `images` saved (once, by rank 0) as a `neon stats --features` file."""
-    from neon import metrics
-    if not os.path.isfile(path):
-        extractor = metrics.FeatureExtractor(m.detector, m.weights, device, logits=False)
-        summary = metrics.summarize_images(images, extractor, batch, keep_features=True, logits=False,
-                                           progress=False)
-        if dist.is_main():
-            metrics.save_stats(path, summary.mu, summary.sigma, count=summary.count, features=summary.features)
+            metrics.save_stats(path, summary.mu, summary.sigma, count=summary.count,
+                               features=summary.features if features else None)
     dist.barrier()
     return path
 

@@ -35,7 +35,7 @@ from neon.config import (
     seed_range,
 )
 from neon.errors import NeonError
-from neon.evaluate import FIDMetric
+from neon.evaluate import FIDMetric, stand_in_stats
 from neon.family import Bundle, Family, get_family
 from neon.model_card import write_model_card
 from neon.pipeline_folder import is_pipeline_folder
@@ -110,14 +110,8 @@ def run_metric(cfg: RunConfig, out: str, device, synthetic: str):
     itself stand in, so the wiring is exercised; such numbers mean nothing and are labelled so in run.json."""
     ref = cfg.ref_stats
     if ref is None:
-        from neon import metrics
-        ref = os.path.join(out, "smoke_ref_stats.npz")
-        if not os.path.isfile(ref):
-            extractor = metrics.FeatureExtractor(cfg.metrics.detector, cfg.metrics.weights, device, logits=False)
-            summary = metrics.summarize_images(synthetic, extractor, cfg.synthetic.batch, logits=False)
-            if dist.is_main():
-                metrics.save_stats(ref, summary.mu, summary.sigma, count=summary.count)
-        dist.barrier()
+        ref = stand_in_stats(cfg.metrics.detector, cfg.metrics.weights, synthetic,
+                             os.path.join(out, "smoke_ref_stats.npz"), device, cfg.synthetic.batch)
     elif not os.path.isfile(ref):
         raise NeonError(f"ref_stats: {ref} not found (bash download_models.sh fetches the reference statistics)")
     metric = FIDMetric.from_config(cfg.metrics, ref, device, synthetic if cfg.ref_stats is None else None, out,
