@@ -38,29 +38,11 @@ class RetuneSweep(Sweep):
     """θr alone over the sweep's guidance grid: w is fixed at 0, so a point off w = 0 that the search asks for
     (a refinement neighbour along w) is θr's point at that guidance scale."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.points = _AtWZero(self.points)
-
     def evaluate(self, w: float, guidance: float | None, setting: dict | None = None) -> dict:
         return super().evaluate(0.0, guidance, setting)
 
     def save(self, plot: bool = False) -> None:
         super().save(plot=False)   # FID vs w says nothing at one w: baselines_sweep.png draws the re-tune
-
-
-class _AtWZero(dict):
-    """Sweep points keyed as neon.sweep._key, where every w reads the w = 0 point."""
-
-    @staticmethod
-    def _zero(key: str) -> str:
-        return "0|" + key.split("|", 1)[1]
-
-    def __getitem__(self, key):
-        return super().__getitem__(self._zero(key))
-
-    def __contains__(self, key):
-        return super().__contains__(self._zero(key))
 
 
 class GuideSweep(Sweep):

@@ -147,7 +147,7 @@ class Sweep:
                                               c.refine_pattern, c.refine_centre, c.refine_decimals)
             else:
                 b_w, b_g, _ = grid_search(objective, w, guidance, c.tolerance, c.refine)
-            found.append(self.points[_key(b_w, b_g, setting)])
+            found.append(self.evaluate(b_w, b_g, setting))   # known by now: evaluate only looks it up
         self.bundle.net.load_state_dict(self.theta_r)
         self.save(plot=True)
         return min(found, key=lambda p: p[self.key])
