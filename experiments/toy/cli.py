@@ -21,7 +21,7 @@ def add_toy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="run seed: model init, training noise, sampling (the real data is fixed, seed 42)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                        help="worker threads for the batched sampling (default: the usable CPU cores); "
+                        help="parallel workers for the sampling and the sweeps (default: the usable CPU cores); "
                              "the results do not depend on it")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import multiprocessing
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -125,22 +126,66 @@ def parallel_map(fn: Callable, items: list, workers: int, desc: str = "", progre
         return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, disable=not progress, leave=False))
 
 
-def diffusion_fids(states: list[dict], x_T: torch.Tensor, s: DiffusionSettings, workers: int = 1,
-                   desc: str = "diffusion FID", progress: bool = False, rows: int = 4096) -> list[float]:
-    """FID of each EpsMLP state dict, all sampled from the same noise x_T: (N, 2) with the ζ = 1 sampler.
+class FIDSampler:
+    """Samples the diffusion FID sets — every network from the same noise x_T: (N, 2), with the ζ = 1 sampler —
+    in `workers` processes that receive x_T once, or in this process for workers = 1 (the same numbers).
 
-    The K networks run stacked (one batched product per layer) on chunks of ~rows/K noise rows, so that the
-    activations stay in cache; `workers` threads take chunks in turn, each running torch on one thread (the
-    products are small: they parallelise across chunks, not within one). Each chunk's result depends on its
-    rows alone, so the FIDs do not depend on `workers`.
+    Processes, not threads: the work is many small products with Python between them, and threads wait for each
+    other's interpreter lock (in one A/B on 2 cores: 2 processes 1.26–1.30× the matmul floor, 2 threads 1.28–1.36×).
     """
-    net = diffusion_lib.stack(states)
-    n = max(1, rows // len(states) // BLOCK) * BLOCK   # whole blocks of sums()
-    chunks = [x_T[i:i + n] for i in range(0, x_T.shape[0], n)]
-    run = lambda x: sums(diffusion_lib.sample_stacked(net, x, 1.0, s.sample_steps, s.eta))
-    parts = parallel_map(run, chunks, workers, desc, progress)
-    s1, s2 = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
-    return [fid_from_sums(x_T.shape[0], s1[k], s2[k]) for k in range(len(states))]
+
+    def __init__(self, x_T: torch.Tensor, s: DiffusionSettings, workers: int = 1, rows: int = 4096):
+        self.n, self.rows = x_T.shape[0], max(1, rows // BLOCK) * BLOCK   # whole blocks of sums()
+        self.workers = workers
+        args = (x_T.numpy(), s.sample_steps, s.eta)
+        if workers > 1:
+            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_set_noise, initargs=args)
+        else:
+            self.pool = None
+            self.noise = args
+
+    def __enter__(self) -> FIDSampler:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool:
+            self.pool.shutdown(cancel_futures=True)
+
+    def fids(self, states: list[dict], desc: str = "diffusion FID", progress: bool = False) -> list[float]:
+        """FID of each EpsMLP state dict. The rows are cut into chunks of `rows`, small enough that a chunk's
+        activations stay in cache and large enough that each layer is one efficient product; a task is up to 64
+        chunks of one network. Each chunk's result depends on its rows alone, so the FIDs do not depend on
+        `workers`."""
+        # numpy, not tensors: torch would pass each tensor through a shared-memory file of its own
+        nets = [{k: v.detach().float().numpy() for k, v in sd.items()} for sd in states]
+        span = self.rows * max(1, min(64, self.n // (self.rows * self.workers * 4)))
+        starts = range(0, self.n, span)
+        jobs = [(net, start, min(start + span, self.n), self.rows) for net in nets for start in starts]
+        run = self.pool.map(_fid_sums, jobs) if self.pool else map(partial(_fid_sums, noise=self.noise), jobs)
+        parts = list(tqdm(run, total=len(jobs), desc=desc, disable=not progress, leave=False))
+        mine = lambda k: parts[k * len(starts):(k + 1) * len(starts)]
+        return [fid_from_sums(self.n, torch.cat([p[0] for p in mine(k)]), torch.cat([p[1] for p in mine(k)]))
+                for k in range(len(nets))]
+
+
+_NOISE: tuple = ()   # in a FIDSampler's worker process: (x_T, sample_steps, eta), sent once
+
+
+def _set_noise(*noise) -> None:
+    global _NOISE
+    torch.set_num_threads(1)
+    _NOISE = noise
+
+
+def _fid_sums(job: tuple, noise: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One task: a network's samples from rows [start, stop) of x_T, `rows` at a time -> their sums()."""
+    state, start, stop, rows = job
+    net = diffusion_lib.weights({k: torch.from_numpy(v) for k, v in state.items()})
+    x_T, sample_steps, eta = noise or _NOISE
+    x_T = torch.from_numpy(x_T)
+    s1, s2 = sums(diffusion_lib.sample(net, x_T[start:stop], 1.0, sample_steps, eta, chunk=rows)[None])
+    return s1[0], s2[0]
 
 
 def _tag(x: float) -> str:
@@ -180,18 +225,19 @@ def run_diffusion(s: DiffusionSettings, seed: int, data_seed: int, n_show: int, 
 
     t0 = time.perf_counter()
     x_T = torch.randn(s.n_fid, 2, generator=gen("fid"))   # the same noise for every w, setting and step
-    evaluate_many = lambda states, desc="diffusion FID θr": diffusion_fids(states, x_T, s, workers, desc, progress)
-    (base_fid,) = evaluate_many([theta_r])
-    rows, thetas = [], {}
-    for zeta in s.zetas:
-        synthetic = draw(model, s.n_synthetic, zeta, "synthetic")
-        snapshots = finetune(model, loss_with(gen("finetune", _tag(zeta))), synthetic, s.finetune_steps,
-                             s.finetune_lr, s.batch, desc=f"diffusion θs ζ={zeta:g}", progress=progress)
-        for steps, theta_s in sorted(snapshots.items()):
-            fids = evaluate_many([merge_state_dicts(theta_r, theta_s, w) for w in s.w],
-                                 f"diffusion FID(w) ζ={zeta:g} {steps} steps")
-            rows.append(make_row("diffusion", zeta, zeta > 1, steps, base_fid, s.w, fids))
-            thetas[(zeta, steps)] = theta_s
+    with FIDSampler(x_T, s, workers) as sampler:
+        evaluate_many = lambda states, desc="diffusion FID θr": sampler.fids(states, desc, progress)
+        (base_fid,) = evaluate_many([theta_r])
+        rows, thetas = [], {}
+        for zeta in s.zetas:
+            synthetic = draw(model, s.n_synthetic, zeta, "synthetic")
+            snapshots = finetune(model, loss_with(gen("finetune", _tag(zeta))), synthetic, s.finetune_steps,
+                                 s.finetune_lr, s.batch, desc=f"diffusion θs ζ={zeta:g}", progress=progress)
+            for steps, theta_s in sorted(snapshots.items()):
+                fids = evaluate_many([merge_state_dicts(theta_r, theta_s, w) for w in s.w],
+                                     f"diffusion FID(w) ζ={zeta:g} {steps} steps")
+                rows.append(make_row("diffusion", zeta, zeta > 1, steps, base_fid, s.w, fids))
+                thetas[(zeta, steps)] = theta_s
     timings["neon_sweeps"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -268,18 +314,25 @@ def run_toy(quick: bool = False, seed: int = 0, progress: bool = True, settings:
     """Both models end to end -> a result dict: `rows` (one per model × sampler setting × self-training length),
     `cosine` (one sweep per model), `samples` (numpy arrays for the scatter plot), `settings`, `timings_s`.
 
-    threads: worker threads for the batched FID sampling, which is most of the work. Torch itself runs on one
-    thread throughout (restored afterwards): every product here is small, and on a shared machine a torch
-    thread pool spends its time waiting at each op's barrier. The results do not depend on `threads`.
+    threads: parallel workers — processes for the diffusion FID sampling, which is most of the work, threads for
+    the gradient-cosine sweep, and with threads > 1 the AR model's run on a thread of its own beside the diffusion
+    run. Torch itself runs on one thread throughout (restored afterwards): every product here is small, and a
+    torch thread pool spends its time waiting at each op's barrier. The results do not depend on `threads`.
     """
     settings = settings or (QUICK if quick else FULL)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         t0 = time.perf_counter()
-        runs = dict(diffusion=run_diffusion(settings.diffusion, seed, settings.data_seed, settings.n_show, progress,
-                                            workers=threads),
-                    ar=run_ar(settings.ar, seed, settings.data_seed, settings.n_show, progress))
+        # The AR model's run is serial and small: beside the diffusion run it fills the cores the diffusion run
+        # leaves idle (its base training, its self-training). Every draw comes from a stage's own generator, so
+        # running the two side by side changes no number.
+        run_ar_now = partial(run_ar, settings.ar, seed, settings.data_seed, settings.n_show, progress)
+        with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,)) as side:
+            ar = side.submit(run_ar_now) if threads > 1 else None
+            diffusion = run_diffusion(settings.diffusion, seed, settings.data_seed, settings.n_show, progress,
+                                      workers=threads)
+            runs = dict(diffusion=diffusion, ar=ar.result() if ar else run_ar_now())
         total = time.perf_counter() - t0
     finally:
         torch.set_num_threads(before)

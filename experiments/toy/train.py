@@ -5,6 +5,7 @@ the toy trains bare 2-D models in memory, keeping a state dict at each of many e
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Callable, Iterable
 
 import torch
@@ -14,9 +15,12 @@ from tqdm import tqdm
 LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]   # (model, batch (B, 2)) -> scalar loss
 
 
+_GLOBAL_RNG = threading.Lock()   # init_model borrows the global RNG: one model at a time, whatever the thread
+
+
 def init_model(factory: Callable[[], nn.Module], generator: torch.Generator) -> nn.Module:
     """factory() with its default initialisation drawn from `generator` (the global RNG is left untouched)."""
-    with torch.random.fork_rng(devices=[]):
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(torch.randint(2 ** 62, (1,), generator=generator)))
         return factory()
 
