@@ -21,12 +21,13 @@ import tempfile
 import time
 
 # family -> `neon sample` arguments at its bench config: tiny networks, enough images that the sampling of one
-# process takes about a minute (torchrun and two interpreters importing torch cost seconds of their own)
+# process takes about 45 s on an idle core (torchrun's agent and two interpreters importing torch cost about 2.5 s
+# more than one process's start, which a shorter run would weigh as heavily as the sampling)
 CONFIGS = {
-    "edm": ["--num-images", "1024", "--batch", "32", "--arg", "num_steps=18"],
-    "var": ["--num-images", "3072", "--batch", "32", "--arg", "cfg=1.5", "--arg", "top_k=900", "--arg", "top_p=0.95"],
-    "xar": ["--num-images", "320", "--batch", "16", "--arg", "cfg=2.7", "--arg", "flow_steps=20"],
-    "imm": ["--num-images", "12288", "--batch", "32", "--arg", "steps=8", "--arg", "cfg=1.5"],
+    "edm": ["--num-images", "4096", "--batch", "32", "--arg", "num_steps=18"],
+    "var": ["--num-images", "27648", "--batch", "32", "--arg", "cfg=1.5", "--arg", "top_k=900", "--arg", "top_p=0.95"],
+    "xar": ["--num-images", "1024", "--batch", "16", "--arg", "cfg=2.7", "--arg", "flow_steps=20"],
+    "imm": ["--num-images", "32768", "--batch", "32", "--arg", "steps=8", "--arg", "cfg=1.5"],
 }
 # The IMM figure of the batch: the 1024-image command, against the same command at --batch 1.
 BATCH_VS = {"imm": ["--num-images", "1024", "--batch", "32", "--arg", "steps=8", "--arg", "cfg=1.5"]}

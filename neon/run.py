@@ -280,7 +280,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="a YAML file from configs/")
     p.add_argument("--out", help="run folder (default runs/<config name>[-smoke])")
     p.add_argument("--smoke", action="store_true",
-                   help="tiny random network and tiny counts from the config's smoke section (CPU, seconds)")
+                   help="tiny random network and tiny counts from the config's smoke section (CPU, ~half a minute)")
     p.add_argument("--push-to-hub", metavar="REPO",
                    help="after the run, upload θneon's folder (a pipeline) with MODEL_CARD.md as its README.md to "
                         "this Hugging Face Hub model repo (created if missing; needs `hf auth login` or $HF_TOKEN)")
