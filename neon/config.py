@@ -437,7 +437,7 @@ def _images_list(images: list[int]) -> str:
     return ", ".join(shown)
 
 
-def _snapshot_suffix(cfg: RunConfig) -> str | None:
+def snapshot_suffix(cfg: RunConfig) -> str | None:
     """The extension of the snapshot files (that of θr's file, '.pth' for the tiny network); None where the
     base's name does not tell (a pipeline folder's snapshots are folders, with none)."""
     if not cfg.base:
@@ -460,7 +460,7 @@ def check_snapshot_choice(cfg: RunConfig) -> None:
             if not match:
                 raise ConfigError(f"{where}: {item!r} is not 'last', 'all' or a snapshot name (snapshot-<10-digit "
                                   "images>[.ext])")
-            suffix = _snapshot_suffix(cfg)
+            suffix = snapshot_suffix(cfg)
             if match.group(2) and suffix is not None and match.group(2) != suffix:
                 raise ConfigError(f"{where}: {item!r}: this run's snapshots are {suffix} files "
                                   f"(snapshot-{int(match.group(1)):010d}{suffix})")

@@ -20,7 +20,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from neon.config import load_config, snapshot_images
+from neon.config import load_config, snapshot_images, snapshot_suffix
+from neon.snapshot_sweep import select_snapshots
 from neon.sweep import setting_grids
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,11 +87,10 @@ def costs(row: str, cfg) -> tuple[float, float, str]:
 
 
 def snapshots_swept(cfg) -> int:
-    """How many θs snapshots the sweep walks (sweep.snapshot: 'last', 'all', or a list)."""
-    choice = cfg.sweep.snapshot
-    if choice == "last" or isinstance(choice, str) and choice != "all":
-        return 1
-    return len(snapshot_images(cfg.finetune)) if choice == "all" else len(choice)
+    """How many θs snapshots the sweep walks: the run's own choice (neon.snapshot_sweep.select_snapshots) among the
+    files its finetune section writes."""
+    written = [f"snapshot-{n:010d}{snapshot_suffix(cfg) or ''}" for n in snapshot_images(cfg.finetune)]
+    return len(select_snapshots(written, cfg.sweep.snapshot))
 
 
 def main() -> None:
