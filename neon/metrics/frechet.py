@@ -38,14 +38,21 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     if info < 0:
         raise NeonError(f"Fréchet distance: LAPACK dpstrf failed (info={info})")
     p = piv - 1
-    L = np.tril(c)
-    L[:, rank:] = 0.0  # columns past the numerical rank hold the unfactored remainder
-    L = np.asfortranarray(L)
-    S2 = np.asfortranarray(sigma2[np.ix_(p, p)])
-    # M = Lᵀ Σ2 L with two triangular products (half the flops of two general ones).
-    W = blas.dtrmm(1.0, L, S2, side=1, lower=1)                   # Σ2 L
-    M = blas.dtrmm(1.0, L, W, side=0, lower=1, trans_a=1)         # Lᵀ (Σ2 L)
-    M = M[:rank, :rank]
+    if 2 * rank < len(p):
+        # Few samples (rank well below D): only the factor's first `rank` columns are non-zero, so M is two thin
+        # products, with L's rows put back in Σ2's order instead of gathering a permuted copy of Σ2.
+        L = np.zeros((len(p), rank))
+        L[p] = np.tril(c[:, :rank])
+        M = L.T @ (sigma2 @ L)
+    else:
+        L = np.tril(c)
+        L[:, rank:] = 0.0  # columns past the numerical rank hold the unfactored remainder
+        L = np.asfortranarray(L)
+        S2 = np.asfortranarray(sigma2[np.ix_(p, p)])
+        # M = Lᵀ Σ2 L with two triangular products (half the flops of two general ones).
+        W = blas.dtrmm(1.0, L, S2, side=1, lower=1)                   # Σ2 L
+        M = blas.dtrmm(1.0, L, W, side=0, lower=1, trans_a=1)         # Lᵀ (Σ2 L)
+        M = M[:rank, :rank]
     eig = scipy.linalg.eigvalsh(M, overwrite_a=True, check_finite=False)  # reads the lower triangle
     return float(np.sqrt(np.clip(eig, 0.0, None)).sum())  # clip: rounding can make zero eigenvalues negative
 
