@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from neon.errors import NeonError
+from neon.metrics.pair import feature_pair
 
 SUBSETS = 100        # torch-fidelity defaults.py kid_subsets
 SUBSET_SIZE = 1000   # torch-fidelity defaults.py kid_subset_size
@@ -39,13 +40,6 @@ def mmd2_unbiased(k_xx: torch.Tensor, k_xy: torch.Tensor, k_yy: torch.Tensor) ->
     return within / (m * (m - 1)) - 2 * k_xy.sum() / (m * m)
 
 
-def _as_features(x, name: str, device) -> torch.Tensor:
-    x = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
-    if x.ndim != 2:
-        raise NeonError(f"kid: {name} features must be (N, D), got {tuple(x.shape)}")
-    return x.to(device=device if device is not None else x.device, dtype=torch.float64)
-
-
 def kid(real_feats, fake_feats, subsets: int = SUBSETS, subset_size: int = SUBSET_SIZE, degree: int = DEGREE,
         gamma: float | None = None, coef0: float = COEF0, seed: int = SEED, device=None) -> dict:
     """{'kid_mean', 'kid_std', 'kid_subset_size'} of fake features (M, D) against real features (N, D).
@@ -53,9 +47,7 @@ def kid(real_feats, fake_feats, subsets: int = SUBSETS, subset_size: int = SUBSE
     kid_std is the (population) standard deviation of the per-subset estimates, as torch-fidelity reports it.
     KID can be slightly negative when the two sets come from the same distribution (the estimate is unbiased).
     """
-    real, fake = _as_features(real_feats, "real", device), _as_features(fake_feats, "fake", device)
-    if real.shape[1] != fake.shape[1]:
-        raise NeonError(f"kid: real features are {real.shape[1]}-d, fake ones {fake.shape[1]}-d")
+    real, fake = feature_pair(real_feats, fake_feats, "kid", device)
     if subsets < 1:
         raise NeonError(f"kid: subsets must be at least 1, got {subsets}")
     size = min(subset_size, real.shape[0], fake.shape[0])

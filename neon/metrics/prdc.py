@@ -10,17 +10,10 @@ The paper used k = 5.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from neon.errors import NeonError
-
-
-def _as_features(x, name: str) -> torch.Tensor:
-    x = torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
-    if x.ndim != 2:
-        raise NeonError(f"prdc: {name} features must be (N, D), got {tuple(x.shape)}")
-    return x.double()
+from neon.metrics.pair import feature_pair
 
 
 def _blocks(a: torch.Tensor, b: torch.Tensor, block: int):
@@ -39,9 +32,7 @@ def kth_neighbour_radius(x: torch.Tensor, k: int, block: int = 1024) -> torch.Te
 
 def prdc(real_feats, fake_feats, k: int = 5, block: int = 1024) -> dict[str, float]:
     """{'precision', 'recall', 'density', 'coverage'} of fake features (M, D) against real features (N, D)."""
-    real, fake = _as_features(real_feats, "real"), _as_features(fake_feats, "fake")
-    if real.shape[1] != fake.shape[1]:
-        raise NeonError(f"prdc: real features are {real.shape[1]}-d, fake ones {fake.shape[1]}-d")
+    real, fake = feature_pair(real_feats, fake_feats, "prdc")
     if min(real.shape[0], fake.shape[0]) <= k:
         raise NeonError(f"prdc: need more than k={k} real and fake samples, got {real.shape[0]} and {fake.shape[0]}")
     real_radius = kth_neighbour_radius(real, k, block)   # (N,)
