@@ -34,12 +34,17 @@ def _run(config_path, out):
                           env=ENV, capture_output=True, text=True)
 
 
+def _run_config(config: dict, folder, out: str = "r", name: str = "c.yaml"):
+    """Write `config` to folder/name and `neon run` it (--smoke) into folder/out -> the process result."""
+    (folder / name).write_text(yaml.safe_dump(config))
+    return _run(folder / name, folder / out)
+
+
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     """One uninterrupted run of CONFIG: (its folder, the config file, the process result)."""
     root = tmp_path_factory.mktemp("full")
-    (root / "tiny.yaml").write_text(yaml.safe_dump(CONFIG))
-    res = _run(root / "tiny.yaml", root / "run")
+    res = _run_config(CONFIG, root, "run", "tiny.yaml")
     assert res.returncode == 0, res.stderr[-2000:]
     return root / "run", root / "tiny.yaml", res
 
@@ -165,8 +170,7 @@ def test_a_run_killed_mid_sweep_resumes_at_that_snapshot_and_point_with_the_same
 
 def test_overlapping_final_seeds_are_refused_in_one_line_before_anything_is_written(tmp_path):
     config = {**CONFIG, "final": {**CONFIG["final"], "seed_offset": 104}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
-    res = _run(tmp_path / "c.yaml", tmp_path / "r")
+    res = _run_config(config, tmp_path)
     assert res.returncode == 2 and res.stderr.count("\n") == 1
     assert "final.seed_offset: final seeds 104–112 overlap the sweep's 100–105 " \
            "(set final.allow_overlap: true to allow)" in res.stderr
@@ -179,8 +183,7 @@ def test_per_class_seed_ranges_are_checked_with_the_models_class_count(tmp_path)
     config = {**CONFIG, "sweep": {**CONFIG["sweep"], "per_class": 2, "num_images": 1},
               "final": {**CONFIG["final"], "seed_offset": 103}}
     parse_config(config, smoke=True)                                 # the config alone cannot see it
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
-    res = _run(tmp_path / "c.yaml", tmp_path / "r")
+    res = _run_config(config, tmp_path)
     assert res.returncode == 2 and res.stderr.count("\n") == 1
     assert "final seeds 103–111 overlap the sweep's 100–105" in res.stderr
     assert not (tmp_path / "r").exists()

@@ -8,8 +8,7 @@ import statistics
 import numpy as np
 import pytest
 import torch
-import yaml
-from test_core_run import CONFIG, _run
+from test_core_run import CONFIG, _run_config
 from test_core_sweep import LineFamily, OneWeight
 
 from conftest import fixtures_root
@@ -120,8 +119,7 @@ def test_fd_dinov2_statistics_of_another_detector_are_refused_in_one_line(tmp_pa
 
 def test_a_missing_fd_dinov2_weights_file_is_refused_before_the_run_folder_exists(tmp_path):
     config = {**CONFIG, "metrics": {**CONFIG["metrics"], "fd_dinov2": {"weights": str(tmp_path / "none.pth")}}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
-    res = _run(tmp_path / "c.yaml", tmp_path / "r")
+    res = _run_config(config, tmp_path)
     assert res.returncode == 2 and res.stderr.count("\n") == 1
     assert f"metrics.fd_dinov2.weights: weights file {tmp_path / 'none.pth'} not found" in res.stderr
     assert not (tmp_path / "r").exists()
@@ -161,8 +159,7 @@ RUN = {**CONFIG,
 @pytest.fixture(scope="module")
 def kid_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("objective")
-    (root / "c.yaml").write_text(yaml.safe_dump(RUN))
-    res = _run(root / "c.yaml", root / "run")
+    res = _run_config(RUN, root, "run")
     assert res.returncode == 0, res.stderr[-2000:]
     return root / "run", res
 
