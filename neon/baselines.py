@@ -146,7 +146,7 @@ def guidance_retune(ctx: _Context) -> dict:
 def continued_finetune(ctx: _Context) -> dict:
     """θr trained with the finetune section's recipe: on real data for the same number of images, or on S
     continuing θs's own training (from its saved state) for as many images again."""
-    from neon.selftrain import CACHE_FILE, STATE_FILE, encode_examples, finetune
+    from neon.selftrain import CACHE_FILE, STATE_FILE, encode_examples, finetune, last_log_entry
     ft, real = ctx.cfg.finetune, ctx.cfg.baselines.continued_finetune.real_data
     folder = ctx.path("continued_finetune")
     ctx.bundle.net.load_state_dict(ctx.theta_r)
@@ -176,19 +176,10 @@ def continued_finetune(ctx: _Context) -> dict:
     args = {**base, **setting}
     result = final_result(ctx.family, ctx.bundle, ctx.metric, ctx.cfg, ctx.offset, args, "final continued_finetune")
     point = {"w": -1.0, "cfg": args.get(ctx.cfg.sweep.cfg_key), "setting": setting}
+    log = last_log_entry(folder)
     return {"point": point, "final": {**point, **result}, "checkpoint": snapshots[-1],
             "data": "real" if real else "synthetic", "train_images": recipe.total_images,
-            "trained_images": _images_trained(folder)}
-
-
-def _images_trained(folder: str) -> int | None:
-    """Images seen at the end of training, from the training log (log.jsonl's last line)."""
-    path = os.path.join(folder, "log.jsonl")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    return json.loads(lines[-1])["images"] if lines else None
+            "trained_images": log["images"] if log else None}
 
 
 def _guided(ctx: _Context, name: str, weights: dict) -> dict:

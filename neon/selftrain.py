@@ -34,6 +34,7 @@ from neon.sampling import allows_null_class, check_label_range
 
 STATE_FILE = "train_state.pt"
 CACHE_FILE = "examples"   # the folder of encoded examples (neon run, neon finetune)
+LOG_FILE = "log.jsonl"    # one JSON line per logging step: step, images, loss, ...
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -366,6 +367,16 @@ class Trainer:
         dist.barrier()
 
 
+def last_log_entry(out_dir: str) -> dict | None:
+    """The last line of a self-training folder's log (its step, images seen, loss), None without one."""
+    path = os.path.join(out_dir, LOG_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    return json.loads(lines[-1]) if lines else None
+
+
 def _crossed(images_seen: int, batch: int, every: int | None) -> bool:
     """True when the last step crossed a multiple of `every` images."""
     return bool(every) and images_seen // every != (images_seen - batch) // every
@@ -388,7 +399,7 @@ def finetune(family: Family, bundle: Bundle, examples: dict[str, torch.Tensor], 
     step, snapshots = trainer.resume(state_path)
     if step and dist.is_main():
         print(f"resuming self-training at step {step} of {steps} ({step * cfg.batch} images)")
-    log_path = os.path.join(out_dir, "log.jsonl")
+    log_path = os.path.join(out_dir, LOG_FILE)
     bar = tqdm(total=steps, initial=step, desc=desc, unit="step", disable=not dist.is_main(),
                dynamic_ncols=True)
     losses, t0 = [], time.time()

@@ -45,7 +45,7 @@ from neon.guidance import with_guide
 from neon.images import NpzImages, save_images_npz
 from neon.merge import merge_state_dicts
 from neon.sampling import draw_labels, generate, plan_seeds, sample_to_npz
-from neon.selftrain import encode_examples, finetune
+from neon.selftrain import encode_examples, finetune, last_log_entry
 
 KEY_FILE = "stage_key"
 
@@ -192,12 +192,8 @@ def stage_base(family: Family, cfg: StudyConfig, rec: StudyRecord, data: dict, d
 
 
 def last_loss(folder: str) -> float | None:
-    path = os.path.join(folder, "log.jsonl")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        lines = [json.loads(line) for line in f if line.strip()]
-    return lines[-1]["loss"] if lines else None
+    entry = last_log_entry(folder)
+    return entry["loss"] if entry else None
 
 
 def stage_synthetic(family: Family, bundle: Bundle, cfg: StudyConfig, rec: StudyRecord, name: str, sampler: dict,
