@@ -58,6 +58,32 @@ check_relative() {  # check_relative NAME FIELD PATH: a plain relative path insi
   done
 }
 
+check_source() {  # check_source NAME KIND SOURCE: an https URL, or a plain Hub repo id (never an option)
+  local name="$1" kind="$2" source="$3" part='[A-Za-z0-9]([A-Za-z0-9._-]{0,94}[A-Za-z0-9])?'
+  case "$kind" in
+    url) [[ "$source" =~ ^https://[^[:space:][:cntrl:]]+$ ]] ||
+           status=2 die "$name: source '$source' must be an https:// URL without spaces or control characters" ;;
+    hf|hf-folder) [[ "$source" =~ ^$part/$part$ && "$source" != *..* && "$source" != *--* ]] ||
+           status=2 die "$name: source '$source' must be a Hub repo id such as owner/name" ;;
+    *) status=2 die "$name: unknown kind '$kind'" ;;
+  esac
+}
+
+check_fields() {  # check_fields NAME FILE SHA SIZE: a file name that cannot pass for an option, a hash, a size
+  local name="$1" file="$2" sha="$3" size="$4"
+  [[ "$file" =~ ^[A-Za-z0-9_][A-Za-z0-9_./+=@-]*$ || "$file" = - ]] ||
+    status=2 die "$name: file '$file' must be a plain path inside the repo"
+  [[ "$sha" =~ ^[0-9a-f]{64}$ || "$sha" = - ]] || status=2 die "$name: sha256 '$sha' is neither 64 hex digits nor -"
+  [[ "$size" =~ ^[0-9]+$ || "$size" = - ]] || status=2 die "$name: size '$size' is neither a number nor -"
+}
+
+check_row() {  # check_row NAME KIND SOURCE FILE DEST SHA SIZE: every field, before anything is fetched
+  check_source "$1" "$2" "$3"
+  check_fields "$1" "$4" "$6" "$7"
+  check_relative "$1" dest "$5"
+  [ "$2" = url ] || check_relative "$1" file "$4"
+}
+
 check_no_symlink() {  # check_no_symlink NAME DEST: no component of dest_root/DEST is a symbolic link
   local name="$1" path="$dest_root" part
   IFS=/ read -r -a parts <<< "$2"
@@ -81,32 +107,55 @@ staging=""
 cleanup() { [ -z "$staging" ] || rm -rf -- "$staging"; }  # only ever a folder this run created
 trap cleanup EXIT
 
-fetch() {  # fetch KIND SOURCE FILE TARGET: sets `fetched`, the downloaded (unverified) file or folder
-  local kind="$1" source="$2" file="$3" target="$4"
+hf_command() {  # the project's own .venv/bin/hf first, else one on PATH
+  if [ -x "$root/.venv/bin/hf" ]; then echo "$root/.venv/bin/hf"
+  elif command -v hf >/dev/null 2>&1; then command -v hf
+  else die "the 'hf' command is missing: .venv/bin/pip install -U huggingface_hub"
+  fi
+}
+
+# Manifest fields go after `--`, so that no value can be read as an option of hf or curl.
+fetch() {  # fetch NAME KIND SOURCE FILE DEST TARGET: sets `fetched`, the downloaded (unverified) file or folder
+  local name="$1" kind="$2" source="$3" file="$4" dest="$5" target="$6" hf=""
+  if [ "$kind" != url ]; then hf="$(hf_command)" || exit; fi  # before anything is made
   mkdir -p "$(dirname "$target")"
   case "$kind" in
     hf|hf-folder)
-      command -v hf >/dev/null 2>&1 || die "the 'hf' command is missing: pip install -U huggingface_hub"
       staging="$(mktemp -d "$(dirname "$target")/.$(basename "$target").download.XXXXXX")"
       if [ "$kind" = hf ]; then
-        hf download "$source" "$file" --local-dir "$staging" >/dev/null
+        "$hf" download --local-dir "$staging" -- "$source" "$file" >/dev/null || failed "$name" "$dest"
         fetched="$staging/$file"
       elif [ "$file" = "${file#*/}" ]; then  # one model: its config and weights
-        hf download "$source" config.json "$file" --local-dir "$staging/folder" >/dev/null
+        "$hf" download --local-dir "$staging/folder" -- "$source" config.json "$file" >/dev/null ||
+          failed "$name" "$dest"
         rm -rf -- "$staging/folder/.cache"
         fetched="$staging/folder"
       else  # a pipeline (FILE inside a component): every config and safetensors file, no pickles
-        hf download "$source" --include '*.json' --include '*.safetensors' --local-dir "$staging/folder" >/dev/null
+        "$hf" download --include '*.json' --include '*.safetensors' --local-dir "$staging/folder" -- "$source" \
+          >/dev/null || failed "$name" "$dest"
         rm -rf -- "$staging/folder/.cache"
         fetched="$staging/folder"
       fi ;;
     url)
       [ -L "$target.part" ] && status=2 die "$target.part is a symbolic link; refusing to write through it"
-      curl -fL --retry 3 -C - --progress-bar -o "$target.part" "$source"
+      curl -fL --proto =https --proto-redir =https --retry 3 -C - --progress-bar -o "$target.part" -- "$source" ||
+        failed "$name" "$dest" "$target.part"
       fetched="$target.part" ;;
     *) status=2 die "unknown kind '$kind' in $manifest" ;;
   esac
 }
+
+failed() {  # failed NAME DEST [PART]: the download tool has said why; say which entry it was
+  local resume=""
+  [ -z "${3:-}" ] || [ ! -e "$3" ] || resume="; rerun to resume from $3"
+  die "$1: downloading $2 failed$resume"
+}
+
+# Every row is checked before anything is fetched.
+while IFS=$'\t' read -r name kind source file dest sha size; do
+  case "$name" in ''|'#'*) continue ;; esac
+  check_row "$name" "$kind" "$source" "$file" "$dest" "$sha" "${size:--}"
+done < "$manifest"
 
 count=0
 while IFS=$'\t' read -r name kind source file dest sha size; do
@@ -114,8 +163,6 @@ while IFS=$'\t' read -r name kind source file dest sha size; do
   wanted "$name" "$file" || continue
   count=$((count + 1))
   size="${size:--}"
-  check_relative "$name" dest "$dest"
-  [ "$kind" = url ] || check_relative "$name" file "$file"
   target="$dest_root/$dest"
   inner=""
   [ "$kind" = "hf-folder" ] && inner="/$file"
@@ -143,7 +190,7 @@ while IFS=$'\t' read -r name kind source file dest sha size; do
     continue
   fi
   echo "↓ $name: $where -> $dest"
-  fetch "$kind" "$source" "$file" "$target"
+  fetch "$name" "$kind" "$source" "$file" "$dest" "$target"
   got="$(sha256_of "$fetched$inner")"
   if [ "$sha" != "-" ] && [ "$got" != "$sha" ]; then
     rm -rf -- "$fetched"  # this run's download, never the destination

@@ -13,6 +13,7 @@ import shutil
 
 from neon.checkpoint import atomic_open
 from neon.errors import NeonError
+from neon.pipeline_folder import MARKER
 
 CARD = "MODEL_CARD.md"      # written by neon.model_card beside θneon
 README = "README.md"        # the file a Hub repo shows as its model card
@@ -70,6 +71,7 @@ def push_run(out: str, repo_id: str, api=None) -> str:
     try:
         api.create_repo(repo_id=repo_id, repo_type="model", exist_ok=True)
         api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model",
+                          ignore_patterns=[MARKER],   # the list of what Neon wrote there: local bookkeeping
                           commit_message=f"θneon from neon run ({os.path.basename(os.path.abspath(out))})")
     except Exception as e:  # no login, no write access, network: the run itself is done and kept
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -7,10 +7,13 @@
   the same folder recognises the leftovers of dead processes of this host by their name and removes them
   (`temp_path`, `remove_stale_temps`).
 - A job writing one output for a long time (`neon sample`) holds `<out>.lock` (`output_lock`).
+- An output never is, holds, or lies inside one of the job's inputs (`check_apart`), and a name planted in an
+  output folder as a symbolic link is never written through (`no_symlink`, `open_nofollow`).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import socket
@@ -60,6 +63,41 @@ def output_folder(path: str) -> str:
         raise NeonError(f"{path}: exists and is not a folder")
     _check_parent(path)
     return path
+
+
+def _within(path: str, folder: str) -> bool:
+    return path != folder and os.path.commonpath([path, folder]) == folder
+
+
+def check_apart(out: str, inputs) -> None:
+    """Refuse an output that is one of `inputs`, a folder holding one, or a path inside an input folder: writing
+    (or replacing) it would destroy what the job reads. Compared after resolving symbolic links and '..'."""
+    o = os.path.realpath(out)
+    for inp in inputs:
+        i = os.path.realpath(inp)
+        if o == i:
+            raise NeonError(f"{out}: is the input {inp}; choose another output")
+        if _within(i, o):
+            raise NeonError(f"{out}: holds the input {inp}; choose an output that does not contain the inputs")
+        if _within(o, i):
+            raise NeonError(f"{out}: lies inside the input folder {inp}; choose an output outside it")
+
+
+def no_symlink(path: str) -> str:
+    """`path` unless it is a symbolic link: a name planted in an output folder must not redirect a write."""
+    if os.path.islink(path):
+        raise NeonError(f"{path}: is a symbolic link; refusing to write through it")
+    return path
+
+
+def open_nofollow(path: str, flags: int, mode: int = 0o666) -> int:
+    """os.open(path, flags) that refuses, in one line, to follow a symbolic link at `path` itself."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise NeonError(f"{path}: is a symbolic link; refusing to write through it") from None
+        raise
 
 
 @contextlib.contextmanager
@@ -156,7 +194,7 @@ def output_lock(path: str) -> Iterator[str]:
     live PID of this host, or any PID of another host (which cannot be checked from here), holds it."""
     lock = os.fspath(path) + ".lock"
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = open_nofollow(lock, os.O_RDWR | os.O_CREAT)   # a planted link would have its target truncated
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -9,6 +9,10 @@ opened.
 `PipelineFolder` gives the merge what a one-file `Checkpoint` gives it: the component's tensors as lazy
 references, `read(key)`, and `write(out, replace)`, which copies the whole folder and rewrites each shard tensor
 by tensor (same layout, same dtypes), so `DiffusionPipeline.from_pretrained` loads the result as the input.
+
+A copy takes regular files only: a symbolic link, device, FIFO or socket in the folder is refused before anything
+is written (except the links of a Hugging Face Hub cache snapshot into its own `blobs/`). Every folder written
+here lists its files in `.neon-output.json`, and only such a folder, holding nothing else, is ever replaced.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import dataclasses
 import json
 import os
 import shutil
+import stat
 
 import torch
 
@@ -27,6 +32,7 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 SHARD_INDEX = WEIGHTS + ".index.json"
 # Components that hold the denoising network, in the order the merge prefers them (the EMA network first).
 NET_COMPONENTS = ("unet_ema", "transformer_ema", "unet", "transformer")
+MARKER = ".neon-output.json"   # in every folder written here: the files written, so a rewrite knows what is ours
 
 
 def is_pipeline_folder(path: str) -> bool:
@@ -107,25 +113,125 @@ class PipelineFolder:
     def write(self, out: str, replace) -> None:
         """Copy the folder to `out` with each network tensor t replaced by replace(key, t); built beside `out`
         and moved in only when whole, so a killed job never leaves a half-written pipeline at `out`."""
-        write_folder(out, lambda tmp: self._fill(tmp, replace))
+        files = self._files_to_copy()   # every entry checked before anything is written
+        write_folder(out, lambda tmp: self._fill(tmp, files, replace))
 
-    def _fill(self, tmp: str, replace) -> None:
-        rewritten = {os.path.abspath(shard.path) for shard in self.shards}
+    def _files_to_copy(self) -> list[tuple[str, str]]:
+        """(path in the folder, file to read) of each file copied as it is; the shards are written, not copied."""
+        rewritten = {os.path.relpath(shard.path, self.path) for shard in self.shards}
+        blobs = _hub_blobs(self.path)
+        files = [(rel, _regular_source(entry, blobs)) for rel, entry in _walk(self.path, _not_copied)]
+        return [(rel, src) for rel, src in files if rel not in rewritten]
 
-        def skip(folder: str, names: list[str]) -> list[str]:   # the shards are written below, not copied
-            return [n for n in names if n in (".cache", "__pycache__") or paths.TEMP_TAG in n
-                    or os.path.abspath(os.path.join(folder, n)) in rewritten]
-        shutil.copytree(self.path, tmp, symlinks=False, ignore=skip)
+    def _fill(self, tmp: str, files: list[tuple[str, str]], replace) -> None:
+        os.makedirs(tmp)
+        for rel, src in files:
+            os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
+            _copy_regular(src, os.path.join(tmp, rel))
         for shard in self.shards:
-            shard._write_safetensors(os.path.join(tmp, os.path.relpath(shard.path, self.path)), replace)
+            dst = os.path.join(tmp, os.path.relpath(shard.path, self.path))
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shard._write_safetensors(dst, replace)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Copying regular files only.
+
+def _not_copied(name: str) -> bool:
+    """Caches, a killed writer's temporaries, and the source's own record of what Neon wrote."""
+    return name in (".cache", "__pycache__", MARKER) or paths.TEMP_TAG in name
+
+
+def _walk(folder: str, skip=lambda name: False):
+    """(path relative to `folder`, DirEntry) of every entry below it that is not a folder, `skip(name)` ones and
+    what they hold left out; links are not followed, so a link to a folder (or a loop of links) is one entry."""
+    pending = [""]
+    while pending:
+        rel = pending.pop()
+        with os.scandir(os.path.join(folder, rel)) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                if skip(entry.name):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(os.path.join(rel, entry.name))
+                else:
+                    yield os.path.join(rel, entry.name), entry
+
+
+def _hub_blobs(folder: str) -> str | None:
+    """The `blobs/` folder of a Hugging Face Hub cache snapshot (`<repo>/snapshots/<revision>/`), whose files
+    are links into it; None for any other folder."""
+    snapshots = os.path.dirname(os.path.realpath(folder))
+    blobs = os.path.join(os.path.dirname(snapshots), "blobs")
+    return blobs if os.path.basename(snapshots) == "snapshots" and os.path.isdir(blobs) else None
+
+
+def _kind(mode: int) -> str:
+    return ("a symbolic link" if stat.S_ISLNK(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+            "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else
+            "not a regular file")
+
+
+def _regular_source(entry: os.DirEntry, blobs: str | None) -> str:
+    """The file to copy for `entry`: itself if regular, its blob for a Hub snapshot's link; a link elsewhere
+    (it would copy, say, a private key into the output), a device (endless) or a FIFO (blocks) is refused."""
+    mode = entry.stat(follow_symlinks=False).st_mode
+    if stat.S_ISREG(mode):
+        return entry.path
+    if stat.S_ISLNK(mode) and blobs is not None:
+        target = os.path.realpath(entry.path)
+        if os.path.dirname(target) == blobs and os.path.isfile(target):
+            return target
+    raise NeonError(f"{entry.path}: is {_kind(mode)}; only regular files are copied")
+
+
+def _copy_regular(src: str, dst: str) -> None:
+    """Copy `src`, refusing it if it was swapped for a link or a special file since it was listed (O_NONBLOCK:
+    opening a FIFO does not wait for a writer)."""
+    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NeonError(f"{src}: is {_kind(os.fstat(fd).st_mode)}; only regular files are copied")
+        with open(dst, "xb") as out:
+            shutil.copyfileobj(f, out, 16 << 20)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing a folder, and replacing only what was written here.
+
+def check_replaceable(out: str) -> None:
+    """Refuse an existing `out` unless a previous write here made it and it holds nothing else: replacing an
+    output (`--force`) must never delete a folder, or a file in it, that the user made."""
+    if not os.path.lexists(out):
+        return
+    if os.path.islink(out):
+        raise NeonError(f"{out}: is a symbolic link; refusing to replace it or what it points to")
+    if not os.path.isdir(out):
+        raise NeonError(f"{out}: exists and is not a folder")
+    marker = os.path.join(out, MARKER)
+    if os.path.islink(marker) or not os.path.isfile(marker):
+        raise NeonError(f"{out}: exists and was not written by neon (no {MARKER}); move it away or choose "
+                        "another output")
+    listed = read_json(marker).get("files")
+    if not isinstance(listed, list):
+        raise NeonError(f"{marker}: no list of files")
+    for rel, _ in _walk(out, lambda name: name == MARKER):
+        if rel not in listed:
+            raise NeonError(f"{out}: holds {rel}, which neon did not write; move it away or choose another output")
+
+
+def _write_marker(folder: str) -> None:
+    files = sorted(rel for rel, _ in _walk(folder))
+    with open(os.path.join(folder, MARKER), "x") as f:
+        json.dump({"written_by": "neon", "files": files}, f, indent=1)
 
 
 def write_folder(out: str, fill) -> None:
-    """fill(tmp) builds a folder at a temporary path beside `out`; it then replaces `out` (an existing `out`
-    is moved aside first and removed once the new one is in place). On error the temporary folder is removed."""
+    """fill(tmp) builds a folder at a temporary path beside `out`; it then replaces `out` (an existing `out`,
+    which `check_replaceable` allows, is moved aside first and removed once the new one is in place). On error
+    the temporary folder is removed."""
     out = os.path.abspath(os.fspath(out))
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise NeonError(f"{out}: exists and is not a folder")
+    check_replaceable(out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp, old = paths.temp_path(out), paths.temp_path(out) + "-old"
     remove_stale_folders(os.path.dirname(out))
@@ -133,7 +239,8 @@ def write_folder(out: str, fill) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
     try:
         fill(tmp)
-        if os.path.exists(out):
+        _write_marker(tmp)
+        if os.path.lexists(out):
             os.replace(out, old)
         os.replace(tmp, out)
     except BaseException:

@@ -2,21 +2,24 @@
 whole folder of configs and safetensors, without the pickled .bin copies beside them (a fake `hf`, offline)."""
 import hashlib
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "download_models.sh"
 
-# hf download REPO [FILE...] [--include GLOB]... --local-dir DIR: copies from $FAKE_HF_SRC/REPO the named files,
+# hf download [--include GLOB]... --local-dir DIR -- REPO [FILE...]: copies from $FAKE_HF_SRC/REPO the named files,
 # or, with --include, every file whose path matches one of the globs (as huggingface_hub's fnmatch: * spans /).
 FAKE_HF = """#!/usr/bin/env bash
 set -e
-shift; repo="$1"; shift; files=(); globs=()
+shift; files=(); globs=()
 while [ $# -gt 0 ]; do case "$1" in
   --local-dir) dir="$2"; shift 2 ;;
   --include) globs+=("$2"); shift 2 ;;
-  *) files+=("$1"); shift ;; esac; done
+  --) shift; break ;;
+  *) echo "fake hf: $1 before --" >&2; exit 2 ;; esac; done
+repo="$1"; shift; files+=("$@")
 src="$FAKE_HF_SRC/$repo"
 if [ ${#globs[@]} -gt 0 ]; then
   while IFS= read -r f; do
@@ -46,7 +49,9 @@ def test_a_pipeline_entry_fetches_every_config_and_safetensors_file_and_no_pickl
     env = dict(os.environ, NEON_DOWNLOAD_MANIFEST=str(manifest), NEON_DOWNLOAD_ROOT=str(tmp_path / "root"),
                FAKE_HF_SRC=str(tmp_path / "src"), PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     (tmp_path / "root").mkdir()
-    out = subprocess.run(["bash", str(SCRIPT), "--only", "pipe"], capture_output=True, text=True, env=env)
+    (tmp_path / "project").mkdir()   # a copy of the script in a folder without .venv: the fake hf on PATH runs
+    script = shutil.copy(SCRIPT, tmp_path / "project")
+    out = subprocess.run(["bash", str(script), "--only", "pipe"], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     folder = tmp_path / "root" / "checkpoints" / "diffusers" / "pipe"
     got = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())

@@ -236,4 +236,5 @@ def test_push_copies_the_card_into_the_folder_it_uploads(tmp_path):
     assert push_run(str(out), "someone/x", api) == str(out / "neon")
     assert [name for name, _ in api.calls] == ["create_repo", "upload_folder"]
     assert api.calls[1][1]["folder_path"] == str(out / "neon") and api.calls[1][1]["repo_id"] == "someone/x"
+    assert api.calls[1][1]["ignore_patterns"] == [".neon-output.json"]   # Neon's own list of what it wrote
     assert (out / "neon" / "README.md").read_text() == "# a card\n"

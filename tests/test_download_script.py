@@ -1,6 +1,7 @@
 """download_models.sh: every release file listed with a destination and a hash entry; hashes verified offline."""
 import hashlib
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -29,6 +30,40 @@ def _run(*args, manifest=None, root=None):
     return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env)
 
 
+# Fake download tools on PATH, offline. Each refuses to run unless every manifest value follows `--`.
+FAKE_CURL = """#!/usr/bin/env bash
+# curl ... -o OUT -- https://files.test/PATH: copies $FAKE_SRC/PATH to OUT, or fails as curl -f does
+set -e
+while [ $# -gt 0 ]; do case "$1" in -o) out="$2"; shift 2 ;; --) url="$2"; shift 2 ;; *) shift ;; esac; done
+[ -n "${url:-}" ] || { echo "fake curl: no URL after --" >&2; exit 2; }
+src="$FAKE_SRC/${url#https://files.test/}"
+[ -f "$src" ] || { echo "curl: (22) The requested URL returned error: 404" >&2; exit 22; }
+cp "$src" "$out"
+"""
+
+FAKE_HF = """#!/usr/bin/env bash
+# hf download [--include GLOB]... --local-dir DIR -- REPO FILE...: copies $FAKE_SRC/REPO/FILE into DIR
+set -e
+shift
+while [ $# -gt 0 ]; do case "$1" in
+  --local-dir) dir="$2"; shift 2 ;; --include) shift 2 ;; --) shift; break ;;
+  *) echo "fake hf: $1 before --" >&2; exit 2 ;; esac; done
+repo="$1"; shift
+for f in "$@"; do mkdir -p "$dir/$(dirname "$f")"; cp "$FAKE_SRC/$repo/$f" "$dir/$f"; done
+"""
+
+
+def _script_with_fake_tools(tmp_path: Path, src: Path) -> tuple[Path, dict]:
+    """(a copy of the script in a folder without .venv, the environment that puts fake curl and hf on PATH)."""
+    (tmp_path / "bin").mkdir()
+    for name, text in (("curl", FAKE_CURL), ("hf", FAKE_HF)):
+        (tmp_path / "bin" / name).write_text(text)
+        (tmp_path / "bin" / name).chmod(0o755)
+    (tmp_path / "project").mkdir()
+    script = Path(shutil.copy(SCRIPT, tmp_path / "project"))
+    return script, dict(os.environ, FAKE_SRC=str(src), PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+
+
 def test_dry_run_lists_every_file_with_destination_and_hash_entry():
     out = _run("--dry-run")
     assert out.returncode == 0, out.stderr
@@ -51,6 +86,7 @@ def test_only_selects_entries_and_unknown_names_fail():
 
 @pytest.fixture
 def local_source(tmp_path):
+    """(tmp_path, manifest, run): three https entries served by the fake curl from tmp_path/src."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.bin").write_bytes(b"first file")
@@ -59,77 +95,71 @@ def local_source(tmp_path):
     manifest = tmp_path / "manifest.tsv"
     manifest.write_text(
         "# local test manifest\n"
-        f"a\turl\tfile://{src}/a.bin\t-\tcheckpoints/a.bin\t-\n"
-        f"b\turl\tfile://{src}/b.bin\t-\tfid_stats/b.bin\t{good}\n"
-        f"bad\turl\tfile://{src}/b.bin\t-\tcheckpoints/bad.bin\t{'0' * 64}\n")
-    return tmp_path, manifest
+        "a\turl\thttps://files.test/a.bin\t-\tcheckpoints/a.bin\t-\n"
+        f"b\turl\thttps://files.test/b.bin\t-\tfid_stats/b.bin\t{good}\n"
+        f"bad\turl\thttps://files.test/b.bin\t-\tcheckpoints/bad.bin\t{'0' * 64}\n")
+    script, env = _script_with_fake_tools(tmp_path, src)
+    env.update(NEON_DOWNLOAD_MANIFEST=str(manifest), NEON_DOWNLOAD_ROOT=str(tmp_path / "dst"))
+
+    def run(*args):
+        return subprocess.run(["bash", str(script), *args], capture_output=True, text=True, env=env)
+    return tmp_path, manifest, run
 
 
 def test_unknown_hash_is_recorded_on_first_download_then_enforced(local_source):
-    root, manifest = local_source
-    out = _run("--only", "a", manifest=manifest, root=root / "dst")
+    root, manifest, run = local_source
+    out = run("--only", "a")
     assert out.returncode == 0, out.stderr
     digest = hashlib.sha256(b"first file").hexdigest()
     assert (root / "dst" / "checkpoints" / "a.bin").read_bytes() == b"first file"
-    assert f"a\turl\tfile://{root}/src/a.bin\t-\tcheckpoints/a.bin\t{digest}" in manifest.read_text()
+    assert f"a\turl\thttps://files.test/a.bin\t-\tcheckpoints/a.bin\t{digest}" in manifest.read_text()
     assert "trust on first use" in out.stdout
-    row = f"a\turl\tfile://{root}/src/a.bin\t-\tcheckpoints/a.bin\t{digest}\t{len(b'first file')}"
+    row = f"a\turl\thttps://files.test/a.bin\t-\tcheckpoints/a.bin\t{digest}\t{len(b'first file')}"
     assert row in manifest.read_text()
     (root / "dst" / "checkpoints" / "a.bin").write_bytes(b"tampered")  # a changed file is refused, kept as it is
-    out = _run("--only", "a", manifest=manifest, root=root / "dst")
+    out = run("--only", "a")
     assert out.returncode == 1 and "checkpoints/a.bin exists and does not match the manifest" in out.stderr
     assert (root / "dst" / "checkpoints" / "a.bin").read_bytes() == b"tampered"
     (root / "dst" / "checkpoints" / "a.bin").unlink()                  # moved away: fetched again, verified
     (root / "src" / "a.bin").write_bytes(b"tampered upstream")
-    out = _run("--only", "a", manifest=manifest, root=root / "dst")
+    out = run("--only", "a")
     assert out.returncode == 1 and "SHA-256 mismatch for checkpoints/a.bin" in out.stderr
     assert sorted(os.listdir(root / "dst" / "checkpoints")) == []      # the bad download is gone, nothing else
 
 
 def test_known_hash_verified_and_mismatch_deletes_the_file(local_source):
-    root, manifest = local_source
-    ok = _run("--only", "b", manifest=manifest, root=root / "dst")
+    root, manifest, run = local_source
+    ok = run("--only", "b")
     assert ok.returncode == 0 and "sha256 ok" in ok.stdout
     assert (root / "dst" / "fid_stats" / "b.bin").exists()
-    again = _run("--only", "b", manifest=manifest, root=root / "dst")
+    again = run("--only", "b")
     assert "✓ fid_stats/b.bin" in again.stdout  # already there and verified: not fetched again
-    bad = _run("--only", "bad", manifest=manifest, root=root / "dst")
+    bad = run("--only", "bad")
     assert bad.returncode == 1 and "SHA-256 mismatch for checkpoints/bad.bin" in bad.stderr
     assert not (root / "dst" / "checkpoints" / "bad.bin").exists()
 
 
 # ---- hostile manifests and existing files ---------------------------------------------------------------
 
-FAKE_HF = """#!/usr/bin/env bash
-# hf download REPO FILE... --local-dir DIR: copies $FAKE_HF_SRC/REPO/FILE into DIR
-set -e
-shift; repo="$1"; shift; files=()
-while [ $# -gt 0 ]; do case "$1" in --local-dir) dir="$2"; shift 2 ;; *) files+=("$1"); shift ;; esac; done
-for f in "${files[@]}"; do mkdir -p "$dir/$(dirname "$f")"; cp "$FAKE_HF_SRC/$repo/$f" "$dir/$f"; done
-"""
-
-
 @pytest.fixture
 def world(tmp_path):
-    """(run, tmp_path): a source tree for file:// URLs and a fake `hf` on PATH, a root to download into,
-    and files outside that root that no manifest may touch."""
+    """(run, tmp_path): a source tree for the fake curl (https://files.test/...) and the fake `hf`, a root to
+    download into, and files outside that root that no manifest may touch."""
     (tmp_path / "src" / "org" / "repo").mkdir(parents=True)
     (tmp_path / "src" / "payload.bin").write_bytes(b"payload")
     (tmp_path / "src" / "org" / "repo" / "model.bin").write_bytes(b"model")
     (tmp_path / "src" / "org" / "repo" / "config.json").write_text("{}")
-    (tmp_path / "bin").mkdir()
-    (tmp_path / "bin" / "hf").write_text(FAKE_HF)
-    (tmp_path / "bin" / "hf").chmod(0o755)
+    script, env = _script_with_fake_tools(tmp_path, tmp_path / "src")
     (tmp_path / "outside").mkdir()
     (tmp_path / "outside" / "keep.txt").write_text("keep")
     (tmp_path / "root").mkdir()
+    env.update(NEON_DOWNLOAD_MANIFEST=str(tmp_path / "manifest.tsv"), NEON_DOWNLOAD_ROOT=str(tmp_path / "root"))
 
-    def run(rows, *args):
-        manifest = tmp_path / "manifest.tsv"
-        manifest.write_text("".join("\t".join(r) + "\n" for r in rows))
-        env = dict(os.environ, NEON_DOWNLOAD_MANIFEST=str(manifest), NEON_DOWNLOAD_ROOT=str(tmp_path / "root"),
-                   FAKE_HF_SRC=str(tmp_path / "src"), PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
-        return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env)
+    def run(rows, *args, script=script, **env_over):  # rows=None: the manifest as it is
+        if rows is not None:
+            (tmp_path / "manifest.tsv").write_text("".join("\t".join(r) + "\n" for r in rows))
+        return subprocess.run(["bash", str(script), *args], capture_output=True, text=True,
+                              env={**env, **env_over})
     return run, tmp_path
 
 
@@ -141,7 +171,7 @@ def _tree(folder: Path) -> dict[str, bytes]:
 def test_manifest_paths_outside_the_root_are_refused_and_nothing_is_written(world):
     run, tmp = world
     (tmp / "root" / "link").symlink_to(tmp / "outside")
-    url = f"file://{tmp}/src/payload.bin"
+    url = "https://files.test/payload.bin"
     hostile = [("abs", "url", url, "-", str(tmp / "outside" / "x.bin"), "-"),
                ("up", "url", url, "-", "../outside/x.bin", "-"),
                ("inner-up", "url", url, "-", "checkpoints/../../outside/x.bin", "-"),
@@ -165,7 +195,7 @@ def test_an_existing_file_that_does_not_verify_is_never_overwritten_or_deleted(w
     target.write_bytes(b"user's own file")
     good = hashlib.sha256(b"model").hexdigest()
     for row in [("hf", "hf", "org/repo", "model.bin", "checkpoints/m.bin", good),
-                ("url", "url", f"file://{tmp}/src/org/repo/model.bin", "-", "checkpoints/m.bin", good)]:
+                ("url", "url", "https://files.test/org/repo/model.bin", "-", "checkpoints/m.bin", good)]:
         out = run([row])
         assert out.returncode == 1 and "exists and does not match the manifest" in out.stderr, out.stderr
         assert target.read_bytes() == b"user's own file"
@@ -177,7 +207,7 @@ def test_a_bad_download_is_deleted_but_nothing_that_was_there(world):
     (tmp / "root" / "checkpoints").mkdir()
     (tmp / "root" / "checkpoints" / "other.bin").write_bytes(b"other")
     for row in [("hf", "hf", "org/repo", "model.bin", "checkpoints/m.bin", "0" * 64),
-                ("url", "url", f"file://{tmp}/src/payload.bin", "-", "checkpoints/m.bin", "0" * 64),
+                ("url", "url", "https://files.test/payload.bin", "-", "checkpoints/m.bin", "0" * 64),
                 ("folder", "hf-folder", "org/repo", "model.bin", "checkpoints/vae", "0" * 64)]:
         out = run([row])
         assert out.returncode == 1 and "SHA-256 mismatch" in out.stderr, out.stderr
@@ -207,15 +237,96 @@ def test_hf_folder_never_replaces_an_existing_folder(world):
 def test_recording_a_hash_keeps_the_manifest_mode_and_dry_run_shows_sizes(world):
     run, tmp = world
     manifest = tmp / "manifest.tsv"
-    rows = [("p", "url", f"file://{tmp}/src/payload.bin", "-", "fid_stats/p.bin", "-")]
+    rows = [("p", "url", "https://files.test/payload.bin", "-", "fid_stats/p.bin", "-")]
     dry = run(rows, "--dry-run")
     assert dry.returncode == 0 and "size unknown" in dry.stdout
     os.chmod(manifest, 0o644)
-    env = dict(os.environ, NEON_DOWNLOAD_MANIFEST=str(manifest), NEON_DOWNLOAD_ROOT=str(tmp / "root"))
-    out = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env=env)
+    out = run(None)
     assert out.returncode == 0, out.stderr
     assert oct(manifest.stat().st_mode & 0o777) == "0o644"
     size = len((tmp / "src" / "payload.bin").read_bytes())
     assert manifest.read_text().rstrip("\n").endswith(f"\t{size}")
-    dry = subprocess.run(["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, env=env)
+    dry = run(None, "--dry-run")
     assert f"{size} B, present: {size} B" in dry.stdout
+
+
+# ---- manifest values that could pass for options, and the download tools ---------------------------------
+
+HOSTILE_SOURCES = [  # (name, kind, source, file): refused while the manifest is read, before any tool runs
+    ("curl-config", "url", "-K/dev/stdin", "-"),
+    ("curl-output", "url", "-o/tmp/x", "-"),
+    ("plain-http", "url", "http://files.test/payload.bin", "-"),
+    ("local-file", "url", "file:///etc/passwd", "-"),
+    ("space", "url", "https://files.test/payload.bin -o x", "-"),
+    ("control", "url", "https://files.test/pay\x1bload.bin", "-"),
+    ("hf-option", "hf", "--local-dir=/tmp", "model.bin"),
+    ("hf-up", "hf", "org/..", "model.bin"),
+    ("hf-three-parts", "hf", "org/repo/x", "model.bin"),
+    ("hf-file-option", "hf", "org/repo", "--local-dir=x"),
+    ("hf-folder-option", "hf-folder", "-K/x", "model.bin"),
+    ("bad-hash", "url", "https://files.test/payload.bin", "-"),
+]
+
+
+@pytest.mark.parametrize("name,kind,source,file", HOSTILE_SOURCES, ids=[r[0] for r in HOSTILE_SOURCES])
+def test_a_manifest_value_that_could_pass_for_an_option_is_refused_in_one_line(world, name, kind, source, file):
+    run, tmp = world
+    sha = "not-a-hash" if name == "bad-hash" else "-"
+    good = ("good", "url", "https://files.test/payload.bin", "-", "checkpoints/good.bin", "-")
+    before = _tree(tmp)
+    out = run([good, (name, kind, source, file, "checkpoints/x.bin", sha)], "--only", "good")
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert out.stderr.startswith(f"download_models.sh: {name}: ") and out.stderr.count("\n") == 1, out.stderr
+    after = _tree(tmp)
+    after.pop("manifest.tsv"), before.pop("manifest.tsv", None)
+    assert after == before          # not even the good entry, listed first, was fetched
+
+
+def test_a_curl_config_source_writes_nothing_anywhere_with_the_real_curl(world):
+    """`-K/dev/stdin` makes curl read its options from the rest of the manifest (the loop's stdin): two URLs,
+    the second saved outside the download root."""
+    run, tmp = world
+    url = f"file://{tmp}/src/payload.bin"
+    rows = [("evil", "url", "-K/dev/stdin", "-", "checkpoints/x.bin", "-"),
+            (f'url = "{url}"',), (f'url = "{url}"',), (f'output = "{tmp}/outside/pwned"',)]
+    before = _tree(tmp / "outside"), _tree(tmp / "root")
+    out = run(rows, PATH=os.environ["PATH"])   # the system's curl
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "evil: source '-K/dev/stdin' must be an https:// URL" in out.stderr
+    assert (_tree(tmp / "outside"), _tree(tmp / "root")) == before
+
+
+def test_the_projects_own_hf_is_used_before_one_on_path(world):
+    run, tmp = world
+    project = tmp / "with-venv"
+    (project / ".venv" / "bin").mkdir(parents=True)
+    script = Path(shutil.copy(SCRIPT, project))
+    (project / ".venv" / "bin" / "hf").write_text(FAKE_HF)
+    (project / ".venv" / "bin" / "hf").chmod(0o755)
+    (tmp / "bin" / "hf").write_text("#!/usr/bin/env bash\necho 'the hf on PATH ran' >&2; exit 3\n")
+    out = run([("m", "hf", "org/repo", "model.bin", "checkpoints/m.bin", "-")], script=script)
+    assert out.returncode == 0, out.stderr
+    assert (tmp / "root" / "checkpoints" / "m.bin").read_bytes() == b"model"
+
+
+def test_a_missing_hf_names_the_projects_pip_and_makes_nothing(world):
+    run, tmp = world
+    (tmp / "bin" / "hf").unlink()
+    path = os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep) if not os.path.exists(f"{d}/hf"))
+    before = _tree(tmp / "root")
+    out = run([("m", "hf", "org/repo", "model.bin", "checkpoints/m.bin", "-")], PATH=f"{tmp / 'bin'}:{path}")
+    assert out.returncode == 1
+    assert out.stderr.strip().endswith("the 'hf' command is missing: .venv/bin/pip install -U huggingface_hub")
+    assert _tree(tmp / "root") == before
+
+
+@pytest.mark.parametrize("kind,source,file", [("url", "https://files.test/missing.bin", "-"),
+                                              ("hf", "org/repo", "missing.bin")])
+def test_a_failed_download_names_its_manifest_entry(world, kind, source, file):
+    run, tmp = world
+    rows = [("p", "url", "https://files.test/payload.bin", "-", "checkpoints/p.bin", "-"),
+            ("gone", kind, source, file, "checkpoints/gone.bin", "-")]
+    out = run(rows)
+    assert out.returncode == 1
+    assert out.stderr.splitlines()[-1].startswith("download_models.sh: gone: downloading checkpoints/gone.bin failed")
+    assert sorted(os.listdir(tmp / "root" / "checkpoints")) == ["p.bin"]   # the entry before it is kept
