@@ -99,8 +99,9 @@ def load_snapshot(path: str, device: torch.device | str = "cpu",
                   trust_architecture: bool = False) -> tuple[torch.nn.Module, dict]:
     """(the 'ema' network in eval mode on `device`, info). info: format ('pickle', 'container' or
     'safetensors'), class_name, init_kwargs, and for pickles the recorded loss ('loss_class', 'loss_kwargs')
-    and augmentation ('augment_kwargs', None when the snapshot has no augment pipe). A pickle whose embedded
-    source is not an official release's is refused unless trust_architecture (see OFFICIAL_SOURCES)."""
+    and augmentation ('augment_kwargs', None when the snapshot has no augment pipe), and trust_architecture
+    (True) where it was given. A pickle whose embedded source is not an official release's is refused unless
+    trust_architecture (see OFFICIAL_SOURCES)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise NeonError(f"{path}: checkpoint not found")
@@ -118,8 +119,9 @@ def load_network(path: str, device: torch.device | str = "cpu", trust_architectu
 
 
 def _load_pickle(path: str, device, trust_architecture: bool = False) -> tuple[torch.nn.Module, dict]:
-    data = safe_pickle.load(path)
-    safe_pickle.check_sources(data, OFFICIAL_SOURCES, path, trust_architecture)
+    records: list[safe_pickle.Record] = []
+    data = safe_pickle.load(path, records=records)
+    safe_pickle.check_sources(records, OFFICIAL_SOURCES, path, trust_architecture)
     ema = data.get("ema") if isinstance(data, dict) else None
     if not isinstance(ema, safe_pickle.Record) or ema.kind != "persistent":
         raise NeonError(f"{path}: not an EDM snapshot (expected a dict with a persistent 'ema' network)")
@@ -127,6 +129,8 @@ def _load_pickle(path: str, device, trust_architecture: bool = False) -> tuple[t
     net = network_from_state(class_name, init_kwargs, safe_pickle.module_state_dict(ema), device)
     info = dict(format="pickle", class_name=class_name, init_kwargs=init_kwargs)
     info.update(_recorded_training(data))
+    if trust_architecture:   # `save_pickle` copies this file, whose source the caller accepted
+        info["trust_architecture"] = True
     return net, info
 
 
@@ -176,9 +180,10 @@ def state_dict_cpu(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in net.state_dict().items()}
 
 
-def save_pickle(net: torch.nn.Module, template: str, path: str) -> None:
-    """Write `net`'s weights into a copy of the official snapshot `template` (see the module docstring)."""
-    write_like(template, path, state_dict_cpu(net))
+def save_pickle(net: torch.nn.Module, template: str, path: str, trust_architecture: bool = False) -> None:
+    """Write `net`'s weights into a copy of the official snapshot `template` (see the module docstring);
+    trust_architecture: the template's embedded source was accepted on load (`load_snapshot`'s info says so)."""
+    write_like(template, path, state_dict_cpu(net), trust_architecture)
 
 
 def save_container(net: torch.nn.Module, path: str, class_name: str, init_kwargs: dict, **extra) -> None:

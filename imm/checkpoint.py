@@ -53,8 +53,9 @@ def read_checkpoint(path: str, trust_architecture: bool = False) -> tuple[dict, 
     fmt = neon_checkpoint.detect_format(path)
     if fmt == "pickle":
         # Lazy parse (storages located, not read), then one tensor at a time: a DiT-XL/2 file is 2.7 GB.
-        data = safe_pickle.load(path, lazy=True)
-        safe_pickle.check_sources(data, OFFICIAL_SOURCES, path, trust_architecture)
+        records: list[safe_pickle.Record] = []
+        data = safe_pickle.load(path, lazy=True, records=records)
+        safe_pickle.check_sources(records, OFFICIAL_SOURCES, path, trust_architecture)
         ema = data.get("ema") if isinstance(data, dict) else None
         if not isinstance(ema, safe_pickle.Record) or ema.name != "IMMPrecond":
             raise NeonError(f"{path}: not an IMM checkpoint (expected data['ema'] to be an IMMPrecond, "
@@ -101,12 +102,12 @@ def load_network(path: str, device: torch.device | str = "cpu", temb_type: str |
     return net.to(device).eval().requires_grad_(False)
 
 
-def save_network(net: IMMPrecond, path: str, template: str | None = None) -> None:
+def save_network(net: IMMPrecond, path: str, template: str | None = None, trust_architecture: bool = False) -> None:
     """Write `net` atomically: into a copy of `template` (an IMM pickle or our container) when given, else into
-    our own container."""
+    our own container. trust_architecture: the template's embedded source was accepted when it was loaded."""
     state_dict = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     if template is not None:
-        neon_checkpoint.write_like(template, path, state_dict)
+        neon_checkpoint.write_like(template, path, state_dict, trust_architecture)
         return
     kwargs = dict(net.init_kwargs)
     neon_checkpoint.atomic_save({"ema": state_dict, "init_kwargs": kwargs, "class_name": "IMMPrecond",

@@ -7,7 +7,7 @@ everything else the file holds, in the same container, so the official code load
   `state_dict` / `net`; read through torch's zip reader one storage at a time;
 - `.safetensors`: header + raw bytes, read with plain file reads;
 - EDM/IMM pickles (`torch_utils.persistence`): read by `neon.safe_pickle` without executing anything, tensors
-  located in the file.
+  located in the file; their embedded source must be a registered family's (`check_embedded_source`).
 
 `open_checkpoint(path)` gives a `Checkpoint`: the merged module's tensors as lazy references, `read(key)` to get
 one, and `write(out, replace)` to copy the whole file with each of those tensors replaced by `replace(key, t)`.
@@ -33,10 +33,33 @@ import torch
 
 from neon import paths, pipeline_folder, safe_pickle
 from neon.errors import NeonError
+from neon.registry import Registry
 from neon.safe_pickle import BlobRef, Record, TensorRef
 
 # Container keys that hold the network, in the order Neon prefers them (the EMA network first).
 MODULE_KEYS = ("ema", "model_ema", "model", "state_dict", "net", "module")
+
+# The official embedded source each family recognises (its table: normalised SHA-256 -> where it is from), found
+# through the `neon.sources` entry points as families are: the core reads any family's pickles (merge inputs,
+# guides, θs snapshots) without knowing which family wrote them, so it accepts the source of any of them.
+SOURCES = Registry("neon.sources", "table of official embedded sources")
+
+
+def known_sources() -> dict[str, str]:
+    """Every registered table of official embedded source, together (hash -> where it is from)."""
+    known: dict[str, str] = {}
+    for name in SOURCES.names():
+        known.update(SOURCES.get(name))
+    return known
+
+
+def check_embedded_source(records: list[Record], path: str, trust_architecture: bool = False) -> None:
+    """Refuse a pickle whose persistence records carry source no registered family recognises (see
+    `safe_pickle.check_sources`), unless trust_architecture. The official loader runs that source, from this
+    file and from any file Neon writes as a copy of it (a merge, a self-training snapshot)."""
+    if any(r.source is not None for r in records):   # the tables (their families' modules) only when needed
+        safe_pickle.check_sources(records, known_sources(), path, trust_architecture,
+                                  "the official loader would run it, from this file and from any copy Neon writes")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -63,8 +86,9 @@ def atomic_path(path: str) -> Iterator[str]:
     os.makedirs(folder, exist_ok=True)
     paths.remove_stale_temps(folder)
     tmp = paths.temp_path(path)
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
-    os.chmod(tmp, file_mode())  # made private first; the result is an ordinary, umask-respecting file
+    fd = paths.open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # its name is predictable
+    os.fchmod(fd, file_mode())  # made private first; the result is an ordinary, umask-respecting file
+    os.close(fd)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -276,12 +300,12 @@ class Checkpoint:
             del writer
 
 
-def _open_pth(path: str) -> Checkpoint:
+def _open_pth(path: str, trust_architecture: bool = False) -> Checkpoint:
     try:
         reader = torch._C.PyTorchFileReader(path)
     except RuntimeError:
         raise NeonError(f"{path}: not a torch.save zip file (legacy or corrupt checkpoint)") from None
-    obj = read_pth_object(path, reader)
+    obj = read_pth_object(path, reader, trust_architecture)
     module, sd = select_module(obj, path)
     tensors = {}
     for k, ref in sd.items():
@@ -291,9 +315,10 @@ def _open_pth(path: str) -> Checkpoint:
     return Checkpoint(path, "pth", module, None, tensors, reader)
 
 
-def read_pth_object(path: str, reader=None) -> Any:
+def read_pth_object(path: str, reader=None, trust_architecture: bool = False) -> Any:
     """The object a torch.save zip holds, tensors as `TensorRef`s (storage: BlobRef whose index is the record
-    key), read with the restricted unpickler; every storage is checked against the size of its record."""
+    key), read with the restricted unpickler; every storage is checked against the size of its record, and
+    embedded source as `check_embedded_source` does."""
     reader = reader or torch._C.PyTorchFileReader(path)
     try:
         data = reader.get_record("data.pkl")
@@ -305,7 +330,9 @@ def read_pth_object(path: str, reader=None) -> Any:
         blob = safe_pickle.storage_ref(pid)
         return blobs.setdefault(blob.index, blob)
 
-    obj = safe_pickle.unpickle(io.BytesIO(data), path, persistent_load=persistent_load)
+    persistent: list[Record] = []
+    obj = safe_pickle.unpickle(io.BytesIO(data), path, persistent_load=persistent_load, records=persistent)
+    check_embedded_source(persistent, path, trust_architecture)
     records = set(reader.get_all_records())
     for key, blob in blobs.items():
         if f"data/{key}" not in records:
@@ -318,11 +345,11 @@ def read_pth_object(path: str, reader=None) -> Any:
     return obj
 
 
-def read_pth(path: str) -> Any:
+def read_pth(path: str, trust_architecture: bool = False) -> Any:
     """A whole torch.save zip (e.g. an upstream training checkpoint with 'args': argparse.Namespace) read with
     the restricted unpickler: tensors are real CPU tensors, other objects plain data or inert `Record`s."""
     reader = torch._C.PyTorchFileReader(path)
-    obj = read_pth_object(path, reader)
+    obj = read_pth_object(path, reader, trust_architecture)
     storages: dict[str, torch.Tensor] = {}
 
     def tensor(ref: TensorRef) -> torch.Tensor:
@@ -399,9 +426,11 @@ def _check_ranges(path: str, tensors: dict[str, TensorRef], file_size: int) -> N
             previous_end, previous = end, key
 
 
-def _open_pickle(path: str) -> Checkpoint:
-    obj = safe_pickle.load(path, lazy=True)  # the unpickler's memo holds every storage's bytes until it returns
+def _open_pickle(path: str, trust_architecture: bool = False) -> Checkpoint:
+    records: list[Record] = []
+    obj = safe_pickle.load(path, lazy=True, records=records)  # its memo holds every storage's bytes until it returns
     release_memory()
+    check_embedded_source(records, path, trust_architecture)
     module, sd = select_module(obj, path)
     class_name = obj[module].name if module and isinstance(obj.get(module), Record) else None
     return Checkpoint(path, "pickle", module, class_name, dict(sd))
@@ -419,25 +448,31 @@ def detect_format(path: str) -> str:
     raise NeonError(f"{path}: unknown checkpoint format")
 
 
-def open_checkpoint(path: str) -> Checkpoint:
-    """Open a checkpoint lazily (no tensor is read); a diffusers pipeline folder opens as its network."""
+def open_checkpoint(path: str, trust_architecture: bool = False) -> Checkpoint:
+    """Open a checkpoint lazily (no tensor is read); a diffusers pipeline folder opens as its network. A pickle
+    carrying embedded source that no registered family recognises is refused unless trust_architecture
+    (`check_embedded_source`)."""
     path = os.fspath(path)
     if pipeline_folder.is_pipeline_folder(path):   # one safetensors reader for files and folders
         return pipeline_folder.open_pipeline_folder(path, _open_safetensors)
     fmt = detect_format(paths.input_file(path, "checkpoint"))
-    return {"pth": _open_pth, "safetensors": _open_safetensors, "pickle": _open_pickle}[fmt](path)
+    if fmt == "safetensors":
+        return _open_safetensors(path)
+    return {"pth": _open_pth, "pickle": _open_pickle}[fmt](path, trust_architecture)
 
 
-def load_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """The merged module's state dict (the EMA network where the container has one), read safely."""
-    return open_checkpoint(path).state_dict()
+def load_state_dict(path: str, trust_architecture: bool = False) -> dict[str, torch.Tensor]:
+    """The merged module's state dict (the EMA network where the container has one), read safely; see
+    `open_checkpoint` for trust_architecture."""
+    return open_checkpoint(path, trust_architecture).state_dict()
 
 
-def write_like(template: str, out: str, state_dict: dict[str, torch.Tensor]) -> None:
+def write_like(template: str, out: str, state_dict: dict[str, torch.Tensor], trust_architecture: bool = False) -> None:
     """Write `state_dict` in `template`'s container: a copy of the template with its network's tensors
     replaced (keys and shapes must match). This is how EDM/IMM pickles are saved: the official loader then
-    reads the result exactly as it reads the template."""
-    ckpt = open_checkpoint(template)
+    reads the result exactly as it reads the template, embedded source included (trust_architecture: accept
+    source no family recognises, as the template's loader was told to)."""
+    ckpt = open_checkpoint(template, trust_architecture)
     missing = [k for k in ckpt.tensors if k not in state_dict]
     extra = [k for k in state_dict if k not in ckpt.tensors]
     if missing or extra:

@@ -16,7 +16,7 @@ import torch
 from neon import paths
 from neon.checkpoint import open_checkpoint
 from neon.errors import NeonError
-from neon.pipeline_folder import is_pipeline_folder
+from neon.pipeline_folder import check_replaceable, is_pipeline_folder
 
 
 def check_w(w: float) -> float:
@@ -31,10 +31,14 @@ def merge_tensor(theta_r: torch.Tensor, theta_s: torch.Tensor, w: float) -> torc
 
     Where θs equals θr — frozen weights, fixed tables (RoPE, sin-cos positions), attention masks holding −inf —
     θr is kept exactly: the formula would round such entries, and turns −inf into (1+w)(−inf) + w·inf = NaN.
-    Integer and bool tensors (step counters, index buffers) are taken from θr unchanged."""
+    Integer and bool tensors (step counters, index buffers) are taken from θr unchanged.
+    θs may be on another device (read from a file while θr is on the GPU): the result is on θr's device."""
     if not theta_r.is_floating_point():
         return theta_r.clone()
     acc = torch.float64 if theta_r.dtype == torch.float64 else torch.float32
+    # Copied in its own dtype (half the bytes of a bf16 θs), without blocking the host when the copy goes to a
+    # GPU: the stream orders it before the arithmetic. A copy to the CPU must block, or it would be read unfinished.
+    theta_s = theta_s.to(theta_r.device, non_blocking=theta_r.device.type == "cuda")
     r, s = theta_r.to(acc), theta_s.to(acc)
     merged = (r * (1.0 + w) - s * w).to(theta_r.dtype)
     return torch.where(r == s, theta_r, merged)
@@ -60,7 +64,10 @@ def merge_state_dicts(theta_r: Mapping[str, torch.Tensor], theta_s: Mapping[str,
     """θneon = (1+w)·θr − w·θs, key by key (keys in θr's order)."""
     w = check_w(w)
     check_compatible(theta_r, theta_s)
-    return {k: merge_tensor(t, theta_s[k], w) for k, t in theta_r.items()}
+    theta_neon = {}
+    for k, t in theta_r.items():
+        theta_neon[k] = merge_tensor(t, theta_s[k], w)
+    return theta_neon
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -88,22 +95,30 @@ def output_paths(out: str, ws: list[float]) -> list[str]:
     return [f"{root}_w{w:g}{ext}" for w in ws]
 
 
-def merge_files(ref: str, synth: str, w: float | list[float], out: str, force: bool = False) -> list[str]:
+def check_output(path: str, inputs, force: bool, folder: bool) -> None:
+    """An output never is, holds or lies inside an input; an existing one is replaced only with `force`, and a
+    folder only where an earlier merge wrote it and it holds nothing else (`check_replaceable`)."""
+    paths.check_apart(path, inputs)
+    if os.path.lexists(path):
+        if not force:
+            raise NeonError(f"{path} exists (use --force to overwrite)")
+        if folder:
+            check_replaceable(path)
+
+
+def merge_files(ref: str, synth: str, w: float | list[float], out: str, force: bool = False,
+                trust_architecture: bool = False) -> list[str]:
     """θneon = (1+w)·θr − w·θs from checkpoint files, streamed tensor by tensor: the output is a copy of `ref`
     (same container, everything else it holds) whose merged network (the EMA one where there is one) is
-    replaced. Nothing is written unless every check passes."""
+    replaced. Nothing is written unless every check passes; a pickle carrying embedded source that no
+    registered family recognises is refused unless trust_architecture (the output would carry it)."""
     ws = [check_w(x) for x in (w if isinstance(w, (list, tuple)) else [w])]
     # A pipeline folder merges into a pipeline folder; every other container into a file.
     check = paths.output_folder if is_pipeline_folder(ref) else lambda p: paths.output_file(p, "checkpoint file")
     outs = [check(path) for path in output_paths(out, ws)]
-    if not force:
-        for path in outs:
-            if os.path.exists(path):
-                raise NeonError(f"{path} exists (use --force to overwrite)")
     for path in outs:
-        if os.path.abspath(path) in (os.path.abspath(ref), os.path.abspath(synth)):
-            raise NeonError(f"output {path} would overwrite an input")
-    ckpt_r, ckpt_s = open_checkpoint(ref), open_checkpoint(synth)
+        check_output(path, (ref, synth), force, folder=is_pipeline_folder(ref))
+    ckpt_r, ckpt_s = open_checkpoint(ref, trust_architecture), open_checkpoint(synth, trust_architecture)
     check_same_family(ckpt_r, ckpt_s)
     for wi, path in zip(ws, outs):
         ckpt_r.write(path, lambda key, t, wi=wi: merge_tensor(t, ckpt_s.read(key), wi))
@@ -115,12 +130,15 @@ def add_merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--synth", required=True, help="θs: the self-trained checkpoint")
     p.add_argument("--w", required=True, type=float, nargs="+", help="merge weight(s); one output per w")
     p.add_argument("--out", required=True, help="output file (several w: '{w}' in the name, or _w<w> is added)")
-    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite existing outputs (a folder only if an earlier merge wrote it)")
+    p.add_argument("--trust-architecture", action="store_true",
+                   help="EDM/IMM: merge pickles whose embedded source is no official release's (warned)")
 
 
 def merge_main(args) -> None:
     t0 = time.time()
-    outs = merge_files(args.ref, args.synth, args.w, args.out, args.force)
+    outs = merge_files(args.ref, args.synth, args.w, args.out, args.force, args.trust_architecture)
     for w, path in zip(args.w, outs):
         print(f"w={w:g}: {path}")
     print(f"merged in {time.time() - t0:.1f} s")

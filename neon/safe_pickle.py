@@ -11,6 +11,12 @@ Two ways to read storages:
   `torch.load(weights_only=True)`, and tensors are real tensors;
 - lazy: storages become `BlobRef`s (where their bytes lie in the file) and tensors `TensorRef`s, so a merge can
   stream a checkpoint tensor by tensor (see `neon/checkpoint.py`).
+
+Embedded source: a persistent record keeps the hash of its `module_src`, and the unpickler appends every record
+to a list as it builds it (`load(..., records=)`); `check_sources` checks that list. The official loader runs
+the source of each record it constructs, wherever the record ends up: a dict key, a set, a module's constructor
+arguments, an attribute of an OrderedDict, or nowhere (built, then popped). A walk of the loaded object would
+have to know every such place; the list, filled by the one constructor, cannot miss one.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ import re
 import struct
 import sys
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, BinaryIO
 
 import torch
@@ -69,13 +75,15 @@ def _stand_in(path: str) -> type:
     return type(path.rsplit(".", 1)[-1], (Record,), {"__new__": new, "__init__": lambda self, *a, **k: None})
 
 
-def _reconstruct_persistent_obj(meta: dict) -> Record:
+def _reconstruct_persistent_obj(records: list[Record], meta: dict) -> Record:
     # torch_utils.persistence: meta = {type, version, module_src, class_name, state}. module_src is never run;
-    # only its hash is kept, for `check_sources`.
+    # only its hash is kept, for `check_sources`. Every record is also appended to `records` as it is made: the
+    # official loader runs the source of each one the stream builds, wherever it then sits or if it is dropped.
     if not isinstance(meta, dict) or meta.get("type") != "class":
         raise Refused("unexpected torch_utils.persistence record")
     record = Record("persistent", str(meta.get("class_name")), (), meta.get("state"))
     record.source = source_sha256(meta.get("module_src"))
+    records.append(record)
     return record
 
 
@@ -96,43 +104,25 @@ def source_sha256(text: Any) -> str | None:
     return _normalised_sha256(text) if isinstance(text, str) else "?"
 
 
-def persistent_records(obj: Any, seen: set | None = None) -> Iterator[Record]:
-    """Every torch_utils.persistence record in a loaded object, depth first."""
-    seen = set() if seen is None else seen
-    if id(obj) in seen:
-        return
-    seen.add(id(obj))
-    if isinstance(obj, Record):
-        if obj.kind == "persistent":
-            yield obj
-        yield from persistent_records(obj.state, seen)
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from persistent_records(v, seen)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from persistent_records(v, seen)
-
-
-def check_sources(obj: Any, known: Mapping[str, str], path: str, trust: bool = False) -> None:
-    """Refuse a pickle whose classes carry source other than the `known` releases' (hash -> where it is from):
-    we rebuild each network from our own code, which matches the official source only. trust=True (the CLI's
-    --trust-architecture) rebuilds it anyway, with a warning."""
+def check_sources(records: Iterable[Record], known: Mapping[str, str], path: str, trust: bool = False,
+                  why: str = "a modified network would be rebuilt here from the official code") -> None:
+    """Refuse a pickle whose classes carry source other than the `known` releases' (hash -> where it is from).
+    records: every persistence record the unpickler built (`load(..., records=)`), so no place in the object
+    graph, nor a record the stream builds and drops, escapes the check. why: what unknown source would cause.
+    trust=True (the CLI's --trust-architecture) accepts it, with a warning."""
     unknown: dict[str, str] = {}
-    for record in persistent_records(obj):
-        digest = getattr(record, "source", None)
-        if digest is not None and digest not in known:
-            unknown.setdefault(record.name, digest)
+    for record in records:
+        if record.source is not None and record.source not in known:
+            unknown.setdefault(record.name, record.source)
     if not unknown:
         return
     names = ", ".join(unknown)
     digest = next(iter(unknown.values()))[:16]
     if not trust:
         raise NeonError(f"{path}: the embedded source of {names} (sha256 {digest}...) is not an official release's; "
-                        "a modified network would be rebuilt here from the official code. Pass --trust-architecture "
-                        "(load arg trust_architecture=true) to load it anyway")
-    print(f"warning: {path}: {names} carry unrecognised source (sha256 {digest}...); rebuilt from Neon's own "
-          "code as --trust-architecture asks, which may not be what that source computes", file=sys.stderr)
+                        f"{why}. Pass --trust-architecture (load arg trust_architecture=true) to load it anyway")
+    print(f"warning: {path}: {names} carry unrecognised source (sha256 {digest}...), accepted as "
+          f"--trust-architecture asks, though {why}", file=sys.stderr)
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *state):
@@ -232,7 +222,6 @@ def _rebuild_tensor_ref(storage, storage_offset, size, stride, requires_grad=Fal
 # The one allow-list: dotted name -> what it becomes. Callables that build data only (no I/O, no imports).
 def _allowed(storages: Callable) -> dict[str, Any]:
     return {
-        "torch_utils.persistence._reconstruct_persistent_obj": _reconstruct_persistent_obj,
         "collections.OrderedDict": collections.OrderedDict,
         "torch._utils._rebuild_parameter": _rebuild_parameter,
         "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
@@ -248,6 +237,7 @@ def _allowed(storages: Callable) -> dict[str, Any]:
 
 
 _NAMESPACE = _stand_in("argparse.Namespace")  # upstream training checkpoints' 'args': a plain record
+_PERSISTENT = "torch_utils.persistence._reconstruct_persistent_obj"
 
 
 class _BoundedFile:
@@ -287,12 +277,17 @@ class SafeUnpickler(pickle._Unpickler):
 
     def __init__(self, file: BinaryIO, lazy: bool = False, persistent_load: Callable | None = None,
                  extra: dict[str, Any] | None = None, prefixes: tuple[str, ...] = (),
-                 blobs: list[BlobRef] | None = None):
+                 blobs: list[BlobRef] | None = None, records: list[Record] | None = None):
         super().__init__(_BoundedFile(file))
         self.blobs: list[BlobRef] = [] if blobs is None else blobs
+        # Every torch_utils.persistence record built, here and in nested storage streams (for check_sources).
+        self.records: list[Record] = [] if records is None else records
         # Not a bound method: the pickle memo keeps every global it returns, and a reference back to the
         # unpickler would make a cycle that keeps the memo (every storage's bytes) alive until a gc pass.
-        self._allowed = {**_allowed(functools.partial(_load_from_bytes, self.blobs, lazy)), **(extra or {})}
+        # The persistence constructor goes in last: no `extra` name may replace the one that records.
+        storages = functools.partial(_load_from_bytes, self.blobs, self.records, lazy)
+        self._allowed = {**_allowed(storages), **(extra or {}),
+                         _PERSISTENT: functools.partial(_reconstruct_persistent_obj, self.records)}
         self._prefixes = _MODULE_PREFIXES + tuple(prefixes)
         if persistent_load is not None:
             self.persistent_load = persistent_load
@@ -326,19 +321,20 @@ class SafeUnpickler(pickle._Unpickler):
     del _op
 
 
-def _load_from_bytes(blobs: list[BlobRef], lazy: bool, b: bytes):
+def _load_from_bytes(blobs: list[BlobRef], records: list[Record], lazy: bool, b: bytes):
     """A storage pickled as a nested legacy torch.save stream: read it (eager), or note where it is (lazy)."""
     if not isinstance(b, bytes) or not b.startswith(LEGACY_MAGIC):
         raise Refused("storage is not a torch.save byte stream")
     if not lazy:
         return torch.load(io.BytesIO(b), weights_only=True)
-    dtype, numel = _legacy_storage_header(b)
+    dtype, numel = _legacy_storage_header(b, records)
     blobs.append(BlobRef(len(blobs), dtype, numel))
     return blobs[-1]
 
 
-def _legacy_storage_header(b: bytes) -> tuple[torch.dtype, int]:
-    """(dtype, numel) of the one storage in a legacy torch.save stream, reading only its small header."""
+def _legacy_storage_header(b: bytes, records: list[Record]) -> tuple[torch.dtype, int]:
+    """(dtype, numel) of the one storage in a legacy torch.save stream, reading only its small header. Records
+    its pickles build go to `records` (the official loader would run their source too)."""
     tags = []
 
     def persistent_load(pid):
@@ -347,9 +343,9 @@ def _legacy_storage_header(b: bytes) -> tuple[torch.dtype, int]:
 
     f = io.BytesIO(b)
     for _ in range(3):  # magic number, protocol version, sys_info
-        SafeUnpickler(f).load()
-    SafeUnpickler(f, persistent_load=persistent_load).load()
-    SafeUnpickler(f).load()  # the key list
+        SafeUnpickler(f, records=records).load()
+    SafeUnpickler(f, persistent_load=persistent_load, records=records).load()
+    SafeUnpickler(f, records=records).load()  # the key list
     if len(tags) != 1 or tags[0][0] != "storage":
         raise Refused("unexpected legacy storage stream")
     _, storage_type, _, _, numel, view = tags[0]
@@ -397,11 +393,12 @@ def unpickle(data: BinaryIO, where: str, **kwargs) -> Any:
         raise NeonError(f"{where}: not a readable pickle ({type(e).__name__}: {e})") from None
 
 
-def load(path: str, lazy: bool = False) -> Any:
-    """Unpickle `path` with the allow-list. lazy=True: tensors are `TensorRef`s into the file."""
+def load(path: str, lazy: bool = False, records: list[Record] | None = None) -> Any:
+    """Unpickle `path` with the allow-list. lazy=True: tensors are `TensorRef`s into the file. records: a list
+    that receives every torch_utils.persistence record built while reading (for `check_sources`)."""
     blobs: list[BlobRef] = []
     with open(path, "rb") as f:
-        obj = unpickle(f, path, lazy=lazy, blobs=blobs)
+        obj = unpickle(f, path, lazy=lazy, blobs=blobs, records=records)
     if lazy:
         locate_blobs(path, blobs)
     return obj
