@@ -23,6 +23,7 @@ import torch
 from hf_diffusers.loss import diffusion_loss, noise_scheduler
 from hf_diffusers.pipeline import HUB_ID, load_pipeline, pipeline_object, resolve
 from hf_diffusers.sampler import dit_loop, to_uint8, unet_loop
+from neon import containers
 from neon.checkpoint import open_checkpoint
 from neon.errors import NeonError
 from neon.family import Arg, Bundle, Family, TrainDefaults, arg_names
@@ -68,6 +69,7 @@ DIT_CLASSES = 1000   # DiTPipeline's null class is label 1000, so its label tabl
 
 class DiffusersFamily(Family):
     name = "diffusers"
+    CONTAINERS = (containers.PIPELINE_FOLDER,)   # what `load` reads
     SAMPLER_ARGS, LOSS_ARGS, LOAD_ARGS = SAMPLER_ARGS, LOSS_ARGS, LOAD_ARGS
     TINY_ARGS, BUILD_ARGS = TINY_ARGS, BUILD_ARGS
     loads_hub_ids = True   # `--ckpt google/ddpm-cifar10-32`: a Hub repo id, resolved by `load`

@@ -16,7 +16,7 @@ import sys
 import time
 
 from neon import startup
-from neon.errors import USER_ERROR, NeonError
+from neon.errors import INTERRUPTED, USER_ERROR, NeonError
 from neon.registry import Registry
 
 # command -> (module, help)
@@ -29,6 +29,7 @@ COMMANDS = {
     "run": ("neon.run", "all stages from a config: sample → finetune → sweep → final evaluation"),
     "fid": ("neon.metrics.cli", "FID / IS / precision-recall of an image set against reference statistics"),
     "stats": ("neon.metrics.cli", "reference statistics (mu, sigma) of an image set"),
+    "families": ("neon.describe", "each installed family's sampler, loss and load arguments, with their defaults"),
     "torchrun": ("neon.launch", "torchrun whose report of a refused job ends on the job's one-line error"),
 }
 PLUGINS = Registry("neon.commands", "command")
@@ -91,7 +92,29 @@ def run_as_script(main_fn) -> None:
         fail(f"error: {e}")
 
 
+def interrupted() -> None:
+    """Ctrl-C: one line instead of the traceback of wherever the job was, and the shell's status for SIGINT.
+    Every stage keeps what it finished (sample shards, training snapshots, sweep points), so the same command
+    goes on from there."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(tqdm and tqdm.tqdm, "_instances", ())):  # end the progress bar's line first
+        bar.close()
+    sys.stdout.flush()
+    from neon.launch import LAUNCHER_PRINTS
+    worker = "RANK" in os.environ   # under `neon torchrun` the launcher says it, else rank 0
+    if not worker or (os.environ["RANK"] == "0" and not os.environ.get(LAUNCHER_PRINTS)):
+        print("interrupted; rerun the same command to resume", file=sys.stderr, flush=True)
+    sys.exit(INTERRUPTED)
+
+
 def main(argv: list[str] | None = None) -> None:
+    try:
+        _main(argv)
+    except KeyboardInterrupt:
+        interrupted()
+
+
+def _main(argv: list[str] | None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     startup.skip_collection_at_exit()
     if argv[:1] == ["torchrun"]:  # its arguments are torchrun's: not parsed here

@@ -8,6 +8,7 @@ entry-point group (pyproject.toml) or registered at run time with `register()`.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -105,6 +106,12 @@ class Family:
     LOAD_ARGS: tuple[Arg, ...] = ()      # keywords of `load` (a config's `load_args`: VAE paths, ...)
     TINY_ARGS: tuple[Arg, ...] = ()      # keywords of `tiny` besides LOAD_ARGS (a smoke run's `load_args`)
     BUILD_ARGS: tuple[Arg, ...] = ()     # keywords of `build` (network sizes)
+    # The kinds of file `load` reads (neon.containers: PICKLE, TORCH_ZIP, ...): the core refuses a checkpoint of
+    # another kind before `load` opens it, naming what the file is. Empty: any file goes to `load`.
+    CONTAINERS: tuple[str, ...] = ()
+    # CUDA's TF32 and cuDNN settings (neon.fastpaths.Backends) for "sample" and "train", as the official code
+    # sets them for each; a stage with none leaves PyTorch's settings as they are.
+    BACKENDS: dict[str, Any] = {}
     # The family's released checkpoint files (as download_models.sh names them) -> `tiny` arguments of a network
     # of the same kind: tests write these stand-ins (and `save_helpers`) to run the README's commands offline.
     RELEASES: dict[str, dict[str, Any]] = {}
@@ -193,6 +200,28 @@ def register(name: str, factory: Callable[[], Family]) -> None:
 
 def available() -> list[str]:
     return FAMILIES.names()
+
+
+# Families this module provides are for tests and smoke runs of the core: not listed to users.
+TEST_MODULE = "neon.testing"
+
+
+def public() -> list[str]:
+    """The installed families a user chooses from (`--family` help): all but the core's test families."""
+    return sorted(ep.name for ep in importlib.metadata.entry_points(group=FAMILIES.group)
+                  if ep.value.partition(":")[0] != TEST_MODULE)
+
+
+def readers(kind: str) -> list[str]:
+    """The public families whose `load` reads files of `kind` (imports every family: for error messages)."""
+    found = []
+    for name in public():
+        try:
+            if kind in getattr(FAMILIES.get(name), "CONTAINERS", ()):
+                found.append(name)
+        except Exception:   # a family whose package cannot be imported here reads nothing here
+            continue
+    return found
 
 
 def get_family(name: str) -> Family:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from neon.errors import USER_ERROR
@@ -17,6 +18,22 @@ from neon.startup import import_attribute
 
 # Set by this launcher for its workers: they leave the printing of their error line to it.
 LAUNCHER_PRINTS = "NEON_LAUNCHER_PRINTS_ERRORS"
+
+
+# `neon torchrun --help`: what this launcher adds, printed before torchrun's own help.
+PREFACE = """\
+neon torchrun: torchrun, with the arguments below, plus one thing. When the job refuses its input with a
+one-line error (a wrong path, a bad config value), that line is the last one printed and the exit status is
+2, instead of torchrun's 30-line ChildFailedError report; any other failure is reported by torchrun as usual.
+Example: neon torchrun --standalone --nproc-per-node=8 -m neon run configs/edm_cifar10_cond.yaml"""
+
+
+def parser() -> argparse.ArgumentParser:
+    """torchrun's own parser, named `neon torchrun`, whose help begins with PREFACE."""
+    p = import_attribute("torch.distributed.run").get_args_parser()
+    p.prog = "neon torchrun"
+    p.format_help = lambda: f"{PREFACE}\n\n{argparse.ArgumentParser.format_help(p)}"
+    return p
 
 
 def add_torchrun_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,9 +48,14 @@ def torchrun_main(args) -> None:
 def launch(argv: list[str]) -> None:
     torchrun = import_attribute("torch.distributed.run")
     ChildFailedError = import_attribute("torch.distributed.elastic.multiprocessing.errors", "ChildFailedError")
+    SignalException = import_attribute("torch.distributed.elastic.multiprocessing.api", "SignalException")
     os.environ[LAUNCHER_PRINTS] = "1"
     try:
-        torchrun.run(torchrun.parse_args(argv))
+        torchrun.run(parser().parse_args(argv))
+    except SignalException as e:   # the agent's form of Ctrl-C: reported as the workers' (neon.cli.interrupted)
+        if e.sigval != signal.SIGINT:
+            raise
+        raise KeyboardInterrupt from None
     except ChildFailedError as e:
         _, root = e.get_first_failure()
         line = root.error_file_data.get("neon_error") if isinstance(root.error_file_data, dict) else None

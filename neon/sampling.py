@@ -17,7 +17,6 @@ import contextlib
 import glob
 import inspect
 import os
-import shutil
 import time
 from collections.abc import Sequence
 
@@ -26,11 +25,11 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from neon import dist, fastpaths, paths
+from neon import containers, dist, fastpaths, gpu_options, paths
 from neon.checkpoint import load_state_dict
 from neon.config import check_args
 from neon.errors import NeonError
-from neon.family import Bundle, Family, get_family
+from neon.family import Bundle, Family, get_family, public, readers
 from neon.guidance import active_guide, with_guide
 from neon.images import NpzImages, export_png, read_npy, save_images_npz, write_npz
 from neon.pipeline_folder import is_pipeline_folder
@@ -145,17 +144,24 @@ def draw_batch(family: Family, bundle: Bundle, seeds: Sequence[int], labels: tor
     """One batch -> uint8 (B, H, W, C). batch_invariant: compute every image as if it were drawn alone, so it
     does not depend on the batch size either: with the family's own batch-invariant arithmetic where its
     `sample` takes a `batch_invariant` argument, else one `sample` call per seed."""
-    if not batch_invariant:
-        images = family.sample(bundle, seeds, labels, **sampler_args)
-    elif "batch_invariant" in inspect.signature(family.sample).parameters:
-        images = family.sample(bundle, seeds, labels, batch_invariant=True, **sampler_args)
-    else:
-        images = torch.cat([family.sample(bundle, [s], None if labels is None else labels[i:i + 1], **sampler_args)
-                            for i, s in enumerate(seeds)])
+    sampler_args = gpu_options.on_cpu(_device(bundle), sampler_args)   # GPU options named, autocast left out
+    with fastpaths.backends(family.BACKENDS.get("sample")):   # TF32 and cuDNN as the official sampler sets them
+        if not batch_invariant:
+            images = family.sample(bundle, seeds, labels, **sampler_args)
+        elif "batch_invariant" in inspect.signature(family.sample).parameters:
+            images = family.sample(bundle, seeds, labels, batch_invariant=True, **sampler_args)
+        else:
+            images = torch.cat([family.sample(bundle, [s], None if labels is None else labels[i:i + 1],
+                                              **sampler_args) for i, s in enumerate(seeds)])
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[0] != len(seeds):
         raise NeonError(f"{family.name}.sample returned {images.dtype} {tuple(images.shape)}, "
                         f"expected uint8 ({len(seeds)}, H, W, C)")
     return images
+
+
+def _device(bundle: Bundle) -> torch.device:
+    p = next(bundle.net.parameters(), None)
+    return torch.device("cpu") if p is None else p.device
 
 
 def generate(family: Family, bundle: Bundle, seeds: Sequence[int], labels: np.ndarray | None, batch: int,
@@ -195,6 +201,17 @@ def _done_batches(shard_dir: str, seeds: Sequence[int], batches: Sequence[range]
     return done
 
 
+def _remove_shards(shard_dir: str, num_batches: int) -> None:
+    """Delete the shards, by the names this sampler gives them, then the folder if that empties it: a file
+    someone else put there is kept, and so is the folder holding it."""
+    for k in range(num_batches):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(_shard_path(shard_dir, k))
+    paths.remove_stale_temps(shard_dir)   # killed ranks' half-written shards
+    with contextlib.suppress(OSError):
+        os.rmdir(shard_dir)
+
+
 def _join(shard_dir: str, num_batches: int, labels: np.ndarray | None, seeds: Sequence[int], out: str) -> None:
     """Concatenate the shards of batches 0..num_batches-1 into `out`, one shard in memory at a time."""
     first = NpzImages(_shard_path(shard_dir, 0))
@@ -225,7 +242,7 @@ def sample_to_npz(family: Family, bundle: Bundle, seeds: Sequence[int], labels: 
         raise FileExistsError(f"{out} exists")
     if png:
         paths.output_folder(png)
-    with paths.made_folder(out + ".shards") as shard_dir, _exclusive(out):
+    with paths.made_folder(paths.no_symlink(out + ".shards")) as shard_dir, _exclusive(out):
         _sample_shards(family, bundle, seeds, labels, out, shard_dir, batch, sampler_args, batch_invariant)
     if dist.is_main() and png:
         export_png(NpzImages(out), png)
@@ -273,7 +290,7 @@ def _sample_shards(family, bundle, seeds, labels, out, shard_dir, batch, sampler
     dist.barrier()
     if dist.is_main():
         _join(shard_dir, len(batches), labels, seeds, out)
-        shutil.rmtree(shard_dir)
+        _remove_shards(shard_dir, len(batches))
     dist.barrier()
 
 
@@ -292,13 +309,15 @@ def parse_kv(items: Sequence[str] | None) -> dict:
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--family", required=True, help="model family: edm, var, xar, imm, tinypix, ...")
+    p.add_argument("--family", required=True,
+                   help=f"model family: {', '.join(public())} (their arguments: neon families)")
     p.add_argument("--ckpt", help="checkpoint of θr")
     p.add_argument("--tiny", action="store_true", help="use the family's tiny random network (tests)")
     p.add_argument("--load-arg", action="append", metavar="KEY=VALUE",
                    help="passed to the family's loader, e.g. vae_path=checkpoints/kl16.ckpt")
     p.add_argument("--trust-architecture", action="store_true",
-                   help="EDM/IMM: load a pickle whose embedded source is not an official release's (warned)")
+                   help="EDM/IMM: read pickles (θr, --guide, --synth) whose embedded source is no official "
+                        "release's (warned)")
 
 
 def model_load_args(args) -> dict:
@@ -322,6 +341,7 @@ def load_model(args) -> tuple[Family, Bundle]:
     # family) is handed a name that is not a local path.
     by_name = getattr(family, "loads_hub_ids", False) and not os.path.exists(args.ckpt)
     ckpt = args.ckpt if by_name or is_pipeline_folder(args.ckpt) else paths.input_file(args.ckpt, "checkpoint")
+    containers.check_reads(ckpt, family, readers)   # a file of another family or kind: said before `load`
     return family, family.load(ckpt, device, **load_args)
 
 
@@ -343,7 +363,8 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
                         "bit-compatible with float32)")
     p.add_argument("--batch-invariant", action="store_true",
                    help="compute every image as if drawn alone: images independent of --batch too (slower)")
-    p.add_argument("--arg", action="append", metavar="KEY=VALUE", help="sampler argument, e.g. num_steps=18")
+    p.add_argument("--arg", action="append", metavar="KEY=VALUE",
+                   help="sampler argument, e.g. num_steps=18 (each family's, with defaults: neon families NAME)")
     p.add_argument("--guide", metavar="CKPT",
                    help="θs (a self-training snapshot of the same network) as a sampling-time guide: with "
                         "--arg guide_scale=ω every network output is (1+ω)·θr − ω·θs")
@@ -368,16 +389,18 @@ def _labels_from_args(args, family, bundle, seeds):
         raise NeonError(f"{mode}: {e}") from None
 
 
-def load_guide(bundle: Bundle, path: str) -> Bundle:
-    """`bundle` with θs read from `path` (any checkpoint container, or a pipeline folder) as its guide."""
+def load_guide(bundle: Bundle, path: str, trust_architecture: bool = False) -> Bundle:
+    """`bundle` with θs read from `path` (any checkpoint container, or a pipeline folder) as its guide;
+    trust_architecture: accept embedded source no family recognises (neon.checkpoint.open_checkpoint)."""
     where = path if is_pipeline_folder(path) else paths.input_file(path, "guide checkpoint")
-    return with_guide(bundle, load_state_dict(where), f"--guide {path}")
+    containers.check_reads(where)   # an image set or statistics file is no checkpoint
+    return with_guide(bundle, load_state_dict(where, trust_architecture), f"--guide {path}")
 
 
 def sample_main(args) -> None:
     family, bundle = load_model(args)
     if args.guide:
-        bundle = load_guide(bundle, args.guide)
+        bundle = load_guide(bundle, args.guide, args.trust_architecture)
     if args.seeds:
         seeds = parse_seeds(args.seeds)
     else:
@@ -387,6 +410,7 @@ def sample_main(args) -> None:
     sampler_args = parse_kv(args.arg)
     check_args(family.SAMPLER_ARGS, sampler_args, "--arg")
     active_guide(bundle, sampler_args.get("guide_scale", 0.0))   # refuse ω ≠ 0 without --guide before any file
+    gpu_options.on_cpu(_device(bundle), sampler_args, tf32=args.tf32)   # warned before the first batch
     with fastpaths.tf32(args.tf32):
         sample_to_npz(family, bundle, seeds, labels, args.out, args.batch, sampler_args, args.png,
                       batch_invariant=args.batch_invariant)

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from neon import containers
 from neon.checkpoint import atomic_save, open_checkpoint
 from neon.errors import NeonError
 from neon.family import Arg, Bundle, Family, TrainDefaults
@@ -76,6 +77,7 @@ SIGMAS = (4.0, 1.5, 0.5, 0.1)
 
 class TinyPixFamily(Family):
     name = "tinypix"
+    CONTAINERS = (containers.TORCH_ZIP, containers.SAFETENSORS)   # what `load` reads
     train_defaults = TrainDefaults(optimizer="adam", betas=(0.9, 0.999), weight_decay=0.0, grad_clip=1.0)
     SAMPLER_ARGS = (Arg("num_steps", int, 4, f"Euler steps, at most {len(SIGMAS)} (the first noise levels)"),)
     TINY_ARGS = (Arg("num_classes", int, 0, "0 = unconditional, else class-conditional"),)

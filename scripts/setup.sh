@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up this checkout on a fresh Debian/Ubuntu machine, as root or as a normal user:
-#   1. optional: Debian's Fashion-MNIST package (only the laptop study reads it) — skipped with a note when it
+#   1. optional: Debian's Fashion-MNIST package (only the laptop studies read it) — skipped with a note when it
 #      cannot be installed; sudo is used for it only when not root, and for nothing else;
 #   2. a virtual environment in .venv with the pinned torch and torchvision;
 #   3. this project installed editable with its test extras.
@@ -30,10 +30,11 @@ apt_install() {   # apt_install PACKAGE: from the package lists as they are, els
 fashion_mnist() {
   if installed dataset-fashion-mnist; then return 0; fi
   if ! command -v apt-get >/dev/null 2>&1; then
-    note "no apt-get: skipped the optional dataset-fashion-mnist (only configs/fashion_mnist_16.yaml needs it)"
+    note "no apt-get: skipped the optional dataset-fashion-mnist (only configs/fashion_mnist_16.yaml and" \
+         "configs/fashion_mnist_diffusers.yaml need it)"
   elif ! apt_install dataset-fashion-mnist; then
     note "could not install the optional dataset-fashion-mnist (not root and no usable sudo, or no package);" \
-         "everything but configs/fashion_mnist_16.yaml works without it"
+         "everything but configs/fashion_mnist_16.yaml and configs/fashion_mnist_diffusers.yaml works without it"
   fi
 }
 
