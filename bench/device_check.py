@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import statistics
@@ -23,7 +24,8 @@ import traceback
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(BENCH), BENCH]   # the repository's packages (no install needed) and bench_*.py
 
 from neon.family import Bundle  # noqa: E402
 
@@ -96,6 +98,7 @@ FAMILIES = {
     "imm": (imm_bundle, 64, ({"autocast": "fp16"}, TF32), True),
     "xar": (xar_bundle, 64, ({"autocast": "fp16"}, TF32), True),   # last: its compiled KV-cache shapes vary most
 }
+NEEDS = {"imm": "diffusers"}   # family -> a package its networks need (IMM's SD-VAE is diffusers' AutoencoderKL)
 
 
 @contextlib.contextmanager
@@ -138,7 +141,15 @@ def agreement(images: torch.Tensor, eager: torch.Tensor) -> dict:
                 eager_pixel_std=float(eager.float().std()))
 
 
-def check_family(name: str, device, quick: bool, repeats: int) -> list[dict]:
+def write_rows(path: str | None, rows: list[dict]) -> None:
+    """Every row so far, replaced whole after each row: a run stopped by its time limit keeps what it measured."""
+    if path:
+        with open(path + ".tmp", "w") as f:
+            json.dump(rows, f, indent=2)
+        os.replace(path + ".tmp", path)
+
+
+def check_family(name: str, device, quick: bool, repeats: int, done=lambda row: None) -> list[dict]:
     build, release_batch, (official_args, official_tf32), can_compile = FAMILIES[name]
     family, bundle, args, num_classes = build(device, quick)
     batch = 4 if quick else release_batch
@@ -161,6 +172,7 @@ def check_family(name: str, device, quick: bool, repeats: int) -> list[dict]:
                    **agreement(images, eager))
         row["speed_vs_eager"] = row["images_per_s"] / rows[0]["images_per_s"] if rows else 1.0
         rows.append(row)
+        done(row)
         print(f"{name:4s} {variant:19s} {row['images_per_s']:9.2f} img/s  {row['speed_vs_eager']:5.2f}x eager  "
               f"peak {peak:6.2f} GiB  |Δ| mean {row['mean_abs_uint8']:.3f} max {row['max_abs_uint8']:3d}  "
               f"changed {100 * row['changed_share']:5.1f}%  pixels {row['pixel_mean']:.1f}±{row['pixel_std']:.1f}",
@@ -181,21 +193,28 @@ def main() -> None:
     gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     print(f"device {device}{gpu}, torch {torch.__version__}, {'quick' if args.quick else 'release sizes'}, "
           f"median of {repeats}", flush=True)
-    rows, failed = [], []
+    rows, failed, skipped = [], [], []
+
+    def done(row: dict) -> None:
+        rows.append(row)
+        write_rows(args.json, rows)
     t0 = time.perf_counter()
+    write_rows(args.json, rows)
     for name in args.families:
+        if name in NEEDS and importlib.util.find_spec(NEEDS[name]) is None:
+            skipped.append(name)
+            print(f"{name}: skipped: needs {NEEDS[name]} (pip install {NEEDS[name]})", flush=True)
+            continue
         try:
-            rows += check_family(name, device, args.quick, repeats)
+            check_family(name, device, args.quick, repeats, done)
         except Exception as e:   # one family's failure must not hide the others' figures
             failed.append(name)
             print(f"{name}: FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
             traceback.print_exc(limit=3)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    print(f"done in {time.perf_counter() - t0:.0f} s; failed: {', '.join(failed) or 'none'}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    print(f"done in {time.perf_counter() - t0:.0f} s; failed: {', '.join(failed) or 'none'}; "
+          f"skipped: {', '.join(skipped) or 'none'}", flush=True)
     sys.exit(1 if failed else 0)
 
 

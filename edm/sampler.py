@@ -113,13 +113,15 @@ def edm_sampler(net: torch.nn.Module, latents: torch.Tensor, class_labels: torch
     t_steps = time_steps(net, num_steps, sigma_min, sigma_max, rho, device=latents.device)
     denoise = guided_denoiser(net, class_labels, guide, guide_scale, trace)
 
+    t_host = t_steps.tolist()   # the churn range is tested on these: one read from the GPU, not two per step
+
     x_next = latents.to(torch.float64) * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):  # 0, ..., N-1
         x_cur = x_next
 
         # Increase noise temporarily. The official code draws churn noise at every step; with S_churn = 0 it is
         # multiplied by 0, so skipping the draw changes nothing.
-        gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
+        gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_host[i] <= S_max else 0
         t_hat = net.round_sigma(t_cur + gamma * t_cur)
         if S_churn > 0:
             x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)

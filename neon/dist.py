@@ -19,13 +19,15 @@ def init(backend: str | None = None) -> torch.device:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
         use_cuda = torch.cuda.is_available() and backend != "gloo"
         if use_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device())
         dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"),
                                 timeout=datetime.timedelta(minutes=60))
     return device()
 
 
 def device() -> torch.device:
+    """This rank's device: GPU LOCAL_RANK modulo the GPUs the process sees (a launcher that shows each process only
+    its own GPU makes that cuda:0 for every rank), else the CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % max(torch.cuda.device_count(), 1))
     return torch.device("cpu")

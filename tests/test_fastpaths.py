@@ -7,6 +7,7 @@ import torch
 from edm.adapter import EDMFamily
 from imm.adapter import IMMFamily
 from neon import fastpaths
+from neon.errors import NeonError
 
 SEEDS = [3, 1, 4, 1000]
 LABELS = torch.tensor([1, 5, 9, 0])
@@ -62,6 +63,49 @@ def test_compiled_dit_gives_the_eager_images():
     assert (images.int() - eager.int()).abs().max() <= 1
     _same_network(before, bundle.net)
     assert "forward" not in bundle.net.model.__dict__
+
+
+@pytest.fixture
+def compile_calls(monkeypatch):
+    """torch.compile replaced by a recorder of its keyword arguments that returns the function as it is."""
+    calls = []
+
+    def record(fn, **kwargs):
+        calls.append(kwargs)
+        return fn
+    monkeypatch.setattr(torch, "compile", record)
+    return calls
+
+
+@pytest.mark.parametrize("setting, kwargs", [("reduce-overhead", {"mode": "reduce-overhead"}),
+                                             ("max-autotune", {"mode": "max-autotune"}),
+                                             (True, {}), ("true", {}), ("aot_eager", {"backend": "aot_eager"})])
+def test_a_compile_setting_reaches_torch_compile_as_a_mode_or_a_backend(compile_calls, setting, kwargs):
+    net = torch.nn.Linear(2, 2)
+    with fastpaths.compiled(net, setting):
+        net(torch.zeros(1, 2))
+    assert compile_calls == [kwargs]
+    assert "forward" not in net.__dict__
+
+
+@pytest.mark.parametrize("setting", [False, "false", "False", None, "none"])
+def test_a_compile_setting_of_false_does_not_compile(compile_calls, setting):
+    with fastpaths.compiled(torch.nn.Linear(2, 2), setting):
+        pass
+    assert compile_calls == []
+
+
+def test_the_samplers_compile_argument_is_passed_as_torch_compiles_mode(edm, compile_calls):
+    family, bundle, eager = edm
+    images = family.sample(bundle, SEEDS, LABELS, num_steps=3, compile="reduce-overhead")
+    assert compile_calls == [{"mode": "reduce-overhead"}]
+    assert torch.equal(images, eager)   # the recorder runs the eager forward
+
+
+def test_an_unknown_compile_setting_is_refused_naming_the_modes():
+    with pytest.raises(NeonError, match="reduce-overhead"):
+        with fastpaths.compiled(torch.nn.Linear(2, 2), "fast-please"):
+            pass
 
 
 def test_tf32_is_scoped_to_its_block():
