@@ -21,59 +21,24 @@ import os
 import shutil
 
 from neon import dist
+from neon import score as points
 from neon.checkpoint import atomic_open, load_state_dict
-from neon.config import OBJECTIVE_LABELS, RunConfig, metric_digits, objective_key
+from neon.config import OBJECTIVE_LABELS, RunConfig, format_metric, objective_key
 from neon.errors import NeonError
-from neon.family import Bundle, Family
-from neon.guidance import GUIDE_SCALE, with_guide
+from neon.guidance import with_guide
 from neon.merge import merge_state_dicts
-from neon.snapshot_sweep import final_result
+from neon.score import Point, Scorer
+from neon.snapshot_sweep import final_result, point_final
 from neon.sweep import Sweep
 
 FOLDER = "baselines"
 GUIDED = ("self_guidance", "neon_guidance")   # the baselines that sample with θs as a guide
 
 
-class RetuneSweep(Sweep):
-    """θr alone over the sweep's guidance grid: w is fixed at 0, so a point off w = 0 that the search asks for
-    (a refinement neighbour along w) is θr's point at that guidance scale."""
-
-    def evaluate(self, w: float, guidance: float | None, setting: dict | None = None) -> dict:
-        return super().evaluate(0.0, guidance, setting)
-
-    def save(self, plot: bool = False) -> None:
-        super().save(plot=False)   # FID vs w says nothing at one w: baselines_sweep.png draws the re-tune
-
-
-class GuideSweep(Sweep):
-    """The sweep with ω (guide_scale) in w's place: the sampled weights are fixed (θr, or θneon), the bundle's
-    guide is θs, and the point (ω, cfg, setting) samples with guide_scale = ω. Points record ω as 'w'."""
-
-    def __init__(self, family: Family, bundle: Bundle, weights: dict, theta_s: dict, cfg, metric, path: str):
-        super().__init__(family, bundle, weights, theta_s, cfg, metric, path)
-        self.omega = 0.0
-
-    def merged(self, w: float) -> dict:
-        return self.theta_r       # the sampled network is the same at every ω
-
-    def evaluate(self, w: float, guidance: float | None, setting: dict | None = None) -> dict:
-        self.omega = w
-        return super().evaluate(w, guidance, setting)
-
-    def sampler_args(self, guidance: float | None, setting: dict, base: dict | None = None) -> dict:
-        return {**super().sampler_args(guidance, setting, base), GUIDE_SCALE.name: self.omega}
-
-    def save(self, plot: bool = False) -> None:
-        super().save(plot=False)   # its axis would read "merge weight w": baselines_sweep.png draws ω
-
-
 @dataclasses.dataclass
 class _Context:
-    family: Family
-    bundle: Bundle
-    theta_r: dict
+    scorer: Scorer        # θr's network and the metric (neon/score.py)
     cfg: RunConfig
-    metric: object
     out: str
     offset: int
     swept: dict           # run.json's "sweep" stage
@@ -83,17 +48,16 @@ class _Context:
         return os.path.join(self.out, FOLDER, name)
 
     def theta_s(self) -> dict:
-        return load_state_dict(self.swept["theta_s"])
+        return load_state_dict(self.swept["theta_s"], bool(self.cfg.load_args.get("trust_architecture")))
 
 
-def run_baselines(family: Family, bundle: Bundle, theta_r: dict, cfg: RunConfig, metric, rec, out: str,
-                  offset: int) -> None:
+def run_baselines(scorer: Scorer, cfg: RunConfig, rec, out: str, offset: int) -> None:
     """Every baseline the config turns on, each skipped when its result file exists; recorded in `rec`
-    (run.json) under "baselines" as each finishes. bundle.net holds θr again on return."""
+    (run.json) under "baselines" as each finishes."""
     names = cfg.baselines.enabled()
     if not names:
         return
-    ctx = _Context(family, bundle, theta_r, cfg, metric, out, offset, rec.stage("sweep"), rec.stage("final"))
+    ctx = _Context(scorer, cfg, out, offset, rec.stage("sweep"), rec.stage("final"))
     os.makedirs(ctx.path(""), exist_ok=True)
     done = {}
     for name in names:
@@ -109,7 +73,6 @@ def run_baselines(family: Family, bundle: Bundle, theta_r: dict, cfg: RunConfig,
                 with atomic_open(path, "w") as f:
                     json.dump(done[name], f, indent=1)
             dist.barrier()
-        bundle.net.load_state_dict(theta_r)
         if rec.stage("baselines") != done:
             rec.record("baselines", dict(done))
     if dist.is_main():
@@ -125,21 +88,11 @@ def _sweep_config(ctx: _Context, w: list[float]):
     return dataclasses.replace(s, w=list(w), per_setting=[dataclasses.replace(g, w=None) for g in s.per_setting])
 
 
-def _final(ctx: _Context, sweep: Sweep, point: dict, desc: str) -> dict:
-    """The chosen point on the final seeds, with the final section's sampler and the point's guidance."""
-    if isinstance(sweep, GuideSweep):
-        sweep.omega = point["w"]
-    sweep.bundle.net.load_state_dict(sweep.merged(point["w"]))
-    args = sweep.sampler_args(point["cfg"], point.get("setting", {}), ctx.cfg.final.sampler)
-    return final_result(ctx.family, sweep.bundle, ctx.metric, ctx.cfg, ctx.offset, args, desc)   # with its guide
-
-
 def guidance_retune(ctx: _Context) -> dict:
-    sweep = RetuneSweep(ctx.family, ctx.bundle, ctx.theta_r, ctx.theta_r, _sweep_config(ctx, [0.0]), ctx.metric,
-                        ctx.path("guidance_retune-sweep.json"))
+    sweep = Sweep(ctx.scorer, points.base_only(ctx.cfg.sweep.cfg_key), _sweep_config(ctx, [0.0]),
+                  ctx.path("guidance_retune-sweep.json"), plot=False)   # baselines_sweep.png draws the re-tune
     point = sweep.run()
-    return {"point": _point(point), "final": {"w": 0.0, "cfg": point["cfg"], "setting": point.get("setting", {}),
-                                              **_final(ctx, sweep, point, "final guidance_retune")},
+    return {"point": _point(point), "final": point_final(sweep, ctx.cfg, point, ctx.offset, "final guidance_retune"),
             "sweep": sweep.path}
 
 
@@ -148,64 +101,61 @@ def continued_finetune(ctx: _Context) -> dict:
     continuing θs's own training (from its saved state) for as many images again."""
     from neon.selftrain import CACHE_FILE, STATE_FILE, encode_examples, finetune, last_log_entry
     ft, real = ctx.cfg.finetune, ctx.cfg.baselines.continued_finetune.real_data
-    folder = ctx.path("continued_finetune")
-    ctx.bundle.net.load_state_dict(ctx.theta_r)
+    folder, family, bundle = ctx.path("continued_finetune"), ctx.scorer.family, ctx.scorer.bundle
     if real is None:
         data, cache = os.path.join(ctx.out, "synthetic.npz"), os.path.join(ctx.out, "finetune", CACHE_FILE)
-        recipe = dataclasses.replace(ft, total_images=2 * ft.total_images, snapshot_every_images=None)
-        state = os.path.join(folder, STATE_FILE)
-        if not os.path.isfile(state):
-            source = os.path.join(ctx.out, "finetune", STATE_FILE)
-            if not os.path.isfile(source):
-                raise NeonError(f"baselines.continued_finetune: {source} not found (self-training's last state, "
-                                "which the continued training starts from)")
+        recipe = dataclasses.replace(ft, total_images=2 * ft.total_images, snapshot_every_images=None,
+                                     snapshot_ticks=None, tick_images=None)
+        state, source = os.path.join(folder, STATE_FILE), os.path.join(ctx.out, "finetune", STATE_FILE)
+        if not os.path.isfile(state) and not os.path.isfile(source):
+            raise NeonError(f"baselines.continued_finetune: {source} not found (self-training's last state, "
+                            "which the continued training starts from)")
+        # Rank 0 decides and copies (atomically: a rank never reads half a file), then every rank meets.
+        if dist.is_main() and not os.path.isfile(state):
             os.makedirs(folder, exist_ok=True)
-            if dist.is_main():
-                shutil.copyfile(source, state)
-            dist.barrier()
+            with open(source, "rb") as src, atomic_open(state) as dst:   # never through a link at `state`
+                shutil.copyfileobj(src, dst, 16 << 20)
+        dist.barrier()
     else:
         from neon.selftrain import check_finetune_data
-        check_finetune_data(ctx.family, ctx.bundle, real)
+        check_finetune_data(family, bundle, real)
         data, cache = real, os.path.join(folder, CACHE_FILE)
-        recipe = dataclasses.replace(ft, snapshot_every_images=None)
-    examples = encode_examples(ctx.family, ctx.bundle, data, cache, ctx.cfg.synthetic.batch, ft.cache_dtype)
-    snapshots = finetune(ctx.family, ctx.bundle, examples, recipe, folder, desc="continued fine-tuning")
-    ctx.bundle.net.load_state_dict(load_state_dict(snapshots[-1]))
+        recipe = dataclasses.replace(ft, snapshot_every_images=None, snapshot_ticks=None, tick_images=None)
+    examples = encode_examples(family, bundle, data, cache, ctx.cfg.synthetic.batch, ft.cache_dtype)
+    snapshots = finetune(family, bundle, examples, recipe, folder, desc="continued fine-tuning")   # on a copy
+    trust = bool(ctx.cfg.load_args.get("trust_architecture"))
     setting = ctx.swept["best"].get("setting", {})
     base = ctx.cfg.final.base_sampler if ctx.cfg.final.base_sampler is not None else ctx.cfg.final.sampler
     args = {**base, **setting}
-    result = final_result(ctx.family, ctx.bundle, ctx.metric, ctx.cfg, ctx.offset, args, "final continued_finetune")
     point = {"w": -1.0, "cfg": args.get(ctx.cfg.sweep.cfg_key), "setting": setting}
+    trained = Point(point, lambda: load_state_dict(snapshots[-1], trust), args)
+    result = final_result(ctx.scorer, trained, ctx.cfg, ctx.offset, "final continued_finetune")
     log = last_log_entry(folder)
     return {"point": point, "final": {**point, **result}, "checkpoint": snapshots[-1],
             "data": "real" if real else "synthetic", "train_images": recipe.total_images,
             "trained_images": log["images"] if log else None}
 
 
-def _guided(ctx: _Context, name: str, weights: dict) -> dict:
-    """`weights` sampled with θs as the guide, ω swept as w is (same grid of guidance scales, same search)."""
-    theta_s = ctx.theta_s()
-    guided = with_guide(ctx.bundle, theta_s, f"baselines.{name}: θs")
-    sweep = GuideSweep(ctx.family, guided, weights, theta_s, _sweep_config(ctx, getattr(ctx.cfg.baselines,
-                                                                                          name).omega),
-                       ctx.metric, ctx.path(f"{name}-sweep.json"))
+def _guided(ctx: _Context, name: str, weights: dict | None) -> dict:
+    """`weights` (None: θr) sampled with θs as the guide, ω swept as w is (same guidance grid, same search)."""
+    guided = ctx.scorer.with_bundle(with_guide(ctx.scorer.bundle, ctx.theta_s(), f"baselines.{name}: θs"))
+    sweep = Sweep(guided, points.guided(weights, ctx.cfg.sweep.cfg_key),
+                  _sweep_config(ctx, getattr(ctx.cfg.baselines, name).omega), ctx.path(f"{name}-sweep.json"),
+                  plot=False)   # its axis would read "merge weight w": baselines_sweep.png draws ω
     point = sweep.run()
-    final = _final(ctx, sweep, point, f"final {name}")
+    final = point_final(sweep, ctx.cfg, point, ctx.offset, f"final {name}")
     neon = ctx.final["neon"]
     cost = {"network_evaluations_vs_neon": 1.0 if point["w"] == 0 else 2.0,   # a guide doubles them; ω = 0 skips it
             "seconds": final["seconds"], "neon_seconds": neon.get("seconds")}
-    return {"point": {**_point(point), "omega": point["w"]},
-            "final": {"omega": point["w"], "w": point["w"], "cfg": point["cfg"],
-                      "setting": point.get("setting", {}), **final},
-            "cost": cost, "sweep": sweep.path}
+    return {"point": {**_point(point), "omega": point["w"]}, "final": final, "cost": cost, "sweep": sweep.path}
 
 
 def self_guidance(ctx: _Context) -> dict:
-    return _guided(ctx, "self_guidance", ctx.theta_r)
+    return _guided(ctx, "self_guidance", None)
 
 
 def neon_guidance(ctx: _Context) -> dict:
-    theta_neon = merge_state_dicts(ctx.theta_r, ctx.theta_s(), ctx.swept["best"]["w"])
+    theta_neon = merge_state_dicts(ctx.scorer.theta_r, ctx.theta_s(), ctx.swept["best"]["w"])
     out = _guided(ctx, "neon_guidance", theta_neon)
     return {**out, "neon_w": ctx.swept["best"]["w"]}
 
@@ -262,7 +212,7 @@ def summary_lines(doc: dict, cfg_key: str) -> list[str]:
         parts += [] if r.get("cfg") is None else [f"{cfg_key}={r['cfg']:g}"]
         cost = b.get("cost")
         extra = f" ({cost['network_evaluations_vs_neon']:g}× Neon's network evaluations)" if cost else ""
-        lines.append(f"{name}: {' '.join(parts)}  {OBJECTIVE_LABELS[key]} {r[key]:.{metric_digits(key)}f} "
+        lines.append(f"{name}: {' '.join(parts)}  {OBJECTIVE_LABELS[key]} {format_metric(key, r[key])} "
                      f"on {r['num_images']} images{extra}")
     return lines
 

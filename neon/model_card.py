@@ -15,7 +15,15 @@ PAPER = "Neon: Negative Extrapolation from Self-Training (arXiv 2510.03597)"
 
 
 def _number(value, digits: int = 4) -> str:
-    return "–" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+    if value is None:
+        return "–"
+    if not isinstance(value, float):
+        return str(value)
+    return "0" if round(value, digits) == 0 else f"{value:.{digits}f}"   # never '-0.0000'
+
+
+def _signed(value: float, digits: int) -> str:
+    return "0" if round(value, digits) == 0 else f"{value:+.{digits}f}"
 
 
 def _kv(mapping: dict) -> str:
@@ -124,12 +132,12 @@ def delta_lines(final: dict) -> list[str]:
             f"| seeds | {head} |", "|---|" + "---|" * (3 * len(keys))]
     for i, (b, n) in enumerate(pairs):
         cells = [f"{_number(b[k], metric_digits(k))} | {_number(n[k], metric_digits(k))} | "
-                 f"{delta[k]['per_range'][i]:+.{metric_digits(k)}f}" for k in keys]
+                 f"{_signed(delta[k]['per_range'][i], metric_digits(k))}" for k in keys]
         rows.append(f"| {n['seeds'][0]}–{n['seeds'][1]} | " + " | ".join(cells) + " |")
     if len(pairs) > 1:
         def spread(r, k):
             return f"{_number(r[k], metric_digits(k))} ± {_number(r['std'][k], metric_digits(k))}"
-        cells = [f"{spread(base, k)} | {spread(neon, k)} | {delta[k]['mean']:+.{metric_digits(k)}f} ± "
+        cells = [f"{spread(base, k)} | {spread(neon, k)} | {_signed(delta[k]['mean'], metric_digits(k))} ± "
                  f"{_number(delta[k]['std'], metric_digits(k))}" for k in keys]
         rows.append("| mean ± std | " + " | ".join(cells) + " |")
     return rows

@@ -3,8 +3,10 @@
 The sweep runs once per chosen self-training snapshot (`sweep.snapshot`), each followed by the final evaluation
 of θneon at that snapshot's best point; θneon is saved from the snapshot with the best final metric, and θr is
 evaluated with its own published sampler settings (`final.base_sampler`). Final seeds are apart from the sweep's.
-Every stage writes into one run folder and is skipped when its output already exists, so a killed run is
-rerun with the same command. `run.json` records the config, package versions, and each stage's result.
+Every stage writes into one run folder, keyed in `run.json` by the inputs it reads (neon/record.py): a rerun of
+the same command resumes a killed run, and a rerun after an edit redoes exactly the stages whose inputs changed
+(and those downstream), saying so in one line per stage. `run.json` records the config, package versions, and
+each stage's result.
 `--smoke` runs the same stages with the family's tiny random network and the config's `smoke:` overrides.
 """
 from __future__ import annotations
@@ -20,8 +22,9 @@ import time
 import torch
 
 from neon import dist, hub, paths
+from neon import score as points
 from neon.baselines import run_baselines, summary_lines
-from neon.checkpoint import atomic_open, load_state_dict
+from neon.checkpoint import load_state_dict
 from neon.config import (
     METHOD_KIND,
     OBJECTIVE_LABELS,
@@ -29,8 +32,8 @@ from neon.config import (
     check_seed_overlap,
     config_kind,
     final_seed_offset,
+    format_metric,
     load_config,
-    metric_digits,
     objective_key,
     seed_range,
 )
@@ -39,9 +42,11 @@ from neon.evaluate import FIDMetric, stand_in_stats
 from neon.family import Bundle, Family, get_family
 from neon.model_card import write_model_card
 from neon.pipeline_folder import is_pipeline_folder
+from neon.record import RunRecord, Stage, Upstream, flatten
 from neon.registry import Registry
 from neon.repeats import paired_difference, per_range
 from neon.sampling import draw_labels, plan_seeds, sample_to_npz
+from neon.score import Point, Scorer
 from neon.selftrain import CACHE_FILE, check_finetune_config, encode_examples, finetune
 from neon.snapshot_sweep import (
     best_entry,
@@ -52,7 +57,7 @@ from neon.snapshot_sweep import (
     sweep_snapshot,
     write_summary,
 )
-from neon.sweep import Sweep, metrics_label, point_label, state_dict_copy
+from neon.sweep import metrics_label, point_label, state_dict_copy
 
 
 def _versions() -> dict:
@@ -65,27 +70,6 @@ def _versions() -> dict:
     out["cuda"] = torch.version.cuda if torch.cuda.is_available() else None
     out["world_size"] = dist.world_size()
     return out
-
-
-class RunRecord:
-    """run.json: what was asked and what each stage produced (rank 0 writes it)."""
-
-    def __init__(self, path: str, cfg: RunConfig, smoke: bool):
-        self.path = path
-        self.doc = {"config": cfg.to_dict(), "smoke": smoke, "stages": {}}
-        if os.path.isfile(path):
-            with open(path) as f:
-                self.doc["stages"] = json.load(f).get("stages", {})
-        self.doc["versions"] = _versions()
-
-    def stage(self, name: str) -> dict | None:
-        return self.doc["stages"].get(name)
-
-    def record(self, name: str, result: dict) -> None:
-        self.doc["stages"][name] = result
-        if dist.is_main():
-            with atomic_open(self.path, "w") as f:
-                json.dump(self.doc, f, indent=1, default=str)
 
 
 def load_base(family: Family, cfg: RunConfig, smoke: bool, device) -> tuple[Bundle, str | None]:
@@ -122,6 +106,9 @@ def run_metric(cfg: RunConfig, out: str, device, synthetic: str):
 def check_run_inputs(cfg: RunConfig, smoke: bool, out: str) -> None:
     """What a run needs from the start, checked before its folder exists: a refused run leaves nothing."""
     paths.output_folder(out)
+    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, "run.json")):
+        raise NeonError(f"--out {out}: a folder with files but no run.json (not a run folder of neon run); "
+                        "choose a new or empty folder")
     if not cfg.base and not smoke:
         raise NeonError("base: no checkpoint configured (set base, or use --smoke)")
     base = cfg.base
@@ -149,19 +136,57 @@ def run(config: str, out: str, smoke: bool = False) -> dict:
         return _run(family, cfg, out, smoke, device, config)
 
 
+def stages(cfg: RunConfig, rec: RunRecord, base_path: str | None, smoke: bool, neon_name: str) -> list[Stage]:
+    """The run's stages as the record keys them: what each reads (config fields, file bytes, the stages
+    upstream), where its result lives in run.json and which files of the run folder it writes."""
+    c, m = cfg.to_dict(), cfg.metrics
+    files = {"ref_stats": cfg.ref_stats, "metrics.weights": m.weights, "metrics.real_features": m.real_features,
+             "metrics.fd_dinov2.weights": m.fd_dinov2 and m.fd_dinov2.weights,
+             "metrics.fd_dinov2.ref_stats": m.fd_dinov2 and m.fd_dinov2.ref_stats}
+    read = {f"{field}.sha256": rec.digest(path) for field, path in files.items() if path}
+    points = ("sweep/snapshot-??????????.json", "sweep/snapshot-??????????.png", "sweep/snapshot-??????????_*.png",
+              "smoke_*.npz")
+    out = [Stage("sample", {"family": cfg.family, "smoke": smoke, "base": cfg.base,
+                            "base.sha256": rec.digest(base_path), **flatten(c["load_args"], "load_args"),
+                            **flatten(c["synthetic"], "synthetic")},
+                 ("sample",), ("synthetic.npz", "synthetic.npz.*")),
+           Stage("finetune", {**flatten(c["finetune"], "finetune"), "after": Upstream("sample")},
+                 ("finetune",), ("finetune",)),
+           Stage("sweep", {**flatten(c["sweep"], "sweep"), **flatten(c["metrics"], "metrics"),
+                           "ref_stats": cfg.ref_stats, **read, "after": Upstream("finetune")},
+                 ("sweep",), points),
+           Stage("select", {**flatten(c["final"], "final"), "after": Upstream("sweep")},
+                 ("sweep",), ("sweep/*-final.json", "sweep.json", "sweep.png", neon_name)),
+           Stage("final", {**flatten(c["final"], "final"), "after": Upstream("select")}, ("final",))]
+    for name in cfg.baselines.enabled():
+        inputs = flatten(c["baselines"][name], f"baselines.{name}")
+        if name == "continued_finetune":
+            real = cfg.baselines.continued_finetune.real_data
+            inputs.update({**flatten(c["finetune"], "finetune"), "real_data.sha256": rec.digest(real)})
+        out.append(Stage(f"baselines.{name}", {**inputs, "after": Upstream("final")}, ("baselines", name),
+                         (f"baselines/{name}.json", f"baselines/{name}-sweep.json", f"baselines/{name}",
+                          "baselines_*.png")))
+    return out
+
+
 def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device, config: str) -> dict:
-    rec = RunRecord(os.path.join(out, "run.json"), cfg, smoke)
     bundle, base_path = load_base(family, cfg, smoke, device)
     check_seed_overlap(cfg, bundle.num_classes)   # again with the model's class count, before anything is written
+    neon_path = os.path.join(out, "neon" + (os.path.splitext(base_path)[1] if base_path else ".pth"))
+    rec = RunRecord(out, cfg.to_dict(), {"smoke": smoke, "versions": _versions()})
+    for line in rec.plan(stages(cfg, rec, base_path, smoke, os.path.basename(neon_path))):
+        if dist.is_main():
+            print(line)
 
     # 1. The synthetic set S, drawn from θr with its usual (mode-seeking) sampler.
     synthetic = os.path.join(out, "synthetic.npz")
-    if not os.path.isfile(synthetic):
+    if not rec.stage("sample"):
         s = cfg.synthetic
         t0 = time.time()
         seeds = plan_seeds(s.num_images, s.per_class, bundle.num_classes, s.seed_offset)
-        labels = draw_labels(family, bundle, seeds, s.labels)
-        sample_to_npz(family, bundle, seeds, labels, synthetic, s.batch, s.sampler)
+        if not os.path.isfile(synthetic):   # else: a killed run had joined S but not recorded it yet
+            labels = draw_labels(family, bundle, seeds, s.labels)
+            sample_to_npz(family, bundle, seeds, labels, synthetic, s.batch, s.sampler)
         rec.record("sample", {"path": synthetic, "num_images": len(seeds), "seconds": round(time.time() - t0, 1)})
 
     # 2. Self-training: θs.
@@ -177,10 +202,13 @@ def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device, config: 
     # 3. The sweep over w (× guidance scale), for every chosen θs snapshot, each with its final evaluation.
     metric, ref = run_metric(cfg, out, device, synthetic)
     theta_r = state_dict_copy(bundle.net)
+    scorer = Scorer(family, bundle, metric, theta_r)   # the one way weights enter bundle.net (neon/score.py)
     offset = final_seed_offset(cfg, bundle.num_classes)
     if not (rec.stage("sweep") or {}).get("best"):
         t0 = time.time()
-        entries = [sweep_snapshot(family, bundle, theta_r, path, cfg, metric, out, offset) for path in snapshots]
+        entries = []
+        for path in snapshots:
+            entries.append(sweep_snapshot(scorer, path, cfg, out, offset))
         key = objective_key(cfg.sweep.objective)
         doc = write_summary(out, entries, cfg.sweep.cfg_key, key)
         first, last = seed_range(cfg.sweep.num_images, cfg.sweep.per_class, cfg.sweep.seed_offset,
@@ -191,22 +219,20 @@ def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device, config: 
                              "points": sum(len(snapshot_points(out, e)) for e in entries),
                              "seconds": round(time.time() - t0, 1)})
     swept = rec.stage("sweep")
-    best = swept["best"]
-    sweep = Sweep(family, bundle, theta_r, load_state_dict(swept["theta_s"]), cfg.sweep, metric)
 
     # 4. θneon at the best snapshot's point, saved in the family's container; θr's final evaluation with its own
     # sampler settings, on the same final seeds as θneon's (evaluated with the snapshot above).
-    neon_path = os.path.join(out, "neon" + (os.path.splitext(base_path)[1] if base_path else ".pth"))
-    if not os.path.exists(neon_path):  # a file, or a folder for pipeline-folder families
-        bundle.net.load_state_dict(sweep.merged(best["w"]))
-        if dist.is_main():
+    # Rank 0 alone decides and writes, then every rank meets: a rank that looked for the file after rank 0 wrote
+    # it would otherwise skip a barrier the others wait at.
+    if dist.is_main() and not os.path.exists(neon_path):  # a file, or a folder for pipeline-folder families
+        theta_s = load_state_dict(swept["theta_s"], bool(cfg.load_args.get("trust_architecture")))
+        theta_neon = points.neon(theta_r, theta_s, cfg.sweep.cfg_key)(swept["best"]["w"], None, {}, {})
+        with scorer.holding(theta_neon.weights()):
             family.save(bundle, neon_path)
-        dist.barrier()
+    dist.barrier()
     if not rec.stage("final"):
-        bundle.net.load_state_dict(theta_r)
-        rec.record("final", final_evaluation(family, bundle, cfg, metric, swept, out, offset))
-    run_baselines(family, bundle, theta_r, cfg, metric, rec, out, offset)   # 5. what Neon must beat, if asked
-    bundle.net.load_state_dict(theta_r)
+        rec.record("final", final_evaluation(scorer, cfg, swept, out, offset))
+    run_baselines(scorer, cfg, rec, out, offset)   # 5. what Neon must beat, if asked
     if dist.is_main():
         write_model_card(out, rec.doc, config, neon_path)
         summarize(rec.doc, cfg)
@@ -220,8 +246,8 @@ def base_sampler_args(cfg: RunConfig, setting: dict) -> dict:
     return {**base, **setting}
 
 
-def final_evaluation(family, bundle, cfg: RunConfig, metric, swept: dict, out: str, offset: int) -> dict:
-    """θr (bundle.net holds it) at its own sampler settings, beside θneon's final evaluation at the best
+def final_evaluation(scorer: Scorer, cfg: RunConfig, swept: dict, out: str, offset: int) -> dict:
+    """θr at its own sampler settings, beside θneon's final evaluation at the best
     snapshot's point (made during the sweep stage), and 'delta': θneon − θr per final seed range, mean ± std
     (neon.repeats.paired_difference). With a sweep grid, each setting under 'per_setting'."""
     entry = next(e for e in swept["snapshots"] if e["snapshot"] == swept["best"]["snapshot"])
@@ -232,8 +258,8 @@ def final_evaluation(family, bundle, cfg: RunConfig, metric, swept: dict, out: s
         pair = {"setting": result["setting"], "neon": result}
         if cfg.final.evaluate_base:
             args = base_sampler_args(cfg, result["setting"])
-            base = final_result(family, bundle, metric, cfg, offset, args, "final base")
-            pair["base"] = {"w": 0.0, "cfg": args.get(cfg.sweep.cfg_key), "setting": result["setting"], **base}
+            at = {"w": 0.0, "cfg": args.get(cfg.sweep.cfg_key), "setting": result["setting"]}
+            pair["base"] = {**at, **final_result(scorer, Point(at, None, args), cfg, offset, "final base")}
             pair["delta"] = paired_difference(result, pair["base"])
         pairs.append(pair)
     overall = next(p for p in pairs if p["setting"] == entry["final"]["setting"])
@@ -263,15 +289,19 @@ def summarize(doc: dict, cfg: RunConfig) -> None:
                 print(f"{name:>5}: {where}  {metrics_label(r, key)} on {count}{seeds}")
                 if len(ranges) > 1:
                     print("       per range: " + "; ".join(f"{x['seeds'][0]}–{x['seeds'][1]} {OBJECTIVE_LABELS[key]} "
-                                                          f"{x[key]:.{metric_digits(key)}f}" for x in ranges))
+                                                          f"{format_metric(key, x[key])}" for x in ranges))
         for k, d in (pair.get("delta") or {}).items():
             if k in OBJECTIVE_LABELS:
-                f = f"+.{metric_digits(k)}f"
-                std = "" if d["std"] is None else f" ± {d['std']:.{metric_digits(k)}f}"
-                print(f"    Δ θneon − θr {OBJECTIVE_LABELS[k]} {d['mean']:{f}}{std} (paired by seed range: "
-                      + ", ".join(f"{v:{f}}" for v in d["per_range"]) + ")")
+                std = "" if d["std"] is None else f" ± {format_metric(k, d['std'])}"
+                print(f"    Δ θneon − θr {OBJECTIVE_LABELS[k]} {format_metric(k, d['mean'], sign=True)}{std} "
+                      "(paired by seed range: " + ", ".join(format_metric(k, v, sign=True) for v in d["per_range"])
+                      + ")")
     for line in summary_lines(doc, cfg.sweep.cfg_key):
         print(f"baseline {line}")
+    if swept.get("best") and swept["best"]["w"] == 0:
+        print("θneon = θr: w = 0 won the sweep, so Neon changed nothing" + (
+            " (expected in a smoke run: S's own statistics stand in for the reference, and θr drew S, so θr "
+            "scores best)" if doc.get("smoke") else ""))
     if doc.get("smoke"):
         print("(smoke run: statistics of S stand in for the reference; the numbers mean nothing)")
 

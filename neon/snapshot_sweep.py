@@ -15,11 +15,12 @@ import os
 import time
 
 from neon import dist
+from neon import score as points
 from neon.checkpoint import atomic_open, atomic_path, load_state_dict
 from neon.config import OBJECTIVE_LABELS, SNAPSHOT_NAME, RunConfig, final_seed_ranges
 from neon.errors import NeonError
-from neon.evaluate import evaluate_images
 from neon.repeats import combine_ranges, per_range
+from neon.score import Point, Scorer, Seeds
 from neon.sweep import Sweep, metrics_label
 
 
@@ -57,34 +58,30 @@ def select_snapshots(paths: list[str], choice: str | list) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------
 # One final evaluation: N images on each of the final seed ranges, with the sampler arguments and seeds recorded.
 
-def final_result(family, bundle, metric, cfg: RunConfig, offset: int, sampler_args: dict, desc: str) -> dict:
-    """The metrics on `final.repeats` disjoint seed ranges from `offset` (neon.repeats.combine_ranges: their
-    mean, std and each range's numbers when there are several)."""
+def final_result(scorer: Scorer, point: Point, cfg: RunConfig, offset: int, desc: str) -> dict:
+    """The point's metrics on `final.repeats` disjoint seed ranges from `offset` (neon.repeats.combine_ranges:
+    their mean, std and each range's numbers when there are several)."""
     f = cfg.final
     t0 = time.time()
-    ranges = final_seed_ranges(cfg, offset, bundle.num_classes)
+    ranges = final_seed_ranges(cfg, offset, scorer.bundle.num_classes)
     results = []
     for first, last in ranges:
-        result = evaluate_images(family, bundle, metric, f.num_images, f.per_class, first, f.batch, sampler_args,
-                                 desc=desc + (f" (seeds {first}–{last})" if len(ranges) > 1 else ""))
+        result = scorer.score(point, Seeds(f.num_images, f.per_class, first, f.batch),
+                              desc=desc + (f" (seeds {first}–{last})" if len(ranges) > 1 else ""))
         results.append({**result, "seeds": [first, last]})
-    return {**combine_ranges(results), "sampler": dict(sampler_args), "seconds": round(time.time() - t0, 1)}
+    return {**combine_ranges(results), "sampler": dict(point.sampler), "seconds": round(time.time() - t0, 1)}
 
 
-def neon_final(family, bundle, sweep: Sweep, cfg: RunConfig, metric, point: dict, offset: int, desc: str) -> dict:
-    """θneon at one sweep point (w, cfg, setting), evaluated on the final seeds."""
-    setting = point.get("setting", {})
-    bundle.net.load_state_dict(sweep.merged(point["w"]))
-    result = final_result(family, bundle, metric, cfg, offset, sweep.sampler_args(point["cfg"], setting,
-                                                                                    cfg.final.sampler), desc)
-    return {"w": point["w"], "cfg": point["cfg"], "setting": setting, **result}
+def point_final(sweep: Sweep, cfg: RunConfig, chosen: dict, offset: int, desc: str) -> dict:
+    """A sweep's chosen point (w or ω, cfg, setting) on the final seeds, with the final section's sampler."""
+    point = sweep.point(chosen["w"], chosen["cfg"], chosen.get("setting", {}), cfg.final.sampler)
+    return {**point.at, **final_result(sweep.scorer, point, cfg, offset, desc)}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # One snapshot: its sweep, then the final evaluation at its best point (each setting's best, with a grid).
 
-def sweep_snapshot(family, bundle, theta_r: dict, path: str, cfg: RunConfig, metric, out: str,
-                   final_offset: int) -> dict:
+def sweep_snapshot(scorer: Scorer, path: str, cfg: RunConfig, out: str, final_offset: int) -> dict:
     """{'snapshot', 'path', 'images', 'best', 'final'[, 'final_per_setting']} of the snapshot at `path`; read
     back from sweep/<snapshot>-final.json when that exists (a rerun skips the snapshot)."""
     name = snapshot_name(path)
@@ -94,8 +91,9 @@ def sweep_snapshot(family, bundle, theta_r: dict, path: str, cfg: RunConfig, met
             done = json.load(f)
         if len(per_range(done["final"])) == cfg.final.repeats:   # else: its points are kept, its finals redone
             return done
+    theta_s = load_state_dict(path, bool(cfg.load_args.get("trust_architecture")))  # θs copies θr's file
     os.makedirs(os.path.dirname(done_path), exist_ok=True)
-    sweep = Sweep(family, bundle, theta_r, load_state_dict(path), cfg.sweep, metric,
+    sweep = Sweep(scorer, points.neon(scorer.theta_r, theta_s, cfg.sweep.cfg_key), cfg.sweep,
                   os.path.join(out, "sweep", f"{name}.json"))
     if dist.is_main():
         print(f"sweeping θs = {os.path.basename(path)}")
@@ -103,13 +101,12 @@ def sweep_snapshot(family, bundle, theta_r: dict, path: str, cfg: RunConfig, met
     entry = {"snapshot": os.path.basename(path.rstrip("/")), "path": path, "images": images_seen(path),
              "best": best}
     if len(sweep.settings_grid) == 1:
-        entry["final"] = neon_final(family, bundle, sweep, cfg, metric, best, final_offset, f"final {name}")
+        entry["final"] = point_final(sweep, cfg, best, final_offset, f"final {name}")
     else:
-        per_setting = [neon_final(family, bundle, sweep, cfg, metric, sweep.best(s), final_offset,
-                                  f"final {name} {s}") for s in sweep.settings_grid]
+        per_setting = [point_final(sweep, cfg, sweep.best(s), final_offset, f"final {name} {s}")
+                       for s in sweep.settings_grid]
         entry["final"] = next(r for r in per_setting if r["setting"] == best.get("setting", {}))
         entry["final_per_setting"] = per_setting
-    bundle.net.load_state_dict(sweep.theta_r)
     if dist.is_main():
         print(f"{name}: final {metrics_label(entry['final'], sweep.key)} at w={best['w']:g}")
         with atomic_open(done_path, "w") as f:

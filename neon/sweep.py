@@ -20,13 +20,21 @@ import time
 import torch
 
 from neon import dist
+from neon import score as points
 from neon.checkpoint import atomic_open, atomic_path, load_state_dict
-from neon.config import OBJECTIVE_LABELS, SweepConfig, build_config, check_args, metric_digits, objective_key
+from neon.config import OBJECTIVE_LABELS, SweepConfig, build_config, check_args, format_metric, objective_key
 from neon.errors import NeonError
-from neon.evaluate import FIDMetric, MetricFactory, evaluate_images
+from neon.evaluate import FIDMetric, MetricFactory
 from neon.family import Bundle, Family
-from neon.merge import check_compatible, merge_state_dicts
+from neon.score import Point, PointAt, Scorer, Seeds, on_device
 from neon.search import grid_search, official_search
+
+
+def neon_sweep(family: Family, bundle: Bundle, theta_r: dict, theta_s: dict, cfg: SweepConfig,
+               metric: MetricFactory, path: str | None = None) -> Sweep:
+    """Neon's sweep: θneon(w) = (1+w)·θr − w·θs sampled in `bundle`'s network (θr, θs: state dicts)."""
+    theta_r = on_device(theta_r, bundle.net.state_dict())
+    return Sweep(Scorer(family, bundle, metric, theta_r), points.neon(theta_r, theta_s, cfg.cfg_key), cfg, path)
 
 
 def state_dict_copy(net: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -49,26 +57,25 @@ def setting_grids(cfg: SweepConfig) -> list[tuple[dict, list[float], list[float]
             for values in itertools.product(*(cfg.grid[n] for n in names))]
 
 
-def point_label(w: float | None, guidance: float | None, setting: dict, guidance_key: str) -> str:
-    """'w=1.5 steps=8 cfg=2': a sweep point as the sampler's arguments name it."""
-    parts = [] if w is None else [f"w={w:g}"]
+def point_label(w: float | None, guidance: float | None, setting: dict, guidance_key: str,
+                guide: bool = False) -> str:
+    """'w=1.5 steps=8 cfg=2': a sweep point as the sampler's arguments name it (ω for a guide's scale)."""
+    parts = [] if w is None else [f"{'ω' if guide else 'w'}={w:g}"]
     parts += [f"{k}={v}" for k, v in sorted(setting.items())]
     return " ".join(parts + ([] if guidance is None else [f"{guidance_key}={guidance:g}"]))
 
 
 class Sweep:
-    """The (w, cfg, setting) points evaluated so far, saved to `path` after every point. A setting is one entry
-    of `per_setting` or one combination of the `grid` sampler arguments (the empty dict when there is neither)."""
+    """The points of one walk, each measured through the scorer (neon.score) and saved to `path` as it finishes.
+    A point is named by its coordinates (w — or ω for a guide —, guidance scale, setting); `point_at` says what
+    is sampled there. A setting is one entry of `per_setting` or one combination of the `grid` sampler arguments
+    (the empty dict when there is neither)."""
 
-    def __init__(self, family: Family, bundle: Bundle, theta_r: dict, theta_s: dict, cfg: SweepConfig,
-                 metric: MetricFactory, path: str | None = None):
-        """bundle: the networks the merged weights are loaded into; theta_r, theta_s: state dicts of θr, θs."""
-        self.family, self.bundle, self.cfg, self.metric, self.path = family, bundle, cfg, metric, path
+    def __init__(self, scorer: Scorer, point_at: PointAt, cfg: SweepConfig, path: str | None = None,
+                 plot: bool = True):
+        """plot: draw `<path stem>.png` (objective vs w) when the walk ends."""
+        self.scorer, self.point_at, self.cfg, self.path, self.plot = scorer, point_at, cfg, path, plot
         self.key = objective_key(cfg.objective)   # the result key the search minimises ('fid', 'kid_mean', ...)
-        device = next(iter(bundle.net.state_dict().values())).device
-        self.theta_r = {k: v.to(device) for k, v in theta_r.items()}
-        self.theta_s = {k: v.to(device) for k, v in theta_s.items()}
-        check_compatible(self.theta_r, self.theta_s)
         self.grids = setting_grids(cfg)
         self.settings_grid = [setting for setting, _, _ in self.grids]
         self.points: dict[str, dict] = {}
@@ -78,7 +85,7 @@ class Sweep:
                 saved = json.load(f)
             if saved.get("settings") == self.settings():
                 # a point saved before a metric was asked for lacks it: computed again, so every point has them all
-                needed = set(getattr(metric, "keys", ())) | {self.key}
+                needed = set(getattr(scorer.metric, "keys", ())) | {self.key}
                 self.points = {_key(p["w"], p["cfg"], p.get("setting", {})): p for p in saved.get("points", [])
                                if needed <= p.keys()}
 
@@ -87,34 +94,26 @@ class Sweep:
         return {"num_images": c.num_images, "per_class": c.per_class, "seed_offset": c.seed_offset,
                 "sampler": c.sampler, "cfg_key": c.cfg_key}
 
-    def merged(self, w: float) -> dict:
-        """θneon(w) = (1+w)·θr − w·θs."""
-        return merge_state_dicts(self.theta_r, self.theta_s, w)
-
-    def sampler_args(self, guidance: float | None, setting: dict, base: dict | None = None) -> dict:
-        """The sampler's arguments at one point: the configured ones, the setting, the guidance scale."""
-        args = {**(self.cfg.sampler if base is None else base), **setting}
-        if guidance is not None:
-            args[self.cfg.cfg_key] = guidance
-        return args
+    def point(self, w: float, guidance: float | None, setting: dict | None = None, base: dict | None = None) -> Point:
+        """What is sampled at (w, guidance, setting): with the sweep's sampler arguments, or `base` (the final
+        evaluation's)."""
+        return self.point_at(w, guidance, setting or {}, self.cfg.sampler if base is None else base)
 
     def evaluate(self, w: float, guidance: float | None, setting: dict | None = None) -> dict:
         """The point (w, guidance, setting): computed and saved unless already known. Its `order` is set on the
         first visit of the current walk, whether it was computed now or found in the saved sweep."""
-        setting = setting or {}
-        key = _key(w, guidance, setting)
+        point = self.point(w, guidance, setting)
+        at = point.at
+        key = _key(at["w"], at["cfg"], at["setting"])
         computed = key not in self.points
         if computed:
             t0 = time.time()
-            self.bundle.net.load_state_dict(self.merged(w))
-            label = point_label(w, guidance, setting, self.cfg.cfg_key)
-            result = evaluate_images(self.family, self.bundle, self.metric, self.cfg.num_images, self.cfg.per_class,
-                                     self.cfg.seed_offset, self.cfg.batch, self.sampler_args(guidance, setting),
-                                     desc=label)
+            label = point_label(at["w"], at["cfg"], at["setting"], self.cfg.cfg_key, "omega" in at)
+            c = self.cfg
+            result = self.scorer.score(point, Seeds(c.num_images, c.per_class, c.seed_offset, c.batch), desc=label)
             if result.get(self.key) is None:
                 raise NeonError(f"sweep.objective: the metric gave no {self.key!r} (it gave {', '.join(result)})")
-            self.points[key] = {"w": w, "cfg": guidance, "setting": setting, **result,
-                                "seconds": round(time.time() - t0, 2)}
+            self.points[key] = {**at, **result, "seconds": round(time.time() - t0, 2)}
             if dist.is_main():
                 print(f"{label}: {metrics_label(result, self.key)}")
         point = self.points[key]
@@ -148,8 +147,7 @@ class Sweep:
             else:
                 b_w, b_g, _ = grid_search(objective, w, guidance, c.tolerance, c.refine)
             found.append(self.evaluate(b_w, b_g, setting))   # known by now: evaluate only looks it up
-        self.bundle.net.load_state_dict(self.theta_r)
-        self.save(plot=True)
+        self.save(plot=self.plot)
         return min(found, key=lambda p: p[self.key])
 
     def save(self, plot: bool = False) -> None:
@@ -174,8 +172,9 @@ def metrics_label(result: dict, key: str = "fid") -> str:
     ± its std over seed ranges where the result holds one (neon.repeats.combine_ranges)."""
     keys = [key] + [k for k in OBJECTIVE_LABELS if k != key and result.get(k) is not None]
     std = result.get("std") or {}
-    return "  ".join(f"{OBJECTIVE_LABELS[k]} {result[k]:.{metric_digits(k)}f}"
-                     + ("" if std.get(k) is None else f" ± {std[k]:.{metric_digits(k)}f}") for k in keys)
+    label = "  ".join(f"{OBJECTIVE_LABELS[k]} {format_metric(k, result[k])}"
+                      + ("" if std.get(k) is None else f" ± {format_metric(k, std[k])}") for k in keys)
+    return label + (f" (covariance {result['covariance']})" if result.get("covariance") else "")
 
 
 def plot_sweep(points: list[dict], path: str, cfg_key: str = "cfg", key: str = "fid") -> None:
@@ -244,10 +243,11 @@ def sweep_main(args) -> None:
                                      "stop": args.stop, "refine_pattern": args.refine_pattern,
                                      "refine_centre": args.refine_centre, "refine_decimals": args.refine_decimals,
                                      "sampler": parse_kv(args.arg)}, "sweep")
+    theta_s = load_state_dict(args.synth, args.trust_architecture)
     device = next(bundle.net.parameters()).device
     metric = FIDMetric(args.detector, args.ref_stats, device, args.detector_weights)
-    sweep = Sweep(family, bundle, state_dict_copy(bundle.net), load_state_dict(args.synth), cfg, metric,
-                  os.path.join(args.out, "sweep.json"))
+    sweep = neon_sweep(family, bundle, state_dict_copy(bundle.net), theta_s, cfg, metric,
+                       os.path.join(args.out, "sweep.json"))
     best = sweep.run()
     if dist.is_main():
         print(f"best: w={best['w']:g}" + ("" if best["cfg"] is None else f" {cfg.cfg_key}={best['cfg']:g}")

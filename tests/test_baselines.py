@@ -8,14 +8,16 @@ import pytest
 import torch
 
 from neon import dist
-from neon.baselines import GuideSweep, _Context, _sweep_config
+from neon import score as points
+from neon.baselines import _Context, _sweep_config
 from neon.checkpoint import load_state_dict
 from neon.config import ConfigError, parse_config
 from neon.family import Arg
 from neon.guidance import GUIDE_SCALE, active_guide, mix, with_guide
 from neon.run import _run
+from neon.score import Scorer
 from neon.search import grid_search
-from neon.sweep import setting_grids
+from neon.sweep import Sweep, setting_grids
 from neon.testing import SIGMAS, TinyPixFamily
 
 
@@ -112,9 +114,7 @@ def test_omega_zero_in_self_guidance_gives_theta_rs_images_and_metric(full_run):
     bundle = family.tiny(seed=0)                        # the run's θr
     theta_s = load_state_dict(doc["stages"]["sweep"]["theta_s"])
     guided = with_guide(bundle, theta_s)
-    sweep = GuideSweep(family, guided, bundle.net.state_dict(), theta_s, cfg.sweep, metric=None, path=None)
-    sweep.omega = 0.0
-    args = sweep.sampler_args(1.5, {})
+    args = points.guided(None, cfg.sweep.cfg_key)(0.0, 1.5, {}, cfg.sweep.sampler).sampler
     assert args["guide_scale"] == 0.0
     seeds = list(range(100, 104))
     assert torch.equal(family.sample(guided, seeds, **args), family.sample(bundle, seeds, num_steps=2, cfg=1.5))
@@ -125,7 +125,7 @@ def test_omega_zero_in_self_guidance_gives_theta_rs_images_and_metric(full_run):
 
 def test_a_guide_sweep_walks_omega_where_the_sweep_walks_w():
     cfg = parse_config(BASE, smoke=True)
-    ctx = _Context(None, None, {}, cfg, None, "", 0, {}, {})
+    ctx = _Context(None, cfg, "", 0, {}, {})
     (setting, omega, guidance), = setting_grids(_sweep_config(ctx, [0.0, 0.5]))
     assert (setting, omega, guidance) == ({}, [0.0, 0.5], BASE["sweep"]["cfg"])
     visited = []
@@ -204,8 +204,7 @@ def test_a_guide_baseline_on_a_family_without_guide_scale_is_refused():
 def test_guidance_retune_refinement_stays_at_w_zero_with_the_official_search(monkeypatch):
     """With the official 3x3 refinement (moving centre) the walk asks for neighbours off w = 0; each is θr's point
     at that guidance scale, so the chosen point has w = 0 and θr's weights were sampled at every point."""
-    from neon import sweep as sweep_module
-    from neon.baselines import RetuneSweep
+    from neon import score as score_module
     family = GuidedPix()
     bundle = family.tiny(seed=0)
     theta_r = {k: v.clone() for k, v in bundle.net.state_dict().items()}
@@ -214,13 +213,13 @@ def test_guidance_retune_refinement_stays_at_w_zero_with_the_official_search(mon
     def fake_evaluate(family, bundle, metric, num_images, per_class, seed_offset, batch, args, desc=""):
         sampled.append((args["cfg"], all(torch.equal(v, theta_r[k]) for k, v in bundle.net.state_dict().items())))
         return {"fid": (args["cfg"] - 1.7) ** 2}          # lowest just off the grid: the refinement moves
-    monkeypatch.setattr(sweep_module, "evaluate_images", fake_evaluate)
+    monkeypatch.setattr(score_module, "evaluate_images", fake_evaluate)
     data = {**BASE, "sweep": {**BASE["sweep"], "w": [0.5, 1.0], "cfg": [1.0, 1.5, 2.0], "search": "official",
                               "tolerance": 0.5, "stop": "previous", "refine": 0.1, "refine_pattern": "3x3",
                               "refine_centre": "moving", "refine_decimals": 1}}
     cfg = parse_config(data, smoke=True)
-    ctx = _Context(family, bundle, theta_r, cfg, None, "", 0, {}, {})
-    retune = RetuneSweep(family, bundle, theta_r, theta_r, _sweep_config(ctx, [0.0]), None)
+    ctx = _Context(Scorer(family, bundle, None, theta_r), cfg, "", 0, {}, {})
+    retune = Sweep(ctx.scorer, points.base_only(cfg.sweep.cfg_key), _sweep_config(ctx, [0.0]))
     best = retune.run()
     assert {p["w"] for p in retune.points.values()} == {0.0}
     assert best["w"] == 0.0 and best["fid"] == min(p["fid"] for p in retune.points.values())

@@ -6,7 +6,7 @@ import torch
 
 from neon.config import SweepConfig
 from neon.family import Arg, Bundle, Family, TrainDefaults
-from neon.sweep import Sweep
+from neon.sweep import neon_sweep
 
 
 class OneWeight(torch.nn.Module):
@@ -42,15 +42,16 @@ class DistanceTo:
 def _sweep(tmp_path, target, **cfg):
     bundle = Bundle(net=OneWeight())
     theta_s = {"p": torch.tensor(-1.0)}
-    return Sweep(LineFamily(), bundle, {"p": torch.tensor(0.0)}, theta_s, SweepConfig(num_images=4, batch=2, **cfg),
-                 lambda: DistanceTo(target), str(tmp_path / "sweep.json"))
+    return neon_sweep(LineFamily(), bundle, {"p": torch.tensor(0.0)}, theta_s,
+                      SweepConfig(num_images=4, batch=2, **cfg), lambda: DistanceTo(target),
+                      str(tmp_path / "sweep.json"))
 
 
 def test_finds_the_best_w_and_restores_theta_r(tmp_path):
     sweep = _sweep(tmp_path, target=115, w=[0, 0.5, 1, 1.5, 2, 2.5])
     best = sweep.run()
     assert best["w"] == 1.5 and best["fid"] == 0
-    assert sweep.bundle.net.p.item() == 0.0
+    assert sweep.scorer.bundle.net.p.item() == 0.0
     doc = json.loads((tmp_path / "sweep.json").read_text())
     assert [p["w"] for p in doc["points"]] == [0, 0.5, 1, 1.5, 2, 2.5]
     assert doc["best"]["w"] == 1.5 and (tmp_path / "sweep.png").stat().st_size > 1000
@@ -81,8 +82,8 @@ def test_a_rerun_reuses_saved_points(tmp_path):
     _sweep(tmp_path, target=110, w=[0, 1]).run()
     calls = []
     sweep = _sweep(tmp_path, target=110, w=[0, 1, 2])
-    original = sweep.family.sample
-    sweep.family.sample = lambda *a, **k: calls.append(1) or original(*a, **k)
+    original = sweep.scorer.family.sample
+    sweep.scorer.family.sample = lambda *a, **k: calls.append(1) or original(*a, **k)
     sweep.run()
     assert len(calls) == 2  # only w = 2 was sampled (4 images in batches of 2)
     changed = _sweep(tmp_path, target=110, w=[0, 1], sampler={"cfg": 0.5})
@@ -100,7 +101,7 @@ class StepFamily(LineFamily):
 def test_a_grid_argument_gets_its_own_best_per_setting(tmp_path):
     bundle = Bundle(net=OneWeight())
     cfg = SweepConfig(num_images=4, batch=2, w=[0, 0.5, 1, 1.5, 2], grid={"steps": [0, 1]})
-    sweep = Sweep(StepFamily(), bundle, {"p": torch.tensor(0.0)}, {"p": torch.tensor(-1.0)}, cfg,
+    sweep = neon_sweep(StepFamily(), bundle, {"p": torch.tensor(0.0)}, {"p": torch.tensor(-1.0)}, cfg,
                   lambda: DistanceTo(115), None)
     best = sweep.run()
     # steps=0: value 100 + 10w, best w = 1.5 (FID 0); steps=1: 110 + 10w, best w = 0.5 (FID 0)

@@ -9,7 +9,7 @@ from test_core_sweep import LineFamily, OneWeight  # images filled with 100 + 10
 from neon.config import SweepConfig
 from neon.family import Bundle
 from neon.plot_metrics import _curves, plot_metric_vs_w, plot_precision_recall
-from neon.sweep import Sweep
+from neon.sweep import neon_sweep
 
 
 def fig4_points(cfgs=(None,)):
@@ -63,7 +63,7 @@ class Fig4Metric:
 
 @pytest.mark.parametrize("with_pr", [True, False])
 def test_the_sweep_draws_precision_recall_next_to_sweep_json_when_recorded(tmp_path, with_pr):
-    sweep = Sweep(LineFamily(), Bundle(net=OneWeight()), {"p": torch.tensor(0.0)}, {"p": torch.tensor(-1.0)},
+    sweep = neon_sweep(LineFamily(), Bundle(net=OneWeight()), {"p": torch.tensor(0.0)}, {"p": torch.tensor(-1.0)},
                   SweepConfig(w=[0.0, 1.0, 2.0], num_images=2, batch=2), lambda: Fig4Metric(with_pr),
                   str(tmp_path / "sweep.json"))
     sweep.run()

@@ -19,7 +19,7 @@ from neon.family import Bundle
 from neon.metrics import FeatureExtractor, gaussian_from_features, save_stats
 from neon.metrics.testing import random_images
 from neon.snapshot_sweep import best_entry
-from neon.sweep import Sweep, SweepConfig
+from neon.sweep import SweepConfig, neon_sweep
 
 DINOV2 = fixtures_root() / "dinov2"
 
@@ -45,7 +45,7 @@ class TwoMinima:
 
 
 def _sweep(objective, tmp_path=None):
-    return Sweep(LineFamily(), Bundle(net=OneWeight()), {"p": torch.tensor(0.0)}, {"p": torch.tensor(-1.0)},
+    return neon_sweep(LineFamily(), Bundle(net=OneWeight()), {"p": torch.tensor(0.0)}, {"p": torch.tensor(-1.0)},
                  SweepConfig(w=[0.0, 1.0, 2.0, 3.0], num_images=2, batch=2, objective=objective), TwoMinima,
                  None if tmp_path is None else str(tmp_path / "sweep.json"))
 

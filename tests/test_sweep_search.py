@@ -21,7 +21,7 @@ import torch
 from neon.config import ConfigError, SettingGrid, SweepConfig, load_config
 from neon.family import Arg, Bundle, Family, TrainDefaults
 from neon.search import official_search, printf_round
-from neon.sweep import Sweep, setting_grids
+from neon.sweep import Sweep, neon_sweep, setting_grids
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 HIGH = D(1000000)
@@ -398,8 +398,8 @@ class SurfaceMetric:
 
 def _surface_sweep(cfg: SweepConfig, surface, path) -> Sweep:
     small = dataclasses.replace(cfg, num_images=2, per_class=None, batch=2, sampler={})
-    return Sweep(SurfaceFamily(), Bundle(net=OneWeight()), {"p": torch.tensor(0.0)}, {"p": torch.tensor(-1.0)}, small,
-                 SurfaceMetric(surface), str(path))
+    return neon_sweep(SurfaceFamily(), Bundle(net=OneWeight()), {"p": torch.tensor(0.0)}, {"p": torch.tensor(-1.0)},
+                      small, SurfaceMetric(surface), str(path))
 
 
 def test_sweep_run_walks_the_official_search_and_records_the_order(tmp_path):
