@@ -18,7 +18,7 @@ import torch
 from compare import interleaved, report
 
 from neon.family import Bundle
-from xar.adapter import AUTOCAST, XARFamily, to_uint8
+from xar.adapter import AUTOCAST, XARFamily, images_to_uint8
 from xar.model import CONFIGS, XAR, XARConfig
 from xar.sampler import PerImageNoise, sample_tokens
 from xar.vae import KL16, LATENT_SCALE, AutoencoderKL, VAEConfig
@@ -49,7 +49,7 @@ def official_equivalent(net: XAR, vae: AutoencoderKL, labels: torch.Tensor, step
     transcription of the official one; only the random draws differ from ours. -> uint8 (B, H, W, 3)."""
     noise = BatchNoise(len(labels), net.cell_tokens, net.cfg.vae_embed_dim, steps, generator, labels.device)
     z = sample_tokens(net, labels, steps, cfg, noise, kv_cache=True)
-    return to_uint8(vae.decode(z / LATENT_SCALE))
+    return images_to_uint8(vae.decode(z / LATENT_SCALE))
 
 
 def compare(net: XAR, batch: int, steps: int, cfg: float, device, repeats: int) -> float:

@@ -23,11 +23,12 @@ from edm import checkpoint
 from edm.augment import TRAIN_PY_ARGS, AugmentPipe
 from edm.loss import LOSSES, reduce_loss
 from edm.sampler import SeededNoise, edm_sampler, latents_and_labels, to_uint8
-from neon import fastpaths
+from neon import containers, fastpaths
 from neon.checkpoint import detect_format
 from neon.config import check_args
 from neon.errors import NeonError
 from neon.family import Arg, Bundle, Family, TrainDefaults
+from neon.fastpaths import Backends
 from neon.guidance import GUIDE_SCALE, active_guide
 from neon.testing import fan_in_rule
 from neon.testing import randomize as random_weights
@@ -52,6 +53,11 @@ BUILD_KWARGS = dict(model_type="SongUNet", embedding_type="positional", encoder_
 
 class EDMFamily(Family):
     name = "edm"
+    CONTAINERS = (containers.PICKLE, containers.TORCH_ZIP, containers.SAFETENSORS)   # what `load` reads
+    # SinaAlemohammad/Neon edm/cal_metrics_all.py sets no backend flag (PyTorch's: TF32 for convolutions only);
+    # edm/training/training_loop.py:49-51 turns TF32 off for both and cuDNN benchmarking on (--bench default).
+    BACKENDS = {"sample": Backends(),
+                "train": Backends(matmul_tf32=False, cudnn_tf32=False, cudnn_benchmark=True)}
     # edm_sampler's arguments (EDM's Algorithm 2 with the stochastic churn of Table 5), as generate.py names them.
     SAMPLER_ARGS = (
         Arg("num_steps", int, 18, "Heun steps N"),
@@ -137,7 +143,7 @@ class EDMFamily(Family):
 
     # -- sampling -------------------------------------------------------------------------------------------
     def sample(self, bundle: Bundle, seeds: Sequence[int], labels: torch.Tensor | None,
-               autocast: str | None = None, compile: bool = False, channels_last: bool = False,
+               autocast: str | None = None, compile: bool | str = False, channels_last: bool = False,
                guide_scale: float = 0.0, **sampler_args) -> torch.Tensor:
         """One image per seed -> uint8 (B, H, W, 3) on CPU.
 
@@ -214,7 +220,7 @@ class EDMFamily(Family):
         if os.fspath(path).endswith(".safetensors"):
             checkpoint.export_safetensors(bundle.net, path, info["class_name"], info["init_kwargs"])
         elif bundle.source is not None and os.path.isfile(bundle.source) and detect_format(bundle.source) == "pickle":
-            checkpoint.save_pickle(bundle.net, bundle.source, path)
+            checkpoint.save_pickle(bundle.net, bundle.source, path, bool(info.get("trust_architecture")))
         else:
             extra = {k: info[k] for k in ("loss_class", "loss_kwargs", "augment_kwargs") if k in info}
             checkpoint.save_container(bundle.net, path, info["class_name"], info["init_kwargs"], **extra)

@@ -25,9 +25,10 @@ from imm.checkpoint import build_network, load_network, save_network
 from imm.loss import IMMLoss
 from imm.sampler import check_labels, one_hot, sample_latents
 from imm.vae import load_vae, tiny_vae
-from neon import fastpaths
+from neon import containers, fastpaths
 from neon.errors import NeonError
 from neon.family import Arg, Bundle, Family, TrainDefaults
+from neon.fastpaths import Backends
 from neon.guidance import GUIDE_SCALE, active_guide
 from neon.testing import randomize
 
@@ -65,6 +66,11 @@ def _tiny_rule(module, name, full_name, p):
 
 class IMMFamily(Family):
     name = "imm"
+    CONTAINERS = (containers.PICKLE, containers.TORCH_ZIP)   # what `load` reads
+    # SinaAlemohammad/Neon imm/generate_fid_neon.py:134-138: TF32 on for both, cuDNN benchmark (eval.cudnn_benchmark
+    # true); imm/training/training_loop.py:161-164 with im256.yaml: TF32 off (enable_tf32 false), benchmark on.
+    BACKENDS = {"sample": Backends(matmul_tf32=True, cudnn_tf32=True, cudnn_benchmark=True),
+                "train": Backends(matmul_tf32=False, cudnn_tf32=False, cudnn_benchmark=True)}
     SAMPLER_ARGS = (
         Arg("steps", int, 8, "flow-map jumps (the release presets: 1, 2, 4, 8)"),
         Arg("cfg", float | None, 1.5, "guidance scale (None = no guidance)"),
@@ -92,7 +98,10 @@ class IMMFamily(Family):
         embedded source is not an official release's (warned)."""
         net = load_network(path, device, temb_type, bool(trust_architecture))
         vae = tiny_vae(device=device) if vae_path == "tiny" else load_vae(vae_path, device, fp16=vae_fp16)
-        return self._bundle(net, vae, source=str(path))
+        bundle = self._bundle(net, vae, source=str(path))
+        if trust_architecture:   # `save` copies this file, whose source the caller accepted
+            bundle.info["trust_architecture"] = True
+        return bundle
 
     def tiny(self, device: torch.device | str = "cpu", seed: int = 0, vae_path: str | None = None,
              temb_type: str | None = None, vae_fp16: bool = True, trust_architecture: bool = False) -> Bundle:
@@ -166,7 +175,8 @@ class IMMFamily(Family):
         bundle.helpers["vae"].vae.save_pretrained(os.path.join(folder, "sd-vae-ft-ema"))
 
     def save(self, bundle: Bundle, path: str) -> None:
-        save_network(_precond(bundle.net), path, template=bundle.source)
+        save_network(_precond(bundle.net), path, template=bundle.source,
+                     trust_architecture=bool(bundle.info.get("trust_architecture")))
 
 
 def _precond(net: torch.nn.Module) -> torch.nn.Module:

@@ -45,6 +45,12 @@ class FinetuneConfig:
     warmup_images: int = 0               # linear lr ramp from 0 over this many images
     ema: dict[str, float] | None = None  # None, {'beta': 0.9999} or {'halflife_images': 500_000}
     snapshot_every_images: int | None = None   # None = only the final snapshot
+    # Or NVlabs/edm's training loop as the Neon repository runs it (training/training_loop.py, without the upstream
+    # `cur_tick != 0` guard): training runs in ticks, a tick ending at the step where the images seen since its
+    # start first reach tick_images; a snapshot follows every snapshot_ticks-th tick, counting from the first
+    # (tick 0), and the last step.
+    tick_images: int | None = None
+    snapshot_ticks: int | None = None
     optimizer: dict[str, Any] = dataclasses.field(default_factory=dict)  # overrides of the family's TrainDefaults
     loss_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # passed to the family's loss via the bundle
     seed: int = 0
@@ -112,6 +118,15 @@ OBJECTIVE_LABELS = {"fid": "FID", "fd_dinov2": "FD_DINOv2", "kid_mean": "KID"}
 def metric_digits(key: str) -> int:
     """Decimals a metric is printed with: KID is ~1e-3 where FID is ~1."""
     return 6 if key.startswith("kid") else 4
+
+
+def format_metric(key: str, value: float, sign: bool = False) -> str:
+    """`value` of metric `key` with its decimals ('+' in front with `sign`); a value that rounds to zero is '0',
+    never '-0.0000' or '+0.0000'."""
+    digits = metric_digits(key)
+    if round(value, digits) == 0:
+        return "0"
+    return f"{value:{'+' if sign else ''}.{digits}f}"
 
 
 def objective_key(objective: str) -> str:
@@ -198,6 +213,9 @@ class MetricsConfig:
     kid_subsets: int = 100                  # toshas/torch-fidelity@5b1e99c defaults.py kid_subsets
     kid_subset_size: int = 1000             # ... kid_subset_size (the smaller set's size when it holds fewer)
     fd_dinov2: FDDinoV2Config | None = None  # also FD_DINOv2 ('fd_dinov2') of every point, from the same images
+    # the generated images' covariance: 'unbiased', or 'neon_edm' (the Neon repository's EDM evaluation; results
+    # made with it record 'covariance'; neon.metrics.frechet.COVARIANCES)
+    covariance: str = "unbiased"
 
 
 @dataclasses.dataclass
@@ -390,6 +408,9 @@ def _metrics_checks(m: MetricsConfig, smoke: bool) -> None:
         raise ConfigError(f"metrics.kid_subsets: must be at least 1, got {m.kid_subsets}")
     if m.kid_subset_size < 2:
         raise ConfigError(f"metrics.kid_subset_size: must be at least 2, got {m.kid_subset_size}")
+    from neon.metrics.frechet import COVARIANCES
+    if m.covariance not in COVARIANCES:
+        raise ConfigError(f"metrics.covariance: {m.covariance!r} is not one of {', '.join(COVARIANCES)}")
     # A smoke run lets features of S stand in (FIDMetric.from_config), as its statistics stand in for ref_stats.
     if (m.precision_recall or m.kid) and m.real_features is None and not smoke:
         asked = " and ".join(n for n, on in (("precision_recall", m.precision_recall), ("kid", m.kid)) if on)
@@ -422,10 +443,15 @@ SNAPSHOT_NAME = re.compile(r"snapshot-(\d{10})(\.\w+)?")
 
 def snapshot_images(ft: FinetuneConfig) -> list[int]:
     """Images seen at each snapshot self-training writes: after the step that crosses each multiple of
-    snapshot_every_images, and after the last step (neon.selftrain.finetune). [] for sizes it refuses."""
-    if ft.batch <= 0 or ft.total_images <= 0 or (ft.snapshot_every_images or 1) <= 0:
+    snapshot_every_images, or at the ticks `snapshot_ticks` names, and after the last step
+    (neon.selftrain.finetune). [] for sizes it refuses."""
+    if ft.batch <= 0 or ft.total_images <= 0 or min(ft.snapshot_every_images or 1, ft.tick_images or 1,
+                                                    ft.snapshot_ticks or 1) <= 0:
         return []
     last = math.ceil(ft.total_images / ft.batch) * ft.batch
+    if ft.snapshot_ticks:
+        tick = math.ceil(ft.tick_images / ft.batch) * ft.batch   # every tick is this many images: whole steps
+        return sorted({k * tick for k in range(1, last // tick + 1) if (k - 1) % ft.snapshot_ticks == 0} | {last})
     every = ft.snapshot_every_images
     crossings = {math.ceil(k * every / ft.batch) * ft.batch for k in range(1, last // every + 1)} if every else set()
     return sorted(crossings | {last})

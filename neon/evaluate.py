@@ -80,7 +80,8 @@ class FIDMetric:
                  kid_subsets: int = 100,                 # torch-fidelity's kid_subsets (neon.metrics.kid)
                  kid_subset_size: int = 1000,            # torch-fidelity's kid_subset_size
                  dinov2_weights: str | None = None,      # also 'fd_dinov2' with this DINOv2 network's features ...
-                 dinov2_ref: str | None = None):         # ... against these DINOv2 reference statistics
+                 dinov2_ref: str | None = None,          # ... against these DINOv2 reference statistics
+                 covariance: str = "unbiased"):          # the images' sigma (neon.metrics.frechet.COVARIANCES)
         from neon import metrics
         inception_score = inception_score and detector != "dinov2"   # IS is an Inception metric: FD_DINOv2 has none
         self.ref = metrics.load_stats(ref_stats)
@@ -88,7 +89,7 @@ class FIDMetric:
         if self.ref.dim != self.extractor.dim:
             raise NeonError(f"{ref_stats}: statistics are {self.ref.dim}-d, the {detector} detector gives "
                             f"{self.extractor.dim}-d features")
-        self.inception_score = inception_score
+        self.inception_score, self.covariance = inception_score, covariance
         self.precision_recall, self.kid = precision_recall, kid
         self.kid_subsets, self.kid_subset_size = kid_subsets, kid_subset_size
         self.real = None
@@ -132,7 +133,7 @@ class FIDMetric:
         return cls(m.detector, ref_stats, device, m.weights, m.inception_score, real_features=real,
                    precision_recall=m.precision_recall, kid=m.kid, kid_subsets=m.kid_subsets,
                    kid_subset_size=m.kid_subset_size, dinov2_weights=None if dinov2 is None else dinov2.weights,
-                   dinov2_ref=dinov2_ref)
+                   dinov2_ref=dinov2_ref, covariance=m.covariance)
 
     @property
     def keep_features(self) -> bool:
@@ -158,6 +159,8 @@ class FIDMetric:
         if self.dinov2 is not None:
             result["fd_dinov2"] = evaluate(dinov2, self.dinov2_ref, inception_score=False,
                                            precision_recall=False)["fid"]
+        if self.covariance != "unbiased":
+            result["covariance"] = self.covariance   # a number made with another estimator says so
         return result
 
 
@@ -166,8 +169,9 @@ class _FIDAccumulator:
         from neon.metrics import FeatureAccumulator
         self.metric = metric
         self.acc = FeatureAccumulator(metric.extractor, keep_features=metric.keep_features,
-                                      logits=metric.inception_score)
-        self.dinov2 = None if metric.dinov2 is None else FeatureAccumulator(metric.dinov2, logits=False)
+                                      logits=metric.inception_score, covariance=metric.covariance)
+        self.dinov2 = None if metric.dinov2 is None else FeatureAccumulator(metric.dinov2, logits=False,
+                                                                            covariance=metric.covariance)
 
     def update(self, images, seeds) -> None:
         self.acc.update(images, index=seeds)

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from neon import dist, paths
+from neon import dist, fastpaths, paths
 from neon.checkpoint import atomic_open, atomic_save
-from neon.config import FinetuneConfig, build_config, check_args
+from neon.config import FinetuneConfig, build_config, check_args, snapshot_images
 from neon.errors import NeonError
 from neon.family import Bundle, Family, TrainDefaults
 from neon.fastpaths import copy_module
@@ -152,13 +152,15 @@ def _cache_tensor(cache: str, key: str, spec: dict, shared: bool) -> torch.Tenso
 
 def _start_cache(cache: str, layout: dict) -> None:
     """A fresh cache folder: files of the right size for every key, and an index that is not yet complete."""
-    os.makedirs(cache, exist_ok=True)
+    os.makedirs(paths.no_symlink(cache), exist_ok=True)
+    for key in layout:   # a name planted as a link would have its target truncated and then written through
+        paths.no_symlink(_key_file(cache, key))
     if os.path.isfile(_index_path(cache)):   # an older cache (another data file, or killed while encoding)
         for key in _read_index(cache).get("keys", {}):
             if os.path.isfile(_key_file(cache, key)):
                 os.remove(_key_file(cache, key))
     for key, spec in layout.items():
-        with open(_key_file(cache, key), "wb") as f:
+        with os.fdopen(paths.open_nofollow(_key_file(cache, key), os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as f:
             f.truncate(math.prod(spec["shape"]) * _CACHE_DTYPES[spec["dtype"]].itemsize)
     _write_index(cache, {"source": None, "keys": layout, "complete": False})
 
@@ -317,7 +319,9 @@ class Trainer:
         """(step, snapshots so far) from a saved training state, or (0, []) for a fresh start."""
         if not os.path.isfile(state_path):
             return 0, []
-        state = torch.load(state_path, map_location=self.device, weights_only=True)
+        # Read to the CPU: load_state_dict copies each tensor to its parameter's device, except the optimizer's
+        # step counters, which Adam keeps on the CPU; on the GPU each would cost a host sync per parameter per step.
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
         self.bundle.net.load_state_dict(state["net"])
         self.opt.load_state_dict(state["opt"])
         if self.ema_net is not None:
@@ -399,25 +403,27 @@ def finetune(family: Family, bundle: Bundle, examples: dict[str, torch.Tensor], 
     step, snapshots = trainer.resume(state_path)
     if step and dist.is_main():
         print(f"resuming self-training at step {step} of {steps} ({step * cfg.batch} images)")
-    log_path = os.path.join(out_dir, LOG_FILE)
+    log_path = paths.no_symlink(os.path.join(out_dir, LOG_FILE))   # appended to below, never through a link
     bar = tqdm(total=steps, initial=step, desc=desc, unit="step", disable=not dist.is_main(),
                dynamic_ncols=True)
     losses, t0 = [], time.time()
-    while step < steps:
-        loss, lr = trainer.step(examples, step)
-        step += 1
-        images_seen = step * cfg.batch
-        losses.append(loss)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.3g}")
-        if dist.is_main() and (_crossed(images_seen, cfg.batch, cfg.log_every_images) or step == steps):
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"step": step, "images": images_seen, "loss": float(np.mean(losses)),
-                                    "lr": lr, "seconds": round(time.time() - t0, 3)}) + "\n")
-            losses = []
-        if step == steps or _crossed(images_seen, cfg.batch, cfg.snapshot_every_images):
-            snapshots.append(snapshot_path(out_dir, images_seen, bundle))
-            trainer.snapshot(snapshots[-1], state_path, step, snapshots)
+    snapshot_at = set(snapshot_images(cfg))
+    with fastpaths.backends(family.BACKENDS.get("train")):   # TF32 and cuDNN as the official loop sets them
+        while step < steps:
+            loss, lr = trainer.step(examples, step)
+            step += 1
+            images_seen = step * cfg.batch
+            losses.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.3g}")
+            if dist.is_main() and (_crossed(images_seen, cfg.batch, cfg.log_every_images) or step == steps):
+                with os.fdopen(paths.open_nofollow(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a") as f:
+                    f.write(json.dumps({"step": step, "images": images_seen, "loss": float(np.mean(losses)),
+                                        "lr": lr, "seconds": round(time.time() - t0, 3)}) + "\n")
+                losses = []
+            if images_seen in snapshot_at:
+                snapshots.append(snapshot_path(out_dir, images_seen, bundle))
+                trainer.snapshot(snapshots[-1], state_path, step, snapshots)
     bar.close()
     return snapshots
 
@@ -428,8 +434,14 @@ def finetune(family: Family, bundle: Bundle, examples: dict[str, torch.Tensor], 
 def check_finetune_config(cfg: FinetuneConfig) -> None:
     """Refuse sizes that cannot train: a non-positive batch, length or interval, a batch the ranks cannot split."""
     positive = {"batch": cfg.batch, "total_images": cfg.total_images, "log_every_images": cfg.log_every_images}
-    if cfg.snapshot_every_images is not None:
-        positive["snapshot_every_images"] = cfg.snapshot_every_images
+    for name in ("snapshot_every_images", "tick_images", "snapshot_ticks"):
+        if getattr(cfg, name) is not None:
+            positive[name] = getattr(cfg, name)
+    if (cfg.tick_images is None) != (cfg.snapshot_ticks is None):
+        raise NeonError("finetune.snapshot_ticks: give tick_images and snapshot_ticks together (EDM's ticks)")
+    if cfg.snapshot_ticks is not None and cfg.snapshot_every_images is not None:
+        raise NeonError("finetune.snapshot_ticks: snapshots every N images or every N ticks, not both "
+                        "(set snapshot_every_images: null)")
     for name, value in positive.items():
         if value <= 0:
             raise NeonError(f"finetune.{name}: must be positive, got {value}")
@@ -472,6 +484,8 @@ def check_finetune_inputs(family: Family, bundle: Bundle, cfg: FinetuneConfig, d
     if encode_batch <= 0:
         raise NeonError(f"--encode-batch: must be positive, got {encode_batch}")
     paths.output_folder(out)
+    for name in (LOG_FILE, CACHE_FILE):   # a link planted there is refused before any work (and where written)
+        paths.no_symlink(os.path.join(out, name))
     check_finetune_data(family, bundle, data)
 
 

@@ -203,3 +203,17 @@ def test_grad_scale_above_the_cap_when_stepping_is_set_back_to_it():
     """VAR's AmpOptimizer: after scaler.step, a scale above 2**15 is reset to 2**15, else update() as usual."""
     assert _scales_after_steps(2.0 ** 15) == [2.0 ** 15, 2.0 ** 16, 2.0 ** 15, 2.0 ** 16]
     assert _scales_after_steps(None) == [2.0 ** 15, 2.0 ** 16, 2.0 ** 17, 2.0 ** 18]
+
+
+@pytest.mark.parametrize("ticks", [{"snapshot_every_images": 12}, {"tick_images": 10, "snapshot_ticks": 2}])
+def test_self_training_writes_its_snapshots_where_the_config_lists_them(tmp_path, synthetic, ticks):
+    """Every N images, or NVlabs/edm's ticks (here ticks of 2 steps of 8: 16, 48, and the last step, 56)."""
+    from neon.config import snapshot_images
+    from neon.snapshot_sweep import images_seen
+    family = get_family("tinypix")
+    bundle = family.load(str(synthetic / "base.pth"))
+    examples = encode_examples(family, bundle, str(synthetic / "s.npz"), str(tmp_path / "cache"))
+    cfg = FinetuneConfig(lr=1e-3, batch=8, total_images=56, **ticks)
+    snaps = finetune(family, bundle, examples, cfg, str(tmp_path / "ft"))
+    assert [images_seen(p) for p in snaps] == snapshot_images(cfg)
+    assert snapshot_images(cfg) == ([16, 24, 40, 48, 56] if "snapshot_every_images" in ticks else [16, 48, 56])

@@ -13,8 +13,10 @@ from collections.abc import Sequence
 
 import torch
 
+from neon import containers
 from neon.errors import NeonError
 from neon.family import Arg, Bundle, Family, TrainDefaults
+from neon.fastpaths import Backends
 from neon.guidance import GUIDE_SCALE, active_guide
 from var import augment, checkpoint
 from var.invariant import batch_invariant as batch_invariant_mode
@@ -35,6 +37,11 @@ TINY_PATCH_NUMS = (1, 2, 3, 4)
 
 class VARFamily(Family):
     name = "var"
+    CONTAINERS = (containers.TORCH_ZIP, containers.LEGACY_TORCH)   # what `load` reads
+    # SinaAlemohammad/Neon VAR generate_dataset.py / generate_and_fid_neon.py set only cudnn.benchmark = False
+    # (PyTorch's TF32: convolutions only); train.py's arg_util (tf32 True, pg 0) turns TF32 and benchmarking on.
+    BACKENDS = {"sample": Backends(cudnn_benchmark=False),
+                "train": Backends(matmul_tf32=True, cudnn_tf32=True, cudnn_benchmark=True)}
     # autoregressive_infer_cfg's arguments (its defaults), plus how the images are computed.
     SAMPLER_ARGS = (
         Arg("cfg", float, 1.5, "classifier-free guidance scale (ramped linearly over the scales)"),

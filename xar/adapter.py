@@ -17,10 +17,11 @@ from collections.abc import Sequence
 
 import torch
 
-from neon import fastpaths
+from neon import containers, fastpaths
 from neon.checkpoint import atomic_save
 from neon.errors import NeonError
 from neon.family import Arg, Bundle, Family, TrainDefaults
+from neon.fastpaths import Backends
 from neon.guidance import GUIDE_SCALE, active_guide
 from xar import checkpoint
 from xar.loss import flow_matching_loss
@@ -51,12 +52,18 @@ def eval_mode(module: torch.nn.Module):
 
 class XARFamily(Family):
     name = "xar"
+    CONTAINERS = (containers.TORCH_ZIP, containers.LEGACY_TORCH)   # what `load` reads
+    # SinaAlemohammad/Neon xAR generate_dataset.py sets no backend flag (PyTorch's: TF32 for convolutions only);
+    # train_new.py:9-10 and 273 turn TF32 and cuDNN benchmarking on.
+    BACKENDS = {"sample": Backends(),
+                "train": Backends(matmul_tf32=True, cudnn_tf32=True, cudnn_benchmark=True)}
     SAMPLER_ARGS = (
         Arg("cfg", float, 1.0, "guidance scale of the last cell (ramped from 1 over the cells)"),
         Arg("flow_steps", int, 50, "Euler–Maruyama steps per cell (at least 3)"),
         Arg("kv_cache", bool, True, "key/value cache across cells"),
         Arg("autocast", str | None, None, "None, 'bf16' or 'fp16' on CUDA"),
         Arg("compile", bool | str, False, "the network's forward through torch.compile (True or a mode name)"),
+        Arg("to_uint8", str, "truncate", "'truncate' as Neon's scripts, or 'round' as OliverRensu/xAR's evaluator"),
         GUIDE_SCALE,
     )
     LOSS_ARGS = (
@@ -109,13 +116,14 @@ class XARFamily(Family):
     # -- sampling ------------------------------------------------------------------------------------------
     def sample(self, bundle: Bundle, seeds: Sequence[int], labels: torch.Tensor | None, cfg: float = 1.0,
                flow_steps: int = 50, kv_cache: bool = True, autocast: str | None = None,
-               compile: bool | str = False, guide_scale: float = 0.0) -> torch.Tensor:
+               compile: bool | str = False, guide_scale: float = 0.0, to_uint8: str = "truncate") -> torch.Tensor:
         """-> uint8 (B, H, W, 3) on CPU. cfg: guidance of the last cell (ramped from 1 over the cells);
         flow_steps: SDE steps per cell (>= 3); autocast: None, 'bf16' or 'fp16' for the network and the VAE
         on CUDA (the official scripts sample under float16 autocast there); CPU sampling stays float32.
         compile: the network's forward through torch.compile (neon.fastpaths; agrees with eager to rounding).
         guide_scale: ω of self-guidance by `bundle.guide`: every call steps with (1+ω)·θr − ω·θs of the
-        CFG-guided drift (the flow head's velocity); 0: the guide is not run."""
+        CFG-guided drift (the flow head's velocity); 0: the guide is not run. to_uint8: how the decoded images
+        become uint8 (`images_to_uint8`)."""
         net, vae = bundle.net, self._vae(bundle)
         guide = active_guide(bundle, guide_scale)
         device = next(net.parameters()).device
@@ -123,6 +131,8 @@ class XARFamily(Family):
         if flow_steps < MIN_STEPS:
             raise NeonError(f"xar: flow_steps must be >= {MIN_STEPS} (the official sampler fails below), "
                             f"got {flow_steps}")
+        if to_uint8 not in TO_UINT8:
+            raise NeonError(f"xar: to_uint8 must be one of {', '.join(TO_UINT8)}; got {to_uint8!r}")
         if autocast not in AUTOCAST:
             raise NeonError(f"xar: autocast must be one of None, 'bf16', 'fp16'; got {autocast!r}")
         dtype = AUTOCAST[autocast] if device.type == "cuda" else None   # as the official scripts: CUDA only
@@ -136,7 +146,7 @@ class XARFamily(Family):
                               guide=guide, guide_scale=float(guide_scale))
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 images = vae.decode(z / LATENT_SCALE)
-        return to_uint8(images)
+        return images_to_uint8(images, to_uint8)
 
     # -- self-training -------------------------------------------------------------------------------------
     def encode(self, bundle: Bundle, images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -196,8 +206,17 @@ class XARFamily(Family):
         return labels
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """VAE output (B, 3, H, W), roughly in [-1, 1] -> uint8 (B, H, W, 3) on CPU, truncating as Neon's
-    generate_dataset.py / calculate_fid.py do ((x + 1) / 2 * 255, clamp, .byte())."""
-    x = ((images.float() + 1) / 2 * 255).clamp(0, 255).to(torch.uint8)
+TO_UINT8 = ("truncate", "round")
+
+
+def images_to_uint8(images: torch.Tensor, mode: str = "truncate") -> torch.Tensor:
+    """VAE output (B, 3, H, W), roughly in [-1, 1] -> uint8 (B, H, W, 3) on CPU.
+    'truncate': as Neon's generate_dataset.py / calculate_fid.py ((x + 1) / 2 * 255 in float32, clamp, .byte()).
+    'round': as OliverRensu/xAR's engine_xar.py, which measured θr's published FIDs: (x + 1) / 2 in the decoder's
+    dtype, then np.round(np.clip(x * 255, 0, 255)) (half to even, as torch.round) — about half the pixels one
+    step above the truncated ones."""
+    if mode == "round":
+        x = ((images.detach().cpu() + 1) / 2 * 255).clamp(0, 255).round().to(torch.uint8)
+    else:
+        x = ((images.float() + 1) / 2 * 255).clamp(0, 255).to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu()

@@ -52,8 +52,10 @@ class FeatureAccumulator:
     def __init__(self,
                  extractor: FeatureExtractor,
                  keep_features: bool = False,  # keep (N, D) features in the Summary (precision/recall)
-                 logits: bool = True):         # keep logits for IS (if the extractor gives them)
+                 logits: bool = True,          # keep logits for IS (if the extractor gives them)
+                 covariance: str = "unbiased"):   # how sigma is estimated (neon.metrics.frechet.COVARIANCES)
         self.extractor = extractor
+        self.covariance = covariance
         self.keep_features = keep_features
         self.want_logits = logits and extractor.logits
         self._pool, self._logits, self._index = [], [], []
@@ -92,7 +94,7 @@ class FeatureAccumulator:
             logits = logits[order] if logits is not None else None
         elif bool((index >= 0).any()):
             raise NeonError("index: give it for every batch on every rank, or for none")
-        mu, sigma = gaussian_from_features(pool.to(self.extractor.device))
+        mu, sigma = gaussian_from_features(pool.to(self.extractor.device), self.covariance)
         return Summary(mu, sigma, int(pool.shape[0]), pool if self.keep_features else None, logits)
 
 
