@@ -22,6 +22,7 @@ from neon import dist
 from neon.checkpoint import atomic_open
 from neon.errors import NeonError
 
+RECORD = "run.json"
 LAYOUT = 2          # run.json's layout: 2 = stages keyed by their inputs (1 had no keys and is refused)
 _MISSING = object()
 
@@ -115,7 +116,7 @@ class RunRecord:
     writes it). `plan` holds, per stage, {key, inputs, result, files}: enough to explain and undo it later."""
 
     def __init__(self, out: str, config: dict, meta: dict):
-        self.out, self.path = out, os.path.join(out, "run.json")
+        self.out, self.path = out, os.path.join(out, RECORD)
         self.existed = os.path.isfile(self.path)
         old = self._read() if self.existed else {}
         self.digests = old.get("file_digests", {})

@@ -42,10 +42,10 @@ from neon.evaluate import FIDMetric, stand_in_stats
 from neon.family import Bundle, Family, get_family
 from neon.model_card import write_model_card
 from neon.pipeline_folder import is_pipeline_folder
-from neon.record import RunRecord, Stage, Upstream, flatten
+from neon.record import RECORD, RunRecord, Stage, Upstream, flatten
 from neon.registry import Registry
 from neon.repeats import paired_difference, per_range
-from neon.sampling import draw_labels, plan_seeds, sample_to_npz
+from neon.sampling import draw_labels, exclusive, plan_seeds, sample_to_npz
 from neon.score import Point, Scorer
 from neon.selftrain import CACHE_FILE, check_finetune_config, encode_examples, finetune
 from neon.snapshot_sweep import (
@@ -106,7 +106,8 @@ def run_metric(cfg: RunConfig, out: str, device, synthetic: str):
 def check_run_inputs(cfg: RunConfig, smoke: bool, out: str) -> None:
     """What a run needs from the start, checked before its folder exists: a refused run leaves nothing."""
     paths.output_folder(out)
-    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, "run.json")):
+    ours = {RECORD, RECORD + ".lock"}   # the lock a killed run leaves behind is taken over, not foreign
+    if os.path.isdir(out) and set(os.listdir(out)) - ours and not os.path.isfile(os.path.join(out, RECORD)):
         raise NeonError(f"--out {out}: a folder with files but no run.json (not a run folder of neon run); "
                         "choose a new or empty folder")
     if not cfg.base and not smoke:
@@ -115,8 +116,14 @@ def check_run_inputs(cfg: RunConfig, smoke: bool, out: str) -> None:
     if base is not None and not os.path.exists(base) and \
             get_family(cfg.family).resolve_remote(base, cfg.load_args) is not None:
         base = None   # a remote name (a Hub repo id) the family has fetched, or found in its cache, just now
-    dinov2 = cfg.metrics.fd_dinov2
-    for field, path, what in (("base", base, "checkpoint"), ("ref_stats", cfg.ref_stats, "statistics file"),
+    dinov2, m = cfg.metrics.fd_dinov2, cfg.metrics
+    if m.weights is None and m.detector == "inception-v3-compat":
+        # torch-fidelity downloads its weights when the metric is built, after S and self-training: fetch them now
+        from neon.metrics.features import fetch_compat_weights
+        fetch_compat_weights()
+    detector = None if m.weights in (None, "fid-helper") else m.weights
+    for field, path, what in (("base", base, "checkpoint"), ("metrics.weights", detector, "detector weights file"),
+                              ("ref_stats", cfg.ref_stats, "statistics file"),
                               ("metrics.real_features", cfg.metrics.real_features, "features file"),
                               ("metrics.fd_dinov2.weights", dinov2 and dinov2.weights, "weights file"),
                               ("metrics.fd_dinov2.ref_stats", dinov2 and dinov2.ref_stats, "statistics file")):
@@ -132,7 +139,7 @@ def run(config: str, out: str, smoke: bool = False) -> dict:
     family = get_family(cfg.family)
     device = dist.init()
     check_run_inputs(cfg, smoke, out)
-    with paths.made_folder(out):
+    with paths.made_folder(out), exclusive(os.path.join(out, RECORD)):   # one neon run per folder at a time
         return _run(family, cfg, out, smoke, device, config)
 
 

@@ -242,7 +242,7 @@ def sample_to_npz(family: Family, bundle: Bundle, seeds: Sequence[int], labels: 
         raise FileExistsError(f"{out} exists")
     if png:
         paths.output_folder(png)
-    with paths.made_folder(paths.no_symlink(out + ".shards")) as shard_dir, _exclusive(out):
+    with paths.made_folder(paths.no_symlink(out + ".shards")) as shard_dir, exclusive(out):
         _sample_shards(family, bundle, seeds, labels, out, shard_dir, batch, sampler_args, batch_invariant)
     if dist.is_main() and png:
         export_png(NpzImages(out), png)
@@ -251,9 +251,9 @@ def sample_to_npz(family: Family, bundle: Bundle, seeds: Sequence[int], labels: 
 
 
 @contextlib.contextmanager
-def _exclusive(out: str):
-    """Rank 0 holds `<out>.lock` while the ranks write `out`: a second job on the same output refuses at once
-    (every rank of it) instead of racing this one for the same shards."""
+def exclusive(out: str):
+    """Rank 0 holds `<out>.lock` while the ranks write `out` (a file, or a run folder's record): a second job
+    on the same output refuses at once (every rank of it) instead of racing this one for the same files."""
     held, error = contextlib.ExitStack(), None
     if dist.is_main():
         try:

@@ -522,7 +522,8 @@ def finetune_main(args) -> None:
         "ema": ema, "snapshot_every_images": args.snapshot_every_images, "optimizer": parse_kv(args.opt),
         "loss_args": parse_kv(args.loss_arg), "seed": args.seed}, "finetune")
     check_finetune_inputs(family, bundle, cfg, args.data, args.out, args.encode_batch)
-    with paths.made_folder(args.out):
+    from neon.sampling import exclusive
+    with paths.made_folder(args.out), exclusive(os.path.join(args.out, "finetune.json")):   # one writer at a time
         examples = encode_examples(family, bundle, args.data, os.path.join(args.out, CACHE_FILE), args.encode_batch,
                                    cfg.cache_dtype)
         snapshots = finetune(family, bundle, examples, cfg, args.out)

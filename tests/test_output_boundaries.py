@@ -268,3 +268,23 @@ def test_the_cases_above_are_well_formed(ws, base):
     assert (ws / "ws" / "s.npz").is_file() and not (ws / "ws" / "s.npz.shards").exists()
     cli.main(_finetune(base, base["data"], "ft"))
     assert (ws / "ws" / "ft" / "log.jsonl").is_file() and (ws / "ws" / "ft" / "examples" / "x.bin").is_file()
+
+
+@pytest.mark.parametrize("case", ["stats out is the images", "stats out exists", "fid json is the reference",
+                                  "fid json is the images"])
+def test_metric_outputs_never_name_an_input_nor_replace_a_file_unasked(tmp_path, capsys, case):
+    import numpy as np
+
+    from neon.images import save_images_npz
+    from neon.metrics import save_stats
+    images, ref, out = tmp_path / "images.npz", tmp_path / "ref.npz", tmp_path / "stats.npz"
+    save_images_npz(str(images), np.zeros((4, 8, 8, 3), np.uint8), None)
+    save_stats(str(ref), np.zeros(2048), np.eye(2048), count=4)
+    out.write_bytes(b"statistics of another day")
+    argv, expected = {
+        "stats out is the images": (["stats", "--images", images, "--out", images], "is the input"),
+        "stats out exists": (["stats", "--images", images, "--out", out], "exists (use --force to replace it)"),
+        "fid json is the reference": (["fid", "--images", images, "--ref", ref, "--json", ref], "is the input"),
+        "fid json is the images": (["fid", "--images", images, "--ref", ref, "--json", images], "is the input"),
+    }[case]
+    assert expected in _refused(capsys, argv + ["--detector-weights", "fid-helper"], tmp_path)

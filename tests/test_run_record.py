@@ -150,3 +150,24 @@ def test_an_unrelated_folder_is_refused_as_a_run_folder(tmp_path):
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "no run.json" in res.stderr
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["synthetic.npz"]
     assert (tmp_path / "mine" / "synthetic.npz").read_bytes() == b"my own data"
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_in_one_line(tmp_path):
+    """One neon run per folder at a time: the first holds <out>/run.json.lock; a second refuses at once."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from test_core_run import CONFIG as TINYPIX
+
+    from neon import paths
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(TINYPIX))
+    out = tmp_path / "run"
+    out.mkdir()
+    with paths.output_lock(str(out / "run.json")):
+        res = subprocess.run([sys.executable, "-m", "neon", "run", str(tmp_path / "c.yaml"), "--smoke", "--out",
+                              str(out)], capture_output=True, text=True)
+        assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+        assert f"in use by PID {os.getpid()}" in res.stderr
+    assert sorted(p.name for p in out.iterdir()) == []

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from neon import dist, paths
@@ -66,6 +67,7 @@ def add_fid_arguments(p: argparse.ArgumentParser) -> None:
 def add_stats_arguments(p: argparse.ArgumentParser) -> None:
     _add_common(p)
     p.add_argument("--out", required=True, help="output .npz (mu, sigma float64, count)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--features", action="store_true",
                    help="also store the pool features (for `neon fid --prdc / --kid`, metrics.real_features)")
 
@@ -105,6 +107,7 @@ def _report(result: dict) -> str:
 def fid_main(args: argparse.Namespace) -> dict:
     if args.json:
         paths.output_file(args.json, "JSON file")  # refused now, not after the extraction
+        paths.check_apart(args.json, [args.images, args.ref] + ([args.real] if args.real else []))
     if args.inception_score and args.detector == "dinov2":
         raise NeonError("--is: the Inception Score needs an Inception detector, not dinov2")
     dist.init()
@@ -133,6 +136,9 @@ def fid_main(args: argparse.Namespace) -> dict:
 
 def stats_main(args: argparse.Namespace) -> Stats:
     paths.output_file(args.out, ".npz file")  # refused now, not after the extraction
+    paths.check_apart(args.out, [args.images])
+    if os.path.exists(args.out) and not args.force:
+        raise NeonError(f"{args.out} exists (use --force to replace it)")
     dist.init()
     extractor = FeatureExtractor(args.detector, args.inception_weights, logits=False)
     summary = summarize_images(args.images, extractor, args.batch, num=args.num_images,

@@ -47,6 +47,24 @@ def to_nchw_uint8(images) -> torch.Tensor:
     return x.contiguous()
 
 
+def fetch_compat_weights() -> str:
+    """torch-fidelity's Inception weights in torch.hub's cache, where its extractor looks when given no file:
+    downloaded now if absent (a run calls this before its first stage, so an offline machine hears of it then,
+    in one line, not after sampling and self-training). Returns the cached file."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(URL_INCEPTION_V3))
+    if not os.path.isfile(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(URL_INCEPTION_V3, path, progress=False)
+        except Exception as e:  # offline, or the URL is gone: no partial file is left (torch.hub writes a temp)
+            raise NeonError(f"metrics.weights: not set, and torch-fidelity's Inception weights could not be fetched "
+                            f"({type(e).__name__}); set it to checkpoints/weights-inception-2015-12-05-6726825d.pth "
+                            "(bash download_models.sh --only inception-fidelity), or 'fid-helper' (offline, FID "
+                            "only)") from None
+    return path
+
+
 def _build_compat(weights: str | None, logits: bool) -> tuple[torch.nn.Module, bool]:
     """torch-fidelity's extractor, and whether its logits are real (the fid-helper conversion has NaN fc)."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
