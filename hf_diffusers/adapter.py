@@ -70,6 +70,7 @@ DIT_CLASSES = 1000   # DiTPipeline's null class is label 1000, so its label tabl
 class DiffusersFamily(Family):
     name = "diffusers"
     CONTAINERS = (containers.PIPELINE_FOLDER,)   # what `load` reads
+    SAVES_FOLDERS = True                          # `save` writes a pipeline folder
     SAMPLER_ARGS, LOSS_ARGS, LOAD_ARGS = SAMPLER_ARGS, LOSS_ARGS, LOAD_ARGS
     TINY_ARGS, BUILD_ARGS = TINY_ARGS, BUILD_ARGS
     loads_hub_ids = True   # `--ckpt google/ddpm-cifar10-32`: a Hub repo id, resolved by `load`

@@ -85,6 +85,7 @@ class FIDMetric:
         from neon import metrics
         inception_score = inception_score and detector != "dinov2"   # IS is an Inception metric: FD_DINOv2 has none
         self.ref = metrics.load_stats(ref_stats)
+        metrics.check_detector(self.ref, detector, ref_stats)
         self.extractor = metrics.FeatureExtractor(detector, weights=weights, device=device, logits=inception_score)
         if self.ref.dim != self.extractor.dim:
             raise NeonError(f"{ref_stats}: statistics are {self.ref.dim}-d, the {detector} detector gives "
@@ -110,6 +111,7 @@ class FIDMetric:
         if dinov2_weights is not None:
             self.dinov2 = metrics.FeatureExtractor("dinov2", weights=dinov2_weights, device=device, logits=False)
             self.dinov2_ref = metrics.load_stats(dinov2_ref)
+            metrics.check_detector(self.dinov2_ref, "dinov2", dinov2_ref)
             if self.dinov2_ref.dim != self.dinov2.dim:
                 raise NeonError(f"{dinov2_ref}: statistics are {self.dinov2_ref.dim}-d, the dinov2 detector gives "
                                 f"{self.dinov2.dim}-d features")
@@ -193,7 +195,7 @@ def stand_in_stats(detector: str, weights: str | None, images: str, path: str, d
         summary = metrics.summarize_images(images, extractor, batch, keep_features=features, logits=False)
         if dist.is_main():
             metrics.save_stats(path, summary.mu, summary.sigma, count=summary.count,
-                               features=summary.features if features else None)
+                               features=summary.features if features else None, detector=detector)
     dist.barrier()
     return path
 

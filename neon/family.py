@@ -112,6 +112,8 @@ class Family:
     # CUDA's TF32 and cuDNN settings (neon.fastpaths.Backends) for "sample" and "train", as the official code
     # sets them for each; a stage with none leaves PyTorch's settings as they are.
     BACKENDS: dict[str, Any] = {}
+    # `save` writes a folder (a diffusers pipeline): θneon and snapshots are then named without a file extension.
+    SAVES_FOLDERS: bool = False
     # The family's released checkpoint files (as download_models.sh names them) -> `tiny` arguments of a network
     # of the same kind: tests write these stand-ins (and `save_helpers`) to run the README's commands offline.
     RELEASES: dict[str, dict[str, Any]] = {}

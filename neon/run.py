@@ -179,7 +179,8 @@ def stages(cfg: RunConfig, rec: RunRecord, base_path: str | None, smoke: bool, n
 def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device, config: str) -> dict:
     bundle, base_path = load_base(family, cfg, smoke, device)
     check_seed_overlap(cfg, bundle.num_classes)   # again with the model's class count, before anything is written
-    neon_path = os.path.join(out, "neon" + (os.path.splitext(base_path)[1] if base_path else ".pth"))
+    suffix = "" if family.SAVES_FOLDERS else os.path.splitext(base_path)[1] if base_path else ".pth"
+    neon_path = os.path.join(out, "neon" + suffix)
     rec = RunRecord(out, cfg.to_dict(), {"smoke": smoke, "versions": _versions()})
     for line in rec.plan(stages(cfg, rec, base_path, smoke, os.path.basename(neon_path))):
         if dist.is_main():

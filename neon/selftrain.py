@@ -261,8 +261,10 @@ def train_defaults(family: Family, overrides: dict) -> TrainDefaults:
     return dataclasses.replace(family.train_defaults, **overrides)
 
 
-def snapshot_path(out_dir: str, images: int, bundle: Bundle) -> str:
-    if bundle.source and os.path.isdir(bundle.source):  # a pipeline folder: its snapshots are folders too
+def snapshot_path(out_dir: str, images: int, bundle: Bundle, folder: bool = False) -> str:
+    """Where the snapshot after `images` goes: a folder (`folder`: the family saves folders, or θr is one) or a
+    file with θr's extension."""
+    if folder or (bundle.source and os.path.isdir(bundle.source)):  # a pipeline folder: its snapshots are folders
         return os.path.join(out_dir, f"snapshot-{images:010d}")
     suffix = os.path.splitext(bundle.source)[1] if bundle.source else ".pth"
     return os.path.join(out_dir, f"snapshot-{images:010d}{suffix or '.pth'}")
@@ -422,7 +424,7 @@ def finetune(family: Family, bundle: Bundle, examples: dict[str, torch.Tensor], 
                                         "lr": lr, "seconds": round(time.time() - t0, 3)}) + "\n")
                 losses = []
             if images_seen in snapshot_at:
-                snapshots.append(snapshot_path(out_dir, images_seen, bundle))
+                snapshots.append(snapshot_path(out_dir, images_seen, bundle, family.SAVES_FOLDERS))
                 trainer.snapshot(snapshots[-1], state_path, step, snapshots)
     bar.close()
     return snapshots

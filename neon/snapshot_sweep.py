@@ -21,7 +21,7 @@ from neon.config import OBJECTIVE_LABELS, SNAPSHOT_NAME, RunConfig, final_seed_r
 from neon.errors import NeonError
 from neon.repeats import combine_ranges, per_range
 from neon.score import Point, Scorer, Seeds
-from neon.sweep import Sweep, metrics_label
+from neon.sweep import Sweep, metrics_label, plot_sweep
 
 
 def snapshot_name(path: str) -> str:
@@ -147,10 +147,14 @@ def snapshot_points(out: str, entry: dict) -> list[dict]:
 
 
 def plot_snapshots(entries: list[dict], out: str, path: str, cfg_key: str = "cfg", key: str = "fid") -> None:
-    """Left: heat map of the sweep objective `key`, one row per snapshot, one column per w (each w's best over
+    """One snapshot: its objective against w (neon.sweep.plot_sweep). Several: left, heat map of the sweep
+    objective `key`, one row per snapshot, one column per w (each w's best over
     guidance scales and settings), each row's best point starred. Right: each snapshot's best w and its final
     objective."""
     name = OBJECTIVE_LABELS[key]
+    if len(entries) == 1:   # one snapshot: its objective against w says more than a one-row heat map
+        plot_sweep(snapshot_points(out, entries[0]), path, cfg_key, key)
+        return
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

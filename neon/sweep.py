@@ -196,7 +196,7 @@ def plot_sweep(points: list[dict], path: str, cfg_key: str = "cfg", key: str = "
     ax.plot([best["w"]], [best[key]], "*", ms=14, color="k", label=f"best: w = {best['w']:g}")
     ax.axvline(0, color="0.7", lw=0.8)
     ax.set_xlabel("merge weight w   (θneon = (1+w)·θr − w·θs)")
-    ax.set_ylabel(f"{OBJECTIVE_LABELS[key]} ({best.get('num_images', '?')} images)")
+    ax.set_ylabel(f"{OBJECTIVE_LABELS[key]} ({best.get('num_images', '?')} images; lower is better)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

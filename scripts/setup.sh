@@ -54,6 +54,13 @@ venv() {
 
 fashion_mnist
 venv
+# pip is quiet; say what each step does and how long it takes, so minutes of silence read as work.
+if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
+  note "installing ${TORCH_PINS[*]} into .venv: about 5.6 GB with the CUDA libraries, 3-5 minutes"
+fi
 .venv/bin/python -m pip install --quiet "${TORCH_PINS[@]}"
+note "installing this project and its test tools (diffusers, torch-fidelity, pytest, ...) into .venv"
 .venv/bin/python -m pip install --quiet -e '.[test]'
-note "done: .venv/bin/neon toy runs the main job; .venv/bin/python -m pytest -q runs the tests"
+note "done: .venv holds $(du -sh .venv 2>/dev/null | cut -f1). .venv/bin/neon toy runs the main job" \
+     "(neon toy --quick: about 30 s); .venv/bin/python -m pytest -q runs the tests; source .venv/bin/activate" \
+     "puts neon, torchrun and python on PATH for the other commands"

@@ -72,7 +72,8 @@ def test_final_seeds_are_apart_from_the_sweeps(config, smoke):
 # The snapshots the official scripts sweep (SinaAlemohammad/Neon @76496c3): VAR/*/run_var_imagenet_*.sh and
 # xAR/run_xar{b,l}.sh list them by images seen (EPOCHS); edm/cal_metrics_all.py and imm/run_imm_imagenet_256.sh
 # take every network-snapshot-*.pkl of the run, named by kimg at a tick's end (EDM) or by tick (IMM): their count,
-# past EDM's tick-0 copy of θr (12 = 6 Mimg / 500 kimg or 3 Mimg / 250 kimg; IMM: 60 ticks).
+# past EDM's tick-0 file, which cal_metrics_all.py skips (12: every 10th or 5th tick and the last step, as
+# tests/test_official_knobs.py replays the loop; IMM: 60 ticks).
 OFFICIAL_SNAPSHOTS = {
     "edm_cifar10_cond": 12,
     "edm_cifar10_uncond": 12,
@@ -198,7 +199,12 @@ def test_smoke_run_goes_through_every_stage(config, tmp_path):
     assert final["neon"]["fid"] is not None
     for name in ("synthetic.npz", "sweep.json", "sweep.png"):
         assert (out / name).is_file(), name
-    assert list(out.glob("neon.*")) and list((out / "finetune").glob("snapshot-*"))
+    (neon,), snapshots = list(out.glob("neon*")), list((out / "finetune").glob("snapshot-*"))
+    assert snapshots
+    if neon.is_dir():   # a family that saves folders names them without a file extension
+        assert neon.name == "neon" and all(p.is_dir() and not p.suffix for p in snapshots), (neon, snapshots)
+    else:
+        assert neon.suffix and all(p.suffix == neon.suffix for p in snapshots), (neon, snapshots)
     swept = json.loads((out / "sweep.json").read_text())["snapshots"]
     assert len(swept) >= 2 and final["snapshot"] == min(swept, key=lambda e: e["final"]["fid"])["snapshot"]
     cfg = load_config(str(config), smoke=True)

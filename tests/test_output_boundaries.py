@@ -288,3 +288,21 @@ def test_metric_outputs_never_name_an_input_nor_replace_a_file_unasked(tmp_path,
         "fid json is the images": (["fid", "--images", images, "--ref", ref, "--json", images], "is the input"),
     }[case]
     assert expected in _refused(capsys, argv + ["--detector-weights", "fid-helper"], tmp_path)
+
+
+def test_statistics_record_their_detector_and_another_detectors_are_refused_in_one_line(tmp_path, capsys):
+    import numpy as np
+
+    from neon.images import save_images_npz
+    from neon.metrics import load_stats, save_stats
+    images = tmp_path / "images.npz"
+    save_images_npz(str(images), np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8), None)
+    cli.main(["stats", "--images", str(images), "--out", str(tmp_path / "ref.npz"), "--detector-weights", "fid-helper",
+              "--quiet"])
+    assert load_stats(tmp_path / "ref.npz").detector == "inception-v3-compat"
+    err = _refused(capsys, ["fid", "--images", images, "--ref", tmp_path / "ref.npz", "--detector", "nvidia",
+                            "--inception-weights", "fid-helper"], tmp_path)
+    assert "statistics of the 'inception-v3-compat' detector, but the images are measured with 'nvidia'" in err
+    save_stats(str(tmp_path / "edm.npz"), np.zeros(2048), np.eye(2048))   # as EDM's fid-refs: no detector recorded
+    cli.main(["fid", "--images", str(images), "--ref", str(tmp_path / "edm.npz"), "--detector", "nvidia",
+              "--inception-weights", "fid-helper", "--quiet"])

@@ -23,15 +23,18 @@ from neon.family import get_family
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
-PY = shlex.quote(sys.executable)
+# The README's `source .venv/bin/activate`: the repository's .venv, or the environment these tests run in.
+ACTIVATE = shlex.quote(str(REPO / ".venv" / "bin" / "activate" if (REPO / ".venv" / "bin" / "activate").is_file()
+                           else Path(sys.executable).parent / "activate"))
 
 # (pattern, replacement): the README's GPU-sized counts -> CPU-sized ones; everything else runs as written.
+# Commands run as typed in a shell where the README's `source .venv/bin/activate` ran (ACTIVATE, below): `neon`,
+# `torchrun` and `python` are the environment's own.
 SCALE_DOWN = [
-    (r"^torchrun --standalone --nproc_per_node=8 ", f"{PY} -m torch.distributed.run --standalone --nproc_per_node=1 "),
+    (r"^torchrun --standalone --nproc_per_node=8 ", "torchrun --standalone --nproc_per_node=1 "),
     (r"^torchrun --nnodes=4 --nproc_per_node=8 (.*)--rdzv_endpoint=\$HEAD_NODE:29500 ",
-     rf"{PY} -m torch.distributed.run --nnodes=1 --nproc_per_node=2 \g<1>--rdzv_endpoint=localhost:FREE_PORT "),
-    (r"^neon ", f"{PY} -m neon "),
-    (r"^\.venv/bin/neon toy$", f"{PY} -m neon toy --quick --out toy"),
+     r"torchrun --nnodes=1 --nproc_per_node=2 \g<1>--rdzv_endpoint=localhost:FREE_PORT "),
+    (r"^\.venv/bin/neon toy$", "neon toy --quick --out toy"),
     (r"^bash download_models\.sh", f"bash {shlex.quote(str(REPO / 'download_models.sh'))} --dry-run"),
     (r"--num_images \d+", "--num_images 8"),
     (r"--seeds 0-\d+", "--seeds 0-7"),
@@ -43,7 +46,7 @@ SCALE_DOWN = [
     (r"--total-images \d+", "--total-images 16"),
     (r"--model xar_(large|base)", "--model auto"),
     (r"--inception-weights \S+", "--inception-weights fid-helper"),
-    (r"(-m neon run configs/\S+\.yaml)", r"\g<1> --smoke"),
+    (r"(\bneon run configs/\S+\.yaml)", r"\g<1> --smoke"),
 ]
 FAMILIES = sorted(ep.name for ep in importlib.metadata.entry_points(group="neon.families"))
 PAPER_ROWS = [c for c in sorted((REPO / "configs").glob("*.yaml")) if config_kind(str(c)) == METHOD_KIND]
@@ -123,6 +126,6 @@ def workspace(tmp_path_factory):
 @pytest.mark.parametrize("command", RUNNABLE, ids=lambda c: c[:70])
 def test_readme_command_runs(command, workspace):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "NO_PROXY": "*"}
-    res = subprocess.run(scaled(command), shell=True, cwd=workspace, env=env, capture_output=True, text=True,
-                         executable="/bin/bash")
+    res = subprocess.run(f"source {ACTIVATE} && {scaled(command)}", shell=True, cwd=workspace, env=env,
+                         capture_output=True, text=True, executable="/bin/bash")
     assert res.returncode == 0, f"{scaled(command)}\n{res.stdout[-1500:]}\n{res.stderr[-3000:]}"

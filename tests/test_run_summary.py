@@ -32,3 +32,18 @@ def test_a_run_that_chose_another_w_does_not_claim_theta_neon_is_theta_r(capsys)
     cfg = parse_config({"family": "tinypix", "synthetic": {"num_images": 4}}, smoke=True)
     summarize(_doc(0.5, smoke=False), cfg)
     assert "θneon = θr" not in capsys.readouterr().out
+
+
+def test_one_swept_snapshot_is_drawn_as_its_objective_against_w(tmp_path):
+    import json
+
+    from neon.snapshot_sweep import plot_snapshots
+    points = [{"w": w, "cfg": None, "setting": {}, "fid": (w - 0.5) ** 2 + 1, "num_images": 4} for w in (0, 0.5, 1)]
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "snapshot-0000000016.json").write_text(json.dumps({"points": points}))
+    entry = {"snapshot": "snapshot-0000000016.pth", "images": 16, "best": points[1],
+             "final": {**points[1], "num_images": 8}}
+    plot_snapshots([entry], str(tmp_path), str(tmp_path / "sweep.png"))
+    from PIL import Image
+    width, height = Image.open(tmp_path / "sweep.png").size
+    assert width < 1.6 * height   # one panel (objective vs w), not the two-panel heat map of several snapshots

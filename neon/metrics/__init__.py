@@ -12,8 +12,8 @@ from neon.metrics.frechet import frechet_distance, gaussian_from_features
 from neon.metrics.inception_score import inception_score
 from neon.metrics.kid import kid
 from neon.metrics.prdc import prdc
-from neon.metrics.stats import Stats, load_real_features, load_stats, save_stats
+from neon.metrics.stats import Stats, check_detector, load_real_features, load_stats, save_stats
 
-__all__ = ["DETECTORS", "FeatureAccumulator", "FeatureExtractor", "Stats", "Summary", "evaluate",
+__all__ = ["DETECTORS", "FeatureAccumulator", "FeatureExtractor", "Stats", "Summary", "check_detector", "evaluate",
            "frechet_distance", "gaussian_from_features", "inception_score", "kid", "load_real_features",
            "load_stats", "prdc", "save_stats", "summarize_images", "to_nchw_uint8"]

@@ -27,7 +27,7 @@ from neon.metrics.accumulate import Summary, summarize_images
 from neon.metrics.evaluate import evaluate
 from neon.metrics.features import DETECTORS, FeatureExtractor
 from neon.metrics.kid import SUBSET_SIZE, SUBSETS
-from neon.metrics.stats import Stats, load_stats, save_stats
+from neon.metrics.stats import Stats, check_detector, load_stats, save_stats
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -112,6 +112,7 @@ def fid_main(args: argparse.Namespace) -> dict:
         raise NeonError("--is: the Inception Score needs an Inception detector, not dinov2")
     dist.init()
     ref = load_stats(args.ref)  # fail before the long extraction
+    check_detector(ref, args.detector, args.ref)
     extractor = FeatureExtractor(args.detector, args.inception_weights, logits=args.inception_score)
     if ref.dim != extractor.dim:
         raise NeonError(f"{args.ref}: statistics are {ref.dim}-d but the detector gives {extractor.dim}-d features")
@@ -145,7 +146,8 @@ def stats_main(args: argparse.Namespace) -> Stats:
                                keep_features=args.features, logits=False, progress=not args.quiet)
     stats = summary.stats(with_features=args.features)
     if dist.is_main():
-        save_stats(args.out, stats.mu, stats.sigma, count=stats.count, features=stats.features)
+        save_stats(args.out, stats.mu, stats.sigma, count=stats.count, features=stats.features,
+                   detector=args.detector)
         print(f"{args.out}: mu {stats.mu.shape}, sigma {stats.sigma.shape} from {stats.count} images", flush=True)
     dist.barrier()
     return stats

@@ -1,8 +1,9 @@
 """Reference statistics files: `.npz` with float64 `mu` (D,) and `sigma` (D, D).
 
 This is the layout of EDM's fid-refs and of the ADM reference batches (which also carry images and spatial
-statistics; only `mu` and `sigma` are read). Files written here may add `count` (number of images) and
-`features` (float32 (N, D) pool features, for precision/recall against this set); other readers ignore them.
+statistics; only `mu` and `sigma` are read). Files written here may add `count` (number of images),
+`features` (float32 (N, D) pool features, for precision/recall against this set) and `detector` (the network
+that made them: statistics of one detector are refused where another measures); other readers ignore them.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class Stats:
     sigma: np.ndarray
     count: int | None = None
     features: np.ndarray | None = None  # (N, D) float32, only when saved for precision/recall
+    detector: str | None = None         # the detector that made them, when the file records it
 
     @property
     def dim(self) -> int:
@@ -46,7 +48,7 @@ def load_stats(path: str | os.PathLike, dim: int | None = None) -> Stats:
         raise NeonError(f"{path}: is a folder, expected a statistics file")
     if not path.is_file():
         raise NeonError(f"statistics file not found: {path}")
-    arrays = read_npz(str(path), required=("mu", "sigma"), optional=("count", "features"))
+    arrays = read_npz(str(path), required=("mu", "sigma"), optional=("count", "features", "detector"))
     mu, sigma, features = arrays["mu"], arrays["sigma"], arrays.get("features")
     if "count" in arrays and arrays["count"].size != 1:
         raise NeonError(f"{path}: 'count' has shape {arrays['count'].shape}, expected a single number")
@@ -57,11 +59,24 @@ def load_stats(path: str | os.PathLike, dim: int | None = None) -> Stats:
         raise NeonError(f"{path}: statistics are {mu.shape[0]}-d but the detector gives {dim}-d features")
     if features is not None and (features.ndim != 2 or features.shape[1] != mu.shape[0]):
         raise NeonError(f"{path}: 'features' has shape {features.shape}, expected (N, {mu.shape[0]})")
-    return Stats(mu, sigma, count, features)
+    detector = arrays.get("detector")
+    if detector is not None and (detector.dtype.kind != "U" or detector.size != 1):
+        raise NeonError(f"{path}: 'detector' must be one name, got {detector.dtype} {detector.shape}")
+    return Stats(mu, sigma, count, features, None if detector is None else str(detector))
 
 
-def save_stats(path: str | os.PathLike, mu, sigma, count: int | None = None, features=None) -> Path:
-    """Write mu, sigma as float64 (plus count / float32 features if given) atomically: temp file, then rename."""
+def check_detector(stats: Stats, detector: str, path) -> None:
+    """Refuse statistics that record another detector than the one measuring: their FID would compare two
+    networks' features. Files that record none (EDM's fid-refs, the ADM batches) are taken as they are."""
+    if stats.detector is not None and stats.detector != detector:
+        raise NeonError(f"{path}: statistics of the {stats.detector!r} detector, but the images are measured with "
+                        f"{detector!r} (make them with `neon stats --detector {detector}`)")
+
+
+def save_stats(path: str | os.PathLike, mu, sigma, count: int | None = None, features=None,
+               detector: str | None = None) -> Path:
+    """Write mu, sigma as float64 (plus count / float32 features / the detector's name if given) atomically: temp
+    file, then rename."""
     mu, sigma = check_gaussian(mu, sigma, "statistics to save")
     check_count(count, "statistics to save")
     arrays = {"mu": mu, "sigma": sigma}
@@ -69,6 +84,8 @@ def save_stats(path: str | os.PathLike, mu, sigma, count: int | None = None, fea
         arrays["count"] = np.int64(count)
     if features is not None:
         arrays["features"] = np.asarray(features, dtype=np.float32)
+    if detector is not None:
+        arrays["detector"] = np.array(str(detector))
     with atomic_open(path) as f:
         np.savez(f, **arrays)
     return Path(path)
