@@ -16,7 +16,7 @@ import sys
 import time
 
 from neon import startup
-from neon.errors import INTERRUPTED, USER_ERROR, NeonError
+from neon.errors import INTERRUPTED, USER_ERROR, NeonError, one_line
 from neon.registry import Registry
 
 # command -> (module, help)
@@ -68,6 +68,7 @@ def fail(line: str) -> None:
     (TORCHELASTIC_ERROR_FILE, the JSON its agent reads after a worker dies), so that torchrun's failure report
     shows the line and `neon torchrun` prints it as the last line of all."""
     from neon.launch import LAUNCHER_PRINTS
+    line = one_line(line)
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
         stamp = str(int(time.time()))

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from neon.errors import NeonError
+from neon.errors import NeonError, shown
 from neon.family import Arg, Family, get_family
 from neon.search import REFINE_CENTRES, REFINE_PATTERNS, STOP_RULES
 
@@ -160,7 +160,7 @@ def check_search(c: SweepConfig, where: str = "sweep") -> None:
             if value is None and needed[name]:
                 raise ConfigError(f"{where}.{name}: search: official needs one of {', '.join(options)}")
             if value is not None and value not in options:
-                raise ConfigError(f"{where}.{name}: expected one of {', '.join(options)}, got {value!r}")
+                raise ConfigError(f"{where}.{name}: expected one of {', '.join(options)}, got {shown(value)}")
         if c.refine_decimals is not None and not 0 <= c.refine_decimals <= 12:
             raise ConfigError(f"{where}.refine_decimals: expected 0 to 12, got {c.refine_decimals}")
     if c.per_setting and c.grid:
@@ -302,24 +302,24 @@ def _check(value: Any, tp: Any, where: str) -> Any:
                 return _check(value, option, where)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: unexpected value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{where}: unexpected value {shown(value)}")
     if dataclasses.is_dataclass(tp):
         return build_config(tp, value, where)
     if tp is Any:
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {shown(value)}")
         (item,) = typing.get_args(tp)
         return [_check(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
+            raise ConfigError(f"{where}: expected {len(args)} values, got {shown(value)}")
         return tuple(_check(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {shown(value)}")
         _, vt = typing.get_args(tp)
         return {k: _check(v, vt, f"{where}.{k}") for k, v in value.items()}
     if tp is float:
@@ -329,21 +329,21 @@ def _check(value: Any, tp: Any, where: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {shown(value)}")
         if not math.isfinite(value):
-            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+            raise ConfigError(f"{where}: expected a finite number, got {shown(value)}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {shown(value)}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            raise ConfigError(f"{where}: expected true or false, got {shown(value)}")
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {shown(value)}")
         return value
     raise ConfigError(f"{where}: unsupported type {tp}")
 
@@ -396,8 +396,8 @@ def _semantic_checks(cfg: RunConfig, smoke: bool = False) -> None:
         raise ConfigError(f"metrics.detector: {cfg.metrics.detector!r} is not inception-v3-compat, nvidia or dinov2")
     _metrics_checks(cfg.metrics, smoke)
     check_objective(cfg)
-    if cfg.final.repeats < 1:
-        raise ConfigError(f"final.repeats: must be at least 1, got {cfg.final.repeats}")
+    if not 1 <= cfg.final.repeats <= MAX_REPEATS:
+        raise ConfigError(f"final.repeats: must be 1 to {MAX_REPEATS}, got {shown(cfg.final.repeats)}")
     check_snapshot_choice(cfg)
     check_seed_overlap(cfg)
     check_baselines(cfg)
@@ -599,15 +599,35 @@ def parse_config(data: dict, smoke: bool = False, where: str = "", family_args: 
     return cfg
 
 
+MAX_REPEATS = 1000            # final seed ranges a run may ask for (each one is a full final evaluation)
+MAX_CONFIG_VALUES = 100_000   # values a config may hold once YAML aliases are expanded (a real one: a few hundred)
+
+
+def _expanded_size(data: Any, sizes: dict) -> int:
+    """How many values `data` holds with every alias expanded, counted once per shared node (memo `sizes`), so
+    a "billion laughs" file is measured without being expanded."""
+    if id(data) in sizes:
+        return sizes[id(data)]
+    items = data.values() if isinstance(data, dict) else data if isinstance(data, list) else ()
+    sizes[id(data)] = 1 + sum(_expanded_size(v, sizes) for v in items)
+    return sizes[id(data)]
+
+
 def load_yaml(path: str, parse, **kwargs):
     """parse(data, **kwargs) of the YAML file `path`; every problem is a one-line ConfigError naming the file."""
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
+        size = _expanded_size(data, {})
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config") from None
+    if size > MAX_CONFIG_VALUES:
+        raise ConfigError(f"{path}: holds {size:.3g} values once its YAML aliases are expanded (at most "
+                          f"{MAX_CONFIG_VALUES} are read)")
     try:
         return parse(data, **kwargs)
     except ConfigError as e:
@@ -624,7 +644,7 @@ def config_kind(path: str) -> str:
     def kind(data):
         value = data.get("kind", METHOD_KIND) if isinstance(data, dict) else METHOD_KIND
         if not isinstance(value, str):
-            raise ConfigError(f"kind: expected a string, got {value!r}")
+            raise ConfigError(f"kind: expected a string, got {shown(value)}")
         return value
     return load_yaml(path, kind)
 

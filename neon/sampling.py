@@ -28,13 +28,16 @@ from tqdm import tqdm
 from neon import containers, dist, fastpaths, gpu_options, paths
 from neon.checkpoint import load_state_dict
 from neon.config import check_args
-from neon.errors import NeonError
+from neon.errors import NeonError, shown
 from neon.family import Bundle, Family, get_family, public, readers
 from neon.guidance import active_guide, with_guide
 from neon.images import NpzImages, export_png, read_npy, save_images_npz, write_npz
 from neon.pipeline_folder import is_pipeline_folder
 
 LABEL_STREAM = 0x4C41424C  # 'LABL': labels drawn "from the seed" use their own stream, apart from the sampler's
+
+
+MAX_SEEDS = 100_000_000   # seeds one command may list (the largest paper set, S of VAR-d16, is 750k)
 
 
 def parse_seeds(spec: str) -> list[int]:
@@ -45,11 +48,13 @@ def parse_seeds(spec: str) -> list[int]:
             part = part.strip()
             if "-" in part:
                 a, b = part.split("-", 1)
+                if int(b) - int(a) + 1 + len(seeds) > MAX_SEEDS:
+                    raise NeonError(f"seed list {shown(spec)}: more than {MAX_SEEDS} seeds")
                 seeds.extend(range(int(a), int(b) + 1))
             elif part:
                 seeds.append(int(part))
     except ValueError:
-        raise NeonError(f"bad seed list {spec!r} (expected e.g. '0-999,2000')") from None
+        raise NeonError(f"bad seed list {shown(spec)} (expected e.g. '0-999,2000')") from None
     if any(s < 0 for s in seeds):
         raise NeonError(f"seed list {spec!r}: seeds must be non-negative")
     if len(set(seeds)) != len(seeds):
