@@ -396,8 +396,11 @@ def _semantic_checks(cfg: RunConfig, smoke: bool = False) -> None:
         raise ConfigError(f"metrics.detector: {cfg.metrics.detector!r} is not inception-v3-compat, nvidia or dinov2")
     _metrics_checks(cfg.metrics, smoke)
     check_objective(cfg)
-    if not 1 <= cfg.final.repeats <= MAX_REPEATS:
-        raise ConfigError(f"final.repeats: must be 1 to {MAX_REPEATS}, got {shown(cfg.final.repeats)}")
+    if cfg.final.repeats < 1:
+        raise ConfigError(f"final.repeats: must be at least 1, got {cfg.final.repeats}")
+    if cfg.final.repeats > MAX_REPEATS:
+        raise ConfigError(f"final.repeats: at most {MAX_REPEATS} (each is a full final evaluation), got "
+                          f"{cfg.final.repeats}")
     check_snapshot_choice(cfg)
     check_seed_overlap(cfg)
     check_baselines(cfg)

@@ -117,10 +117,6 @@ def check_run_inputs(cfg: RunConfig, smoke: bool, out: str) -> None:
             get_family(cfg.family).resolve_remote(base, cfg.load_args) is not None:
         base = None   # a remote name (a Hub repo id) the family has fetched, or found in its cache, just now
     dinov2, m = cfg.metrics.fd_dinov2, cfg.metrics
-    if m.weights is None and m.detector == "inception-v3-compat":
-        # torch-fidelity downloads its weights when the metric is built, after S and self-training: fetch them now
-        from neon.metrics.features import fetch_compat_weights
-        fetch_compat_weights()
     detector = None if m.weights in (None, "fid-helper") else m.weights
     for field, path, what in (("base", base, "checkpoint"), ("metrics.weights", detector, "detector weights file"),
                               ("ref_stats", cfg.ref_stats, "statistics file"),
@@ -132,6 +128,11 @@ def check_run_inputs(cfg: RunConfig, smoke: bool, out: str) -> None:
         if path is not None and not (os.path.isfile(path) or field == "base" and is_pipeline_folder(path)):
             raise NeonError(f"{field}: {what} {path} not found (bash download_models.sh fetches the released ones)")
     check_finetune_config(cfg.finetune)
+    if m.weights is None and m.detector == "inception-v3-compat":
+        # torch-fidelity downloads its weights when the metric is built, after S and self-training: fetch them now,
+        # once every file the run names is known to be there
+        from neon.metrics.features import fetch_compat_weights
+        fetch_compat_weights()
 
 
 def run(config: str, out: str, smoke: bool = False) -> dict:

@@ -30,7 +30,7 @@ CASES = {   # name -> (config text, what the one line says)
                                 + "smoke: *j\n", "values once its YAML aliases are expanded"),
     "deep nesting": ("family: tinypix\nsmoke: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
     "huge repeats": ("family: tinypix\nsynthetic: {num_images: 4}\nfinal: {repeats: 1000000000}\n",
-                     "final.repeats: must be 1 to 1000, got 1000000000"),
+                     "final.repeats: at most 1000 (each is a full final evaluation), got 1000000000"),
     "a newline and escape codes in a key": ('family: tinypix\nsynthetic: {num_images: 4, "x\\nforged\\u001b[31m": 1}\n',
                                             "synthetic.x\\nforged\\x1b[31m: unknown field"),
 }

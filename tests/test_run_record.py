@@ -171,3 +171,46 @@ def test_a_second_run_into_a_folder_in_use_is_refused_in_one_line(tmp_path):
         assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
         assert f"in use by PID {os.getpid()}" in res.stderr
     assert sorted(p.name for p in out.iterdir()) == []
+
+
+LATE_RANK = '''
+import os, time
+if os.environ.get("RANK") == "1":   # this rank looks at the files rank 0 writes only once rank 0 has written them
+    _exists, _isfile = os.path.exists, os.path.isfile
+    def _late(check):
+        def late(path):
+            if str(path).endswith(("neon.pth", "train_state.pt", "run.json")):
+                time.sleep(2)
+            return check(path)
+        return late
+    os.path.exists, os.path.isfile = _late(_exists), _late(_isfile)
+'''
+
+
+def test_a_late_rank_neither_hangs_nor_changes_the_result(tmp_path):
+    """Two processes, rank 1 made late wherever it looks for a file rank 0 writes (θneon, the continued
+    fine-tuning state, the record): the run finishes every stage, with the synthetic set a one-process run draws
+    (training draws its noise per rank, so later stages may differ)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from test_core_run import CONFIG as TINYPIX
+    config = {**TINYPIX, "baselines": {"continued_finetune": {"real_data": None}}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(LATE_RANK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(tmp_path / "hook") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    args = ["-m", "neon", "run", str(tmp_path / "c.yaml"), "--smoke", "--out"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
+                          str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=400)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, *args, str(tmp_path / "one")], env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    moved = json.loads(json.dumps(_record(tmp_path / "two")).replace(str(tmp_path / "two"), str(tmp_path / "one")))
+    single = _record(tmp_path / "one")
+    assert list(moved["stages"]) == list(single["stages"]) == ["sample", "finetune", "sweep", "final", "baselines"]
+    assert moved["stages"]["sample"] == single["stages"]["sample"] and moved["plan"] == single["plan"]
+    assert (tmp_path / "two" / "synthetic.npz").read_bytes() == (tmp_path / "one" / "synthetic.npz").read_bytes()
