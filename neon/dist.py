@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -20,8 +21,9 @@ def init(backend: str | None = None) -> torch.device:
         use_cuda = torch.cuda.is_available() and backend != "gloo"
         if use_cuda:
             torch.cuda.set_device(device())
+        timeout = float(os.environ.get("NEON_COLLECTIVE_TIMEOUT_S", 3600))   # a collective's longest wait
         dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"),
-                                timeout=datetime.timedelta(minutes=60))
+                                timeout=datetime.timedelta(seconds=timeout))
     return device()
 
 
@@ -52,6 +54,15 @@ def is_main() -> bool:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def wait_for_main(done: Callable[[], bool], poll_s: float = 2.0) -> None:
+    """Every rank but 0 polls `done()` (a file rank 0 writes, on a file system all ranks share) instead of
+    waiting in a collective: rank 0's solo work — joining a synthetic set of hundreds of GB — may outlast any
+    collective's timeout. If rank 0 dies, torchrun stops the others."""
+    if not is_main():
+        while not done():
+            time.sleep(poll_s)
 
 
 def shard(items: Sequence, r: int | None = None, n: int | None = None) -> list:

@@ -296,6 +296,7 @@ def _sample_shards(family, bundle, seeds, labels, out, shard_dir, batch, sampler
     if dist.is_main():
         _join(shard_dir, len(batches), labels, seeds, out)
         _remove_shards(shard_dir, len(batches))
+    dist.wait_for_main(lambda: os.path.isfile(out))   # the join may outlast a collective's timeout
     dist.barrier()
 
 

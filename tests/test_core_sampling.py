@@ -193,3 +193,30 @@ def test_resume_with_another_batch_size_is_refused_and_keeps_the_shards(tmp_path
         _batch_dependent(tmp_path, 4, "s.npz")
     assert len(os.listdir(tmp_path / "s.npz.shards")) == 2 and not (tmp_path / "s.npz").exists()
     assert np.array_equal(_batch_dependent(tmp_path, 3, "s.npz"), _batch_dependent(tmp_path, 3, "again.npz"))
+
+
+SLOW_JOIN = '''
+import os, time
+if os.environ.get("RANK") == "0":   # rank 0's join of the set takes longer than a collective may wait
+    _replace = os.replace
+    def replace(src, dst, *args, **kwargs):
+        if str(dst).endswith("s.npz"):
+            time.sleep(12)
+        return _replace(src, dst, *args, **kwargs)
+    os.replace = replace
+'''
+
+
+def test_a_join_longer_than_the_collective_timeout_does_not_fail_the_other_ranks(tmp_path):
+    """Rank 0 alone joins the shards (for VAR-d36's S, hundreds of GB) while the others wait on the file, not in
+    a collective: with collectives timing out after 4 s, a 12 s join still ends in one complete set."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_JOIN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NEON_COLLECTIVE_TIMEOUT_S": "4",
+           "PYTHONPATH": str(hook) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "neon", "sample", "--family", "tinypix", "--tiny", "--seeds", "0-7", "--batch", "2",
+                          "--out", str(tmp_path / "s.npz")], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(np.load(tmp_path / "s.npz")["arr_0"]) == 8 and not (tmp_path / "s.npz.shards").exists()
