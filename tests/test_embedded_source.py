@@ -4,7 +4,6 @@ pickle, and on every path that reads a pickle: the family loaders, `neon merge`,
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import pickletools
 import struct
@@ -12,6 +11,7 @@ import struct
 import pytest
 import torch
 from forked_source import fork_source
+from test_core_bad_input import _refused
 
 from conftest import fixtures_root
 from edm import checkpoint as edm_checkpoint
@@ -132,21 +132,6 @@ def test_a_record_inside_a_nested_storage_stream_is_seen_when_reading_lazily(tmp
 
 
 # ---- every path that reads θs ------------------------------------------------------------------------------
-
-def _tree(root) -> set[str]:
-    return {os.path.relpath(os.path.join(d, n), root) for d, ds, fs in os.walk(root) for n in ds + fs}
-
-
-def _refused(capsys, argv, root) -> str:
-    """`neon ARGV` exits 2 with one line on stderr and leaves `root` as it was."""
-    before = _tree(root)
-    with pytest.raises(SystemExit) as exit_:
-        cli.main([str(a) for a in argv])
-    err = capsys.readouterr().err.strip()
-    assert exit_.value.code == 2 and "\n" not in err, err
-    assert _tree(root) == before, f"left behind: {_tree(root) - before}"
-    return err
-
 
 @pytest.fixture
 def fork(tmp_path):
