@@ -195,6 +195,8 @@ class DiffusersFamily(Family):
     def loss(self, bundle: Bundle, batch: dict[str, torch.Tensor], snr_gamma: float | None = None) -> torch.Tensor:
         """The diffusers training objective on a batch of `encode`'s output (net in train mode: DiT's label
         dropout on). snr_gamma: Min-SNR weighting (LOSS_ARGS)."""
+        if snr_gamma is not None and not snr_gamma > 0:
+            raise NeonError(f"finetune.loss_args.snr_gamma: must be positive (or null for plain MSE), got {snr_gamma}")
         net = bundle.net
         device = net.device
         x0 = batch["x0"].to(device, torch.float32)

@@ -265,7 +265,9 @@ def _read_image(path: str) -> np.ndarray:
     """uint8 (H, W, 1) for a grey image, (H, W, 3) otherwise."""
     from PIL import Image
     with Image.open(path) as im:
-        if im.mode in ("1", "L", "I;16", "I"):
+        if im.mode.startswith("I"):   # 16/32-bit: PIL's convert would clip every value above 255 to white
+            raise NeonError(f"{path}: a {im.mode} image (more than 8 bits per channel); save it as 8-bit first")
+        if im.mode in ("1", "L"):
             return np.asarray(im.convert("L"))[..., None]
         return np.asarray(im.convert("RGB"))
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from neon import dist, fastpaths, paths
 from neon.checkpoint import atomic_open, atomic_save
 from neon.config import FinetuneConfig, build_config, check_args, snapshot_images
-from neon.errors import NeonError
+from neon.errors import NeonError, shown
 from neon.family import Bundle, Family, TrainDefaults
 from neon.fastpaths import copy_module
 from neon.images import NpzImages, open_images
@@ -258,7 +258,18 @@ def train_defaults(family: Family, overrides: dict) -> TrainDefaults:
     bad = set(overrides) - fields
     if bad:
         raise NeonError(f"finetune.optimizer: unknown setting {sorted(bad)[0]!r} (known: {', '.join(sorted(fields))})")
-    return dataclasses.replace(family.train_defaults, **overrides)
+    d = dataclasses.replace(family.train_defaults, **overrides)
+    # ranges a typo or a sign slip would leave silently wrong: a negative clip norm clips nothing
+    if d.grad_clip is not None and not (isinstance(d.grad_clip, (int, float)) and d.grad_clip > 0):
+        raise NeonError(f"finetune.optimizer.grad_clip: a positive norm or null, got {shown(d.grad_clip)}")
+    if not (isinstance(d.eps, (int, float)) and d.eps > 0):
+        raise NeonError(f"finetune.optimizer.eps: must be positive, got {shown(d.eps)}")
+    if not (isinstance(d.weight_decay, (int, float)) and d.weight_decay >= 0):
+        raise NeonError(f"finetune.optimizer.weight_decay: must be 0 or more, got {shown(d.weight_decay)}")
+    if not (isinstance(d.betas, (list, tuple)) and len(d.betas) == 2
+            and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in d.betas)):
+        raise NeonError(f"finetune.optimizer.betas: two numbers in [0, 1), got {shown(d.betas)}")
+    return d
 
 
 def snapshot_path(out_dir: str, images: int, bundle: Bundle, folder: bool = False) -> str:
@@ -453,8 +464,9 @@ def check_finetune_config(cfg: FinetuneConfig) -> None:
         raise NeonError(f"finetune.lr: must be positive, got {cfg.lr}")
     ema = cfg.ema or {}
     if ema and not (list(ema) == ["beta"] and 0 <= ema["beta"] < 1
-                    or list(ema) == ["halflife_images"] and ema["halflife_images"] > 0):
-        raise NeonError(f"finetune.ema: expected beta in [0, 1) or a positive halflife_images, got {cfg.ema}")
+                    or list(ema) == ["halflife_images"] and ema["halflife_images"] >= 1):
+        raise NeonError(f"finetune.ema: expected beta in [0, 1) or halflife_images of at least one image, got "
+                        f"{shown(cfg.ema)}")
     if cfg.batch % dist.world_size():
         raise NeonError(f"finetune.batch {cfg.batch} is not divisible by the {dist.world_size()} processes")
 

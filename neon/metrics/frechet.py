@@ -27,6 +27,11 @@ def check_gaussian(mu: np.ndarray, sigma: np.ndarray, what: str = "statistics") 
         raise NeonError(f"{what}: expected mu (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise NeonError(f"{what}: mu/sigma contain NaN or inf")
+    # A covariance is symmetric with a non-negative diagonal; anything else gives a meaningless (even negative)
+    # distance. (Cheap necessary conditions: a full eigen-check of a 2048² matrix would cost seconds per read.)
+    scale = max(float(np.abs(sigma).max()), 1e-300)
+    if float(np.abs(sigma - sigma.T).max()) > 1e-6 * scale or float(np.diag(sigma).min()) < -1e-9 * scale:
+        raise NeonError(f"{what}: sigma is not a covariance (not symmetric, or a negative variance)")
     return mu, sigma
 
 
