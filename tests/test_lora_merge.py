@@ -39,7 +39,7 @@ def _adapters(unet, rank: int, scale: float, seed: int) -> dict[str, Lora]:
 
 def _expected(unet, theta_r, theta_s) -> dict[str, torch.Tensor]:
     """θ0 + (1+w)·ΔW_r − w·ΔW_s per adapted weight, computed directly in float64."""
-    return {name: (unet.get_submodule(name).weight.double() + (1 + W) * (theta_r[name].delta().double()
+    return {name: (unet.get_submodule(name).weight.detach().double() + (1 + W) * (theta_r[name].delta().double()
                                                                           if theta_r else 0)
                    - W * s.delta().double()) for name, s in theta_s.items()}
 
