@@ -247,6 +247,8 @@ def sample_to_npz(family: Family, bundle: Bundle, seeds: Sequence[int], labels: 
         raise FileExistsError(f"{out} exists")
     if png:
         paths.output_folder(png)
+        if os.path.isdir(png) and os.listdir(png):   # its PNGs and dataset.json would replace what is there
+            raise NeonError(f"--png {png}: a folder with files in it; choose a new or empty folder")
     with paths.made_folder(paths.no_symlink(out + ".shards")) as shard_dir, exclusive(out):
         _sample_shards(family, bundle, seeds, labels, out, shard_dir, batch, sampler_args, batch_invariant)
     if dist.is_main() and png:

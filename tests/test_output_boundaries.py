@@ -306,3 +306,11 @@ def test_statistics_record_their_detector_and_another_detectors_are_refused_in_o
     save_stats(str(tmp_path / "edm.npz"), np.zeros(2048), np.eye(2048))   # as EDM's fid-refs: no detector recorded
     cli.main(["fid", "--images", str(images), "--ref", str(tmp_path / "edm.npz"), "--detector", "nvidia",
               "--inception-weights", "fid-helper", "--quiet"])
+
+
+def test_a_png_export_never_replaces_files_in_an_existing_folder(tmp_path, capsys):
+    (tmp_path / "pngs").mkdir()
+    (tmp_path / "pngs" / "00000000.png").write_bytes(b"the user's own picture")
+    err = _refused(capsys, ["sample", "--family", "tinypix", "--tiny", "--seeds", "0-1", "--out", tmp_path / "s.npz",
+                            "--png", tmp_path / "pngs"], tmp_path)
+    assert "pngs: a folder with files in it" in err
