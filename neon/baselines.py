@@ -123,12 +123,12 @@ def continued_finetune(ctx: _Context) -> dict:
         recipe = dataclasses.replace(ft, snapshot_every_images=None, snapshot_ticks=None, tick_images=None)
     examples = encode_examples(family, bundle, data, cache, ctx.cfg.synthetic.batch, ft.cache_dtype)
     snapshots = finetune(family, bundle, examples, recipe, folder, desc="continued fine-tuning")   # on a copy
-    trust = bool(ctx.cfg.load_args.get("trust_architecture"))
+    theta = load_state_dict(snapshots[-1], bool(ctx.cfg.load_args.get("trust_architecture")))   # read once
     setting = ctx.swept["best"].get("setting", {})
     base = ctx.cfg.final.base_sampler if ctx.cfg.final.base_sampler is not None else ctx.cfg.final.sampler
     args = {**base, **setting}
     point = {"w": -1.0, "cfg": args.get(ctx.cfg.sweep.cfg_key), "setting": setting}
-    trained = Point(point, lambda: load_state_dict(snapshots[-1], trust), args)
+    trained = Point(point, lambda: theta, args)
     result = final_result(ctx.scorer, trained, ctx.cfg, ctx.offset, "final continued_finetune")
     log = last_log_entry(folder)
     return {"point": point, "final": {**point, **result}, "checkpoint": snapshots[-1],

@@ -284,20 +284,25 @@ class Checkpoint:
         groups = self._groups()
         with open(tmp, "wb") as f:
             writer = torch._C.PyTorchFileWriter(f)
-            for name in reader.get_all_records():
-                if name in ("version", ".data/serialization_id"):
-                    continue  # written by write_end_of_file
-                sid = name[len("data/"):] if name.startswith("data/") else None
-                if sid in groups:
-                    data = self._patched(groups[sid], self._storage_bytes(sid), replace)
-                    writer.write_record(name, data.untyped_storage(), data.numel())
-                else:
-                    data = reader.get_record(name)
-                    writer.write_record(name, data, len(data))
-                del data
-                release_memory()
-            writer.write_end_of_file()
-            del writer
+            try:
+                for name in reader.get_all_records():
+                    if name in ("version", ".data/serialization_id"):
+                        continue  # written by write_end_of_file
+                    sid = name[len("data/"):] if name.startswith("data/") else None
+                    if sid in groups:
+                        data = self._patched(groups[sid], self._storage_bytes(sid), replace)
+                        writer.write_record(name, data.untyped_storage(), data.numel())
+                    else:
+                        data = reader.get_record(name)
+                        writer.write_record(name, data, len(data))
+                    del data
+                    release_memory()
+                writer.write_end_of_file()
+            finally:
+                # The writer finishes the file when it is destroyed: while `f` is still open, also when `replace`
+                # refused a tensor (else it writes to a closed file and aborts the process). The temporary file
+                # is then discarded by atomic_path.
+                del writer
 
 
 def _open_pth(path: str, trust_architecture: bool = False) -> Checkpoint:

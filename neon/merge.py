@@ -64,10 +64,7 @@ def merge_state_dicts(theta_r: Mapping[str, torch.Tensor], theta_s: Mapping[str,
     """θneon = (1+w)·θr − w·θs, key by key (keys in θr's order)."""
     w = check_w(w)
     check_compatible(theta_r, theta_s)
-    theta_neon = {}
-    for k, t in theta_r.items():
-        theta_neon[k] = merge_tensor(t, theta_s[k], w)
-    return theta_neon
+    return {k: merge_tensor(t, theta_s[k], w) for k, t in theta_r.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -120,21 +117,20 @@ def merge_files(ref: str, synth: str, w: float | list[float], out: str, force: b
         check_output(path, (ref, synth), force, folder=is_pipeline_folder(ref))
     ckpt_r, ckpt_s = open_checkpoint(ref, trust_architecture), open_checkpoint(synth, trust_architecture)
     check_same_family(ckpt_r, ckpt_s)
-    for key in ckpt_r.tensors:   # before any write: a container writer must not be left half-way by a refusal
+    for key in ckpt_r.tensors:   # before any output is written: a refusal leaves none of the w's outputs
         theta_r, theta_s = ckpt_r.read(key), ckpt_s.read(key)
         for wi in ws:
-            _finite(merge_tensor(theta_r, theta_s, wi), theta_r, key, wi)
+            check_finite(merge_tensor(theta_r, theta_s, wi), theta_r, key, wi)
     for wi, path in zip(ws, outs):
         ckpt_r.write(path, lambda key, t, wi=wi: merge_tensor(t, ckpt_s.read(key), wi))
     return outs
 
 
-def _finite(merged: torch.Tensor, theta_r: torch.Tensor, key: str, w: float) -> torch.Tensor:
-    """A merged tensor as written: an overflow (a huge w) is refused, never saved as inf/NaN weights; entries
-    θr holds as ±inf itself (attention masks) are kept as they are."""
+def check_finite(merged: torch.Tensor, theta_r: torch.Tensor, key: str, w: float) -> None:
+    """Refuse an overflow (a huge w): θneon is never saved with inf/NaN weights. Entries θr holds as ±inf itself
+    (attention masks) are kept as they are."""
     if merged.is_floating_point() and bool((~torch.isfinite(merged) & torch.isfinite(theta_r)).any()):
         raise NeonError(f"merge weight w={w:g}: {key} overflows to inf/NaN in its dtype")
-    return merged
 
 
 def add_merge_arguments(p: argparse.ArgumentParser) -> None:

@@ -99,11 +99,14 @@ def _changed(old: dict, new: dict) -> list[str]:
     return [k for k in sorted(set(old) | set(new)) if old.get(k, _MISSING) != new.get(k, _MISSING)]
 
 
+def _own(plain: dict) -> dict:
+    """A stage's recorded inputs without its upstream stages (recorded as ["stage", name])."""
+    return {k: v for k, v in plain.items() if not (isinstance(v, list) and v[:1] == ["stage"])}
+
+
 def _reason(old_inputs: dict, stage: Stage, redone: set[str]) -> str:
     """Why a stage is redone: its own fields that changed, else the upstream stage that is redone."""
-    own = {k: v for k, v in _plain(stage.inputs).items() if not (isinstance(v, list) and v[:1] == ["stage"])}
-    old_own = {k: v for k, v in old_inputs.items() if not (isinstance(v, list) and v[:1] == ["stage"])}
-    changed = _changed(old_own, own)
+    changed = _changed(_own(old_inputs), _own(_plain(stage.inputs)))
     if changed:
         shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
         return f"{shown} changed"

@@ -22,7 +22,6 @@ import time
 import torch
 
 from neon import dist, hub, paths
-from neon import score as points
 from neon.baselines import run_baselines, summary_lines
 from neon.checkpoint import load_state_dict
 from neon.config import (
@@ -40,6 +39,7 @@ from neon.config import (
 from neon.errors import NeonError
 from neon.evaluate import FIDMetric, stand_in_stats
 from neon.family import Bundle, Family, get_family
+from neon.merge import merge_state_dicts
 from neon.model_card import write_model_card
 from neon.pipeline_folder import is_pipeline_folder
 from neon.record import RECORD, RunRecord, Stage, Upstream, flatten
@@ -152,8 +152,8 @@ def stages(cfg: RunConfig, rec: RunRecord, base_path: str | None, smoke: bool, n
              "metrics.fd_dinov2.weights": m.fd_dinov2 and m.fd_dinov2.weights,
              "metrics.fd_dinov2.ref_stats": m.fd_dinov2 and m.fd_dinov2.ref_stats}
     read = {f"{field}.sha256": rec.digest(path) for field, path in files.items() if path}
-    points = ("sweep/snapshot-??????????.json", "sweep/snapshot-??????????.png", "sweep/snapshot-??????????_*.png",
-              "smoke_*.npz")
+    point_files = ("sweep/snapshot-??????????.json", "sweep/snapshot-??????????.png",
+                   "sweep/snapshot-??????????_*.png", "smoke_*.npz")
     out = [Stage("sample", {"family": cfg.family, "smoke": smoke, "base": cfg.base,
                             "base.sha256": rec.digest(base_path), **flatten(c["load_args"], "load_args"),
                             **flatten(c["synthetic"], "synthetic")},
@@ -162,7 +162,7 @@ def stages(cfg: RunConfig, rec: RunRecord, base_path: str | None, smoke: bool, n
                  ("finetune",), ("finetune",)),
            Stage("sweep", {**flatten(c["sweep"], "sweep"), **flatten(c["metrics"], "metrics"),
                            "ref_stats": cfg.ref_stats, **read, "after": Upstream("finetune")},
-                 ("sweep",), points),
+                 ("sweep",), point_files),
            Stage("select", {**flatten(c["final"], "final"), "after": Upstream("sweep")},
                  ("sweep",), ("sweep/*-final.json", "sweep.json", "sweep.png", neon_name)),
            Stage("final", {**flatten(c["final"], "final"), "after": Upstream("select")}, ("final",))]
@@ -215,9 +215,7 @@ def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device, config: 
     offset = final_seed_offset(cfg, bundle.num_classes)
     if not (rec.stage("sweep") or {}).get("best"):
         t0 = time.time()
-        entries = []
-        for path in snapshots:
-            entries.append(sweep_snapshot(scorer, path, cfg, out, offset))
+        entries = [sweep_snapshot(scorer, path, cfg, out, offset) for path in snapshots]
         key = objective_key(cfg.sweep.objective)
         doc = write_summary(out, entries, cfg.sweep.cfg_key, key)
         first, last = seed_range(cfg.sweep.num_images, cfg.sweep.per_class, cfg.sweep.seed_offset,
@@ -235,8 +233,7 @@ def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device, config: 
     # it would otherwise skip a barrier the others wait at.
     if dist.is_main() and not os.path.exists(neon_path):  # a file, or a folder for pipeline-folder families
         theta_s = load_state_dict(swept["theta_s"], bool(cfg.load_args.get("trust_architecture")))
-        theta_neon = points.neon(theta_r, theta_s, cfg.sweep.cfg_key)(swept["best"]["w"], None, {}, {})
-        with scorer.holding(theta_neon.weights()):
+        with scorer.holding(merge_state_dicts(theta_r, theta_s, swept["best"]["w"])):
             family.save(bundle, neon_path)
     dist.barrier()
     if not rec.stage("final"):

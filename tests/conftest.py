@@ -35,3 +35,19 @@ def fixtures() -> Path:
 def _deterministic_torch():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A conditional tinypix θr and a synthetic set of it, outside every test's workspace (the bad-input and
+    output-boundary tests build their cases from it)."""
+    from neon.family import get_family
+    from neon.sampling import class_labels, sample_to_npz
+    folder = tmp_path_factory.mktemp("base")
+    family = get_family("tinypix")
+    bundle = family.tiny(num_classes=3, seed=1)
+    family.save(bundle, str(folder / "base.pth"))
+    seeds = list(range(8))
+    sample_to_npz(family, bundle, seeds, class_labels(seeds, bundle.num_classes, "per_class"),
+                  str(folder / "s.npz"), batch=4)
+    return {"dir": folder, "ckpt": str(folder / "base.pth"), "data": str(folder / "s.npz"), "bundle": bundle}

@@ -10,21 +10,8 @@ from neon import cli
 from neon.errors import NeonError
 from neon.family import get_family, register
 from neon.images import NpzImages
-from neon.sampling import class_labels, draw_labels, sample_to_npz
+from neon.sampling import draw_labels
 from neon.testing import TinyPixFamily
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A conditional tinypix θr, its synthetic set, and the facts the bad inputs are made from."""
-    folder = tmp_path_factory.mktemp("base")
-    family = get_family("tinypix")
-    bundle = family.tiny(num_classes=3, seed=1)
-    family.save(bundle, str(folder / "base.pth"))
-    seeds = list(range(8))
-    sample_to_npz(family, bundle, seeds, class_labels(seeds, bundle.num_classes, "per_class"),
-                  str(folder / "s.npz"), batch=4)
-    return {"dir": folder, "ckpt": str(folder / "base.pth"), "data": str(folder / "s.npz"), "bundle": bundle}
 
 
 def _tree(root) -> set[str]:

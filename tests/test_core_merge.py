@@ -229,3 +229,16 @@ def test_entries_equal_in_both_are_kept_exactly_even_infinite():
     merged = merge_state_dicts(theta_r, theta_s, 0.37)
     assert torch.equal(merged["mask"], mask) and torch.equal(merged["rope"], rope)
     assert merged["w"].tolist() == [1.0, pytest.approx(2.0 * 1.37 - 3.0 * 0.37)]
+
+
+def test_a_refusal_while_a_pth_is_written_leaves_no_file_and_the_process_alive(tmp_path):
+    """The torch zip writer finishes its file when destroyed: a `replace` that refuses a tensor half-way must
+    not make it write into a closed file (which aborts the interpreter), and the temporary file is removed."""
+    from neon.checkpoint import atomic_save
+    atomic_save({"a": torch.ones(3), "b": torch.zeros(2)}, str(tmp_path / "r.pth"))
+
+    def refuse(key, t):
+        raise NeonError(f"{key}: refused")
+    with pytest.raises(NeonError, match="refused"):
+        open_checkpoint(str(tmp_path / "r.pth")).write(str(tmp_path / "out.pth"), refuse)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.pth"]

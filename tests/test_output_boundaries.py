@@ -14,9 +14,7 @@ from test_core_bad_input import _finetune, _sample
 from test_malformed_files import safetensors_bytes
 
 from neon import cli, paths
-from neon.family import get_family
 from neon.pipeline_folder import MARKER
-from neon.sampling import class_labels, sample_to_npz
 
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
@@ -207,19 +205,6 @@ def test_a_hub_cache_snapshot_is_copied_as_regular_files(capsys, ws):
 
 # ---------------------------------------------------------------------------------------------------------
 # Names planted in output folders.
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A conditional tinypix θr and a synthetic set of it, outside every test's workspace."""
-    folder = tmp_path_factory.mktemp("base")
-    family = get_family("tinypix")
-    bundle = family.tiny(num_classes=3, seed=1)
-    family.save(bundle, str(folder / "base.pth"))
-    seeds = list(range(8))
-    sample_to_npz(family, bundle, seeds, class_labels(seeds, bundle.num_classes, "per_class"),
-                  str(folder / "s.npz"), batch=4)
-    return {"ckpt": str(folder / "base.pth"), "data": str(folder / "s.npz")}
-
 
 @pytest.mark.parametrize("name", ["s.npz.lock", "s.npz.shards"])
 def test_sampling_never_writes_through_a_link_planted_at_its_lock_or_shards(capsys, ws, base, name):
