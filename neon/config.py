@@ -86,7 +86,12 @@ class SweepConfig:
     #           best along w; then best ± `refine` along w and along cfg.
     #   'official': the paper's protocol, as the official scripts: w (outer) in the order given, cfg (inner) in
     #           the order given; `stop`, `refine_pattern`, `refine_centre` and `refine_decimals` say which variant.
-    search: str = "grid"
+    #   'adaptive': the walk of neon/adaptive.py — each snapshot screened from the previous one's best on
+    #           `start_images` images per point (bracket and shrink along w, then cfg), the snapshots' best points
+    #           raced on the same seeds at doubling counts up to `num_images`; a user's config gets it by default.
+    #   unset: 'adaptive', or 'grid' when the config gives a grid walk's options (tolerance, refine, grid,
+    #           per_setting, objective kid), as configs written before 'adaptive' existed meant.
+    search: str | None = None
     tolerance: float | None = None       # early stop: FID this much above the reference (None: no early stop)
     refine: float | None = None          # step of the refinement around the best point (None: no refinement)
     # search: official only —
@@ -97,6 +102,12 @@ class SweepConfig:
     refine_centre: str | None = None     # 'frozen': around the walk's best point; 'moving': each neighbour around the
                                          # best point so far (a better neighbour moves the rest of the pattern)
     refine_decimals: int | None = None   # neighbours printed with printf('%.Nf'), as the scripts (None: exact sums)
+    # search: adaptive only —
+    start_images: int | None = None      # images per point while screening (None: num_images/16, ≥ 4 per group)
+    groups: int = 8                      # jackknife groups of a point's images (the std of paired differences)
+    z: float = 2.0                       # a difference counts once it is z stds from zero
+    indifference: float = 0.002          # points within this fraction of the leader's objective are equivalent:
+                                         # the one closer to θr (smaller |w|) is kept
     sampler: dict[str, Any] = dataclasses.field(default_factory=dict)
     # which self-training snapshots are θs, each swept on its own: 'last', 'all', a file name, or a list of file
     # names or of image counts (images seen when the snapshot was written, as in its name snapshot-<images>)
@@ -134,21 +145,26 @@ def objective_key(objective: str) -> str:
     return OBJECTIVES[objective]
 
 
-SEARCHES = ("grid", "official")
+SEARCHES = ("grid", "official", "adaptive")
 OFFICIAL_ONLY = ("stop", "refine_pattern", "refine_centre", "refine_decimals")
 
 
 def check_search(c: SweepConfig, where: str = "sweep") -> None:
     """Refuse an unknown search, a variant field the search does not use, or a value outside its range."""
+    if c.search is None:
+        walk = (c.tolerance, c.refine, c.grid or None, c.per_setting or None, c.objective == "kid" or None)
+        c.search = "grid" if any(v is not None for v in walk) else "adaptive"
     if c.search not in SEARCHES:
-        raise ConfigError(f"{where}.search: expected 'grid' or 'official', got {c.search!r}")
+        raise ConfigError(f"{where}.search: expected 'adaptive', 'grid' or 'official', got {c.search!r}")
     if c.objective not in OBJECTIVES:
         raise ConfigError(f"{where}.objective: expected one of {', '.join(OBJECTIVES)}, got {c.objective!r}")
     if c.tolerance is not None and c.tolerance < 0:
         raise ConfigError(f"{where}.tolerance: must be >= 0, got {c.tolerance}")
     if c.refine is not None and c.refine <= 0:
         raise ConfigError(f"{where}.refine: must be positive, got {c.refine}")
-    if c.search == "grid":
+    if c.search == "adaptive":
+        check_adaptive(c, where)
+    elif c.search == "grid":
         for name in OFFICIAL_ONLY:
             if getattr(c, name) is not None:
                 raise ConfigError(f"{where}.{name}: only used by search: official")
@@ -172,6 +188,31 @@ def check_search(c: SweepConfig, where: str = "sweep") -> None:
         seen.append(s.setting)
         if s.w is not None and not s.w:
             raise ConfigError(f"{where}.per_setting[{i}].w: at least one merge weight is needed")
+
+
+def check_adaptive(c: SweepConfig, where: str) -> None:
+    """search: adaptive walks one setting's (w, cfg) grid by a Fréchet distance, without the grid walks' rules."""
+    for name in OFFICIAL_ONLY + ("tolerance", "refine"):
+        if getattr(c, name) is not None:
+            raise ConfigError(f"{where}.{name}: not used by search: adaptive (only by grid / official)")
+    if c.grid or c.per_setting:
+        raise ConfigError(f"{where}.{'grid' if c.grid else 'per_setting'}: search: adaptive walks one setting; "
+                          "use search: official for a grid of settings")
+    if c.objective == "kid":
+        raise ConfigError(f"{where}.objective: search: adaptive needs a Fréchet distance (fid or fd_dinov2)")
+    if c.groups < 2:
+        raise ConfigError(f"{where}.groups: needs at least 2 jackknife groups, got {c.groups}")
+    if c.start_images is not None and not 6 <= c.start_images <= c.num_images:
+        raise ConfigError(f"{where}.start_images: expected 6 to num_images ({c.num_images}), got {c.start_images}")
+    if c.num_images < 6:
+        raise ConfigError(f"{where}.num_images: search: adaptive needs at least 6 (2 jackknife groups of 2 + 2), "
+                          f"got {c.num_images}")
+    if not (c.z > 0 and math.isfinite(c.z)):
+        raise ConfigError(f"{where}.z: must be a positive number, got {c.z}")
+    if not 0 <= c.indifference < 1:
+        raise ConfigError(f"{where}.indifference: expected 0 ≤ indifference < 1, got {c.indifference}")
+    if len(set(c.w)) != len(c.w) or (c.cfg and len(set(c.cfg)) != len(c.cfg)):
+        raise ConfigError(f"{where}.{'w' if len(set(c.w)) != len(c.w) else 'cfg'}: a value is listed twice")
 
 
 @dataclasses.dataclass

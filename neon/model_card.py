@@ -68,7 +68,20 @@ def recipe(doc: dict) -> list[str]:
             f"{ft['warmup_images']} images, EMA {ft['ema'] or 'none'}, optimizer {_kv(ft['optimizer'])} over the "
             f"family's defaults, loss {_kv(ft['loss_args'])}, seed {ft['seed']}: `{stages['sweep']['theta_s']}`",
             f"- sweep: {sw['num_images']} images per point{_seeds(stages['sweep'])}, sampler {_kv(sw['sampler'])}, "
-            f"snapshots {sw['snapshot']}, reference statistics `{stages['sweep']['ref_stats']}`"]
+            f"snapshots {sw['snapshot']}, reference statistics `{stages['sweep']['ref_stats']}`",
+            *selection_line(stages["sweep"].get("selection"))]
+
+
+def selection_line(s: dict | None) -> list[str]:
+    """Which protocol chose the point, and what choosing it cost."""
+    if not s:
+        return []
+    how = {"adaptive": "adaptive (screen every snapshot on few images, race the best points on the same seeds)",
+           "official": "official (the paper's grid walk and a final evaluation per snapshot)",
+           "grid": "grid (per guidance scale, increasing w, early stop)"}.get(s["protocol"], s["protocol"])
+    open_ = "" if s.get("decided", True) else "; undecided at the largest count, chosen by the point estimate"
+    return [f"- selection: {how}: {s['images']:,} images sampled over {s['evaluations']} measurements, "
+            f"{s['seconds']:g} s{open_}"]
 
 
 def _seeds(r: dict) -> str:
@@ -87,7 +100,7 @@ def snapshot_table(doc: dict) -> list[str]:
     for e in entries:
         mark = " (best)" if e["snapshot"] == swept["best"].get("snapshot") else ""
         rows.append(f"| {e['snapshot']}{mark} | {e.get('images', '–')} | {_where(e['best'], cfg_key)} "
-                    f"| {_number(e['best'].get(key), digits)} | {_number(e['final'].get(key), digits)} |")
+                    f"| {_number(e['best'].get(key), digits)} | {_number((e.get('final') or {}).get(key), digits)} |")
     return ["## Snapshots", "", f"Best snapshot (lowest final {name}): {swept['best'].get('snapshot', '–')}", "",
             *rows, ""]
 

@@ -22,6 +22,7 @@ import time
 import torch
 
 from neon import dist, hub, paths
+from neon.adaptive_sweep import adaptive_select
 from neon.baselines import run_baselines, summary_lines
 from neon.checkpoint import load_state_dict
 from neon.config import (
@@ -52,6 +53,7 @@ from neon.snapshot_sweep import (
     best_entry,
     final_result,
     select_snapshots,
+    selection_cost,
     snapshot_name,
     snapshot_points,
     sweep_snapshot,
@@ -215,7 +217,10 @@ def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device, config: 
     offset = final_seed_offset(cfg, bundle.num_classes)
     if not (rec.stage("sweep") or {}).get("best"):
         t0 = time.time()
-        entries = [sweep_snapshot(scorer, path, cfg, out, offset) for path in snapshots]
+        if cfg.sweep.search == "adaptive":   # one walk over every snapshot, a final for the chosen point only
+            entries = adaptive_select(scorer, snapshots, cfg, out, offset)
+        else:                                # the official protocol: each snapshot swept, then its final
+            entries = [sweep_snapshot(scorer, path, cfg, out, offset) for path in snapshots]
         key = objective_key(cfg.sweep.objective)
         doc = write_summary(out, entries, cfg.sweep.cfg_key, key)
         first, last = seed_range(cfg.sweep.num_images, cfg.sweep.per_class, cfg.sweep.seed_offset,
@@ -224,6 +229,7 @@ def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device, config: 
                              "objective": cfg.sweep.objective,
                              "snapshots": doc["snapshots"], "seeds": [first, last],
                              "points": sum(len(snapshot_points(out, e)) for e in entries),
+                             "selection": selection_cost(entries, out, cfg),
                              "seconds": round(time.time() - t0, 1)})
     swept = rec.stage("sweep")
 
@@ -279,10 +285,18 @@ def summarize(doc: dict, cfg: RunConfig) -> None:
     key = objective_key(cfg.sweep.objective)
     for e in swept.get("snapshots", []):
         b = e["best"]
+        final_txt = f", final {metrics_label(e['final'], key)}" if "final" in e else ""
         print(f"{e['snapshot']}: best {point_label(b['w'], b['cfg'], b.get('setting', {}), cfg.sweep.cfg_key)} "
-              f"sweep {metrics_label(b, key)}, final {metrics_label(e['final'], key)}")
+              f"sweep {metrics_label(b, key)} ({b.get('num_images', cfg.sweep.num_images)} images){final_txt}")
+    if swept.get("selection"):
+        s = swept["selection"]
+        print(f"selection: {s['protocol']}, {s['images']:,} images over {s['evaluations']} measurements, "
+              f"{s['seconds']:g} s" + ("" if s["decided"] else " (still open at the largest count: chose the "
+                                                              "lowest estimate)"))
     if final.get("snapshot"):
-        print(f"best snapshot: {final['snapshot']} (by the final {cfg.sweep.objective})")
+        by = "chosen by the adaptive race" if (swept.get("selection") or {}).get("protocol") == "adaptive" \
+            else f"by the final {cfg.sweep.objective}"
+        print(f"best snapshot: {final['snapshot']} ({by})")
     for pair in final.get("per_setting") or [final]:
         for name in ("base", "neon"):
             if pair.get(name):

@@ -116,8 +116,25 @@ def sweep_snapshot(scorer: Scorer, path: str, cfg: RunConfig, out: str, final_of
 
 
 def best_entry(entries: list[dict], key: str = "fid") -> dict:
-    """The snapshot with the lowest final objective `key` (the earliest of equals)."""
-    return min(entries, key=lambda e: e["final"][key])
+    """The snapshot with the lowest final objective `key` (the earliest of equals) among those evaluated (the
+    adaptive protocol evaluates its chosen snapshot only)."""
+    return min((e for e in entries if "final" in e), key=lambda e: e["final"][key])
+
+
+def selection_cost(entries: list[dict], out: str, cfg: RunConfig) -> dict:
+    """What choosing θneon's point cost: the protocol, the images it sampled (official / grid: every sweep point
+    and every snapshot's final evaluation, which is what picks the snapshot; adaptive: every measurement, each
+    image counted once), the points it measured and its seconds."""
+    chosen = next((e for e in entries if "selection" in e), None)
+    if chosen is not None:
+        s = chosen["selection"]
+        return {k: s[k] for k in ("protocol", "images", "evaluations", "decided", "seconds")}
+    pts = [p for e in entries for p in snapshot_points(out, e)]
+    finals = [r for e in entries for r in per_range(e["final"])]
+    return {"protocol": cfg.sweep.search, "images": sum(p["num_images"] for p in pts)
+            + sum(r["num_images"] for r in finals), "evaluations": len(pts), "decided": True,
+            "seconds": round(sum(p.get("seconds", 0) for p in pts) + sum(e["final"].get("seconds", 0)
+                                                                         for e in entries), 1)}
 
 
 def write_summary(out: str, entries: list[dict], cfg_key: str, key: str = "fid") -> dict:
@@ -127,7 +144,7 @@ def write_summary(out: str, entries: list[dict], cfg_key: str, key: str = "fid")
     with open(os.path.join(out, "sweep", f"{snapshot_name(best['snapshot'])}.json")) as f:
         best_sweep = json.load(f)
     doc = {"settings": best_sweep["settings"], "objective": key,
-           "snapshots": [{k: e[k] for k in ("snapshot", "images", "best", "final")} for e in entries],
+           "snapshots": [{k: e[k] for k in ("snapshot", "images", "best", "final") if k in e} for e in entries],
            "best_snapshot": best["snapshot"], "best": {**best["best"], "snapshot": best["snapshot"]},
            "final": best["final"], "points": best_sweep["points"]}
     if dist.is_main():
@@ -189,9 +206,9 @@ def plot_snapshots(entries: list[dict], out: str, path: str, cfg_key: str = "cfg
     trend.set_xlabel("θs: images seen in self-training")
     trend.set_ylabel("best w", color="C0")
     final = trend.twinx()
-    final.plot(x, [e["final"][key] for e in entries], "s--", ms=4, color="C3",
+    final.plot(x, [e["final"][key] if "final" in e else float("nan") for e in entries], "s--", ms=4, color="C3",
                label=f"final {name} at that w (right axis)")
-    final.set_ylabel(f"final {name} ({entries[0]['final']['num_images']} images)", color="C3")
+    final.set_ylabel(f"final {name} ({best_entry(entries, key)['final']['num_images']} images)", color="C3")
     best = best_entry(entries, key)
     final.plot([x[entries.index(best)]], [best["final"][key]], "*", ms=14, color="k",
                label=f"best snapshot: {best['snapshot']}")

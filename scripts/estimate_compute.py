@@ -1,6 +1,6 @@
 """Rough GPU-hours to rerun Neon for each paper row, from FLOP counts — an estimate, not a measurement.
 
-    python scripts/estimate_compute.py [--tflops-bf16 400] [--tflops-fp32 150]
+    python scripts/estimate_compute.py [--tflops-bf16 400] [--tflops-fp32 150] [--rows ROW ...] [--no-simulation]
 
 Image counts come from configs/*.yaml: the synthetic set, the self-training length, and for every swept θs
 snapshot its sweep (every point of every setting's grid, e.g. IMM's per-step-count grids, no early stop, plus the
@@ -12,12 +12,19 @@ cost per image:
     P and the layer sizes of the release models; VAR samples each token once (KV cache) for both guidance
     branches; xAR runs its whole network on one 64-token cell per flow step (both branches except on cell 0);
     IMM runs the DiT once per step on both branches; IMM's loss adds a no-grad target pass (4× a forward).
+Selection columns (unless --no-simulation): both protocols walked on simulated FID surfaces of the row's own
+grids, snapshots and stop rules (experiments/selection/simulate.py; the noise of an n-image FID comes from
+simulated features), the optimum at the low end, the middle and the high end of the grids: points visited per
+snapshot (the official walk's expected count, not its upper bound), GPU-hours of the images each protocol samples
+to choose (official: sweep points + every snapshot's final; adaptive: every measurement), their ratio, and how much
+higher the true FID of the adaptive choice is than the official choice's (worst position; 0 or below: as good).
 The VAE/tokenizer and the Inception detector are left out (small next to the generators). Sustained
 throughputs are assumptions: H100 at ~40% of its dense bf16 peak for the bf16/fp16 families, TF32 for EDM.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from neon.config import load_config, snapshot_images, snapshot_suffix
@@ -25,6 +32,7 @@ from neon.snapshot_sweep import select_snapshots
 from neon.sweep import setting_grids
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))   # experiments/ (the selection simulation) beside the installed neon package
 
 # Transformer shapes of the release models: parameters P (the manifests' counts), depth, width, tokens per image.
 TRANSFORMERS = {
@@ -93,13 +101,45 @@ def snapshots_swept(cfg) -> int:
     return len(select_snapshots(written, cfg.sweep.snapshot))
 
 
+def simulate_selection(cfg, positions: list[float]) -> dict:
+    """Both protocols walked on simulated surfaces of this row's grids (experiments/selection/simulate.py), the
+    optimum at each of `positions` along the grids: mean images and points of each, setting by setting
+    (image-equivalents at the synthetic sampler's cost), and the worst true-FID excess of the adaptive choice."""
+    from experiments.selection.simulate import Surface, adaptive, bowl, official
+    c, n_snap = cfg.sweep, snapshots_swept(cfg)
+    out = {"official": 0.0, "official_points": 0.0, "adaptive": 0.0, "adaptive_points": 0.0, "excess": 0.0}
+    for setting, ws, guidance in setting_grids(c):
+        scale = setting["steps"] / cfg.synthetic.sampler["steps"] if "steps" in setting else 1
+        for pos in positions:
+            truth = bowl(ws, guidance, n_snap, pos)
+            o = official(Surface(truth, n_snap, ws, guidance), c.num_images, cfg.final.num_images, c.tolerance,
+                         c.stop or "previous", c.refine, c.refine_pattern or "3x3", c.refine_centre or "frozen",
+                         ws, guidance)
+            a = adaptive(Surface(truth, n_snap, ws, guidance), c.num_images)
+            out["official"] += o.images * scale / len(positions)
+            out["official_points"] += o.points / len(positions)
+            out["adaptive"] += a.images * scale / len(positions)
+            out["adaptive_points"] += a.points / len(positions)
+            out["excess"] = max(out["excess"], a.true_fid / o.true_fid - 1)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tflops-bf16", type=float, default=400.0, help="sustained TFLOP/s, bf16/fp16 (H100 ~40%%)")
     p.add_argument("--tflops-fp32", type=float, default=150.0, help="sustained TFLOP/s, fp32 via TF32")
+    p.add_argument("--rows", nargs="+", help="only these rows (config names)")
+    p.add_argument("--no-simulation", action="store_true",
+                   help="skip the selection columns (simulated walks of both protocols: a few minutes)")
+    p.add_argument("--positions", type=float, nargs="+", default=[0.15, 0.5, 0.85],
+                   help="where the simulated optimum sits along the grids (0: low end, 1: high end)")
     args = p.parse_args()
-    print(f"{'row':<20} {'S':>8} {'self-train':>11} {'snapshots':>10} {'sweep':>8} {'final':>8} {'total GPU-h':>12}")
-    for row in [*EDM_NETWORKS, *TRANSFORMERS]:
+    head = f"{'row':<20} {'S':>8} {'self-train':>11} {'snapshots':>10} {'sweep':>8} {'final':>8} {'total GPU-h':>12}"
+    if not args.no_simulation:
+        head += f" {'official pts':>13} {'official sel GPU-h':>19} {'adaptive pts':>13} {'adaptive sel GPU-h':>19}" \
+                f" {'ratio':>6} {'FID excess':>11}"
+    print(head)
+    for row in args.rows or [*EDM_NETWORKS, *TRANSFORMERS]:
         cfg = load_config(str(REPO / "configs" / f"{row}.yaml"))
         sample, train, precision = costs(row, cfg)
         rate = 1e12 * (args.tflops_fp32 if precision == "fp32" else args.tflops_bf16)
@@ -116,8 +156,15 @@ def main() -> None:
         # Every snapshot: its sweep and a final evaluation of θneon at its best point; θr's final evaluation once.
         hours = [n_syn * sample / rate / 3600, cfg.finetune.total_images * train / rate / 3600,
                  n_snap * sweep_images * sample / rate / 3600, (n_snap + 1) * final_images * sample / rate / 3600]
-        print(f"{row:<20} {hours[0]:8.1f} {hours[1]:11.1f} {n_snap:10d} {hours[2]:8.1f} {hours[3]:8.1f}"
-              f" {sum(hours):12.0f}")
+        line = (f"{row:<20} {hours[0]:8.1f} {hours[1]:11.1f} {n_snap:10d} {hours[2]:8.1f} {hours[3]:8.1f}"
+                f" {sum(hours):12.0f}")
+        if not args.no_simulation:
+            sim = simulate_selection(cfg, args.positions)
+            gpu_h = lambda images, sample=sample, rate=rate: images * sample / rate / 3600
+            line += (f" {sim['official_points'] / n_snap:13.1f} {gpu_h(sim['official']):19.1f}"
+                     f" {sim['adaptive_points'] / n_snap:13.1f} {gpu_h(sim['adaptive']):19.1f}"
+                     f" {sim['adaptive'] / sim['official']:6.3f} {100 * sim['excess']:10.2f}%")
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ BASE = {
     "metrics": {"detector": "inception-v3-compat", "weights": "fid-helper", "inception_score": False},
     "synthetic": {"num_images": 8, "labels": "none", "batch": 8, "sampler": {"num_steps": 2}},
     "finetune": {"lr": 1e-3, "batch": 4, "total_images": 8, "snapshot_every_images": 4, "log_every_images": 4},
-    "sweep": {"w": [0.0, 1.0], "cfg": [1.0, 1.5], "num_images": 4, "batch": 4, "seed_offset": 100,
+    "sweep": {"w": [0.0, 1.0], "cfg": [1.0, 1.5], "num_images": 4, "batch": 4, "seed_offset": 100, "search": "grid",
               "sampler": {"num_steps": 2}, "snapshot": "all"},
     "final": {"num_images": 4, "batch": 4, "seed_offset": 1000, "sampler": {"num_steps": 2},
               "base_sampler": {"num_steps": 2, "cfg": 1.0}},

@@ -206,7 +206,10 @@ def test_smoke_run_goes_through_every_stage(config, tmp_path):
     else:
         assert neon.suffix and all(p.suffix == neon.suffix for p in snapshots), (neon, snapshots)
     swept = json.loads((out / "sweep.json").read_text())["snapshots"]
-    assert len(swept) >= 2 and final["snapshot"] == min(swept, key=lambda e: e["final"]["fid"])["snapshot"]
+    # official / grid: the snapshot with the lowest final; adaptive: the one its race chose, the only one evaluated
+    assert len(swept) >= 2 and final["snapshot"] == min((e for e in swept if "final" in e),
+                                                        key=lambda e: e["final"]["fid"])["snapshot"]
+    assert doc["config"]["sweep"]["search"] != "adaptive" or sum("final" in e for e in swept) == 1
     cfg = load_config(str(config), smoke=True)
     for pair in final.get("per_setting") or [final]:   # θr at its own settings (a grid's setting applied)
         assert pair["base"]["sampler"] == {**cfg.final.base_sampler, **pair["neon"]["setting"]}

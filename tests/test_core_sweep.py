@@ -43,7 +43,7 @@ def _sweep(tmp_path, target, **cfg):
     bundle = Bundle(net=OneWeight())
     theta_s = {"p": torch.tensor(-1.0)}
     return neon_sweep(LineFamily(), bundle, {"p": torch.tensor(0.0)}, theta_s,
-                      SweepConfig(num_images=4, batch=2, **cfg), lambda: DistanceTo(target),
+                      SweepConfig(num_images=4, batch=2, **{"search": "grid", **cfg}), lambda: DistanceTo(target),
                       str(tmp_path / "sweep.json"))
 
 
@@ -100,7 +100,7 @@ class StepFamily(LineFamily):
 
 def test_a_grid_argument_gets_its_own_best_per_setting(tmp_path):
     bundle = Bundle(net=OneWeight())
-    cfg = SweepConfig(num_images=4, batch=2, w=[0, 0.5, 1, 1.5, 2], grid={"steps": [0, 1]})
+    cfg = SweepConfig(num_images=4, batch=2, w=[0, 0.5, 1, 1.5, 2], grid={"steps": [0, 1]}, search="grid")
     sweep = neon_sweep(StepFamily(), bundle, {"p": torch.tensor(0.0)}, {"p": torch.tensor(-1.0)}, cfg,
                   lambda: DistanceTo(115), None)
     best = sweep.run()

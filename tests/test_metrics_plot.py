@@ -64,7 +64,7 @@ class Fig4Metric:
 @pytest.mark.parametrize("with_pr", [True, False])
 def test_the_sweep_draws_precision_recall_next_to_sweep_json_when_recorded(tmp_path, with_pr):
     sweep = neon_sweep(LineFamily(), Bundle(net=OneWeight()), {"p": torch.tensor(0.0)}, {"p": torch.tensor(-1.0)},
-                  SweepConfig(w=[0.0, 1.0, 2.0], num_images=2, batch=2), lambda: Fig4Metric(with_pr),
+                  SweepConfig(w=[0.0, 1.0, 2.0], num_images=2, batch=2, search="grid"), lambda: Fig4Metric(with_pr),
                   str(tmp_path / "sweep.json"))
     sweep.run()
     assert (tmp_path / "sweep.png").is_file()

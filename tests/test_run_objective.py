@@ -46,7 +46,8 @@ class TwoMinima:
 
 def _sweep(objective, tmp_path=None):
     return neon_sweep(LineFamily(), Bundle(net=OneWeight()), {"p": torch.tensor(0.0)}, {"p": torch.tensor(-1.0)},
-                 SweepConfig(w=[0.0, 1.0, 2.0, 3.0], num_images=2, batch=2, objective=objective), TwoMinima,
+                      SweepConfig(w=[0.0, 1.0, 2.0, 3.0], num_images=2, batch=2, objective=objective,
+                                  search="grid"), TwoMinima,
                  None if tmp_path is None else str(tmp_path / "sweep.json"))
 
 
