@@ -152,7 +152,8 @@ OFFICIAL_ONLY = ("stop", "refine_pattern", "refine_centre", "refine_decimals")
 def check_search(c: SweepConfig, where: str = "sweep") -> None:
     """Refuse an unknown search, a variant field the search does not use, or a value outside its range."""
     if c.search is None:
-        walk = (c.tolerance, c.refine, c.grid or None, c.per_setting or None, c.objective == "kid" or None)
+        walk = (c.tolerance, c.refine, c.grid or None, c.per_setting or None, c.objective == "kid" or None,
+                *(getattr(c, name) for name in OFFICIAL_ONLY))
         c.search = "grid" if any(v is not None for v in walk) else "adaptive"
     if c.search not in SEARCHES:
         raise ConfigError(f"{where}.search: expected 'adaptive', 'grid' or 'official', got {c.search!r}")

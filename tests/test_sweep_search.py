@@ -348,7 +348,7 @@ def test_printf_round_matches_bash_printf_on_every_half():
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"search": "greedy"}, "sweep.search: expected 'grid' or 'official'"),
+    ({"search": "greedy"}, "sweep.search: expected 'adaptive', 'grid' or 'official'"),
     ({"stop": "previous"}, "sweep.stop: only used by search: official"),
     ({"search": "official", "tolerance": 0.03}, "sweep.stop: search: official needs one of previous, best"),
     ({"search": "official", "refine": 0.1, "refine_centre": "frozen"}, "sweep.refine_pattern: search: official"),
