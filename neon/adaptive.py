@@ -38,15 +38,19 @@ class Estimate:
     n: int
 
 
+def jackknife_std(values: Sequence[float]) -> float:
+    """The jackknife std of a statistic from its K leave-one-group-out values: √((K−1)/K · Σ_k (v_k − v̄)²)."""
+    k = len(values)
+    mean = sum(values) / k
+    return math.sqrt((k - 1) / k * sum((v - mean) ** 2 for v in values))
+
+
 def paired(a: Estimate, b: Estimate) -> tuple[float, float]:
     """(a − b, the jackknife std of that difference): both measured on the same seeds, cut into the same groups.
     Var = (K−1)/K · Σ_k (d_k − d̄)², d_k the difference with group k left out."""
     if a.n != b.n or len(a.jackknife) != len(b.jackknife):
         raise ValueError(f"paired: estimates on different images ({a.n} vs {b.n})")
-    d = [x - y for x, y in zip(a.jackknife, b.jackknife)]
-    k = len(d)
-    mean = sum(d) / k
-    return a.value - b.value, math.sqrt((k - 1) / k * sum((x - mean) ** 2 for x in d))
+    return a.value - b.value, jackknife_std([x - y for x, y in zip(a.jackknife, b.jackknife)])
 
 
 @dataclasses.dataclass(frozen=True, order=True)

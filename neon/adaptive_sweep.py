@@ -13,7 +13,6 @@ snapshot's screening points, the format of neon.sweep.Sweep), `sweep/<chosen sna
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 
@@ -21,7 +20,7 @@ import torch
 
 from neon import dist
 from neon import score as points
-from neon.adaptive import Adaptive, Choice, Estimate, Point
+from neon.adaptive import Adaptive, Estimate, Point, jackknife_std
 from neon.checkpoint import atomic_open, load_state_dict
 from neon.config import RunConfig, objective_key
 from neon.errors import NeonError
@@ -115,6 +114,7 @@ class Measurer:
         if key not in self.logged:
             self.logged.add(key)
             self.log.append(entry)
+            self.save()             # resumable point by point
         return Estimate(entry["value"], tuple(entry["jackknife"]), n)
 
     def _measure(self, p: Point, n: int, name: str, w: float, g: float | None) -> dict:
@@ -132,9 +132,7 @@ class Measurer:
         feats = torch.cat(parts)[:n]
         self.features[(name, w, g)] = feats
         value, jack = frechet_jackknife(feats, self.ref.mu, self.ref.sigma, self.groups, self.covariance)
-        k = len(jack)
-        mean = sum(jack) / k
-        std = math.sqrt((k - 1) / k * sum((x - mean) ** 2 for x in jack))
+        std = jackknife_std(jack)
         entry = {"snapshot": name, "w": w, "cfg": g, "n": n, "value": value, "std": std, "jackknife": list(jack),
                  "sampled": n - start, "seconds": round(time.time() - t0, 2)}
         if dist.is_main():
@@ -158,7 +156,7 @@ class Measurer:
             acc.update(torch.from_numpy(images), chunk)
         return acc.finish().features
 
-    def save(self, choice: Choice | None = None, extra: dict | None = None) -> None:
+    def save(self, extra: dict | None = None) -> None:
         if not dist.is_main():
             return
         doc = {"settings": self.settings(), "evaluations": self.log, **(extra or {})}
@@ -173,7 +171,7 @@ def adaptive_select(scorer: Scorer, paths: list[str], cfg: RunConfig, out: str, 
     os.makedirs(os.path.join(out, "sweep"), exist_ok=True)
     measure = Measurer(scorer, paths, cfg, os.path.join(out, "sweep", "selection.json"))
     t0 = time.time()
-    walk = Adaptive(_saving(measure), len(paths), c.w, c.cfg, measure.levels[0], measure.n_max, c.z,
+    walk = Adaptive(measure, len(paths), c.w, c.cfg, measure.levels[0], measure.n_max, c.z,
                     c.indifference)
     choice = walk.run()
     seconds = round(time.time() - t0, 1)
@@ -189,7 +187,7 @@ def adaptive_select(scorer: Scorer, paths: list[str], cfg: RunConfig, out: str, 
                "decided": choice.decided, "seconds": seconds,
                "open": [as_point(p, choice.estimate.n) | {"snapshot": measure.coordinates(p)[0]} for p in choice.open],
                "chosen": as_point(choice.point, choice.estimate.n) | {"snapshot": chosen_name}}
-    measure.save(choice, {"choice": summary})
+    measure.save({"choice": summary})
     entries = []
     for i, path in enumerate(paths):
         name = snapshot_name(path)
@@ -204,16 +202,6 @@ def adaptive_select(scorer: Scorer, paths: list[str], cfg: RunConfig, out: str, 
         entries.append(entry)
     dist.barrier()
     return entries
-
-
-def _saving(measure: Measurer):
-    def call(p: Point, n: int) -> Estimate:
-        before = len(measure.log)
-        est = measure(p, n)
-        if len(measure.log) > before:
-            measure.save()          # resumable point by point
-        return est
-    return call
 
 
 def protocol_images(log: list[dict]) -> int:

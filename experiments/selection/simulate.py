@@ -121,18 +121,20 @@ def official(surface: Surface, num_images: int, final_images: int, tolerance: fl
 
 def _off_grid(surface: Surface, s: int, w: float, g: float | None, n: int) -> float:
     """A point off the grid (a refinement neighbour), on the sweep's seeds."""
-    one = Surface(lambda *_: surface.truth(s, w, g), 1, [w], None if g is None else [g], surface.seed, surface.dim,
-                  surface.tau)
-    surface.sampled += n
-    return one.fid(Point(0, 0, None if g is None else 0), 0, n)
+    return _one_point(surface, s, w, g, surface.seed, 0, n)
 
 
 def _final_fid(surface: Surface, s: int, w: float, g: float | None, num_images: int, final_images: int) -> float:
     """The final evaluation of one point, on images after the sweep's."""
-    one = Surface(lambda *_: surface.truth(s, w, g), 1, [w], None if g is None else [g], surface.seed + 1,
-                  surface.dim, surface.tau)
-    surface.sampled += final_images
-    return one.fid(Point(0, 0, None if g is None else 0), num_images, final_images)
+    return _one_point(surface, s, w, g, surface.seed + 1, num_images, final_images)
+
+
+def _one_point(surface: Surface, s: int, w: float, g: float | None, seed: int, first: int, n: int) -> float:
+    """The FID of images first .. first+n−1 of the point (s, w, g), counted in the surface's images."""
+    one = Surface(lambda *_: surface.truth(s, w, g), 1, [w], None if g is None else [g], seed, surface.dim,
+                  surface.tau)
+    surface.sampled += n
+    return one.fid(Point(0, 0, None if g is None else 0), first, n)
 
 
 def adaptive(surface: Surface, num_images: int, start_images: int | None = None, groups: int = 8,
