@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -40,6 +41,7 @@ from experiments.toy.gaussian import fid, stage_generator, target, training_set
 from experiments.toy.train import finetune, fit, init_model, state
 from neon.adaptive import Adaptive, Choice, Estimate, Point, Z, paired
 from neon.merge import merge_state_dicts
+from neon.metrics import frechet_distance, gaussian_from_features
 from neon.metrics.jackknife import frechet_jackknife
 from neon.search import official_search
 
@@ -76,7 +78,10 @@ class Case:
     theta_r: dict
     snapshots: list[tuple[int, dict]]         # (self-training length, θs), shortest first
     w: tuple[float, ...]                      # sorted merge weights
-    draw: Draw                                # the evaluation sampler (ζ = 1 / τ_eval), row by row in its noise
+    draw: Draw                                # inputs (noise rows or seeds) -> features, row by row
+    inputs: Callable[[str, int], torch.Tensor]   # (purpose, n) -> the first n inputs of that purpose's stream
+    reference: tuple = dataclasses.field(default_factory=target)   # (μ, Σ) the features are measured against
+    distance: Callable[[torch.Tensor], float] = fid   # the FD of features to `reference` (inf if not finite)
 
     def theta_neon(self, snapshot: int, w: float) -> dict:
         return self.theta_r if w == 0 else merge_state_dicts(self.theta_r, self.snapshots[snapshot][1], w)
@@ -84,6 +89,12 @@ class Case:
 
 def _tag(x: float) -> str:
     return f"{x:.6g}"
+
+
+def toy_inputs(seed: int, family: str, param: float) -> Callable[[str, int], torch.Tensor]:
+    """(purpose, n) -> (n, 2) standard normal noise, a disjoint stream per purpose ('select', 'final', 'report')."""
+    return lambda purpose, n: torch.randn(n, 2, generator=stage_generator(seed, family, _tag(param), "bench",
+                                                                          purpose))
 
 
 # -- the cases: θr, S and θs exactly as experiments/toy/experiment.py makes them (same stages, same seeds) -------
@@ -105,7 +116,7 @@ def diffusion_cases(s, seed: int, data_seed: int, progress: bool) -> list[Case]:
                          s.batch, desc=f"diffusion θs ζ={zeta:g}", progress=progress)
         kind = "mode-seeking" if zeta > 1 else "diversity"
         cases.append(Case(f"diffusion ζ={zeta:g} ({kind})", "diffusion", zeta, theta_r, sorted(snaps.items()),
-                          tuple(sorted(s.w)), draw))
+                          tuple(sorted(s.w)), draw, toy_inputs(seed, "diffusion", zeta)))
     return cases
 
 
@@ -129,22 +140,60 @@ def ar_cases(s, seed: int, data_seed: int, progress: bool) -> list[Case]:
                          desc=f"AR θs τ={tau:g}", progress=progress)
         kind = "mode-seeking" if tau < 1 else "diversity"
         cases.append(Case(f"AR τ={tau:g} ({kind})", "ar", tau, theta_r, sorted(snaps.items()), tuple(sorted(s.w)),
-                          draw))
+                          draw, toy_inputs(seed, "ar", tau)))
     return cases
 
 
-def noise(seed: int, case: Case, purpose: str, n: int) -> torch.Tensor:
-    """(n, 2) standard normal noise of one purpose ('select', 'final', 'report'): disjoint streams per purpose."""
-    return torch.randn(n, 2, generator=stage_generator(seed, case.family, _tag(case.param), "bench", purpose))
-
-
-def estimate(x: torch.Tensor) -> Estimate:
-    """FID of samples x: (n, 2) to the true Gaussian with its leave-one-group-out values."""
+def estimate(x: torch.Tensor, reference: tuple) -> Estimate:
+    """FD of features x: (n, d) to the reference (μ, Σ) with its leave-one-group-out values."""
     n = x.shape[0]
     if not torch.isfinite(x).all():
         return Estimate(DIVERGED, (DIVERGED,) * GROUPS, n)
-    value, jack = frechet_jackknife(x.double(), *target(), groups=GROUPS)
+    value, jack = frechet_jackknife(x.double(), *reference, groups=GROUPS)
     return Estimate(value, jack, n)
+
+
+# -- the Fashion-MNIST studies: θr and the ODE arm's snapshots made by the study's own stages ----------------------
+
+@dataclass(frozen=True)
+class StudyBench:
+    name: str
+    config: str                  # the study's config, relative to the project root
+    folder: str                  # its study folder under --studies (prepared once, then reused)
+    n_sweep: int = 1_000         # official images per (snapshot, w)
+    n_final: int = 5_000         # official images per snapshot's best w (1:5, as the paper)
+    n_report: int = 10_000       # fresh seeds per chosen model
+
+
+STUDIES = (StudyBench("Fashion-MNIST EDM (ODE arm)", "configs/fashion_mnist_16.yaml", "fashion_mnist_16"),
+           StudyBench("Fashion-MNIST diffusers (ODE)", "configs/fashion_mnist_diffusers.yaml",
+                      "fashion_mnist_diffusers"))
+
+
+def study_case(sb: StudyBench, root: str, smoke: bool = False) -> Case:
+    """θr, every snapshot of the ODE arm's self-training and its w grid (with w = 0) from the study's config;
+    features and reference are its classifier's (classifier FD, the study's metric)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import selection_studies as studies  # bench/ is not a package
+
+    project = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    st = studies.prepare(os.path.join(project, sb.config), os.path.join(root, sb.folder), smoke)
+    mu, sigma = st["reference"]
+
+    def distance(x: torch.Tensor) -> float:
+        return math.inf if not torch.isfinite(x).all() else frechet_distance(*gaussian_from_features(x), mu, sigma)
+
+    w = tuple(sorted({0.0, *map(float, st["config"].sweep.ode)}))
+    return Case(sb.name, "study", 1.0, st["theta_r"], studies.load_snapshots(st, None), w, studies.StudyDraw(st),
+                lambda purpose, n: studies.seeds(purpose, n), (mu, sigma), distance)
+
+
+def run_studies(root: str, progress: bool) -> list[dict]:
+    rows = []
+    for sb in STUDIES:
+        case = study_case(sb, root)
+        rows.append(run_case(case, sb.n_sweep, sb.n_final, sb.n_report, progress))
+    return rows
 
 
 # -- protocol 1: the official exhaustive sweep ------------------------------------------------------------------
@@ -159,12 +208,12 @@ def official_protocol(case: Case, select: torch.Tensor, final: torch.Tensor, pro
             nonlocal images
             images += select.shape[0]
             bar.update()
-            return fid(case.draw(case.theta_neon(k, w), select))
+            return case.distance(case.draw(case.theta_neon(k, w), select))
 
         w_best, _, sweep_fid = official_search(objective, case.w, None, tolerance=None)   # the whole grid
         images += final.shape[0]
         rows.append(dict(length=length, w=w_best, sweep_fid=sweep_fid,
-                         final_fid=fid(case.draw(case.theta_neon(k, w_best), final))))
+                         final_fid=case.distance(case.draw(case.theta_neon(k, w_best), final))))
     k = min(range(len(rows)), key=lambda i: (rows[i]["final_fid"], i))   # a tie keeps the shorter self-training
     bar.close()
     return dict(images=images, snapshot=k, w=rows[k]["w"], snapshots=rows)
@@ -196,7 +245,7 @@ class Measure:
     def __call__(self, p: Point, n: int) -> Estimate:
         key = (self.network(p), n)
         if key not in self.estimates:
-            self.estimates[key] = estimate(self.first(p, n))
+            self.estimates[key] = estimate(self.first(p, n), self.case.reference)
         return self.estimates[key]
 
     @property
@@ -230,7 +279,7 @@ def report(case: Case, chosen: dict[str, tuple[int, float]], report_noise: torch
     for snapshot, w in chosen.values():
         key = (None if w == 0 else snapshot, w)
         if key not in est:
-            est[key] = estimate(case.draw(case.theta_neon(snapshot, w), report_noise))
+            est[key] = estimate(case.draw(case.theta_neon(snapshot, w), report_noise), case.reference)
     at = {name: est[(None if w == 0 else s, w)] for name, (s, w) in chosen.items()}
     d, sd = paired(at["new"], at["official"])
     return dict(n=report_noise.shape[0], fid={k: e.value for k, e in at.items()},
@@ -238,16 +287,15 @@ def report(case: Case, chosen: dict[str, tuple[int, float]], report_noise: torch
                 difference=d, difference_std=sd)
 
 
-def run_case(case: Case, b: BenchSettings, seed: int, progress: bool = False) -> dict:
+def run_case(case: Case, n_sweep: int, n_final: int, n_report: int, progress: bool = False) -> dict:
     t0 = time.perf_counter()
-    select = noise(seed, case, "select", b.n_sweep)
-    official = official_protocol(case, select, noise(seed, case, "final", b.n_final), progress)
+    select = case.inputs("select", n_sweep)
+    official = official_protocol(case, select, case.inputs("final", n_final), progress)
     t1 = time.perf_counter()
     new = adaptive_protocol(case, select)
     t2 = time.perf_counter()
-    n_report = b.n_report_diffusion if case.family == "diffusion" else b.n_report_ar
     truth = report(case, dict(theta_r=(0, 0.0), official=(official["snapshot"], official["w"]),
-                              new=(new["snapshot"], new["w"])), noise(seed, case, "report", n_report))
+                              new=(new["snapshot"], new["w"])), case.inputs("report", n_report))
     lengths = [length for length, _ in case.snapshots]
     for protocol in (official, new):
         protocol["length"] = lengths[protocol["snapshot"]]
@@ -255,7 +303,8 @@ def run_case(case: Case, b: BenchSettings, seed: int, progress: bool = False) ->
     d, sd = truth["difference"], truth["difference_std"]
     not_worse = d <= 0 or d < Z * sd
     return dict(case=case.name, family=case.family, param=case.param, lengths=lengths, w=list(case.w),
-                official=official, new=new, ratio=ratio, report=truth, not_worse=not_worse,
+                n_sweep=n_sweep, n_final=n_final, official=official, new=new, ratio=ratio, report=truth,
+                not_worse=not_worse,
                 passed=ratio <= GOAL_RATIO and not_worse,
                 seconds=dict(official=t1 - t0, new=t2 - t1, report=time.perf_counter() - t2))
 
@@ -271,7 +320,9 @@ def run_bench(b: BenchSettings, seed: int = 0, threads: int = 1, progress: bool 
 
     def family(make, s) -> list[dict]:
         cases = make(s, seed, t.data_seed, progress)
-        return [run_case(c, b, seed, progress) for c in tqdm(cases, desc="cases", disable=not progress, leave=False)]
+        n_report = b.n_report_diffusion if make is diffusion_cases else b.n_report_ar
+        return [run_case(c, b.n_sweep, b.n_final, n_report, progress)
+                for c in tqdm(cases, desc="cases", disable=not progress, leave=False)]
 
     try:
         with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,)) as side:
@@ -291,25 +342,37 @@ def run_bench(b: BenchSettings, seed: int = 0, threads: int = 1, progress: bool 
 
 # -- printing ---------------------------------------------------------------------------------------------------
 
+def settings_lines(s: dict) -> list[str]:
+    lines = []
+    if "n_sweep" in s:
+        lines.append(f"toy: official {s['n_sweep']} images per (snapshot, w), {s['n_final']} per snapshot's final "
+                     f"(1:5); new: n_start {s['n_start']}, n_max {s['n_max']}, {s['groups']} jackknife groups, "
+                     f"z {s['z']:g}; w grid: diffusion {s['diffusion_w']}, AR {s['ar_w']}; report: "
+                     f"{s['n_report_diffusion']} diffusion, {s['n_report_ar']} AR fresh samples; FID in closed form")
+    for sb in s.get("studies", ()):
+        lines.append(f"{sb['name']}: official {sb['n_sweep']} images per (snapshot, w), {sb['n_final']} per "
+                     f"snapshot's final; new: n_start {start_images(sb['n_sweep'])}, n_max {sb['n_sweep']}; "
+                     f"report {sb['n_report']} fresh seeds; classifier FD (the study's metric), len = images of "
+                     f"self-training")
+    return lines
+
+
 def format_table(result: dict) -> str:
     s = result["settings"]
-    head = (f"{'case':<28} {'official imgs':>13} {'new imgs':>9} {'ratio':>6}  {'official (len, w)':>17} "
-            f"{'new (len, w)':>14} {'FID θr':>8} {'FID official':>12} {'FID new':>8} {'new − official':>18}  goal")
-    lines = [f"official: {s['n_sweep']} images per (snapshot, w), {s['n_final']} per snapshot's final (1:5); new: "
-             f"n_start {s['n_start']}, n_max {s['n_max']}, {s['groups']} jackknife groups, z {s['z']:g}; "
-             f"w grid: diffusion {s['diffusion_w']}, AR {s['ar_w']}; report: {s['n_report_diffusion']} diffusion, "
-             f"{s['n_report_ar']} AR fresh samples", head, "-" * len(head)]
+    head = (f"{'case':<29} {'official imgs':>13} {'new imgs':>9} {'ratio':>6}  {'official (len, w)':>17} "
+            f"{'new (len, w)':>15} {'FID θr':>8} {'FID official':>12} {'FID new':>8} {'new − official':>18}  goal")
+    lines = settings_lines(s) + [head, "-" * len(head)]
     for r in result["cases"]:
         o, n, f = r["official"], r["new"], r["report"]
         diff = f"{f['difference']:+.5f} ± {f['difference_std']:.5f}"
         undecided = "" if n["decided"] else "*"
-        lines.append(f"{r['case']:<28} {o['images']:>13} {n['images']:>9} {r['ratio']:>6.3f}  "
+        lines.append(f"{r['case']:<29} {o['images']:>13} {n['images']:>9} {r['ratio']:>6.3f}  "
                      f"{'(' + str(o['length']) + ', ' + format(o['w'], '+.2f') + ')':>17} "
-                     f"{'(' + str(n['length']) + ', ' + format(n['w'], '+.2f') + ')' + undecided:>14} "
+                     f"{'(' + str(n['length']) + ', ' + format(n['w'], '+.2f') + ')' + undecided:>15} "
                      f"{f['fid']['theta_r']:>8.5f} {f['fid']['official']:>12.5f} {f['fid']['new']:>8.5f} "
                      f"{diff:>18}  {'PASS' if r['passed'] else 'FAIL'}")
-    lines.append(f"(* the race reached n_max undecided; goal: ratio ≤ {s['goal_ratio']:g} and new − official "
-                 f"< {s['z']:g}σ or ≤ 0)")
+    lines.append(f"(* the race reached n_max undecided; goal: ratio ≤ {GOAL_RATIO:g} and new − official "
+                 f"< {Z:g}σ or ≤ 0)")
     k = len(result["cases"])
     mean_ratio = sum(r["ratio"] for r in result["cases"]) / max(k, 1)
     lines.append(f"summary: {result['passed']}/{k} cases PASS; mean image ratio {mean_ratio:.3f}; "
@@ -325,9 +388,25 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="2+: AR beside diffusion")
     p.add_argument("--json", help="also write the result dict here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--only", choices=("toy", "studies"), help="full mode: only the toy cases, or only the studies")
+    p.add_argument("--studies", default="runs/bench_selection", metavar="DIR",
+                   help="where the Fashion-MNIST study folders are prepared and reused (full mode)")
     args = p.parse_args(argv)
+    if args.quick and args.only == "studies":
+        p.error("--quick runs the toy cases only")
     b = QUICK_BENCH if args.quick else FULL_BENCH
-    result = run_bench(b, args.seed, args.threads, progress=not args.no_progress)
+    progress = not args.no_progress
+    if args.only == "studies":
+        result = dict(seed=args.seed, threads=args.threads, cases=[], settings={}, timings_s=dict(total=0.0))
+    else:
+        result = run_bench(b, args.seed, args.threads, progress)
+    if not args.quick and args.only != "toy":
+        t0 = time.perf_counter()
+        result["cases"] += run_studies(args.studies, progress)
+        result["timings_s"]["studies"] = time.perf_counter() - t0
+        result["timings_s"]["total"] += result["timings_s"]["studies"]
+        result["settings"]["studies"] = [dataclasses.asdict(sb) for sb in STUDIES]
+    result["passed"] = sum(r["passed"] for r in result["cases"])
     result["quick"] = args.quick
     print(format_table(result))
     if args.json:

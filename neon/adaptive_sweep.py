@@ -22,7 +22,7 @@ from neon import dist
 from neon import score as points
 from neon.adaptive import Adaptive, Estimate, Point, jackknife_std
 from neon.checkpoint import atomic_open, load_state_dict
-from neon.config import RunConfig, objective_key
+from neon.config import RunConfig, SweepConfig, objective_key
 from neon.errors import NeonError
 from neon.metrics.jackknife import frechet_jackknife
 from neon.repeats import per_range
@@ -57,10 +57,8 @@ class Measurer:
     """measure(point, n) for the walk: the objective of θneon(w) at (snapshot, w, guidance) on the first n seeds,
     with its jackknife; every measurement logged (and reused on a rerun with the same settings)."""
 
-    def __init__(self, scorer: Scorer, paths: list[str], cfg: RunConfig, log_path: str):
-        c = cfg.sweep
-        self.scorer, self.paths, self.cfg, self.c, self.log_path = scorer, paths, cfg, c, log_path
-        self.trust = bool(cfg.load_args.get("trust_architecture"))
+    def __init__(self, scorer: Scorer, paths: list[str], c: SweepConfig, trust: bool, log_path: str):
+        self.scorer, self.paths, self.c, self.trust, self.log_path = scorer, paths, c, trust, log_path
         self.n_max = c.num_images if not c.per_class else c.per_class * scorer.bundle.num_classes
         self.levels = levels(start_images(c, self.n_max), self.n_max)
         self.groups = jackknife_groups(c, self.levels[0])
@@ -117,6 +115,13 @@ class Measurer:
             self.save()             # resumable point by point
         return Estimate(entry["value"], tuple(entry["jackknife"]), n)
 
+    def as_point(self, p: Point, n: int) -> dict:
+        """A measured point in the format of neon.sweep.Sweep's points (plus its jackknife std)."""
+        name, w, g = self.coordinates(p)
+        e = self.known[self._key(name, w, g, n)]
+        return {"w": w, "cfg": g, "setting": {}, objective_key(self.c.objective): e["value"],
+                "jackknife_std": e["std"], "num_images": n}
+
     def _measure(self, p: Point, n: int, name: str, w: float, g: float | None) -> dict:
         t0 = time.time()
         have = self.features.get((name, w, g))
@@ -169,25 +174,9 @@ def adaptive_select(scorer: Scorer, paths: list[str], cfg: RunConfig, out: str, 
     'best': its screened point), the chosen one with its 'final' evaluation and the walk's 'selection' summary."""
     c, key = cfg.sweep, objective_key(cfg.sweep.objective)
     os.makedirs(os.path.join(out, "sweep"), exist_ok=True)
-    measure = Measurer(scorer, paths, cfg, os.path.join(out, "sweep", "selection.json"))
-    t0 = time.time()
-    walk = Adaptive(measure, len(paths), c.w, c.cfg, measure.levels[0], measure.n_max, c.z,
-                    c.indifference)
-    choice = walk.run()
-    seconds = round(time.time() - t0, 1)
-
-    def as_point(p: Point, n: int) -> dict:
-        name, w, g = measure.coordinates(p)
-        e = measure.known[measure._key(name, w, g, n)]
-        return {"w": w, "cfg": g, "setting": {}, key: e["value"], "jackknife_std": e["std"], "num_images": n}
-
-    chosen_name = measure.coordinates(choice.point)[0]
-    summary = {"protocol": PROTOCOL, "images": protocol_images(measure.log),
-               "sampled": sum(e["sampled"] for e in measure.log), "evaluations": len(measure.log),
-               "decided": choice.decided, "seconds": seconds,
-               "open": [as_point(p, choice.estimate.n) | {"snapshot": measure.coordinates(p)[0]} for p in choice.open],
-               "chosen": as_point(choice.point, choice.estimate.n) | {"snapshot": chosen_name}}
-    measure.save({"choice": summary})
+    trust = bool(cfg.load_args.get("trust_architecture"))
+    choice, measure, summary = walk(scorer, paths, c, trust, os.path.join(out, "sweep", "selection.json"))
+    as_point = measure.as_point
     entries = []
     for i, path in enumerate(paths):
         name = snapshot_name(path)
@@ -202,6 +191,22 @@ def adaptive_select(scorer: Scorer, paths: list[str], cfg: RunConfig, out: str, 
         entries.append(entry)
     dist.barrier()
     return entries
+
+
+def walk(scorer: Scorer, paths: list[str], c: SweepConfig, trust: bool, log_path: str):
+    """The adaptive walk over the snapshots in `paths` -> (its Choice, the Measurer, the summary recorded in the
+    log under 'choice': protocol, images, evaluations, seconds, the chosen and still-open points)."""
+    measure = Measurer(scorer, paths, c, trust, log_path)
+    t0 = time.time()
+    choice = Adaptive(measure, len(paths), c.w, c.cfg, measure.levels[0], measure.n_max, c.z, c.indifference).run()
+    n = choice.estimate.n
+    summary = {"protocol": PROTOCOL, "images": protocol_images(measure.log),
+               "sampled": sum(e["sampled"] for e in measure.log), "evaluations": len(measure.log),
+               "decided": choice.decided, "seconds": round(time.time() - t0, 1),
+               "open": [measure.as_point(p, n) | {"snapshot": measure.coordinates(p)[0]} for p in choice.open],
+               "chosen": measure.as_point(choice.point, n) | {"snapshot": measure.coordinates(choice.point)[0]}}
+    measure.save({"choice": summary})
+    return choice, measure, summary
 
 
 def protocol_images(log: list[dict]) -> int:

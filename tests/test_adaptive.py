@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,3 +192,37 @@ def test_adaptive_refuses_what_it_cannot_walk():
     cfg = copy.deepcopy(CONFIG)
     del cfg["sweep"]["search"]
     assert parse_config(cfg, smoke=True).sweep.search == "adaptive"   # a user's config gets it by default
+
+
+def test_neon_sweep_chooses_among_snapshots_on_the_command_line(whole, tmp_path):
+    _, run, _ = whole
+    snapshots = sorted(str(p) for p in (run / "finetune").glob("snapshot-*.pth"))
+    s = CONFIG["sweep"]
+    argv = ["-m", "neon", "sweep", "--family", "tinypix", "--tiny", "--load-arg", "num_classes=3",
+            "--synth", *snapshots, "--ref-stats", str(run / "smoke_ref_stats.npz"), "--detector-weights",
+            "fid-helper", "--out", str(tmp_path / "cli"), "--w", *map(str, s["w"]), "--num-images",
+            str(s["num_images"]), "--start-images", str(s["start_images"]), "--batch", str(s["batch"])]
+    res = subprocess.run([sys.executable, *argv], env=ENV, capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = json.loads((tmp_path / "cli" / "selection.json").read_text())
+    names = {Path(p).stem for p in snapshots} | {"θr"}
+    assert {e["snapshot"] for e in log["evaluations"]} <= names
+    assert sum(e["w"] == 0 and e["n"] == s["start_images"] for e in log["evaluations"]) == 1   # θr measured once
+    chosen = log["choice"]["chosen"]
+    assert chosen["snapshot"] in names and chosen["w"] in s["w"]
+    assert res.stdout.strip().splitlines()[-1].startswith(f"best: {chosen['snapshot']} w={chosen['w']:g} ")
+    assert log["choice"]["images"] <= len(snapshots) * len(s["w"]) * s["num_images"]
+
+
+def test_neon_sweep_walks_one_snapshot_unless_adaptive(whole, tmp_path, capsys):
+    from neon import cli
+    _, run, _ = whole
+    snapshots = sorted(str(p) for p in (run / "finetune").glob("snapshot-*.pth"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["sweep", "--family", "tinypix", "--tiny", "--load-arg", "num_classes=3", "--synth", *snapshots,
+                  "--ref-stats", str(run / "smoke_ref_stats.npz"), "--out", str(tmp_path / "g"), "--w", "0", "1",
+                  "--search", "grid"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert "--synth" in err and "--search adaptive" in err
+    assert not (tmp_path / "g").exists()

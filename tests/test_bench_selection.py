@@ -43,7 +43,8 @@ def scale_case(snapshots: int = 2) -> "bench.Case":
     """A case with no network: θneon scales the noise by (1+w)·1 − w·s (θs's s = 2, 3, ...)."""
     theta_r = {"scale": torch.tensor(1.0)}
     snaps = [(10 * (k + 1), {"scale": torch.tensor(2.0 + k)}) for k in range(snapshots)]
-    return bench.Case("scale", "ar", 1.0, theta_r, snaps, (-1.0, 0.0, 1.0), lambda sd, x: sd["scale"] * x)
+    return bench.Case("scale", "ar", 1.0, theta_r, snaps, (-1.0, 0.0, 1.0), lambda sd, x: sd["scale"] * x,
+                      bench.toy_inputs(0, "ar", 1.0))
 
 
 def test_official_images_equal_the_formula(result):
@@ -110,3 +111,47 @@ def test_the_table_has_a_line_per_case_and_a_summary(result):
         assert line.endswith("PASS" if r["passed"] else "FAIL")
     assert table.splitlines()[-1].startswith(f"summary: {result['passed']}/{len(result['cases'])} cases PASS")
     assert {r["family"] for r in result["cases"]} == {"diffusion", "ar"}
+
+
+# -- the Fashion-MNIST study cases, on a smoke study over fake Fashion-MNIST files ---------------------------------
+
+@pytest.fixture(scope="module")
+def study_case(tmp_path_factory):
+    from experiments.fashion_mnist.config import load_study
+    from test_study import config_with, write_fake_split
+
+    tmp = tmp_path_factory.mktemp("bench_study")
+    write_fake_split(tmp, "train", 600, seed=0)
+    write_fake_split(tmp, "test", 200, seed=1)
+    config = config_with(tmp, data_root=str(tmp))
+    sb = bench.StudyBench("smoke study", config, "study", n_sweep=64, n_final=128, n_report=96)
+    return bench.study_case(sb, str(tmp), smoke=True), sb, load_study(config, smoke=True).study
+
+
+def test_a_study_case_chooses_among_every_logged_snapshot_and_the_study_grid(study_case):
+    case, _, cfg = study_case
+    lengths = [length for length, _ in case.snapshots]
+    every = cfg.selftrain.log_every_images
+    assert lengths == list(range(every, cfg.selftrain.total_images + 1, every))
+    assert case.w == tuple(sorted({0.0, *cfg.sweep.ode}))
+
+
+def test_a_study_case_gives_a_seed_the_same_image_whatever_the_cut(study_case):
+    case, _, _ = study_case
+    seeds = case.inputs("select", 30)
+    whole = case.draw(case.theta_r, seeds)
+    cut = torch.cat([case.draw(case.theta_r, seeds[:13]), case.draw(case.theta_r, seeds[13:])])
+    assert whole.shape == (30, case.reference[0].shape[0])
+    torch.testing.assert_close(cut, whole, rtol=1e-4, atol=1e-4)   # batch composition changes rounding only
+    assert not torch.equal(case.draw(case.theta_r, seeds[1:2]), whole[:1])   # another seed, another image
+
+
+def test_a_study_case_runs_both_protocols_on_disjoint_seed_ranges(study_case):
+    case, sb, _ = study_case
+    ranges = {p: set(case.inputs(p, 200).tolist()) for p in ("select", "final", "report")}
+    assert not ranges["select"] & ranges["final"] and not ranges["select"] & ranges["report"]
+    r = bench.run_case(case, sb.n_sweep, sb.n_final, sb.n_report)
+    k, n_w = len(case.snapshots), len(case.w)
+    assert r["official"]["images"] == k * n_w * sb.n_sweep + k * sb.n_final
+    assert 0 < r["new"]["images"] <= r["official"]["images"]
+    assert r["report"]["n"] == sb.n_report

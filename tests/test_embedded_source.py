@@ -179,7 +179,7 @@ def test_a_guide_with_unknown_source_is_refused_and_trust_accepts_it(tmp_path, c
 
 def test_neon_sweep_refuses_a_synth_with_unknown_source_before_anything_else(tmp_path, capsys, fork):
     argv = ["sweep", "--family", "edm", "--tiny", "--synth", fork, "--ref-stats", tmp_path / "absent.npz",
-            "--out", tmp_path / "sweep", "--w", "0", "0.5", "--num-images", "4"]
+            "--out", tmp_path / "sweep", "--w", "0", "0.5", "--num-images", "8"]
     err = _refused(capsys, argv, tmp_path)
     assert f"{fork}: the embedded source of " in err and "--trust-architecture" in err
     with pytest.raises(SystemExit):  # θs is read, with a warning; the missing statistics are refused next
