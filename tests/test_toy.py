@@ -227,3 +227,42 @@ def test_gradient_cosine_is_negative_exactly_for_mode_seeking_samplers(quick, mo
     assert any(mode_seeking(p) for p, _ in checked) and not all(mode_seeking(p) for p, _ in checked)
     for p, c in checked:
         assert (c < 0) == mode_seeking(p), (p, c)
+
+
+# ---------------------------------------------------------------- the figures say what they show
+
+def test_every_fid_panel_colours_a_sampler_kind_alike_and_says_what_w_is(quick):
+    from experiments.toy import plots
+
+    result, _ = quick
+    fig = plots.fid_curves(result)
+    colours = {}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            label = line.get_label()
+            if "seeking" in label:
+                colours.setdefault("mode" if "mode-seeking" in label else "diversity", set()).add(line.get_color())
+        assert "lower is better" in ax.get_ylabel()
+    assert colours == {"mode": {plots.KIND_COLOR["mode-seeking"]}, "diversity": {plots.KIND_COLOR["diversity-seeking"]}}
+    assert "(1+w)·θr − w·θs" in fig._suptitle.get_text() and "w = 0 is θr" in fig._suptitle.get_text()
+
+
+def test_the_cosine_takeaway_is_read_from_the_signs():
+    from experiments.toy.plots import cosine_takeaway
+
+    agree = [{"model": "diffusion", "sampler_param": [0.9, 1.0, 1.1], "cos": [0.2, 0.5, -0.1]},
+             {"model": "ar", "sampler_param": [0.5, 1.6], "cos": [-0.3, 0.4]}]
+    assert cosine_takeaway(agree).startswith("mode-seeking S (red) pulls θ against")   # ζ = 1 is neither kind
+    mixed = [{"model": "diffusion", "sampler_param": [0.9, 1.1], "cos": [0.2, 0.1]}]
+    assert cosine_takeaway(mixed) == "cos < 0 for 0 of 1 mode-seeking settings, > 0 for 1 of 1 diversity-seeking ones"
+
+
+def test_the_samples_figure_gives_each_model_its_fid_and_the_true_ellipse(quick):
+    from experiments.toy import plots
+
+    result, _ = quick
+    fig = plots.samples(result)
+    for ax in fig.axes:
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert any(x.startswith("base θr: FID ") for x in labels) and any(x.startswith("Neon, w=") for x in labels)
+        assert "true N(μ, Σ)" in labels
