@@ -51,23 +51,27 @@ class _Context:
         return load_state_dict(self.swept["theta_s"], bool(self.cfg.load_args.get("trust_architecture")))
 
 
-def run_baselines(scorer: Scorer, cfg: RunConfig, rec, out: str, offset: int) -> None:
+def run_baselines(scorer: Scorer, cfg: RunConfig, rec, out: str, offset: int, step=None) -> None:
     """Every baseline the config turns on, each skipped when its result file exists; recorded in `rec`
-    (run.json) under "baselines" as each finishes."""
+    (run.json) under "baselines" as each finishes. step(k, what): announces the run's stage k (baselines are
+    stages 5, 6, ...)."""
     names = cfg.baselines.enabled()
     if not names:
         return
     ctx = _Context(scorer, cfg, out, offset, rec.stage("sweep"), rec.stage("final"))
     os.makedirs(ctx.path(""), exist_ok=True)
     done = {}
-    for name in names:
+    for k, name in enumerate(names, start=5):
         path = ctx.path(f"{name}.json")
         if os.path.isfile(path):
             with open(path) as f:
                 done[name] = json.load(f)
         else:
-            if dist.is_main():
-                print(f"baseline: {name}" + (" (its points' w is the guide scale ω)" if name in GUIDED else ""))
+            what = f"baseline {name}" + (" (its points' w is the guide scale ω)" if name in GUIDED else "")
+            if step is not None:
+                step(k, what)
+            elif dist.is_main():
+                print(what)
             done[name] = {"name": name, **BASELINES[name](ctx)}
             if dist.is_main():
                 with atomic_open(path, "w") as f:

@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> None:
 def _main(argv: list[str] | None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     startup.skip_collection_at_exit()
+    if not sys.stderr.isatty():   # a log file: a bar line every 30 s, not ten a second (tqdm reads TQDM_*)
+        os.environ.setdefault("TQDM_MININTERVAL", "30")
     if argv[:1] == ["torchrun"]:  # its arguments are torchrun's: not parsed here
         return _module("torchrun").launch(argv[1:])
     command = next((a for a in argv if not a.startswith("-")), None)

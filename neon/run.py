@@ -188,6 +188,7 @@ def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device, config: 
     for line in rec.plan(stages(cfg, rec, base_path, smoke, os.path.basename(neon_path))):
         if dist.is_main():
             print(line)
+    step = Steps(4 + len(cfg.baselines.enabled()))
 
     # 1. The synthetic set S, drawn from θr with its usual (mode-seeking) sampler.
     synthetic = os.path.join(out, "synthetic.npz")
@@ -195,6 +196,7 @@ def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device, config: 
         s = cfg.synthetic
         t0 = time.time()
         seeds = plan_seeds(s.num_images, s.per_class, bundle.num_classes, s.seed_offset)
+        step(1, f"sample: S, {len(seeds):,} images from θr")
         if not os.path.isfile(synthetic):   # else: a killed run had joined S but not recorded it yet
             labels = draw_labels(family, bundle, seeds, s.labels)
             sample_to_npz(family, bundle, seeds, labels, synthetic, s.batch, s.sampler)
@@ -204,6 +206,7 @@ def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device, config: 
     ft_dir = os.path.join(out, "finetune")
     if not (rec.stage("finetune") or {}).get("snapshots"):
         t0 = time.time()
+        step(2, f"self-training: θr fine-tuned on S for {cfg.finetune.total_images:,} images")
         examples = encode_examples(family, bundle, synthetic, os.path.join(ft_dir, CACHE_FILE), cfg.synthetic.batch,
                                    cfg.finetune.cache_dtype)
         snapshots = finetune(family, bundle, examples, cfg.finetune, ft_dir)   # trains a copy: bundle keeps θr
@@ -217,6 +220,8 @@ def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device, config: 
     offset = final_seed_offset(cfg, bundle.num_classes)
     if not (rec.stage("sweep") or {}).get("best"):
         t0 = time.time()
+        step(3, f"selection ({cfg.sweep.search}): w{' × ' + cfg.sweep.cfg_key if cfg.sweep.cfg else ''} over "
+                f"{len(snapshots)} θs snapshot{'s' if len(snapshots) > 1 else ''}, then θneon's final evaluation")
         if cfg.sweep.search == "adaptive":   # one walk over every snapshot, a final for the chosen point only
             entries = adaptive_select(scorer, snapshots, cfg, out, offset)
         else:                                # the official protocol: each snapshot swept, then its final
@@ -243,12 +248,24 @@ def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device, config: 
             family.save(bundle, neon_path)
     dist.barrier()
     if not rec.stage("final"):
+        step(4, "final evaluation: θr on the final seeds" if cfg.final.evaluate_base else "final evaluation")
         rec.record("final", final_evaluation(scorer, cfg, swept, out, offset))
-    run_baselines(scorer, cfg, rec, out, offset)   # 5. what Neon must beat, if asked
+    run_baselines(scorer, cfg, rec, out, offset, step)   # 5. what Neon must beat, if asked
     if dist.is_main():
         write_model_card(out, rec.doc, config, neon_path)
         summarize(rec.doc, cfg)
     return rec.doc
+
+
+class Steps:
+    """step(k, what): prints 'stage k of n: what' (main rank) as a stage that is not reused begins."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, k: int, what: str) -> None:
+        if dist.is_main():
+            print(f"stage {k} of {self.n}: {what}", flush=True)
 
 
 def base_sampler_args(cfg: RunConfig, setting: dict) -> dict:

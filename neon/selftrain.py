@@ -427,8 +427,8 @@ def finetune(family: Family, bundle: Bundle, examples: dict[str, torch.Tensor], 
             step += 1
             images_seen = step * cfg.batch
             losses.append(loss)
+            bar.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.3g}", refresh=False)   # drawn at the bar's own pace
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.3g}")
             if dist.is_main() and (_crossed(images_seen, cfg.batch, cfg.log_every_images) or step == steps):
                 with os.fdopen(paths.open_nofollow(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a") as f:
                     f.write(json.dumps({"step": step, "images": images_seen, "loss": float(np.mean(losses)),

@@ -117,8 +117,9 @@ def test_the_table_has_a_line_per_case_and_a_summary(result):
 
 @pytest.fixture(scope="module")
 def study_case(tmp_path_factory):
-    from experiments.fashion_mnist.config import load_study
     from test_study import config_with, write_fake_split
+
+    from experiments.fashion_mnist.config import load_study
 
     tmp = tmp_path_factory.mktemp("bench_study")
     write_fake_split(tmp, "train", 600, seed=0)

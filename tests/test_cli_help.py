@@ -80,3 +80,17 @@ def test_setup_notes_name_every_config_that_needs_the_fashion_mnist_package():
                       if "note " in line or line.strip().startswith('"'))
     for config in needs:
         assert notes.count(config) == 2, config   # both notes: no apt-get, and a failed install
+
+
+def test_progress_bars_written_to_a_log_redraw_every_30_s(monkeypatch, capsys):
+    import io
+    import os
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    monkeypatch.setattr("sys.stderr", io.StringIO())   # not a terminal: a log file or a pipe
+    with pytest.raises(SystemExit):
+        cli.main(["sample", "--help"])
+    assert os.environ["TQDM_MININTERVAL"] == "30"
+    monkeypatch.setenv("TQDM_MININTERVAL", "2")        # a user's own choice is kept
+    with pytest.raises(SystemExit):
+        cli.main(["sample", "--help"])
+    assert os.environ["TQDM_MININTERVAL"] == "2"

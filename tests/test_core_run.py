@@ -77,11 +77,14 @@ def test_run_records_every_stage_and_a_rerun_skips_them(full_run):
     final = doc["stages"]["final"]
     assert final["neon"]["w"] == best and final["base"]["w"] == 0 and final["neon"]["num_images"] == 9
     assert "base:" in first.stdout and "neon:" in first.stdout and "best snapshot:" in first.stdout
+    begun = [line.split(":")[0] for line in first.stdout.splitlines() if line.startswith("stage ")]
+    assert begun == [f"stage {k} of 4" for k in (1, 2, 3, 4)]   # each stage says where the run stands
 
     again = _run(config, out)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "sampling" not in again.stderr and "self-training" not in again.stderr and "w=" not in again.stderr
     assert json.loads((out / "run.json").read_text())["stages"] == doc["stages"]
+    assert "stage " not in again.stdout   # every stage reused: none begins
 
 
 def test_every_snapshot_is_swept_and_the_best_final_fid_chooses_theta_s(full_run):
