@@ -29,6 +29,7 @@ COMMANDS = {
     "run": ("neon.run", "all stages from a config: sample → finetune → sweep → final evaluation"),
     "fid": ("neon.metrics.cli", "FID / IS / precision-recall of an image set against reference statistics"),
     "stats": ("neon.metrics.cli", "reference statistics (mu, sigma) of an image set"),
+    "init": ("neon.init", "write a config for your own model and images, sized to a time budget on this machine"),
     "families": ("neon.describe", "each installed family's sampler, loss and load arguments, with their defaults"),
     "torchrun": ("neon.launch", "torchrun whose report of a refused job ends on the job's one-line error"),
 }

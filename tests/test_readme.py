@@ -47,6 +47,8 @@ SCALE_DOWN = [
     (r"--model xar_(large|base)", "--model auto"),
     (r"--inception-weights \S+", "--inception-weights fid-helper"),
     (r"(\bneon run configs/\S+\.yaml)", r"\g<1> --smoke"),
+    (r"--minutes \d+", "--minutes 0.1"),
+    (r"^(neon init .*?) &&", r"\g<1> --arg num_inference_steps=4 &&"),   # the tiny pipeline's 50 DDIM steps: 4
 ]
 FAMILIES = sorted(ep.name for ep in importlib.metadata.entry_points(group="neon.families"))
 PAPER_ROWS = [c for c in sorted((REPO / "configs").glob("*.yaml")) if config_kind(str(c)) == METHOD_KIND]
@@ -120,7 +122,19 @@ def workspace(tmp_path_factory):
             family.save(family.tiny(**tiny_args), str(ck / release))
         family.save_helpers(family.tiny(), str(ck))
     (root / "runs").mkdir()
+    own_model_and_images(root)
     return root
+
+
+def own_model_and_images(root: Path) -> None:
+    """A user's own tiny diffusers pipeline (my_pipeline/) and a folder of their own PNGs (my_images/)."""
+    from PIL import Image
+    family = get_family("diffusers")
+    family.save(family.tiny(resolution=8, scheduler="DDIMScheduler"), str(root / "my_pipeline"))
+    (root / "my_images").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray((rng.random((8, 8, 3)) * 255).astype(np.uint8)).save(root / "my_images" / f"{i:03d}.png")
 
 
 @pytest.mark.parametrize("command", RUNNABLE, ids=lambda c: c[:70])
