@@ -27,7 +27,7 @@ def kernel_name(tmp_path, monkeypatch):
 
 def test_toy_appendix_notebook_runs_in_quick_mode(tmp_path, monkeypatch, kernel_name):
     out = tmp_path / "out"
-    monkeypatch.setenv("NEON_TOY_QUICK", "1")
+    monkeypatch.delenv("NEON_TOY_QUICK", raising=False)   # quick is the notebook's own default
     monkeypatch.setenv("NEON_TOY_OUT", str(out))
     nb = nbformat.read(REPO / "toy_appendix.ipynb", as_version=4)
     NotebookClient(nb, kernel_name=kernel_name, timeout=600, resources={"metadata": {"path": str(REPO)}}).execute()
@@ -43,3 +43,11 @@ def test_python_dash_m_neon_toy_is_the_toy_command():
     help_text = subprocess.run([sys.executable, "-m", "experiments.toy", "--help"], capture_output=True, text=True,
                                check=True).stdout
     assert "--quick" in help_text and "--out" in help_text and "--seed" in help_text
+
+
+def test_the_committed_notebook_carries_no_outputs_and_the_venv_can_open_it():
+    nb = nbformat.read(REPO / "toy_appendix.ipynb", as_version=4)
+    assert all(not cell.outputs and cell.execution_count is None for cell in nb.cells if cell.cell_type == "code")
+    import tomllib
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert {"jupyterlab", "nbconvert", "ipykernel"} <= {d.split(">")[0].split("=")[0] for d in extras["notebook"]}
