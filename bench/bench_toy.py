@@ -6,8 +6,8 @@ Counts the multiply-adds of every network call the run makes (sampling, training
 forward, gradient estimates), measures this machine's rate for the product that dominates them — a
 (4096, 32) @ (32, 32) float32 matmul, run on N threads at once as the toy runs N workers — before and after
 the run, and prints the run's wall time, its FLOP count, the floor (FLOPs / best measured rate) and the
-ratio. --before-seconds S also prints the ratio of an earlier measured run time S (e.g. the figure the README
-gave for the code before the batched sampler: 1560 s, one thread of a quiet 2-core machine) to the same floor.
+ratio. --before-seconds S also prints the ratio of an earlier measured run time S (e.g. the figure bench/README.md
+gives for the code before the batched sampler: 1560 s, one thread of a quiet 2-core machine) to the same floor.
 """
 from __future__ import annotations
 

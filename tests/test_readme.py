@@ -1,10 +1,12 @@
-"""Every command README.md shows runs.
+"""Every command README.md shows runs, and so does every command of the docs pages that hold its longer lists.
 
-Commands come from the README's ```bash blocks and from its table cells. Each is run in a workspace laid out like
+Commands come from the ```bash blocks and the table cells of COMMAND_PAGES; a command shown on two pages runs once.
+The README itself is a front door: at most 150 lines, with the two newcomer commands, and every relative link or
+image of it and of the docs pages reaches its file (and heading). Each command is run in a workspace laid out like
 the repository after `bash download_models.sh` — the same file names in checkpoints/ and fid_stats/, holding each
 family's tiny network and placeholder statistics — with the counts scaled down for a CPU (SCALE_DOWN, below),
 the offline Inception weights, and no network. The set-up line and the test command are what .ci/run runs.
-A README command that matches no rule here, or fails, fails this test.
+A command that matches no rule here, or fails, fails this test.
 """
 import importlib.metadata
 import os
@@ -23,6 +25,11 @@ from neon.family import get_family
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
+# The pages whose commands run: the README and the docs pages its per-row, protocol and study sections live in.
+COMMAND_PAGES = ["README.md", "docs/reproducing.md", "docs/fashion_mnist.md"]
+# The pages whose relative links and images must reach their files.
+LINKED_PAGES = ["README.md", "CONTRIBUTING.md", "bench/README.md",
+                *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md"))]
 # The README's `source .venv/bin/activate`: the repository's .venv, or the environment these tests run in.
 ACTIVATE = shlex.quote(str(REPO / ".venv" / "bin" / "activate" if (REPO / ".venv" / "bin" / "activate").is_file()
                            else Path(sys.executable).parent / "activate"))
@@ -54,9 +61,9 @@ FAMILIES = sorted(ep.name for ep in importlib.metadata.entry_points(group="neon.
 PAPER_ROWS = [c for c in sorted((REPO / "configs").glob("*.yaml")) if config_kind(str(c)) == METHOD_KIND]
 
 
-def bash_commands() -> list[str]:
+def bash_commands(text: str) -> list[str]:
     out = []
-    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = re.sub(r"\s+#.*$", "", line).strip()
             if line and not line.startswith("#"):
@@ -64,8 +71,17 @@ def bash_commands() -> list[str]:
     return out
 
 
-def table_commands() -> list[str]:
-    return re.findall(r"\| `((?:torchrun|neon|python)[^`]*)` \|", README)
+def table_commands(text: str) -> list[str]:
+    return re.findall(r"\| `((?:torchrun|neon|python)[^`]*)` \|", text)
+
+
+def page_commands() -> list[str]:
+    """Every command of COMMAND_PAGES, in page order, each once."""
+    commands = []
+    for page in COMMAND_PAGES:
+        text = (REPO / page).read_text()
+        commands += bash_commands(text) + table_commands(text)
+    return list(dict.fromkeys(commands))
 
 
 def free_port() -> int:
@@ -88,9 +104,46 @@ def scaled(command: str) -> str:
     return command
 
 
-SETUP = [c for c in bash_commands() if "scripts/setup.sh" in c]
-TESTS = [c for c in bash_commands() if "pytest" in c]
-RUNNABLE = [c for c in bash_commands() + table_commands() if c not in SETUP + TESTS]
+SETUP = [c for c in bash_commands(README) if "scripts/setup.sh" in c]
+TESTS = [c for c in bash_commands(README) if "pytest" in c]
+RUNNABLE = [c for c in page_commands() if c not in SETUP + TESTS]
+
+
+FENCED = re.compile(r"^\s*```.*?^\s*```", re.M | re.S)
+
+
+def without_code(text: str) -> str:
+    """A page's text without its fenced blocks and code spans (a link's `code` text leaves `[](target)`)."""
+    return re.sub(r"`[^`\n]*`", "", FENCED.sub("", text))
+
+
+def anchors(text: str) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces as hyphens, -1, -2 on repeats."""
+    out: set[str] = set()
+    for heading in re.findall(r"^#+ (.+)$", FENCED.sub("", text), re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        n = 0
+        while (f"{slug}-{n}" if n else slug) in out:
+            n += 1
+        out.add(f"{slug}-{n}" if n else slug)
+    return out
+
+
+def test_the_readme_is_a_front_door_of_at_most_150_lines():
+    assert len(README.splitlines()) <= 150, "write-ups, protocols and timings belong in docs/ and bench/README.md"
+
+
+def test_every_relative_link_and_image_reaches_its_file_and_heading():
+    broken = []
+    for page in LINKED_PAGES:
+        for target in re.findall(r"\]\(([^)\s]+)\)", without_code((REPO / page).read_text())):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):   # https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            file = (REPO / page).parent / path if path else REPO / page
+            if not file.exists() or (anchor and file.suffix == ".md" and anchor not in anchors(file.read_text())):
+                broken.append(f"{page}: {target}")
+    assert not broken, "links that reach nothing:\n" + "\n".join(broken)
 
 
 def test_the_readme_shows_the_two_newcomer_commands_and_ci_runs_them():
