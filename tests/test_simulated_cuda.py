@@ -169,3 +169,16 @@ def test_a_smoke_run_on_the_simulated_gpu_mixes_no_devices(tmp_path, config):
     print(f"{config}: self-training: {_syncs_per(report, 'finetune', steps, 'training step')} (snapshot writes "
           f"and the baselines' training included)")
     print(f"{config}: sampling S: {_syncs_per(report, 'sample S', evaluations, 'network evaluation')}")
+
+
+def test_the_adaptive_selection_on_the_simulated_gpu_mixes_no_devices(tmp_path):
+    from test_adaptive import CONFIG
+    config, out, counts = tmp_path / "adaptive.yaml", tmp_path / "run", tmp_path / "evaluations.json"
+    config.write_text(yaml.safe_dump(CONFIG))
+    report = _simulated(tmp_path, SMOKE_RUN, str(config), str(out), CONFIG["family"], str(counts))
+    _no_violations(report)
+    log = json.loads((out / "sweep" / "selection.json").read_text())
+    assert log["evaluations"] and log["choice"]["protocol"] == "adaptive"
+    # the walk ran on the device: its images came back to the host from simulated CUDA tensors
+    assert any(s["kind"].startswith("D2H") and "adaptive_sweep" in s["site"] for s in report["syncs"]) or \
+        any(s["kind"].startswith("D2H") for s in report["syncs"] if s["stage"] not in ("sample S", "finetune"))
