@@ -1,7 +1,9 @@
-"""Two selection protocols on the 2-D Gaussian toy, where the truth is measurable: the official exhaustive sweep
-against neon.adaptive's walk, by the images each samples and by the true FID of what each chooses.
+"""Two selection protocols where the truth is measurable: the official exhaustive sweep against neon.adaptive's
+walk, by the images each samples and by the true metric of what each chooses. Cases: the 2-D Gaussian toy, and
+(full mode) both Fashion-MNIST studies (bench/selection_studies.py: their θr and ODE-arm snapshots, classifier FD).
 
-    python bench/bench_selection.py [--quick] [--seed S] [--threads N] [--json OUT]
+    python bench/bench_selection.py [--quick] [--only toy|studies] [--studies DIR] [--seed S] [--threads N]
+                                    [--json OUT]
 
 Each case is a real Neon pipeline of experiments/toy (θr, S and the θs snapshots made by its own functions with
 its own seeds): diffusion at ζ = 0.9 and 1.1, AR at τ = 0.5 and 1.6, each with the self-training lengths
