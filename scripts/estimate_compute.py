@@ -20,6 +20,14 @@ to choose (official: sweep points + every snapshot's final; adaptive: every meas
 higher the true FID of the adaptive choice is than the official choice's (worst position; 0 or below: as good).
 The VAE/tokenizer and the Inception detector are left out (small next to the generators). Sustained
 throughputs are assumptions: H100 at ~40% of its dense bf16 peak for the bf16/fp16 families, TF32 for EDM.
+
+Memory (a second table, --gpus G, --gpu-memory GB): self-training's peak per GPU at the config's global batch on
+G GPUs — fp32 weights, gradients and Adam's two moments (16 bytes per parameter), the EMA copy, θr kept on the
+device beside the trained copy (4 each), autocast's 16-bit weight copies (2), and the activations the backward
+keeps per image: EDM's counted by a saved-tensor hook on the release network at batch 1 on the meta device (an
+upper bound: a tensor two ops keep counts twice); the transformers' from Korthikanti et al. 2022 (34 bytes per
+token per width per layer in 16 bits, flash attention: no tokens² term). It prints the total, whether it fits,
+and how many micro-batches per step (finetune.accumulate) would make it fit.
 """
 from __future__ import annotations
 
@@ -65,6 +73,54 @@ def edm_forward_flops(row: str) -> float:
     with FlopCounterMode(display=False) as counter:
         net(torch.zeros(1, 3, r, r, device="meta"), torch.ones(1, device="meta"), labels)
     return float(counter.get_total_flops())
+
+
+def edm_memory(row: str) -> tuple[float, float]:
+    """(parameters, bytes the backward keeps per training image) of the release network, on the meta device."""
+    import torch
+
+    from neon.family import get_family
+    get_family("edm")
+    from edm.checkpoint import build_network
+    kw = dict(model_type="SongUNet", embedding_type="positional", encoder_type="standard", decoder_type="standard",
+              channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, num_blocks=4, attn_resolutions=[16],
+              augment_dim=9, use_fp16=False, img_channels=3, **EDM_NETWORKS[row])
+    net = build_network("EDMPrecond", kw, "meta").train().requires_grad_(True)
+    kept = [0]
+
+    def pack(t):
+        kept[0] += t.numel() * t.element_size()
+        return t
+    r, labels = kw["img_resolution"], kw["label_dim"]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net(torch.zeros(1, 3, r, r, device="meta"), torch.ones(1, device="meta"),
+            torch.zeros(1, labels, device="meta") if labels else None, augment_labels=torch.zeros(1, 9, device="meta"))
+    return float(sum(p.numel() for p in net.parameters())), float(kept[0])
+
+
+def memory(row: str, cfg, gpus: int) -> dict:
+    """Self-training's peak bytes per GPU: {'params', 'states', 'per_image', 'images', 'total'}."""
+    if row in EDM_NETWORKS:
+        P, per_image = edm_memory(row)
+        half = 0                                    # EDM trains in fp32 (TF32)
+    else:
+        shape = TRANSFORMERS[row]
+        P, per_image = shape["P"], 34 * shape["tokens"] * shape["width"] * shape["depth"]
+        half = 2
+    states = P * (16 + (4 if cfg.finetune.ema else 0) + 4 + half)
+    images = cfg.finetune.batch / gpus
+    return dict(params=P, states=states, per_image=per_image, images=images, total=states + images * per_image)
+
+
+def micro_batches(m: dict, budget: float) -> int | None:
+    """Micro-batches per step that fit `budget` bytes (1: as configured), None if the states alone do not."""
+    room = budget - m["states"]
+    if room < m["per_image"]:
+        return None
+    k = 1
+    while m["images"] / k * m["per_image"] > room:
+        k += 1
+    return k
 
 
 def transformer_forward_flops(shape: dict, tokens: int, context: int | None = None) -> float:
@@ -133,6 +189,9 @@ def main() -> None:
                    help="skip the selection columns (simulated walks of both protocols: a few minutes)")
     p.add_argument("--positions", type=float, nargs="+", default=[0.15, 0.5, 0.85],
                    help="where the simulated optimum sits along the grids (0: low end, 1: high end)")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs the memory table divides the global batch over")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU (H100: 80)")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory table")
     args = p.parse_args()
     head = f"{'row':<20} {'S':>8} {'self-train':>11} {'snapshots':>10} {'sweep':>8} {'final':>8} {'total GPU-h':>12}"
     if not args.no_simulation:
@@ -165,6 +224,22 @@ def main() -> None:
                      f" {sim['adaptive_points'] / n_snap:13.1f} {gpu_h(sim['adaptive']):19.1f}"
                      f" {sim['adaptive'] / sim['official']:6.3f} {100 * sim['excess']:10.2f}%")
         print(line, flush=True)
+    if not args.no_memory:
+        print_memory(args.rows or [*EDM_NETWORKS, *TRANSFORMERS], args.gpus, args.gpu_memory)
+
+
+def print_memory(rows: list[str], gpus: int, gpu_memory: float) -> None:
+    gib = 2 ** 30
+    print(f"\nself-training memory per GPU, global batch over {gpus} GPUs of {gpu_memory:g} GB (an estimate):")
+    print(f"{'row':<20} {'params':>9} {'states GiB':>11} {'act/img GiB':>12} {'img/GPU':>8} {'total GiB':>10}"
+          f"  fits?")
+    for row in rows:
+        cfg = load_config(str(REPO / "configs" / f"{row}.yaml"))
+        m = memory(row, cfg, gpus)
+        k = micro_batches(m, 0.92 * gpu_memory * 1e9)   # the allocator and the CUDA context keep some
+        verdict = ("yes" if k == 1 else f"with finetune.accumulate: {k}" if k else "no: the states alone do not")
+        print(f"{row:<20} {m['params'] / 1e6:8.1f}M {m['states'] / gib:11.1f} {m['per_image'] / gib:12.3f} "
+              f"{m['images']:8.1f} {m['total'] / gib:10.1f}  {verdict}", flush=True)
 
 
 if __name__ == "__main__":
