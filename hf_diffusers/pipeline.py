@@ -15,6 +15,7 @@ import diffusers
 import safetensors.torch
 import torch
 
+from hf_diffusers.config_bounds import build_scheduler, check_network, class_name
 from neon.errors import NeonError
 from neon.pipeline_folder import MODEL_INDEX, net_component, read_json, weight_files
 
@@ -34,7 +35,7 @@ def resolve(path: str, local_files_only: bool | None = None) -> str:
     (local_files_only, default: $HF_HUB_OFFLINE)."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, MODEL_INDEX)):
+        if not os.path.lexists(os.path.join(path, MODEL_INDEX)):
             raise NeonError(f"{path}: not a diffusers pipeline folder (no {MODEL_INDEX})")
         return path
     if os.path.exists(path) or not HUB_ID.match(path):
@@ -51,16 +52,20 @@ def resolve(path: str, local_files_only: bool | None = None) -> str:
 
 
 def load_module(component: str, classes: dict, device) -> torch.nn.Module:
-    """The model in `component/` (config.json + safetensors), built by diffusers, in eval mode, frozen."""
-    config = read_json(os.path.join(component, "config.json"))
-    name = config.get("_class_name")
-    name = REMAPPED.get((name, config.get("norm_type")), name)
+    """The model in `component/` (config.json + safetensors), built by diffusers, in eval mode, frozen; built only
+    once its config is known to describe the network its weights hold (`config_bounds.check_network`)."""
+    config_path = os.path.join(component, "config.json")
+    config = read_json(config_path)
+    name = class_name(config_path, config)
+    norm = config.get("norm_type")
+    name = REMAPPED.get((name, norm if isinstance(norm, str) else None), name)
     if name not in classes:
-        raise NeonError(f"{component}/config.json: class {name!r} is not supported here "
-                        f"(known: {', '.join(sorted(classes))})")
+        raise NeonError(f"{config_path}: class {name!r} is not supported here (known: {', '.join(sorted(classes))})")
+    files = weight_files(component)
+    check_network(config_path, classes[name], config, files)
     model = classes[name].from_config(config)
     state = {}
-    for file in weight_files(component):
+    for file in files:
         state.update(safetensors.torch.load_file(file))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -72,23 +77,24 @@ def load_module(component: str, classes: dict, device) -> torch.nn.Module:
 def load_scheduler(folder: str, pipeline: str):
     """The pipeline's scheduler from its config; DDIMPipeline turns any scheduler into DDIM, as its __init__."""
     config_path = next((p for p in (os.path.join(folder, "scheduler", "scheduler_config.json"),
-                                    os.path.join(folder, "scheduler_config.json")) if os.path.isfile(p)), None)
+                                    os.path.join(folder, "scheduler_config.json")) if os.path.lexists(p)), None)
     if config_path is None:
         raise NeonError(f"{folder}: no scheduler/scheduler_config.json")
     config = read_json(config_path)
-    cls = getattr(diffusers, str(config.get("_class_name")), None)
+    name = class_name(config_path, config)
+    cls = getattr(diffusers, name, None)
     if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
-        raise NeonError(f"{config_path}: unknown scheduler {config.get('_class_name')!r}")
-    scheduler = cls.from_config(config)
+        raise NeonError(f"{config_path}: unknown scheduler {name!r}")
+    scheduler = build_scheduler(config_path, cls, config)
     if pipeline == "DDIMPipeline":
-        scheduler = diffusers.DDIMScheduler.from_config(scheduler.config)
+        scheduler = build_scheduler(config_path, diffusers.DDIMScheduler, dict(scheduler.config))
     return scheduler
 
 
 def load_pipeline(folder: str, device) -> dict:
     """{'pipeline', 'component', 'net', 'scheduler', 'vae' (latent models, else None)} of a local folder."""
     index = read_json(os.path.join(folder, MODEL_INDEX))
-    pipeline = index.get("_class_name")
+    pipeline = class_name(os.path.join(folder, MODEL_INDEX), index)
     if pipeline not in PIPELINES:
         raise NeonError(f"{folder}/{MODEL_INDEX}: pipeline {pipeline!r} is not supported (known: "
                         f"{', '.join(PIPELINES)})")

@@ -375,8 +375,8 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
 
 
 def _open_safetensors(path: str) -> Checkpoint:
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    with paths.open_input(path, "safetensors file") as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) != 8:
             raise NeonError(f"{path}: not a safetensors file")

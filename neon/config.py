@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from neon import paths
 from neon.errors import NeonError, shown
 from neon.family import Arg, Family, get_family
 from neon.search import REFINE_CENTRES, REFINE_PATTERNS, STOP_RULES
@@ -661,11 +662,11 @@ def _expanded_size(data: Any, sizes: dict) -> int:
 def load_yaml(path: str, parse, **kwargs):
     """parse(data, **kwargs) of the YAML file `path`; every problem is a one-line ConfigError naming the file."""
     try:
-        with open(path) as f:
+        with paths.open_input(path, "config file") as f:
             data = yaml.safe_load(f)
         size = _expanded_size(data, {})
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+    except NeonError as e:   # not found, or not a regular file
+        raise ConfigError(str(e)) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     except RecursionError:

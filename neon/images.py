@@ -15,6 +15,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from neon import paths
 from neon.checkpoint import atomic_path
 from neon.errors import NeonError
 
@@ -57,6 +58,22 @@ def save_images_npz(path: str, images: np.ndarray, labels: np.ndarray | None = N
 
 # Deflate cannot expand data more than about 1032-fold: a member claiming more is not a real deflate stream.
 _DEFLATE_MAX_RATIO = 1032
+
+# What a small file may make a reader allocate. Real data never compresses as well as a bomb: deflate and PNG
+# shrink photographs 1-3x and flat synthetic images tens of times at most, JPEG photographs 10-30x, float
+# features hardly at all, while zeros deflate about 1000x. So what compressed data decodes to may pass
+# INFLATION_FLOOR (small sets, labels and seeds compress better, and cost little) only up to MAX_INFLATION times
+# its compressed size. Stored .npz members are their own bytes in the file, which bounds them; a real set that
+# compresses better than this (thousands of blank samples) reads as a stored .npz, which `neon sample` writes.
+MAX_INFLATION = 100
+INFLATION_FLOOR = 256 << 20
+
+
+def check_inflation(what: str, decoded: int, compressed: int) -> None:
+    """Refuse `what`, `compressed` bytes that decode to `decoded`, past the bound above (before decoding)."""
+    if decoded > max(MAX_INFLATION * compressed, INFLATION_FLOOR):
+        raise NeonError(f"{what}: {compressed} compressed bytes that decode to {decoded}, more than {MAX_INFLATION} "
+                        "times as many (a decompression bomb; real images do not compress so well)")
 
 
 @dataclasses.dataclass
@@ -119,7 +136,7 @@ def read_npy(path: str) -> np.ndarray:
     """A plain `.npy` file, its header checked first (as `npy_member` checks a zip member): no object dtype, and
     exactly the bytes the header declares, so a header claiming terabytes is one NeonError, not a MemoryError."""
     try:
-        with open(path, "rb") as f:
+        with paths.open_input(path, ".npy file") as f:
             version = np.lib.format.read_magic(f)
             read_header = {(1, 0): np.lib.format.read_array_header_1_0,
                            (2, 0): np.lib.format.read_array_header_2_0}.get(version)
@@ -147,9 +164,11 @@ def npz_names(path: str) -> set[str]:
         raise NeonError(f"{path}: not a readable .npz ({e})") from None
 
 
-def read_npz(path: str, required: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
-    """The named arrays of an `.npz` (missing `required` ones refused), each header checked first."""
-    path = os.fspath(path)
+def read_npz(path: str, required: tuple[str, ...] = (), optional: tuple[str, ...] = (),
+             max_bytes: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """The named arrays of an `.npz` (missing `required` ones refused), each header checked first, and so are the
+    bytes they decode to: at most `max_bytes[name]` per array where given, and within `check_inflation` together."""
+    path = paths.input_file(os.fspath(path), ".npz file")
     try:
         with zipfile.ZipFile(path) as zf:
             names = {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
@@ -158,9 +177,24 @@ def read_npz(path: str, required: tuple[str, ...] = (), optional: tuple[str, ...
                 raise NeonError(f"{path}: expected arrays {' and '.join(map(repr, required))}, found "
                                 f"{sorted(names) or 'none'}")
             members = [npy_member(path, zf, n) for n in (*required, *optional) if n in names]
+            for m in members:
+                limit = (max_bytes or {}).get(m.name)
+                if limit is not None and m.nbytes > limit:
+                    raise NeonError(f"{path}: array {m.name!r} declares {m.shape} {m.dtype} ({m.nbytes} bytes), "
+                                    f"more than such an array holds (at most {limit})")
+            check_members_inflation(path, members)
             return {m.name: read_member(path, zf, m) for m in members}
     except (zipfile.BadZipFile, OSError, ValueError) as e:
         raise NeonError(f"{path}: not a readable .npz ({e})") from None
+
+
+def check_members_inflation(path: str, members: list[NpyMember]) -> None:
+    """The compressed members about to be read, together, within `check_inflation` (each alone is within deflate's
+    own limit, but two 1000-fold members of a 1 MB file still decode to 2 GB)."""
+    packed = [m for m in members if m.info.compress_type != zipfile.ZIP_STORED]
+    if packed:
+        check_inflation(f"{path}: array{'s' * (len(packed) > 1)} {', '.join(repr(m.name) for m in packed)}",
+                        sum(m.info.file_size for m in packed), sum(m.info.compress_size for m in packed))
 
 
 class NpzImages:
@@ -169,9 +203,7 @@ class NpzImages:
     memory-mapped, so a rank touches only the images it reads; a compressed one is read whole once."""
 
     def __init__(self, path: str):
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise NeonError(f"{path}: image set not found")
+        path = paths.input_file(os.fspath(path), "image set")
         self.path = path
         try:
             with zipfile.ZipFile(path) as zf:
@@ -188,6 +220,7 @@ class NpzImages:
                     if len(member.shape) != 1 or member.shape[0] != len(self):
                         what = "labels" if name == "arr_1" else "seeds"
                         raise NeonError(f"{path}: {what} ({name}) of shape {member.shape} for {len(self)} images")
+                check_members_inflation(path, [images, *extra.values()])
                 # Labels as stored (neon finetune refuses fractional ones, which the int64 cast would truncate).
                 self.label_dtype = extra["arr_1"].dtype if "arr_1" in extra else None
                 self.labels, self.seeds = (read_member(path, zf, extra[n]).astype(np.int64) if n in extra else None
@@ -226,7 +259,11 @@ def _stored_memmap(path: str, member: NpyMember) -> np.ndarray:
 
 class FolderImages:
     """A folder of PNG/JPEG images (sorted by relative path), with labels from an EDM-style `dataset.json`
-    ({"labels": [[relative path, label], ...]}) when present; same reading methods as NpzImages."""
+    ({"labels": [[relative path, label], ...]}) when present; same reading methods as NpzImages.
+
+    Every image's header is read when the folder is opened, nothing decoded: a file that is no regular file or no
+    readable image is refused by name, and so is a folder whose images decode to more than `check_inflation`
+    allows (a few hundred KB of PNGs of blank 9000x9000 images would take gigabytes)."""
 
     def __init__(self, folder: str):
         folder = os.fspath(folder)
@@ -237,11 +274,15 @@ class FolderImages:
                             for d, _, fs in os.walk(folder) for f in fs if f.lower().endswith(IMAGE_SUFFIXES))
         if not self.files:
             raise NeonError(f"{folder}: no {'/'.join(IMAGE_SUFFIXES)} images found")
+        headers = [_image_header(os.path.join(folder, f)) for f in self.files]
+        self.shapes = [shape for shape, _ in headers]
+        check_inflation(f"{folder}: {len(self.files)} images", sum(math.prod(shape) for shape in self.shapes),
+                        sum(size for _, size in headers))
         self.seeds = None
         self.labels = None
         meta = os.path.join(folder, "dataset.json")
-        if os.path.isfile(meta):
-            with open(meta) as f:
+        if os.path.lexists(meta):
+            with paths.open_input(meta, "dataset.json") as f:
                 table = {k.replace("\\", "/"): v for k, v in (json.load(f).get("labels") or [])}
             missing = [f for f in self.files if f not in table]
             if missing:
@@ -252,24 +293,49 @@ class FolderImages:
         return len(self.files)
 
     def take(self, indices) -> np.ndarray:
-        images = [_read_image(os.path.join(self.path, self.files[i])) for i in indices]
-        if len({im.shape for im in images}) > 1:
+        indices = list(indices)
+        if len({self.shapes[i] for i in indices}) > 1:   # known from the headers: refused before decoding
             raise NeonError(f"{self.path}: images of different sizes in one batch; resize them to one size first")
+        images = [_read_image(os.path.join(self.path, self.files[i])) for i in indices]
         return np.stack(images) if images else np.zeros((0, 0, 0, 3), np.uint8)
 
     def read(self, start: int, stop: int) -> np.ndarray:
         return self.take(range(start, min(stop, len(self))))
 
 
-def _read_image(path: str) -> np.ndarray:
-    """uint8 (H, W, 1) for a grey image, (H, W, 3) otherwise."""
+def _channels(mode: str) -> int:
+    """Channels `_read_image` gives an image of PIL mode `mode`: grey stays grey, everything else is RGB."""
+    return 1 if mode in ("1", "L") else 3
+
+
+def _image_header(path: str) -> tuple[tuple[int, int, int], int]:
+    """((H, W, C) the image decodes to, its size on disk), from its header alone."""
     from PIL import Image
-    with Image.open(path) as im:
-        if im.mode.startswith("I"):   # 16/32-bit: PIL's convert would clip every value above 255 to white
-            raise NeonError(f"{path}: a {im.mode} image (more than 8 bits per channel); save it as 8-bit first")
-        if im.mode in ("1", "L"):
-            return np.asarray(im.convert("L"))[..., None]
-        return np.asarray(im.convert("RGB"))
+    with paths.open_input(path, "image") as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            with Image.open(f) as im:
+                (w, h), mode = im.size, im.mode
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise NeonError(f"{path}: not a readable image ({e})") from None
+    if mode.startswith("I"):   # 16/32-bit: PIL's convert would clip every value above 255 to white
+        raise NeonError(f"{path}: a {mode} image (more than 8 bits per channel); save it as 8-bit first")
+    return (h, w, _channels(mode)), size
+
+
+def _read_image(path: str) -> np.ndarray:
+    """uint8 (H, W, 1) for a grey image, (H, W, 3) otherwise; a file that does not decode is one line naming it."""
+    from PIL import Image
+    with paths.open_input(path, "image") as f:
+        try:
+            with Image.open(f) as im:
+                if im.mode.startswith("I"):   # see _image_header
+                    raise NeonError(f"{path}: a {im.mode} image (more than 8 bits per channel); save it as 8-bit "
+                                    "first")
+                return np.asarray(im.convert("L" if _channels(im.mode) == 1 else "RGB")).reshape(
+                    im.size[1], im.size[0], -1)
+        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+            raise NeonError(f"{path}: not a readable image ({e})") from None
 
 
 def open_images(path: str) -> NpzImages | FolderImages:
@@ -277,10 +343,11 @@ def open_images(path: str) -> NpzImages | FolderImages:
     path = os.fspath(path)
     if os.path.isdir(path):
         return FolderImages(path)
-    if os.path.isfile(path) and path.endswith(".npz"):
-        return NpzImages(path)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         raise NeonError(f"image set not found: {path}")
+    paths.input_file(path, "image set (.npz or folder)")
+    if path.endswith(".npz"):
+        return NpzImages(path)
     raise NeonError(f"{path}: expected an .npz with arr_0 or a folder of images")
 
 

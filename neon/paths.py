@@ -1,7 +1,9 @@
 """Paths given on the command line: checked before anything is written, and nothing left behind by a killed job.
 
-- Inputs must be regular files (`input_file`); an output must not be a folder where a file goes, nor lie below
-  a file (`output_file`, `output_folder`). Missing folders above an output are created when it is written.
+- Inputs must be regular files (`input_file`), and are opened and read only as such (`open_input`,
+  `read_input`): a device never ends (/dev/zero) and opening a FIFO waits for a writer, so either is refused in
+  one line before a byte is read. An output must not be a folder where a file goes, nor lie below a file
+  (`output_file`, `output_folder`). Missing folders above an output are created when it is written.
 - A folder made for a job that then fails while it is still empty is removed again (`made_folder`).
 - Every file is written through a temporary file beside it, `.<name>.neon-tmp-<host>-<pid>`: a later write into
   the same folder recognises the leftovers of dead processes of this host by their name and removes them
@@ -17,6 +19,7 @@ import errno
 import fcntl
 import os
 import socket
+import stat
 from collections.abc import Iterator
 
 from neon.errors import NeonError
@@ -26,16 +29,58 @@ _HOST = socket.gethostname().split(".")[0][:32] or "localhost"
 _SWEPT: set[str] = set()  # folders this process has already cleared of stale temporary files
 
 
+def file_kind(mode: int) -> str:
+    """What a file of `st_mode` `mode` is, for a refusal ('a FIFO', 'a device', ...)."""
+    return ("a symbolic link" if stat.S_ISLNK(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+            "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else
+            "a folder" if stat.S_ISDIR(mode) else "not a regular file")
+
+
+def _a(what: str) -> str:
+    return ("an " if what[:1] in "aeiouAEIOU." else "a ") + what
+
+
 def input_file(path: str, what: str = "file") -> str:
-    """`path` if it is an existing regular file; else a one-line NeonError saying what is there instead."""
+    """`path` if it is an existing regular file (or a link to one); else a one-line NeonError saying what is
+    there instead."""
     path = os.fspath(path)
-    if os.path.isdir(path):
-        raise NeonError(f"{path}: is a folder, expected a {what}")
-    if not os.path.exists(path):
-        raise NeonError(f"{path}: {what} not found")
-    if not os.path.isfile(path):
-        raise NeonError(f"{path}: not a regular file (expected a {what})")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise NeonError(f"{path}: {what} not found") from None
+    except OSError as e:   # a link loop, a file in the way of a folder, no permission
+        raise NeonError(f"{path}: cannot read the {what} ({e.strerror})") from None
+    if stat.S_ISDIR(mode):
+        raise NeonError(f"{path}: is a folder, expected {_a(what)}")
+    if not stat.S_ISREG(mode):
+        raise NeonError(f"{path}: is {file_kind(mode)}, not a regular file (expected {_a(what)})")
     return path
+
+
+def open_input(path: str, what: str = "file"):
+    """`path` open for binary reading, if it is a regular file. It is opened without waiting (O_NONBLOCK: a FIFO
+    swapped in after the check would otherwise block the open) and checked again on the open file."""
+    path = input_file(path, what)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NeonError(f"{path}: is {file_kind(mode)}, not a regular file (expected {_a(what)})")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_input(path: str, what: str = "file", limit: int | None = None) -> bytes:
+    """The bytes of the regular file `path`: as many as it held when opened (a file growing meanwhile cannot
+    make the read endless), and, with `limit`, refused when more than that."""
+    with open_input(path, what) as f:
+        size = os.fstat(f.fileno()).st_size
+        if limit is not None and size > limit:
+            raise NeonError(f"{path}: {size} bytes, more than {_a(what)} holds (at most {limit})")
+        return f.read(size)
 
 
 def _check_parent(path: str) -> None:

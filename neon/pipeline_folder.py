@@ -33,21 +33,27 @@ SHARD_INDEX = WEIGHTS + ".index.json"
 # Components that hold the denoising network, in the order the merge prefers them (the EMA network first).
 NET_COMPONENTS = ("unet_ema", "transformer_ema", "unet", "transformer")
 MARKER = ".neon-output.json"   # in every folder written here: the files written, so a rewrite knows what is ours
+# A config is a few KB, the shard index of thousands of tensors a few hundred KB: a larger "JSON" file is neither,
+# and parsing it could take gigabytes.
+MAX_JSON_BYTES = 4 << 20
 
 
 def is_pipeline_folder(path: str) -> bool:
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, MODEL_INDEX))
+    """A folder with a `model_index.json`: whatever that entry is, so one that is no regular file is refused by
+    name when read (`read_json`), not taken for the absence of a pipeline."""
+    return os.path.isdir(path) and os.path.lexists(os.path.join(path, MODEL_INDEX))
 
 
 def read_json(path: str) -> dict:
-    """A JSON object from `path`; anything else is a one-line NeonError naming the file."""
+    """A JSON object from the regular file `path` (at most MAX_JSON_BYTES); anything else is a one-line NeonError
+    naming the file."""
+    raw = paths.read_input(path, "JSON file", MAX_JSON_BYTES)
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise NeonError(f"{path}: not found") from None
-    except (ValueError, UnicodeDecodeError) as e:
+        data = json.loads(raw)
+    except ValueError as e:   # UnicodeDecodeError included
         raise NeonError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise NeonError(f"{path}: nested too deeply to be a config") from None
     if not isinstance(data, dict):
         raise NeonError(f"{path}: expected a JSON object")
     return data
@@ -57,9 +63,9 @@ def net_component(folder: str) -> tuple[str, str]:
     """(name, folder) of the network the merge touches: the EMA component first; '' names the flat layout."""
     for name in NET_COMPONENTS:
         sub = os.path.join(folder, name)
-        if os.path.isfile(os.path.join(sub, "config.json")):
+        if os.path.lexists(os.path.join(sub, "config.json")):
             return name, sub
-    if os.path.isfile(os.path.join(folder, "config.json")):
+    if os.path.lexists(os.path.join(folder, "config.json")):
         return "", folder
     raise NeonError(f"{folder}: no network component (expected one of {', '.join(NET_COMPONENTS)}/config.json)")
 
@@ -74,10 +80,10 @@ def _inside(folder: str, name: str) -> str:
 def weight_files(component: str) -> list[str]:
     """The component's safetensors files: the one file, else the shards its index lists (in index order)."""
     single = os.path.join(component, WEIGHTS)
-    if os.path.isfile(single):
+    if os.path.lexists(single):
         return [single]
     index = os.path.join(component, SHARD_INDEX)
-    if not os.path.isfile(index):
+    if not os.path.lexists(index):
         raise NeonError(f"{component}: no {WEIGHTS} (nor {SHARD_INDEX}); only safetensors weights are read")
     weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
@@ -166,12 +172,6 @@ def _hub_blobs(folder: str) -> str | None:
     return blobs if os.path.basename(snapshots) == "snapshots" and os.path.isdir(blobs) else None
 
 
-def _kind(mode: int) -> str:
-    return ("a symbolic link" if stat.S_ISLNK(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
-            "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else
-            "not a regular file")
-
-
 def _regular_source(entry: os.DirEntry, blobs: str | None) -> str:
     """The file to copy for `entry`: itself if regular, its blob for a Hub snapshot's link; a link elsewhere
     (it would copy, say, a private key into the output), a device (endless) or a FIFO (blocks) is refused."""
@@ -182,7 +182,7 @@ def _regular_source(entry: os.DirEntry, blobs: str | None) -> str:
         target = os.path.realpath(entry.path)
         if os.path.dirname(target) == blobs and os.path.isfile(target):
             return target
-    raise NeonError(f"{entry.path}: is {_kind(mode)}; only regular files are copied")
+    raise NeonError(f"{entry.path}: is {paths.file_kind(mode)}; only regular files are copied")
 
 
 def _copy_regular(src: str, dst: str) -> None:
@@ -191,7 +191,7 @@ def _copy_regular(src: str, dst: str) -> None:
     fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise NeonError(f"{src}: is {_kind(os.fstat(fd).st_mode)}; only regular files are copied")
+            raise NeonError(f"{src}: is {paths.file_kind(os.fstat(fd).st_mode)}; only regular files are copied")
         with open(dst, "xb") as out:
             shutil.copyfileobj(f, out, 16 << 20)
 

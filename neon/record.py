@@ -18,7 +18,7 @@ import os
 import shutil
 from typing import Any
 
-from neon import dist
+from neon import dist, paths
 from neon.checkpoint import atomic_open
 from neon.errors import NeonError
 
@@ -65,7 +65,7 @@ def stage_key(inputs: dict[str, Any], keys: dict[str, str]) -> str:
 
 
 def _hash_file(path: str, h) -> None:
-    with open(path, "rb") as f:
+    with paths.open_input(path, "input file") as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)
 

@@ -36,6 +36,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from neon import paths
 from neon.errors import NeonError
 
 # The first bytes of a legacy (non-zip) torch.save stream: the pickled magic number, protocol 2.
@@ -397,7 +398,7 @@ def load(path: str, lazy: bool = False, records: list[Record] | None = None) -> 
     """Unpickle `path` with the allow-list. lazy=True: tensors are `TensorRef`s into the file. records: a list
     that receives every torch_utils.persistence record built while reading (for `check_sources`)."""
     blobs: list[BlobRef] = []
-    with open(path, "rb") as f:
+    with paths.open_input(path, "pickle") as f:
         obj = unpickle(f, path, lazy=lazy, blobs=blobs, records=records)
     if lazy:
         locate_blobs(path, blobs)

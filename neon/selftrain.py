@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -55,6 +56,12 @@ def _read_images(path: str) -> tuple[int, callable, np.ndarray | None]:
 _CACHE_DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float32, torch.float16, torch.bfloat16, torch.float64,
     torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)}
+# A cached key's fingerprint: SHA-256 of its layout and of its file, the whole file up to FINGERPRINT_BYTES, else
+# that many bytes in evenly spaced blocks (so checking a cache of hundreds of GB costs little next to training on
+# it). It ties the layout the index gives to the bytes encoded with it.
+FINGERPRINT_BYTES = 64 << 20
+_BLOCK = 1 << 20
+_MAX_INDEX_BYTES = 1 << 20   # an index lists a few keys
 
 
 @torch.no_grad()
@@ -73,17 +80,18 @@ def encode_examples(family: Family, bundle: Bundle, data: str, cache: str | None
     With `cache` (a folder), the examples are written straight into one file per key there, each rank its own
     rows, and returned as copy-on-write memory maps of those files: no rank ever holds the whole set, which at
     the paper's sizes does not fit in memory (VAR caches 750k images at 288x288: about 190 GB). A later call
-    with the same data file reads the cache. Without `cache` they are gathered in memory, in order."""
-    if cache and (cached := _open_cache(cache, data)) is not None:
-        return cached
+    with the same data file reads the cache, once it has checked the cache is what was written for this set
+    (`_cache_problem`). Without `cache` they are gathered in memory, in order."""
+    if cache_dtype not in _CACHE_DTYPES or not _CACHE_DTYPES[cache_dtype].is_floating_point:
+        raise NeonError(f"finetune.cache_dtype: expected a float dtype (float32, bfloat16, ...), got {cache_dtype!r}")
+    float_dtype = _CACHE_DTYPES[cache_dtype]
     n, read, labels = _read_images(data)
+    if cache and (cached := _open_cache(cache, data, n, float_dtype)) is not None:
+        return cached
     if n == 0:
         raise NeonError(f"{data}: no images to train on")
     if bundle.conditional and labels is None:
         raise NeonError(f"{data}: the model is class-conditional but the images have no labels")
-    if cache_dtype not in _CACHE_DTYPES or not _CACHE_DTYPES[cache_dtype].is_floating_point:
-        raise NeonError(f"finetune.cache_dtype: expected a float dtype (float32, bfloat16, ...), got {cache_dtype!r}")
-    float_dtype = _CACHE_DTYPES[cache_dtype]
     ranges = [(i, min(i + batch, n)) for i in range(0, n, batch)]
     mine = dist.shard(ranges)
     progress = lambda items: tqdm(items, desc="encoding S", disable=not dist.is_main(), dynamic_ncols=True)
@@ -111,18 +119,25 @@ def encode_examples(family: Family, bundle: Bundle, data: str, cache: str | None
     del files   # unmap: the rows are in the files
     dist.barrier()
     if dist.is_main():
+        layout = {k: {**spec, "sha256": _fingerprint(_key_file(cache, k), spec)} for k, spec in layout.items()}
         _write_index(cache, {"source": _source_id(data), "keys": layout, "complete": True})
     dist.barrier()
-    return _open_cache(cache, data)
+    return _open_cache(cache, data, n, float_dtype)
 
 
 def _index_path(cache: str) -> str:
     return os.path.join(cache, "index.json")
 
 
-def _read_index(cache: str) -> dict:
-    with open(_index_path(cache)) as f:
-        return json.load(f)
+def _read_index(cache: str) -> dict | None:
+    """The cache's index, None where there is none or it is no JSON object (a cache to encode again)."""
+    if not os.path.lexists(_index_path(cache)):
+        return None
+    try:
+        index = json.loads(paths.read_input(_index_path(cache), "cache index", _MAX_INDEX_BYTES))
+    except (ValueError, RecursionError):
+        return None
+    return index if isinstance(index, dict) else None
 
 
 def _write_index(cache: str, doc: dict) -> None:
@@ -155,27 +170,67 @@ def _start_cache(cache: str, layout: dict) -> None:
     os.makedirs(paths.no_symlink(cache), exist_ok=True)
     for key in layout:   # a name planted as a link would have its target truncated and then written through
         paths.no_symlink(_key_file(cache, key))
-    if os.path.isfile(_index_path(cache)):   # an older cache (another data file, or killed while encoding)
-        for key in _read_index(cache).get("keys", {}):
-            if os.path.isfile(_key_file(cache, key)):
-                os.remove(_key_file(cache, key))
+    old = (_read_index(cache) or {}).get("keys")   # an older cache (another data file, killed while encoding, ...)
+    for key in old if isinstance(old, dict) else ():
+        if isinstance(key, str) and key.isidentifier() and os.path.isfile(_key_file(cache, key)):
+            os.remove(_key_file(cache, key))
     for key, spec in layout.items():
         with os.fdopen(paths.open_nofollow(_key_file(cache, key), os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as f:
             f.truncate(math.prod(spec["shape"]) * _CACHE_DTYPES[spec["dtype"]].itemsize)
     _write_index(cache, {"source": None, "keys": layout, "complete": False})
 
 
-def _open_cache(cache: str, data: str) -> dict[str, torch.Tensor] | None:
-    """The cached examples of `data`, or None when the folder holds no complete cache of that very file."""
-    if not os.path.isfile(_index_path(cache)):
+def _open_cache(cache: str, data: str, n: int, float_dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+    """The cached examples of `data` (n images, floats cached as `float_dtype`), or None when the folder holds no
+    complete cache of that very file, or one that is not as it was written (said, and then encoded again)."""
+    index = _read_index(cache)
+    if index is None or not index.get("complete") or index.get("source") != _source_id(data):
         return None
-    try:
-        index = _read_index(cache)
-    except (OSError, ValueError):
-        return None
-    if not index.get("complete") or index.get("source") != _source_id(data):
+    problem = _cache_problem(cache, index.get("keys"), n, float_dtype)
+    if problem:
+        if dist.is_main():
+            print(f"{cache}: {problem}; encoding the examples again", flush=True)
         return None
     return {k: _cache_tensor(cache, k, spec, shared=False) for k, spec in index["keys"].items()}
+
+
+def _cache_problem(cache: str, keys, n: int, float_dtype: torch.dtype) -> str | None:
+    """Why a complete cache of the right data file cannot be trained on, or None. Each key must hold one row per
+    image, floats in the dtype asked for, and the fingerprint written with it: the layout the index gives and the
+    bytes of the file are then those that were encoded (a shape or dtype edited in the index, a file replaced,
+    would otherwise be trained on as it reads)."""
+    if not isinstance(keys, dict) or not keys:
+        return "its index lists no examples"
+    for key, spec in keys.items():
+        dtype = _CACHE_DTYPES.get(spec.get("dtype")) if isinstance(spec, dict) else None
+        shape = spec.get("shape") if isinstance(spec, dict) else None
+        if not (isinstance(key, str) and key.isidentifier()) or dtype is None or not isinstance(shape, list) \
+                or not shape or not all(type(d) is int and d >= 0 for d in shape):
+            return f"bad layout for {key!r} in its index"
+        if shape[0] != n:
+            return f"{key} holds {shape[0]} rows for {n} images"
+        if dtype.is_floating_point and dtype != float_dtype:
+            return f"{key} is {spec['dtype']}, the cache dtype asked for is {str(float_dtype).removeprefix('torch.')}"
+        file = _key_file(cache, key)
+        if not os.path.isfile(file) or os.path.getsize(file) != math.prod(shape) * dtype.itemsize:
+            return f"{file} does not hold {shape} {spec['dtype']}"
+        if spec.get("sha256") != _fingerprint(file, spec):
+            return f"{key} is not as it was written (its layout or its bytes changed)"
+    return None
+
+
+def _fingerprint(path: str, spec: dict) -> str:
+    """SHA-256 of a cached key's layout and of its file (see FINGERPRINT_BYTES)."""
+    h = hashlib.sha256(json.dumps([spec["dtype"], spec["shape"]]).encode())
+    with paths.open_input(path, "cache file") as f:
+        size = os.fstat(f.fileno()).st_size
+        blocks = FINGERPRINT_BYTES // _BLOCK
+        starts = range(0, size, _BLOCK) if size <= FINGERPRINT_BYTES else \
+            [i * (size - _BLOCK) // (blocks - 1) for i in range(blocks)]
+        for start in starts:
+            f.seek(start)
+            h.update(f.read(_BLOCK))
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch
 
 from neon import dist
 from neon.errors import NeonError
-from neon.images import open_images
+from neon.images import FolderImages, NpzImages, open_images
 from neon.metrics.features import FeatureExtractor
 from neon.metrics.frechet import gaussian_from_features
 from neon.metrics.inception_score import inception_score
@@ -98,13 +98,15 @@ class FeatureAccumulator:
         return Summary(mu, sigma, int(pool.shape[0]), pool if self.keep_features else None, logits)
 
 
-def summarize_images(path: str, extractor: FeatureExtractor, batch: int = 64, num: int | None = None,
+def summarize_images(path, extractor: FeatureExtractor, batch: int = 64, num: int | None = None,
                      keep_features: bool = False, logits: bool = True, progress: bool = True) -> Summary:
-    """Features of the first `num` images of an image set on disk (.npz or folder), each rank extracting every
-    world_size-th image; collective, every rank gets the Summary."""
+    """Features of the first `num` images of an image set on disk (.npz or folder; its path, or the set already
+    opened by `open_images`), each rank extracting every world_size-th image; collective, every rank gets the
+    Summary."""
     from tqdm import tqdm
 
-    images = open_images(path)
+    images = path if isinstance(path, (NpzImages, FolderImages)) else open_images(path)
+    path = images.path
     n = len(images) if num is None else num
     if n > len(images):
         raise NeonError(f"{path}: {n} images asked for, but it holds {len(images)}")

@@ -22,7 +22,7 @@ from pathlib import Path
 from neon import dist, paths
 from neon.checkpoint import atomic_open
 from neon.errors import NeonError
-from neon.images import npz_names
+from neon.images import npz_names, open_images
 from neon.metrics.accumulate import Summary, summarize_images
 from neon.metrics.evaluate import evaluate
 from neon.metrics.features import DETECTORS, FeatureExtractor
@@ -72,12 +72,15 @@ def add_stats_arguments(p: argparse.ArgumentParser) -> None:
                    help="also store the pool features (for `neon fid --prdc / --kid`, metrics.real_features)")
 
 
+def _check_real(args) -> None:
+    if (args.prdc or args.kid) and not args.real:
+        raise NeonError(f"{'--prdc' if args.prdc else '--kid'} needs --real (real images, or statistics saved with "
+                        "`neon stats --features`)")
+
+
 def _real_set(args, extractor: FeatureExtractor) -> Stats | Summary:
     """Real features for --prdc / --kid: statistics saved with `neon stats --features`, or extracted from real
     images."""
-    if not args.real:
-        raise NeonError(f"{'--prdc' if args.prdc else '--kid'} needs --real (real images, or statistics saved with "
-                        "`neon stats --features`)")
     real = Path(args.real)
     if real.suffix == ".npz" and real.is_file():
         keys = npz_names(str(real))
@@ -113,11 +116,13 @@ def fid_main(args: argparse.Namespace) -> dict:
     dist.init()
     ref = load_stats(args.ref)  # fail before the long extraction
     check_detector(ref, args.detector, args.ref)
+    _check_real(args)
+    images = open_images(args.images)   # every header checked before the detector is loaded
     extractor = FeatureExtractor(args.detector, args.inception_weights, logits=args.inception_score)
     if ref.dim != extractor.dim:
         raise NeonError(f"{args.ref}: statistics are {ref.dim}-d but the detector gives {extractor.dim}-d features")
     real = _real_set(args, extractor) if args.prdc or args.kid else None
-    summary = summarize_images(args.images, extractor, args.batch, num=args.num_images,
+    summary = summarize_images(images, extractor, args.batch, num=args.num_images,
                                keep_features=real is not None, logits=args.inception_score, progress=not args.quiet)
     result = evaluate(summary, ref, inception_score=args.inception_score, splits=args.splits, real=real, k=args.k,
                       precision_recall=args.prdc, kid=args.kid, kid_subsets=args.kid_subsets,
@@ -141,8 +146,9 @@ def stats_main(args: argparse.Namespace) -> Stats:
     if os.path.exists(args.out) and not args.force:
         raise NeonError(f"{args.out} exists (use --force to replace it)")
     dist.init()
+    images = open_images(args.images)   # every header checked before the detector is loaded
     extractor = FeatureExtractor(args.detector, args.inception_weights, logits=False)
-    summary = summarize_images(args.images, extractor, args.batch, num=args.num_images,
+    summary = summarize_images(images, extractor, args.batch, num=args.num_images,
                                keep_features=args.features, logits=False, progress=not args.quiet)
     stats = summary.stats(with_features=args.features)
     if dist.is_main():

@@ -10,6 +10,7 @@ import tempfile
 
 import torch
 
+from neon import paths
 from neon.errors import NeonError
 
 
@@ -30,12 +31,11 @@ def compat_architecture() -> torch.nn.Module:
 
 def load_compat_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A torch-fidelity InceptionV3 weights file, read with weights_only=True (tensors only, no code)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise NeonError(f"Inception weights not found: {path}") from None
-    except Exception as e:  # a pickle with code in it, or not a torch file at all
-        raise NeonError(f"{path}: not a plain InceptionV3 state dict ({type(e).__name__})") from None
+    with paths.open_input(os.fspath(path), "Inception weights file") as f:
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # a pickle with code in it, or not a torch file at all
+            raise NeonError(f"{path}: not a plain InceptionV3 state dict ({type(e).__name__})") from None
     if not isinstance(state, dict) or "fc.weight" not in state:
         raise NeonError(f"{path}: not a torch-fidelity InceptionV3 state dict (no 'fc.weight')")
     return state

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from neon import paths
 from neon.checkpoint import atomic_save
 from neon.errors import NeonError
 from neon.metrics.layout import inception_state_dict
@@ -54,11 +55,7 @@ def convert_state_dict(src: str | os.PathLike | None = None) -> dict[str, torch.
     """torch-fidelity InceptionV3 state dict (fc = NaN) from fid-helper's TorchScript file: its tensors are
     read with the restricted unpickler (neon.safe_pickle.read_torchscript); its code is never loaded."""
     path = str(src or fid_helper_model_path())
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise NeonError(f"{path}: not found") from None
+    data = paths.read_input(path, "TorchScript file")
     try:
         return inception_state_dict(read_torchscript(data, path))
     except NeonError as e:

@@ -23,7 +23,7 @@ import zipfile
 import torch
 import torch.nn.functional as F
 
-from neon import safe_pickle
+from neon import paths, safe_pickle
 from neon.errors import NeonError
 from neon.metrics.compat import compat_architecture, load_compat_state_dict
 from neon.metrics.convert_fid_helper import ensure_converted
@@ -151,13 +151,7 @@ def load_nvidia_detector(path: str | os.PathLike) -> NvidiaInception:
     """NVIDIA's detector on CPU, from its pickle, a TorchScript file, or 'fid-helper' (see the module doc)."""
     if str(path) == "fid-helper":
         return NvidiaInception(load_compat_state_dict(ensure_converted()))
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise NeonError(f"detector file not found: {path}") from None
-    except IsADirectoryError:
-        raise NeonError(f"{path}: is a directory, expected the detector file") from None
+    data = paths.read_input(os.fspath(path), "detector file")   # a regular file, read to its size
     if is_torchscript_archive(data):
         return _inception(safe_pickle.read_torchscript(data, str(path)), str(path))
     archives = embedded_archives(data)

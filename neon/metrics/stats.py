@@ -13,12 +13,17 @@ from pathlib import Path
 
 import numpy as np
 
+from neon import paths
 from neon.checkpoint import atomic_open
 from neon.errors import NeonError
 from neon.images import read_npz
 from neon.metrics.frechet import check_gaussian
 
 MIN_COUNT = 2  # a covariance needs two samples
+# Feature widths: Inception 2048, DINOv2 ViT-L 1024 (ViT-g 1536). Statistics of more are no detector's, and their
+# sigma (D, D) alone would take D² doubles: each array is refused, from its header, past what MAX_DIM allows.
+MAX_DIM = 4096
+MAX_BYTES = {"mu": MAX_DIM * 8, "sigma": MAX_DIM * MAX_DIM * 8, "count": 8, "detector": 4 * 256}
 
 
 @dataclasses.dataclass
@@ -41,14 +46,15 @@ def check_count(count: int | None, what: str) -> None:
 
 
 def load_stats(path: str | os.PathLike, dim: int | None = None) -> Stats:
-    """Read `mu`, `sigma` (and `count`, `features` if present); refuse a missing file, missing keys, wrong
-    shapes, non-finite values, a count below 2, or a feature dimension other than `dim`."""
+    """Read `mu`, `sigma` (and `count`, `features` if present); refuse a missing file, missing keys, arrays past
+    MAX_BYTES (from their headers), wrong shapes, non-finite values, a count below 2, or a feature dimension other
+    than `dim`."""
     path = Path(path)
-    if path.is_dir():
-        raise NeonError(f"{path}: is a folder, expected a statistics file")
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise NeonError(f"statistics file not found: {path}")
-    arrays = read_npz(str(path), required=("mu", "sigma"), optional=("count", "features", "detector"))
+    paths.input_file(str(path), "statistics file")
+    arrays = read_npz(str(path), required=("mu", "sigma"), optional=("count", "features", "detector"),
+                      max_bytes=MAX_BYTES)
     mu, sigma, features = arrays["mu"], arrays["sigma"], arrays.get("features")
     if "count" in arrays and arrays["count"].size != 1:
         raise NeonError(f"{path}: 'count' has shape {arrays['count'].shape}, expected a single number")
