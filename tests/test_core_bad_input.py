@@ -244,3 +244,29 @@ def test_var_declares_its_null_class_and_samples_it_from_a_label_file(capsys, tm
     assert s.labels.tolist() == [c, 0] and len(s) == 2
     unconditional = var.sample(bundle, [0], torch.tensor([c]))
     assert np.array_equal(s.read(0, 1), unconditional.numpy())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# neon fid / neon stats: counts and statistics that are no numbers, refused before any image is read.
+
+BAD_METRIC_ARGS = [
+    (["stats", "--out", "o.npz", "--batch", "0"], "--batch: must be a positive number"),
+    (["stats", "--out", "o.npz", "--num-images", "-3"], "--num-images: must be a positive number"),
+    (["fid", "--ref", "ref.npz", "--batch", "0"], "--batch: must be a positive number"),
+    (["fid", "--ref", "ref.npz", "--prdc", "--real", "imgs.npz", "--k", "0"], "--k: must be a positive number"),
+    (["fid", "--ref", "strings.npz"], "strings.npz: mu must hold real numbers"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_METRIC_ARGS, ids=[" ".join(a[:1] + a[-2:]) for a, _ in BAD_METRIC_ARGS])
+def test_metric_commands_refuse_bad_counts_and_non_numeric_statistics(tmp_path, capsys, monkeypatch, argv, message):
+    import numpy as np
+
+    from neon.images import save_images_npz
+    from neon.metrics import save_stats
+    monkeypatch.chdir(tmp_path)
+    save_images_npz("imgs.npz", np.zeros((4, 8, 8, 3), np.uint8))
+    save_stats("ref.npz", np.zeros(2048), np.eye(2048))
+    np.savez("strings.npz", mu=np.array(["a", "b"]), sigma=np.eye(2))
+    err = _refused(capsys, [argv[0], "--images", "imgs.npz", "--inception-weights", "fid-helper", *argv[1:]], tmp_path)
+    assert message in err

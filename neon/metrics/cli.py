@@ -107,7 +107,20 @@ def _report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _check_counts(args: argparse.Namespace) -> None:
+    """Counts a loop divides or steps by: refused in one line rather than deep in that loop."""
+    counts = {"--batch": args.batch, "--num-images": args.num_images}
+    for flag, name in (("--k", "k"), ("--kid-subsets", "kid_subsets"), ("--kid-subset-size", "kid_subset_size"),
+                       ("--splits", "splits")):
+        if hasattr(args, name):
+            counts[flag] = getattr(args, name)
+    for flag, value in counts.items():
+        if value is not None and value < 1:
+            raise NeonError(f"{flag}: must be a positive number, got {value}")
+
+
 def fid_main(args: argparse.Namespace) -> dict:
+    _check_counts(args)
     if args.json:
         paths.output_file(args.json, "JSON file")  # refused now, not after the extraction
         paths.check_apart(args.json, [args.images, args.ref] + ([args.real] if args.real else []))
@@ -141,6 +154,7 @@ def fid_main(args: argparse.Namespace) -> dict:
 
 
 def stats_main(args: argparse.Namespace) -> Stats:
+    _check_counts(args)
     paths.output_file(args.out, ".npz file")  # refused now, not after the extraction
     paths.check_apart(args.out, [args.images])
     if os.path.exists(args.out) and not args.force:

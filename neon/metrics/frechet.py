@@ -21,6 +21,10 @@ from neon.errors import NeonError
 
 def check_gaussian(mu: np.ndarray, sigma: np.ndarray, what: str = "statistics") -> tuple[np.ndarray, np.ndarray]:
     """mu (D,), sigma (D, D) as finite float64 arrays, or a one-line NeonError."""
+    for name, value in (("mu", mu), ("sigma", sigma)):
+        kind = np.asarray(value).dtype.kind
+        if kind not in "biuf":   # strings, objects, complex numbers: no statistics
+            raise NeonError(f"{what}: {name} must hold real numbers, got {np.asarray(value).dtype}")
     mu = np.asarray(mu, dtype=np.float64)
     sigma = np.asarray(sigma, dtype=np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
