@@ -57,6 +57,10 @@ class FinetuneConfig:
     seed: int = 0
     log_every_images: int = 1000
     cache_dtype: str = "float32"         # dtype of cached float examples (latents); integer tokens keep theirs
+    # Gradient accumulation: each process's share of a step's batch in this many micro-batches, their gradients
+    # summed before the one optimizer step (the same global batch in less activation memory; each micro-batch
+    # draws its own noise, so the result equals the one-pass step's in expectation, not bit for bit).
+    accumulate: int = 1
 
 
 @dataclasses.dataclass

@@ -402,7 +402,6 @@ class Trainer:
         cfg, world = self.cfg, dist.world_size()
         n, local = len(next(iter(examples.values()))), cfg.batch // world
         idx = example_indices(step, cfg.batch, n, cfg.seed)[dist.rank() * local:(dist.rank() + 1) * local]
-        batch = {k: v[idx].to(self.device, non_blocking=True) for k, v in examples.items()}
         images_seen = (step + 1) * cfg.batch
         lr = cfg.lr * min(1.0, images_seen / cfg.warmup_images) if cfg.warmup_images else cfg.lr
         for g in self.opt.param_groups:
@@ -410,10 +409,14 @@ class Trainer:
         torch.manual_seed(int(np.random.SeedSequence([cfg.seed, step, dist.rank()]).generate_state(1)[0]))
 
         self.opt.zero_grad(set_to_none=True)
-        with _autocast(self.device, self.defaults.autocast):
-            loss = self.family.loss(self.bundle, batch, **cfg.loss_args)
-        self.scaler.scale(loss).backward()
-        mean_loss = dist.all_reduce_sum(loss.detach().float().reshape(1)) / world
+        loss = torch.zeros((), device=self.device)
+        for part in idx.chunk(cfg.accumulate):   # micro-batches: gradients add up to the rank's whole share's
+            batch = {k: v[part].to(self.device, non_blocking=True) for k, v in examples.items()}
+            with _autocast(self.device, self.defaults.autocast):
+                part_loss = self.family.loss(self.bundle, batch, **cfg.loss_args) * (len(part) / local)
+            self.scaler.scale(part_loss).backward()
+            loss += part_loss.detach().float()
+        mean_loss = dist.all_reduce_sum(loss.reshape(1)) / world
         if not torch.isfinite(mean_loss).all():
             raise NeonError(f"self-training loss became {mean_loss.item()} at step {step} "
                             f"({step * cfg.batch} images): stopping (try a lower finetune.lr)")
@@ -524,6 +527,9 @@ def check_finetune_config(cfg: FinetuneConfig) -> None:
                         f"{shown(cfg.ema)}")
     if cfg.batch % dist.world_size():
         raise NeonError(f"finetune.batch {cfg.batch} is not divisible by the {dist.world_size()} processes")
+    if not (isinstance(cfg.accumulate, int) and 1 <= cfg.accumulate <= cfg.batch // dist.world_size()):
+        raise NeonError(f"finetune.accumulate: micro-batches per step, from 1 to the {cfg.batch // dist.world_size()} "
+                        f"images each process trains on per step, got {shown(cfg.accumulate)}")
 
 
 def check_finetune_data(family: Family, bundle: Bundle, data: str) -> None:
@@ -578,6 +584,8 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
                    help="optimizer override: optimizer=adamw, betas=[0.9,0.95], weight_decay=0.0, grad_clip=2.0")
     p.add_argument("--loss-arg", action="append", metavar="KEY=VALUE", help="family loss argument")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--accumulate", type=int, default=1,
+                   help="micro-batches per step on each process (gradient accumulation: the batch in less memory)")
     p.add_argument("--encode-batch", type=int, default=64)
 
 
@@ -589,7 +597,7 @@ def finetune_main(args) -> None:
     cfg = build_config(FinetuneConfig, {
         "lr": args.lr, "batch": args.batch, "total_images": args.total_images, "warmup_images": args.warmup_images,
         "ema": ema, "snapshot_every_images": args.snapshot_every_images, "optimizer": parse_kv(args.opt),
-        "loss_args": parse_kv(args.loss_arg), "seed": args.seed}, "finetune")
+        "loss_args": parse_kv(args.loss_arg), "seed": args.seed, "accumulate": args.accumulate}, "finetune")
     check_finetune_inputs(family, bundle, cfg, args.data, args.out, args.encode_batch)
     from neon.sampling import exclusive
     with paths.made_folder(args.out), exclusive(os.path.join(args.out, "finetune.json")):   # one writer at a time

@@ -185,6 +185,36 @@ def test_two_processes_train_like_one_on_the_same_global_batch(tmp_path, synthet
     assert (one["conv_out.weight"] - base["conv_out.weight"]).abs().max() > 1e-3  # it trained
 
 
+@pytest.mark.parametrize("accumulate", [2, 3])   # 3 micro-batches of a share of 8: 3, 3, 2 images
+def test_micro_batches_train_like_the_whole_batch(tmp_path, synthetic, accumulate):
+    """Gradient accumulation: with a loss that draws nothing at random, the batch of 8 in micro-batches reaches
+    the weights the one-pass step reaches (to float rounding), and the logged losses agree."""
+    env = {**ENV, "PYTHONPATH": os.path.dirname(__file__) + os.pathsep + ENV.get("PYTHONPATH", "")}
+    common = ["-m", "neon", "finetune", "--family", "deterministic_family:DeterministicPix", "--ckpt",
+              str(synthetic / "base.pth"), "--data", str(synthetic / "s.npz"), "--lr", "0.1", "--batch", "8",
+              "--total-images", "64", "--ema-beta", "0.5", "--opt", "eps=10"]   # Adam's eps ≫ √v: steps ∝ the gradient
+    for name, extra in (("whole", []), ("micro", ["--accumulate", str(accumulate)])):
+        subprocess.run([sys.executable, *common, *extra, "--out", str(tmp_path / name)], env=env, check=True,
+                       capture_output=True)
+    whole = load_state_dict(str(next((tmp_path / "whole").glob("snapshot-*.pth"))))
+    micro = load_state_dict(str(next((tmp_path / "micro").glob("snapshot-*.pth"))))
+    base = load_state_dict(str(synthetic / "base.pth"))
+    for k in whole:
+        torch.testing.assert_close(micro[k], whole[k], atol=1e-5, rtol=1e-4, msg=k)
+    assert (whole["conv_out.weight"] - base["conv_out.weight"]).abs().max() > 1e-3  # it trained
+    logs = [[json.loads(x)["loss"] for x in (tmp_path / n / "log.jsonl").read_text().splitlines()]
+            for n in ("whole", "micro")]
+    assert logs[1] == pytest.approx(logs[0], rel=1e-4)
+
+
+def test_more_micro_batches_than_images_per_process_are_refused():
+    from neon.config import FinetuneConfig
+    from neon.selftrain import check_finetune_config
+    with pytest.raises(NeonError, match="finetune.accumulate"):
+        check_finetune_config(FinetuneConfig(batch=4, accumulate=5))
+    check_finetune_config(FinetuneConfig(batch=4, accumulate=4))
+
+
 def _scales_after_steps(max_scale, steps: int = 4) -> list[float]:
     p = torch.nn.Parameter(torch.ones(2))
     opt = torch.optim.SGD([p], lr=0.1)
