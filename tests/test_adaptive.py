@@ -171,6 +171,34 @@ def test_resuming_from_a_log_cut_short_equals_the_uninterrupted_run(whole, tmp_p
     assert _choice(tmp_path / "run") == _choice(out)
 
 
+def test_a_selection_killed_with_sigkill_resumes_to_the_uninterrupted_choice(whole, tmp_path):
+    """A real kill -9 in the middle of the walk (after half of its measurements are logged), then the same
+    command again: the same measurements, the same choice, the same final evaluation."""
+    import signal
+    import time
+    _, out, _ = whole
+    total = len(json.loads((out / "sweep" / "selection.json").read_text())["evaluations"])
+    _without_selection(out, tmp_path / "run")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(CONFIG))
+    log_path = tmp_path / "run" / "sweep" / "selection.json"
+    proc = subprocess.Popen([sys.executable, "-m", "neon", "run", str(tmp_path / "c.yaml"), "--smoke", "--out",
+                             str(tmp_path / "run")], env=ENV, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    logged = 0
+    while proc.poll() is None and logged < total // 2:
+        time.sleep(0.02)
+        try:
+            logged = len(json.loads(log_path.read_text())["evaluations"])
+        except (OSError, ValueError):   # not written yet
+            pass
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 0 < len(json.loads(log_path.read_text())["evaluations"]) < total
+    _run(tmp_path, tmp_path / "run")
+    assert _choice(tmp_path / "run") == _choice(out)
+
+
 def test_two_processes_measure_and_choose_what_one_does(whole, tmp_path):
     """The selection on 2 processes from the same θs snapshots: the same measurements, the same choice."""
     _, out, _ = whole
