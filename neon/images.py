@@ -257,6 +257,23 @@ def _stored_memmap(path: str, member: NpyMember) -> np.ndarray:
     return np.memmap(path, dtype=member.dtype, mode="r", offset=offset, shape=member.shape)
 
 
+def _label_table(meta: str) -> dict[str, int]:
+    """An EDM-style dataset.json's labels: {"labels": [[relative path, class], ...]} -> {path: class}; anything
+    else is refused in one line naming the file."""
+    try:
+        with paths.open_input(meta, "dataset.json") as f:
+            doc = json.load(f)
+    except (ValueError, RecursionError) as e:
+        raise NeonError(f"{meta}: not JSON ({type(e).__name__})") from None
+    rows = doc.get("labels") if isinstance(doc, dict) else None
+    if rows is None:
+        return {}
+    if not isinstance(rows, list) or not all(isinstance(r, list) and len(r) == 2 and isinstance(r[0], str)
+                                             and type(r[1]) is int and r[1] >= 0 for r in rows):
+        raise NeonError(f"{meta}: 'labels' must be a list of [file name, class] pairs with classes 0, 1, ...")
+    return {name.replace("\\", "/"): label for name, label in rows}
+
+
 class FolderImages:
     """A folder of PNG/JPEG images (sorted by relative path), with labels from an EDM-style `dataset.json`
     ({"labels": [[relative path, label], ...]}) when present; same reading methods as NpzImages.
@@ -282,8 +299,7 @@ class FolderImages:
         self.labels = None
         meta = os.path.join(folder, "dataset.json")
         if os.path.lexists(meta):
-            with paths.open_input(meta, "dataset.json") as f:
-                table = {k.replace("\\", "/"): v for k, v in (json.load(f).get("labels") or [])}
+            table = _label_table(meta)
             missing = [f for f in self.files if f not in table]
             if missing:
                 raise NeonError(f"{meta}: no label for {missing[0]}")

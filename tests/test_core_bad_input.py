@@ -270,3 +270,25 @@ def test_metric_commands_refuse_bad_counts_and_non_numeric_statistics(tmp_path, 
     np.savez("strings.npz", mu=np.array(["a", "b"]), sigma=np.eye(2))
     err = _refused(capsys, [argv[0], "--images", "imgs.npz", "--inception-weights", "fid-helper", *argv[1:]], tmp_path)
     assert message in err
+
+
+BAD_DATASET_JSON = {
+    "not JSON": "{labels: ",
+    "labels not a list": '{"labels": {"0.png": 1}}',
+    "a label that is no class": '{"labels": [["0.png", "cat"]]}',
+    "a row that is no pair": '{"labels": [["0.png"]]}',
+    "deeply nested": "[" * 100_000 + "]" * 100_000,
+}
+
+
+@pytest.mark.parametrize("kind", BAD_DATASET_JSON, ids=list(BAD_DATASET_JSON))
+def test_a_malformed_dataset_json_is_one_line_naming_it(tmp_path, capsys, kind):
+    from PIL import Image
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (8, 8)).save(folder / f"{i}.png")
+    (folder / "dataset.json").write_text(BAD_DATASET_JSON[kind])
+    err = _refused(capsys, ["stats", "--images", folder, "--out", tmp_path / "o.npz", "--inception-weights",
+                            "fid-helper"], tmp_path)
+    assert "dataset.json" in err
