@@ -62,5 +62,5 @@ fi
 note "installing this project and its test tools (diffusers, torch-fidelity, pytest, ...) into .venv"
 .venv/bin/python -m pip install --quiet -e '.[test]'
 note "done: .venv holds $(du -sh .venv 2>/dev/null | cut -f1). .venv/bin/neon toy runs the main job" \
-     "(neon toy --quick: about 30 s); .venv/bin/python -m pytest -q runs the tests; source .venv/bin/activate" \
+     "(neon toy --quick: under 30 s); .venv/bin/python -m pytest -q runs the tests; source .venv/bin/activate" \
      "puts neon, torchrun and python on PATH for the other commands"

@@ -219,23 +219,23 @@ def run_diffusion(s: DiffusionSettings, seed: int, data_seed: int, n_show: int, 
     t0 = time.perf_counter()
     model = init_model(diffusion_lib.EpsMLP, gen("init"))
     fit(model, loss_with(gen("train")), training_set(s.n_real, data_seed), s.base_steps, s.base_lr, s.batch,
-        desc="diffusion θr", progress=progress)
+        desc="diffusion 1/3: θr", progress=progress)
     theta_r = state(model)
     timings["base_training"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     x_T = torch.randn(s.n_fid, 2, generator=gen("fid"))   # the same noise for every w, setting and step
     with FIDSampler(x_T, s, workers) as sampler:
-        evaluate_many = lambda states, desc="diffusion FID θr": sampler.fids(states, desc, progress)
+        evaluate_many = lambda states, desc="diffusion 2/3: FID θr": sampler.fids(states, desc, progress)
         (base_fid,) = evaluate_many([theta_r])
         rows, thetas = [], {}
         for zeta in s.zetas:
             synthetic = draw(model, s.n_synthetic, zeta, "synthetic")
             snapshots = finetune(model, loss_with(gen("finetune", _tag(zeta))), synthetic, s.finetune_steps,
-                                 s.finetune_lr, s.batch, desc=f"diffusion θs ζ={zeta:g}", progress=progress)
+                                 s.finetune_lr, s.batch, desc=f"diffusion 2/3: θs ζ={zeta:g}", progress=progress)
             for steps, theta_s in sorted(snapshots.items()):
                 fids = evaluate_many([merge_state_dicts(theta_r, theta_s, w) for w in s.w],
-                                     f"diffusion FID(w) ζ={zeta:g} {steps} steps")
+                                     f"diffusion 2/3: FID(w) ζ={zeta:g} {steps} steps")
                 rows.append(make_row("diffusion", zeta, zeta > 1, steps, base_fid, s.w, fids))
                 thetas[(zeta, steps)] = theta_s
     timings["neon_sweeps"] = time.perf_counter() - t0
@@ -251,7 +251,7 @@ def run_diffusion(s: DiffusionSettings, seed: int, data_seed: int, n_show: int, 
                                   s.cos_passes)
         return preconditioned_cosine(g_d, g_s, v_hat)
 
-    cosines = parallel_map(cosine, list(s.cos_zetas), workers, "diffusion cos(g_d, g_s)", progress)
+    cosines = parallel_map(cosine, list(s.cos_zetas), workers, "diffusion 3/3: cos(g_d, g_s)", progress)
     timings["gradient_cosine"] = time.perf_counter() - t0
 
     shown, neon = _best_neon_model(model, theta_r, thetas, rows)
@@ -271,7 +271,7 @@ def run_ar(s: ARSettings, seed: int, data_seed: int, n_show: int, progress: bool
 
     t0 = time.perf_counter()
     model = init_model(ar_lib.ARGaussian2D, gen("init"))
-    fit(model, nll, training_set(s.n_real, data_seed), s.base_epochs, s.base_lr, s.batch, desc="AR θr",
+    fit(model, nll, training_set(s.n_real, data_seed), s.base_epochs, s.base_lr, s.batch, desc="AR 1/3: θr",
         progress=progress)
     theta_r = state(model)
     timings["base_training"] = time.perf_counter() - t0
@@ -284,9 +284,10 @@ def run_ar(s: ARSettings, seed: int, data_seed: int, n_show: int, progress: bool
     for tau in s.taus:
         synthetic = draw(model, s.n_synthetic, tau, "synthetic")
         snapshots = finetune(model, nll, synthetic, s.finetune_epochs, s.finetune_lr, s.batch,
-                             desc=f"AR θs τ={tau:g}", progress=progress)
+                             desc=f"AR 2/3: θs τ={tau:g}", progress=progress)
         for epochs, theta_s in sorted(snapshots.items()):
-            fids = sweep_w(model, theta_r, theta_s, s.w, evaluate, f"AR FID(w) τ={tau:g} {epochs} epochs", progress)
+            fids = sweep_w(model, theta_r, theta_s, s.w, evaluate, f"AR 2/3: FID(w) τ={tau:g} {epochs} epochs",
+                           progress)
             rows.append(make_row("ar", tau, tau < 1, epochs, base_fid, s.w, fids))
             thetas[(tau, epochs)] = theta_s
     timings["neon_sweeps"] = time.perf_counter() - t0
@@ -295,7 +296,7 @@ def run_ar(s: ARSettings, seed: int, data_seed: int, n_show: int, progress: bool
     x_real = fresh_samples(s.n_cos_real, gen("cos-real"))
     g_d, v_hat = gradient_moments(model, nll, x_real, s.batch)
     cosines = []
-    for tau in tqdm(s.cos_taus, desc="AR cos(g_d, g_s)", disable=not progress, leave=False):
+    for tau in tqdm(s.cos_taus, desc="AR 3/3: cos(g_d, g_s)", disable=not progress, leave=False):
         g_s, _ = gradient_moments(model, nll, draw(model, s.n_cos_synthetic, tau, "cos-synthetic"), s.batch)
         cosines.append(preconditioned_cosine(g_d, g_s, v_hat))
     timings["gradient_cosine"] = time.perf_counter() - t0
