@@ -24,7 +24,7 @@ COMMANDS = {
     "sample": ("neon.sampling", "draw a synthetic set from a checkpoint (sharded, resumable) -> .npz"),
     "finetune": ("neon.selftrain", "self-train a checkpoint on a synthetic set -> θs snapshots"),
     "merge": ("neon.merge", "θneon = (1+w)·θr − w·θs, streamed tensor by tensor"),
-    "sweep": ("neon.sweep", "choose w (× cfg) by FID"),
+    "sweep": ("neon.sweep_cli", "choose w (× cfg) by FID"),
     "evaluate": ("neon.evaluate", "FID/IS of one checkpoint's samples against reference statistics"),
     "run": ("neon.run", "all stages from a config: sample → finetune → sweep → final evaluation"),
     "fid": ("neon.metrics.cli", "FID / IS / precision-recall of an image set against reference statistics"),
@@ -117,10 +117,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _main(argv: list[str] | None) -> None:
+    if argv is None and not sys.stderr.isatty():   # the program, writing to a log file: a bar line every 30 s,
+        os.environ.setdefault("TQDM_MININTERVAL", "30")   # not ten a second (tqdm reads TQDM_*; workers inherit it)
     argv = sys.argv[1:] if argv is None else list(argv)
     startup.skip_collection_at_exit()
-    if not sys.stderr.isatty():   # a log file: a bar line every 30 s, not ten a second (tqdm reads TQDM_*)
-        os.environ.setdefault("TQDM_MININTERVAL", "30")
     if argv[:1] == ["torchrun"]:  # its arguments are torchrun's: not parsed here
         return _module("torchrun").launch(argv[1:])
     command = next((a for a in argv if not a.startswith("-")), None)
