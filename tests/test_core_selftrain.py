@@ -166,42 +166,43 @@ def test_decay_1d_false_exempts_biases_from_weight_decay():
     assert len(opt.param_groups) == 1 and len(opt.param_groups[0]["params"]) == 4
 
 
+def _deterministic_finetune(tmp_path, synthetic, out: str, *extra: str, lr: str = "1e-3",
+                            launcher: tuple[str, ...] = ()) -> dict:
+    """`neon finetune` of the family whose loss draws nothing at random, batch 8 for 64 images, into
+    tmp_path/out (`launcher`: e.g. torch.distributed.run's arguments) -> its snapshot's state dict."""
+    env = {**ENV, "PYTHONPATH": os.path.dirname(__file__) + os.pathsep + ENV.get("PYTHONPATH", "")}
+    subprocess.run([sys.executable, *(launcher or ("-m",)), "neon", "finetune", "--family",
+                    "deterministic_family:DeterministicPix", "--ckpt", str(synthetic / "base.pth"), "--data",
+                    str(synthetic / "s.npz"), "--lr", lr, "--batch", "8", "--total-images", "64", "--ema-beta",
+                    "0.5", *extra, "--out", str(tmp_path / out)], env=env, check=True, capture_output=True)
+    return load_state_dict(str(next((tmp_path / out).glob("snapshot-*.pth"))))
+
+
+def _assert_trained_alike(a: dict, b: dict, synthetic) -> None:
+    """b equals a to float rounding, and a moved away from θr (it trained)."""
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
+    base = load_state_dict(str(synthetic / "base.pth"))
+    assert (a["conv_out.weight"] - base["conv_out.weight"]).abs().max() > 1e-3
+
+
 def test_two_processes_train_like_one_on_the_same_global_batch(tmp_path, synthetic):
     """Gradients are averaged over ranks: with a loss that draws nothing at random, 2 gloo processes on a global
     batch of 8 (4 each) reach the weights one process reaches on batches of 8 (to float rounding)."""
-    env = {**ENV, "PYTHONPATH": os.path.dirname(__file__) + os.pathsep + ENV.get("PYTHONPATH", "")}
-    common = ["-m", "neon", "finetune", "--family", "deterministic_family:DeterministicPix", "--ckpt",
-              str(synthetic / "base.pth"), "--data", str(synthetic / "s.npz"), "--lr", "1e-3", "--batch", "8",
-              "--total-images", "64", "--ema-beta", "0.5"]
-    subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], env=env, check=True,
-                   capture_output=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common,
-                    "--out", str(tmp_path / "two")], env=env, check=True, capture_output=True)
-    one = load_state_dict(str(next((tmp_path / "one").glob("snapshot-*.pth"))))
-    two = load_state_dict(str(next((tmp_path / "two").glob("snapshot-*.pth"))))
-    base = load_state_dict(str(synthetic / "base.pth"))
-    for k in one:
-        torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=1e-4, msg=k)
-    assert (one["conv_out.weight"] - base["conv_out.weight"]).abs().max() > 1e-3  # it trained
+    one = _deterministic_finetune(tmp_path, synthetic, "one")
+    two = _deterministic_finetune(tmp_path, synthetic, "two", launcher=(
+        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"))
+    _assert_trained_alike(one, two, synthetic)
 
 
 @pytest.mark.parametrize("accumulate", [2, 3])   # 3 micro-batches of a share of 8: 3, 3, 2 images
 def test_micro_batches_train_like_the_whole_batch(tmp_path, synthetic, accumulate):
     """Gradient accumulation: with a loss that draws nothing at random, the batch of 8 in micro-batches reaches
     the weights the one-pass step reaches (to float rounding), and the logged losses agree."""
-    env = {**ENV, "PYTHONPATH": os.path.dirname(__file__) + os.pathsep + ENV.get("PYTHONPATH", "")}
-    common = ["-m", "neon", "finetune", "--family", "deterministic_family:DeterministicPix", "--ckpt",
-              str(synthetic / "base.pth"), "--data", str(synthetic / "s.npz"), "--lr", "0.1", "--batch", "8",
-              "--total-images", "64", "--ema-beta", "0.5", "--opt", "eps=10"]   # Adam's eps ≫ √v: steps ∝ the gradient
-    for name, extra in (("whole", []), ("micro", ["--accumulate", str(accumulate)])):
-        subprocess.run([sys.executable, *common, *extra, "--out", str(tmp_path / name)], env=env, check=True,
-                       capture_output=True)
-    whole = load_state_dict(str(next((tmp_path / "whole").glob("snapshot-*.pth"))))
-    micro = load_state_dict(str(next((tmp_path / "micro").glob("snapshot-*.pth"))))
-    base = load_state_dict(str(synthetic / "base.pth"))
-    for k in whole:
-        torch.testing.assert_close(micro[k], whole[k], atol=1e-5, rtol=1e-4, msg=k)
-    assert (whole["conv_out.weight"] - base["conv_out.weight"]).abs().max() > 1e-3  # it trained
+    steep = ("--opt", "eps=10")   # Adam's eps ≫ √v: steps ∝ the gradient, so a mis-weighted micro-batch shows
+    whole = _deterministic_finetune(tmp_path, synthetic, "whole", *steep, lr="0.1")
+    micro = _deterministic_finetune(tmp_path, synthetic, "micro", *steep, "--accumulate", str(accumulate), lr="0.1")
+    _assert_trained_alike(whole, micro, synthetic)
     logs = [[json.loads(x)["loss"] for x in (tmp_path / n / "log.jsonl").read_text().splitlines()]
             for n in ("whole", "micro")]
     assert logs[1] == pytest.approx(logs[0], rel=1e-4)
