@@ -21,7 +21,7 @@ import diffusers
 import torch
 
 from hf_diffusers.loss import diffusion_loss, noise_scheduler
-from hf_diffusers.pipeline import HUB_ID, load_pipeline, pipeline_object, resolve
+from hf_diffusers.pipeline import HUB_ID, PIPELINES, load_pipeline, pipeline_class, pipeline_object, resolve
 from hf_diffusers.sampler import dit_loop, to_uint8, unet_loop
 from neon import containers
 from neon.checkpoint import open_checkpoint
@@ -84,6 +84,11 @@ class DiffusersFamily(Family):
         folder = resolve(path, local_files_only)
         parts = load_pipeline(folder, device)
         return _bundle(parts, source=os.path.abspath(folder))
+
+    def reads(self, path: str) -> bool:
+        """A pipeline folder of a class this family drives (DDPM, DDIM, DiT), or one whose index cannot be read
+        (`load` then says why)."""
+        return pipeline_class(path) in (None, *PIPELINES)
 
     def resolve_remote(self, name: str, load_args: dict) -> str | None:
         """A config's `base: google/ddpm-cifar10-32`: the Hub snapshot folder of that repo id (configs and
@@ -207,24 +212,32 @@ class DiffusersFamily(Family):
             labels = batch["labels"].to(device, torch.int64)
         learned_sigma = isinstance(net, diffusers.DiTTransformer2DModel) and \
             net.config.out_channels == 2 * net.config.in_channels
-        return diffusion_loss(net, noise_scheduler(bundle.info["scheduler"]), x0, labels, learned_sigma,
-                              snr_gamma)
+        return diffusion_loss(net, noise_scheduler(bundle.info["scheduler"]), x0, dict(class_labels=labels),
+                              learned_sigma, snr_gamma)
 
     def save(self, bundle: Bundle, path: str) -> None:
         """Write a pipeline folder at `path` that DiffusionPipeline.from_pretrained loads (atomically)."""
-        state = {k: v.detach().cpu() for k, v in bundle.net.state_dict().items()}
-        if bundle.source is not None and is_pipeline_folder(bundle.source):
-            template = open_checkpoint(bundle.source)   # a PipelineFolder
-            if set(template.tensors) != set(state):
-                raise NeonError(f"diffusers save: the network's tensors do not match {bundle.source}")
-            template.write(path, lambda key, _: state[key])
-            return
         info = bundle.info
-        pipe = pipeline_object(info["pipeline"], bundle.net, info["scheduler"], bundle.helpers.get("vae"))
-        write_folder(path, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
+        save_pipeline(bundle, path, lambda: pipeline_object(info["pipeline"], bundle.net, info["scheduler"],
+                                                            bundle.helpers.get("vae")))
 
 
 # ---------------------------------------------------------------------------------------------------------
+
+def save_pipeline(bundle: Bundle, path: str, make_pipeline) -> None:
+    """`bundle.net` as a pipeline folder at `path` (atomically): a copy of the folder it was loaded from with the
+    network's tensors rewritten (same shards, same dtypes), or, for a network with no folder (tiny, built),
+    `make_pipeline()`'s own save_pretrained."""
+    state = {k: v.detach().cpu() for k, v in bundle.net.state_dict().items()}
+    if bundle.source is not None and is_pipeline_folder(bundle.source):
+        template = open_checkpoint(bundle.source)   # a PipelineFolder
+        if set(template.tensors) != set(state):
+            raise NeonError(f"save: the network's tensors do not match {bundle.source}")
+        template.write(path, lambda key, _: state[key])
+        return
+    pipe = make_pipeline()
+    write_folder(path, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
+
 
 def _bundle(parts: dict, source: str | None) -> Bundle:
     net, vae = parts["net"], parts["vae"]

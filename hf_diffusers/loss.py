@@ -25,15 +25,17 @@ def noise_scheduler(scheduler) -> DDPMScheduler:
     return train
 
 
-def diffusion_loss(net, train: DDPMScheduler, x0: torch.Tensor, class_labels: torch.Tensor | None,
+def diffusion_loss(net, train: DDPMScheduler, x0: torch.Tensor, cond: dict[str, torch.Tensor],
                    learned_sigma: bool = False, snr_gamma: float | None = None) -> torch.Tensor:
-    """x0: (B, C, H, W) images in [-1, 1] (or scaled VAE latents). Random draws use the global torch RNG, as the
-    scripts do. learned_sigma: the network also predicts a variance (DiT, 2C output channels); only the mean's
-    channels enter the loss, as the scripts' MSE. snr_gamma: Min-SNR weighting (train_text_to_image --snr_gamma)."""
+    """x0: (B, C, H, W) images in [-1, 1] (or scaled VAE latents). cond: the network's conditioning keywords
+    (class_labels; a text model's encoder_hidden_states and added_cond_kwargs). Random draws use the global torch
+    RNG, as the scripts do. learned_sigma: the network also predicts a variance (DiT, 2C output channels); only the
+    mean's channels enter the loss, as the scripts' MSE. snr_gamma: Min-SNR weighting (train_text_to_image
+    --snr_gamma)."""
     noise = torch.randn_like(x0)
     timesteps = torch.randint(0, train.config.num_train_timesteps, (x0.shape[0],), device=x0.device).long()
     noisy = train.add_noise(x0, noise, timesteps)
-    output = net(noisy, timesteps, class_labels=class_labels).sample
+    output = net(noisy, timesteps, **cond).sample
     if learned_sigma:
         output = output[:, :x0.shape[1]]
     kind = train.config.prediction_type

@@ -51,6 +51,15 @@ def resolve(path: str, local_files_only: bool | None = None) -> str:
                         "with download_models.sh or `hf download`, and pass the folder") from None
 
 
+def pipeline_class(folder: str) -> str | None:
+    """The `_class_name` of `folder`/model_index.json; None when it cannot be read as one."""
+    try:
+        name = read_json(os.path.join(folder, MODEL_INDEX)).get("_class_name")
+    except NeonError:
+        return None
+    return name if isinstance(name, str) else None
+
+
 def load_module(component: str, classes: dict, device) -> torch.nn.Module:
     """The model in `component/` (config.json + safetensors), built by diffusers, in eval mode, frozen; built only
     once its config is known to describe the network its weights hold (`config_bounds.check_network`)."""

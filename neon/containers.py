@@ -101,10 +101,10 @@ def _a(what: str) -> str:
     return ("an " if what[0] in "aeiouAEIOU." else "a ") + what
 
 
-def check_reads(path: str, family=None, readers: Callable[[str], list[str]] | None = None) -> None:
+def check_reads(path: str, family=None, readers: Callable[[str, str], list[str]] | None = None) -> None:
     """Refuse, in one line, a checkpoint `path` of a kind that `family` does not read (its CONTAINERS; a family
     that declares none, or None, is not checked, but an image set or statistics file is never a checkpoint).
-    readers: kind -> names of the families that read it, for the message (called only when refusing)."""
+    readers: (kind, path) -> names of the families that read it, for the message (called only when refusing)."""
     found = kind(path)
     if found is None:
         return
@@ -117,9 +117,12 @@ def check_reads(path: str, family=None, readers: Callable[[str], list[str]] | No
     if owner is not None and owner != family.name:
         raise NeonError(f"{path}: {_a(found)} that --family {owner} saved, which --family {family.name} does not "
                         f"read; it is for --family {owner}")
-    if found in declared:
+    takes = found in declared and getattr(family, "reads", lambda _: True)(path)
+    if takes:
         return
-    names = readers(found) if readers else []
+    names = readers(found, path) if readers else []
     belongs = f"it is for --family {' or '.join(names)}" if names else "no installed family reads it"
+    if found in declared:
+        raise NeonError(f"{path}: {_a(found)} that --family {family.name} does not drive; {belongs}")
     raise NeonError(f"{path}: {_a(found)}, which --family {family.name} does not read (it reads: "
                     f"{', '.join(declared)}); {belongs}")

@@ -187,6 +187,11 @@ class Family:
         config's `load_args` (e.g. a family's offline switch)."""
         return None
 
+    def reads(self, path: str) -> bool:
+        """Whether `load` takes `path`, a file or folder of a kind in CONTAINERS: False for one the family can tell
+        belongs to another (a pipeline folder of a class it does not drive). Default: every one."""
+        return True
+
     def save_helpers(self, bundle: Bundle, folder: str) -> None:
         """Write the frozen helpers (VAE, tokenizer) of `bundle` into `folder` under their released file names,
         where `load` finds them; a family without helper files writes nothing."""
@@ -214,12 +219,14 @@ def public() -> list[str]:
                   if ep.value.partition(":")[0] != TEST_MODULE)
 
 
-def readers(kind: str) -> list[str]:
-    """The public families whose `load` reads files of `kind` (imports every family: for error messages)."""
+def readers(kind: str, path: str | None = None) -> list[str]:
+    """The public families whose `load` reads files of `kind` (and takes `path`, when given: `Family.reads`).
+    Imports every family: for error messages and for telling the family of a file."""
     found = []
     for name in public():
         try:
-            if kind in getattr(FAMILIES.get(name), "CONTAINERS", ()):
+            cls = FAMILIES.get(name)
+            if kind in getattr(cls, "CONTAINERS", ()) and (path is None or cls().reads(path)):
                 found.append(name)
         except Exception:   # a family whose package cannot be imported here reads nothing here
             continue

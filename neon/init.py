@@ -47,7 +47,7 @@ def family_of(base: str) -> str:
             return found[0]      # a Hub id: the family that downloads by name
         raise NeonError(f"--base: {base} not found")
     owner = containers.saved_by(base) if kind == containers.TORCH_ZIP else None
-    names = [owner] if owner else readers(kind) if kind else []
+    names = [owner] if owner else readers(kind, base) if kind else []
     if len(names) != 1:
         what = f"read by {' and '.join(names)}" if names else "not a checkpoint any installed family reads"
         raise NeonError(f"--base: {base} is {what}; say which with --family")

@@ -1,0 +1,225 @@
+"""The text-to-image family for the Neon core: Stable Diffusion and SDXL pipeline folders (or Hub ids), run by the
+diffusers library itself, conditioned on a prompt set.
+
+- load:   a pipeline folder + a prompt file (load_args.prompts) -> Bundle(net = unet/, helpers = the VAE and the
+          text encoders, frozen; num_classes = the number of prompts: label i is prompt i).
+- sample: the pipeline's own __call__ (its scheduler, its classifier-free guidance) on the prompts' cached
+          embeddings, one generator per image seeded by its seed: the images equal
+          pipe(prompt, negative_prompt, generator=[torch.Generator().manual_seed(s) for s in seeds]).
+- encode: uint8 images -> the VAE latents (the posterior's mean) × scaling_factor, and the prompt labels.
+- loss:   diffusers' train_text_to_image objective on the frozen text encoders' embeddings of the prompts.
+- save:   a pipeline folder: a copy of the loaded one with the UNet's safetensors rewritten.
+
+The text encoders are helpers: never trained, never merged. Each prompt's embeddings are computed once, by the
+pipeline's own `encode_prompt`, and kept for S, the sweep, the final evaluation and self-training.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+from collections.abc import Sequence
+
+import torch
+
+from hf_diffusers.adapter import save_pipeline
+from hf_diffusers.loss import diffusion_loss, noise_scheduler
+from hf_diffusers.pipeline import HUB_ID, pipeline_class, resolve
+from hf_diffusers.sampler import to_uint8
+from hf_text2image.pipeline import SPECS, load_pipeline, pipeline_object
+from hf_text2image.prompts import Prompt, read_prompts
+from hf_text2image.tiny import MODELS, tiny_parts
+from neon import containers
+from neon.errors import NeonError
+from neon.family import Arg, Bundle, Family, TrainDefaults
+
+SAMPLER_ARGS = (
+    Arg("num_inference_steps", int | None, None, "denoising steps; None: the pipeline's default (50)"),
+    Arg("guidance_scale", float | None, None, "classifier-free guidance scale; None: the pipeline's (7.5 SD, 5 SDXL)"),
+    Arg("eta", float | None, None, "DDIM: weight of the fresh noise in each step; None: the pipeline's (0)"),
+)
+LOSS_ARGS = (
+    Arg("snr_gamma", float | None, None, "Min-SNR weighting gamma (train_text_to_image --snr_gamma); None: plain MSE"),
+)
+LOAD_ARGS = (
+    Arg("prompts", str | None, None, "prompt file (.txt: one per line; .jsonl: prompt, negative_prompt): label i "
+        "is prompt i"),
+    Arg("local_files_only", bool | None, None, "Hub ids: use the local cache only; None: $HF_HUB_OFFLINE"),
+)
+TINY_ARGS = (
+    Arg("model", str, "sd", f"one of {', '.join(MODELS)}"),
+    Arg("resolution", int, 16, "side of the images (latents are half as wide)"),
+    Arg("scheduler", str, "DDIMScheduler", "diffusers scheduler class"),
+)
+SMOKE_PROMPTS = ("a photo of a cat", "a painting of a red house", "a dog on the beach")
+
+
+class Text2ImageFamily(Family):
+    name = "text2image"
+    CONTAINERS = (containers.PIPELINE_FOLDER,)
+    SAVES_FOLDERS = True
+    SAMPLER_ARGS, LOSS_ARGS, LOAD_ARGS, TINY_ARGS = SAMPLER_ARGS, LOSS_ARGS, LOAD_ARGS, TINY_ARGS
+    loads_hub_ids = True
+    # train_text_to_image.py / train_text_to_image_lora.py: AdamW(lr, betas=(0.9, 0.999), weight_decay=1e-2,
+    # eps=1e-8), max_grad_norm 1.0, float32 (mixed precision on GPU is the user's --mixed_precision choice).
+    train_defaults = TrainDefaults(optimizer="adamw", betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                                   grad_clip=1.0)
+
+    # -- networks ---------------------------------------------------------------------------------------
+    def load(self, path: str, device: torch.device | str = "cpu", prompts: str | None = None,
+             local_files_only: bool | None = None) -> Bundle:
+        folder = resolve(path, local_files_only)
+        pipeline, parts = load_pipeline(folder, device)
+        return _bundle(pipeline, parts, _prompt_set(prompts), os.path.abspath(folder))
+
+    def reads(self, path: str) -> bool:
+        """A pipeline folder of a text-to-image class (SPECS), or one whose index cannot be read (`load` says why)."""
+        return pipeline_class(path) in (None, *SPECS)
+
+    def resolve_remote(self, name: str, load_args: dict) -> str | None:
+        """A config's `base: stabilityai/sd-turbo`: the Hub snapshot folder (configs, safetensors and tokenizer
+        files only); None for a name that is not a repo id."""
+        return resolve(name, load_args.get("local_files_only")) if HUB_ID.match(name) else None
+
+    def tiny(self, device: torch.device | str = "cpu", seed: int = 0, model: str = "sd", resolution: int = 16,
+             scheduler: str = "DDIMScheduler", prompts: str | None = None,
+             local_files_only: bool | None = None) -> Bundle:
+        """A random tiny SD or SDXL pipeline whose tokenizer knows the prompts' words (a few stand-in prompts
+        when no prompt file is given)."""
+        prompt_set = _prompt_set(prompts) or [Prompt(p) for p in SMOKE_PROMPTS]
+        words = [p.text for p in prompt_set] + [p.negative for p in prompt_set]
+        pipeline, parts = tiny_parts(model, int(resolution), words, scheduler, seed)
+        for part in parts.values():
+            if isinstance(part, torch.nn.Module):
+                part.to(device).eval().requires_grad_(False)
+        return _bundle(pipeline, parts, prompt_set, None)
+
+    # -- sampling -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, bundle: Bundle, seeds: Sequence[int], labels: torch.Tensor | None, **sampler_args
+               ) -> torch.Tensor:
+        """One image per seed -> uint8 (B, H, W, C) on CPU, as the pipeline's output_type="pil" images.
+        labels: int64 (B,), the prompt of each image (an index into the prompt set). sampler_args: SAMPLER_ARGS;
+        None leaves the pipeline's own default."""
+        indices = _prompt_labels(bundle, labels, len(seeds))
+        if not indices:
+            return torch.zeros((0, bundle.resolution, bundle.resolution, 3), dtype=torch.uint8)
+        pipe = _pipeline(bundle)
+        chosen = {k: v for k, v in sampler_args.items() if v is not None}
+        unknown = set(chosen) - set(inspect.signature(pipe.__call__).parameters)
+        if unknown:
+            raise NeonError(f"text2image sampler: {bundle.info['pipeline']} takes no {', '.join(sorted(unknown))}")
+        was_training = bundle.net.training
+        bundle.net.eval()
+        try:
+            images = pipe(**text_embeddings(bundle, pipe, indices), height=bundle.resolution, width=bundle.resolution,
+                          generator=[torch.Generator().manual_seed(int(s)) for s in seeds], output_type="pt",
+                          **chosen).images
+        finally:
+            bundle.net.train(was_training)
+        return to_uint8(images)
+
+    # -- training -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, bundle: Bundle, images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """uint8 (B, H, W, 3) -> {'x0': the VAE latents × scaling_factor, float32 (B, 4, H/f, W/f), 'labels': the
+        prompt of each image}. The posterior's mean, not a draw from it: the set is encoded once, and a draw
+        would depend on how the images were split over processes."""
+        expected = (bundle.resolution, bundle.resolution, 3)
+        if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise NeonError(f"text2image encode: expected uint8 images (B, {', '.join(map(str, expected))}), got "
+                            f"{images.dtype} {tuple(images.shape)}")
+        indices = _prompt_labels(bundle, labels, images.shape[0])
+        vae = bundle.helpers["vae"]
+        x = (images.permute(0, 3, 1, 2).to(torch.float32) / 255 - 0.5) / 0.5
+        latents = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+        return {"x0": latents.float().cpu(), "labels": torch.tensor(indices, dtype=torch.int64)}
+
+    def loss(self, bundle: Bundle, batch: dict[str, torch.Tensor], snr_gamma: float | None = None) -> torch.Tensor:
+        """train_text_to_image's objective: the UNet conditioned on the prompts' embeddings (SDXL: and the
+        pooled embedding with the image's size as its text_time embedding)."""
+        if snr_gamma is not None and not snr_gamma > 0:
+            raise NeonError(f"finetune.loss_args.snr_gamma: must be positive (or null for plain MSE), got {snr_gamma}")
+        net = bundle.net
+        x0 = batch["x0"].to(net.device, torch.float32)
+        indices = _prompt_labels(bundle, batch.get("labels"), x0.shape[0])
+        cond = training_conditioning(bundle, _pipeline(bundle), indices)
+        return diffusion_loss(net, noise_scheduler(bundle.info["parts"]["scheduler"]), x0, cond, False, snr_gamma)
+
+    def save(self, bundle: Bundle, path: str) -> None:
+        """Write a pipeline folder at `path` that DiffusionPipeline.from_pretrained loads (atomically)."""
+        save_pipeline(bundle, path, lambda: _pipeline(bundle))
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def _prompt_set(path: str | None) -> list[Prompt]:
+    return read_prompts(path) if path is not None else []
+
+
+def _bundle(pipeline: str, parts: dict, prompts: list[Prompt], source: str | None) -> Bundle:
+    spec = SPECS[pipeline]
+    net, vae = parts[spec.net], parts["vae"]
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    side = net.config.sample_size
+    if not isinstance(side, int):
+        raise NeonError(f"text2image: only square images are supported (sample_size {side})")
+    helpers = {name: part for name, part in parts.items() if isinstance(part, torch.nn.Module) and name != spec.net}
+    info = dict(pipeline=pipeline, component=spec.net, parts={k: v for k, v in parts.items() if k != spec.net},
+                prompts=prompts, embeddings={})
+    return Bundle(net=net, helpers=helpers, num_classes=len(prompts), resolution=int(side) * scale, channels=3,
+                  source=source, info=info)
+
+
+def _pipeline(bundle: Bundle):
+    """The pipeline over the bundle's parts with `bundle.net` (whatever weights it holds now) as its network, and
+    a fresh copy of the scheduler (set_timesteps and multistep solvers keep state)."""
+    parts = dict(bundle.info["parts"], scheduler=copy.deepcopy(bundle.info["parts"]["scheduler"]))
+    return pipeline_object(bundle.info["pipeline"], parts, bundle.net)
+
+
+def _prompt_labels(bundle: Bundle, labels, batch: int) -> list[int]:
+    if not bundle.info["prompts"]:
+        raise NeonError("text2image: no prompt set; give a prompt file as load_args.prompts (--load-arg prompts=FILE)")
+    if labels is None or not isinstance(labels, torch.Tensor) or labels.shape != (batch,) \
+            or labels.is_floating_point():
+        raise NeonError(f"text2image: labels (the prompt of each image) must be an integer tensor of shape ({batch},)")
+    indices = [int(i) for i in labels.tolist()]
+    if indices and not (0 <= min(indices) and max(indices) < len(bundle.info["prompts"])):
+        raise NeonError(f"text2image: prompt labels must lie in [0, {len(bundle.info['prompts'])}), got "
+                        f"{min(indices)}..{max(indices)}")
+    return indices
+
+
+def _encoded(bundle: Bundle, pipe, index: int) -> tuple[torch.Tensor, ...]:
+    """encode_prompt's outputs for prompt `index` (with its negative prompt), computed once, kept on the CPU."""
+    cache = bundle.info["embeddings"]
+    if index not in cache:
+        prompt = bundle.info["prompts"][index]
+        out = pipe.encode_prompt(prompt=prompt.text, negative_prompt=prompt.negative, device=bundle.net.device,
+                                 num_images_per_prompt=1, do_classifier_free_guidance=True)
+        cache[index] = tuple(t.cpu() for t in out)
+    return cache[index]
+
+
+def text_embeddings(bundle: Bundle, pipe, indices: list[int]) -> dict[str, torch.Tensor]:
+    """__call__'s embedding keywords (prompt_embeds, negative_prompt_embeds, SDXL's pooled ones) for a batch."""
+    per_prompt = [_encoded(bundle, pipe, i) for i in indices]
+    names = SPECS[bundle.info["pipeline"]].embeds
+    return {name: torch.cat([e[k] for e in per_prompt]).to(bundle.net.device) for k, name in enumerate(names)}
+
+
+def training_conditioning(bundle: Bundle, pipe, indices: list[int]) -> dict:
+    """The network's conditioning keywords for training: the prompts' embeddings (no negative prompt), and for
+    SDXL the pooled embedding with the add_time_ids of an uncropped image at the model's resolution, as
+    train_text_to_image_sdxl.py computes them for square images."""
+    embeds = text_embeddings(bundle, pipe, indices)
+    cond = {"encoder_hidden_states": embeds["prompt_embeds"]}
+    if bundle.info["pipeline"] == "StableDiffusionXLPipeline":
+        size = (bundle.resolution, bundle.resolution)
+        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=embeds["prompt_embeds"].dtype,
+                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+        cond["added_cond_kwargs"] = {"text_embeds": embeds["pooled_prompt_embeds"],
+                                     "time_ids": time_ids.to(bundle.net.device).repeat(len(indices), 1)}
+    return cond
+

@@ -1,0 +1,163 @@
+"""The text-to-image family: tiny random SD and SDXL pipelines built here (tokenizer files written locally, no Hub),
+whose images equal the pipelines' own __call__ for the same prompts and generators."""
+import json
+
+import diffusers
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+from neon.errors import NeonError
+from neon.family import get_family
+
+FAMILY = get_family("text2image")
+PROMPTS = [{"prompt": "a photo of a cat", "negative_prompt": "blurry"},
+           {"prompt": "a red house by the sea"},
+           {"prompt": "a dog on the beach", "negative_prompt": "a cat"}]
+SEEDS, LABELS = [3, 7, 11, 12], [2, 0, 1, 2]
+ARGS = dict(num_inference_steps=3, guidance_scale=3.0)
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    return str(path)
+
+
+def pipelines_own(bundle, folder=None) -> torch.Tensor:
+    """The pipeline's __call__ on the prompt texts, one generator per image, as output_type='pil' -> uint8."""
+    if folder is None:
+        from hf_text2image.adapter import _pipeline
+        pipe = _pipeline(bundle)
+    else:
+        pipe = diffusers.DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+    chosen = [PROMPTS[i] for i in LABELS]
+    images = pipe(prompt=[p["prompt"] for p in chosen], negative_prompt=[p.get("negative_prompt", "") for p in chosen],
+                  generator=[torch.Generator().manual_seed(s) for s in SEEDS], output_type="pil",
+                  height=bundle.resolution, width=bundle.resolution, **ARGS).images
+    return torch.stack([torch.from_numpy(np.array(im)) for im in images])
+
+
+@pytest.mark.parametrize("model", ["sd", "sdxl"])
+def test_images_equal_the_pipelines_own_call(model, prompt_file):
+    bundle = FAMILY.tiny(model=model, prompts=prompt_file)
+    assert bundle.num_classes == len(PROMPTS)
+    ours = FAMILY.sample(bundle, SEEDS, torch.tensor(LABELS), **ARGS)
+    assert ours.dtype == torch.uint8 and ours.shape == (len(SEEDS), bundle.resolution, bundle.resolution, 3)
+    assert torch.equal(ours, pipelines_own(bundle))
+    assert ours.float().std() > 10   # not a blank canvas
+
+
+@pytest.mark.parametrize("model", ["sd", "sdxl"])
+def test_a_saved_folder_loads_in_diffusers_and_back_with_the_same_images(model, prompt_file, tmp_path):
+    bundle = FAMILY.tiny(model=model, prompts=prompt_file, seed=1)
+    FAMILY.save(bundle, str(tmp_path / "pipe"))
+    again = FAMILY.load(str(tmp_path / "pipe"), prompts=prompt_file)
+    for key, value in bundle.net.state_dict().items():
+        assert torch.equal(value, again.net.state_dict()[key]), key
+    ours = FAMILY.sample(again, SEEDS, torch.tensor(LABELS), **ARGS)
+    assert torch.equal(ours, pipelines_own(again, str(tmp_path / "pipe")))
+    assert torch.equal(ours, FAMILY.sample(bundle, SEEDS, torch.tensor(LABELS), **ARGS))
+
+
+def test_each_prompt_is_encoded_once(prompt_file, monkeypatch):
+    calls = []
+    own = diffusers.StableDiffusionPipeline.encode_prompt
+    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "encode_prompt",
+                        lambda self, *a, **k: calls.append(k.get("prompt")) or own(self, *a, **k))
+    bundle = FAMILY.tiny(prompts=prompt_file)
+    FAMILY.sample(bundle, SEEDS, torch.tensor(LABELS), **ARGS)
+    FAMILY.sample(bundle, SEEDS, torch.tensor(LABELS), **ARGS)
+    examples = FAMILY.encode(bundle, FAMILY.sample(bundle, [1, 2], torch.tensor([0, 1]), **ARGS), torch.tensor([0, 1]))
+    FAMILY.loss(bundle, examples)
+    assert sorted(c for c in calls if c is not None) == sorted(p["prompt"] for p in PROMPTS)   # None: __call__'s own
+
+
+def test_self_training_examples_are_latents_with_their_prompts(prompt_file):
+    bundle = FAMILY.tiny(prompts=prompt_file)
+    images = FAMILY.sample(bundle, SEEDS, torch.tensor(LABELS), **ARGS)
+    examples = FAMILY.encode(bundle, images, torch.tensor(LABELS))
+    assert examples["x0"].shape == (len(SEEDS), 4, bundle.resolution // 2, bundle.resolution // 2)
+    assert examples["labels"].tolist() == LABELS
+    bundle.net.train().requires_grad_(True)
+    loss = FAMILY.loss(bundle, examples)
+    loss.backward()
+    cross = [p.grad for n, p in bundle.net.named_parameters() if "attn2.to_k" in n]
+    assert loss.isfinite() and cross and all(g is not None and g.abs().sum() > 0 for g in cross)
+
+
+def test_a_text_model_without_prompts_is_refused_in_one_line(tmp_path):
+    bundle = FAMILY.tiny()
+    FAMILY.save(bundle, str(tmp_path / "pipe"))
+    loaded = FAMILY.load(str(tmp_path / "pipe"))
+    with pytest.raises(NeonError, match="no prompt set.*load_args.prompts") as e:
+        FAMILY.sample(loaded, [0], torch.tensor([0]), **ARGS)
+    assert "\n" not in str(e.value)
+    with pytest.raises(NeonError, match=r"prompt labels must lie in \[0, 3\)"):
+        FAMILY.sample(bundle, [0], torch.tensor([3]), **ARGS)
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("p.txt", "\n\n", "no prompts"),
+    ("p.jsonl", '{"prompt": "a cat"}\n{"prompt": "a dog", "seed": 3}\n', r"p.jsonl:2: unknown field 'seed'"),
+    ("p.jsonl", '{"prompt": "a cat"}\nnot json\n', r"p.jsonl:2: not a JSON object"),
+    ("p.jsonl", '{"negative_prompt": "x"}\n', r"p.jsonl:1: no prompt"),
+    ("p.jsonl", '["a cat"]\n', r"p.jsonl:1: expected an object"),
+    ("p.jsonl", '{"prompt": 3}\n', r"p.jsonl:1: prompt must be text"),
+    ("p.txt", "a" * 5000 + "\n", r"p.txt:1: a prompt of 5000 characters"),
+])
+def test_a_bad_prompt_file_is_named_in_one_line(tmp_path, name, text, message):
+    from hf_text2image.prompts import read_prompts
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(NeonError, match=message) as e:
+        read_prompts(str(path))
+    assert "\n" not in str(e.value)
+
+
+def test_a_plain_prompt_file_is_one_prompt_per_line(tmp_path):
+    from hf_text2image.prompts import Prompt, read_prompts
+    (tmp_path / "p.txt").write_text("a cat\n\n  a dog  \n")
+    assert read_prompts(str(tmp_path / "p.txt")) == [Prompt("a cat"), Prompt("a dog")]
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe")
+    with pytest.raises(NeonError, match="not UTF-8"):
+        read_prompts(str(tmp_path / "bin.txt"))
+
+
+def test_a_text_encoder_missing_a_weight_is_refused(tmp_path):
+    FAMILY.save(FAMILY.tiny(), str(tmp_path / "pipe"))
+    weights = tmp_path / "pipe" / "text_encoder" / "model.safetensors"
+    state = safetensors.torch.load_file(str(weights))
+    state.pop(sorted(state)[0])
+    safetensors.torch.save_file(state, str(weights))
+    with pytest.raises(NeonError, match="text_encoder: weights do not match CLIPTextModel"):
+        FAMILY.load(str(tmp_path / "pipe"))
+
+
+def test_an_unsupported_pipeline_or_component_class_is_refused(tmp_path):
+    FAMILY.save(FAMILY.tiny(), str(tmp_path / "pipe"))
+    index_path = tmp_path / "pipe" / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index_path.write_text(json.dumps(dict(index, _class_name="StableVideoDiffusionPipeline")))
+    with pytest.raises(NeonError, match="not a text-to-image pipeline supported here"):
+        FAMILY.load(str(tmp_path / "pipe"))
+    index_path.write_text(json.dumps(dict(index, text_encoder=["transformers", "AutoModel"])))
+    with pytest.raises(NeonError, match="text encoder class 'AutoModel' is not supported|AutoModel is not supported"):
+        FAMILY.load(str(tmp_path / "pipe"))
+
+
+def test_each_pipeline_folder_is_told_to_its_family(tmp_path):
+    from neon import containers
+    from neon.family import readers
+    from neon.init import family_of
+    FAMILY.save(FAMILY.tiny(), str(tmp_path / "sd"))
+    diffusers_family = get_family("diffusers")
+    diffusers_family.save(diffusers_family.tiny(), str(tmp_path / "ddpm"))
+    assert family_of(str(tmp_path / "sd")) == "text2image" and family_of(str(tmp_path / "ddpm")) == "diffusers"
+    with pytest.raises(NeonError, match="does not drive; it is for --family text2image"):
+        containers.check_reads(str(tmp_path / "sd"), diffusers_family, readers)
+    with pytest.raises(NeonError, match="does not drive; it is for --family diffusers"):
+        containers.check_reads(str(tmp_path / "ddpm"), FAMILY, readers)
