@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import diffusers
 import torch
 
+from hf_diffusers.lora_files import save_layouts
 from hf_diffusers.loss import diffusion_loss, noise_scheduler
 from hf_diffusers.pipeline import HUB_ID, PIPELINES, load_pipeline, pipeline_class, pipeline_object, resolve
 from hf_diffusers.sampler import dit_loop, to_uint8, unet_loop
@@ -84,6 +85,10 @@ class DiffusersFamily(Family):
         folder = resolve(path, local_files_only)
         parts = load_pipeline(folder, device)
         return _bundle(parts, source=os.path.abspath(folder))
+
+    def save_lora(self, bundle: Bundle, loras: dict, folder: str) -> None:
+        """θneon's LoRA as diffusers' `load_lora_weights` and ComfyUI / Automatic1111 load it."""
+        save_layouts(loras, folder, bundle.info["component"])
 
     def reads(self, path: str) -> bool:
         """A pipeline folder of a class this family drives (DDPM, DDIM, DiT), or one whose index cannot be read

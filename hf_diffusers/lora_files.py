@@ -22,6 +22,7 @@ from neon.errors import NeonError
 from neon.lora import Lora
 
 PEFT_FILE = "pytorch_lora_weights.safetensors"
+KOHYA_FILE = "neon_lora_kohya.safetensors"
 
 
 def _scaled(lora: Lora) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,3 +99,10 @@ def read_peft(path: str, component: str = "unet") -> dict[str, Lora]:
     if not loras:
         raise NeonError(f"{path}: no {component} LoRA factors (keys '{component}.<module>.lora_A.weight')")
     return loras
+
+
+def save_layouts(loras: dict[str, Lora], folder: str, component: str) -> None:
+    """θneon's adapter in both layouts, into `folder`: pytorch_lora_weights.safetensors (diffusers / PEFT) and
+    neon_lora_kohya.safetensors (kohya / Automatic1111 / ComfyUI)."""
+    save_peft(loras, folder, component)
+    save_kohya(loras, os.path.join(folder, KOHYA_FILE), component)

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from hf_diffusers.adapter import save_pipeline
+from hf_diffusers.lora_files import save_layouts
 from hf_diffusers.loss import diffusion_loss, noise_scheduler
 from hf_diffusers.pipeline import HUB_ID, pipeline_class, resolve
 from hf_diffusers.sampler import to_uint8
@@ -71,6 +72,10 @@ class Text2ImageFamily(Family):
         folder = resolve(path, local_files_only)
         pipeline, parts = load_pipeline(folder, device)
         return _bundle(pipeline, parts, _prompt_set(prompts), os.path.abspath(folder))
+
+    def save_lora(self, bundle: Bundle, loras: dict, folder: str) -> None:
+        """θneon's LoRA as diffusers' `load_lora_weights` and ComfyUI / Automatic1111 load it."""
+        save_layouts(loras, folder, bundle.info["component"])
 
     def reads(self, path: str) -> bool:
         """A pipeline folder of a text-to-image class (SPECS), or one whose index cannot be read (`load` says why)."""

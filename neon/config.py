@@ -61,6 +61,9 @@ class FinetuneConfig:
     # summed before the one optimizer step (the same global batch in less activation memory; each micro-batch
     # draws its own noise, so the result equals the one-pass step's in expectation, not bit for bit).
     accumulate: int = 1
+    # Low-rank adapters instead of full fine-tuning (neon/lora_train.py): {rank: 4, alpha: 4, targets: [to_q, ...]};
+    # None trains every weight.
+    lora: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass

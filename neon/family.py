@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -186,6 +187,12 @@ class Family:
         fetched or found in a local cache now (a NeonError of one line when neither works). load_args: the
         config's `load_args` (e.g. a family's offline switch)."""
         return None
+
+    def save_lora(self, bundle: Bundle, loras: dict, folder: str) -> None:
+        """Write θneon as a LoRA (module name -> neon.lora.Lora, scale 1) into `folder`, in the layouts this family's
+        users load. Default: the core's own file, neon_lora.safetensors (`neon.lora_train.save_factors`)."""
+        from neon.lora_train import save_factors
+        save_factors(loras, os.path.join(folder, "neon_lora.safetensors"))
 
     def reads(self, path: str) -> bool:
         """Whether `load` takes `path`, a file or folder of a kind in CONTAINERS: False for one the family can tell

@@ -40,15 +40,17 @@ from neon.config import (
 from neon.errors import NeonError
 from neon.evaluate import FIDMetric, stand_in_stats
 from neon.family import Bundle, Family, get_family
+from neon.lora import neon_lora
+from neon.lora_train import read_factors
 from neon.merge import merge_state_dicts
 from neon.model_card import write_model_card
-from neon.pipeline_folder import is_pipeline_folder
+from neon.pipeline_folder import is_pipeline_folder, write_folder
 from neon.record import RECORD, RunRecord, Stage, Upstream, flatten
 from neon.registry import Registry
 from neon.repeats import paired_difference, per_range
 from neon.sampling import draw_labels, exclusive, plan_seeds, sample_to_npz
 from neon.score import Point, Scorer
-from neon.selftrain import CACHE_FILE, check_finetune_config, encode_examples, finetune
+from neon.selftrain import CACHE_FILE, check_finetune_config, encode_examples, finetune, lora_path
 from neon.snapshot_sweep import (
     best_entry,
     final_result,
@@ -60,6 +62,8 @@ from neon.snapshot_sweep import (
     write_summary,
 )
 from neon.sweep import metrics_label, point_label, state_dict_copy
+
+LORA_DIR = "neon_lora"   # θneon as a LoRA on θr, written when self-training trained adapters (finetune.lora)
 
 
 def _versions() -> dict:
@@ -166,7 +170,7 @@ def stages(cfg: RunConfig, rec: RunRecord, base_path: str | None, smoke: bool, n
                            "ref_stats": cfg.ref_stats, **read, "after": Upstream("finetune")},
                  ("sweep",), point_files),
            Stage("select", {**flatten(c["final"], "final"), "after": Upstream("sweep")},
-                 ("sweep",), ("sweep/*-final.json", "sweep.json", "sweep.png", neon_name)),
+                 ("sweep",), ("sweep/*-final.json", "sweep.json", "sweep.png", neon_name, LORA_DIR)),
            Stage("final", {**flatten(c["final"], "final"), "after": Upstream("select")}, ("final",))]
     for name in cfg.baselines.enabled():
         inputs = flatten(c["baselines"][name], f"baselines.{name}")
@@ -246,6 +250,8 @@ def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device, config: 
         theta_s = load_state_dict(swept["theta_s"], bool(cfg.load_args.get("trust_architecture")))
         with scorer.holding(merge_state_dicts(theta_r, theta_s, swept["best"]["w"])):
             family.save(bundle, neon_path)
+    if dist.is_main() and cfg.finetune.lora and not os.path.exists(os.path.join(out, LORA_DIR)):
+        save_neon_lora(family, bundle, swept, os.path.join(out, LORA_DIR))
     dist.barrier()
     if not rec.stage("final"):
         step(4, "final evaluation: θr on the final seeds" if cfg.final.evaluate_base else "final evaluation")
@@ -255,6 +261,12 @@ def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device, config: 
         write_model_card(out, rec.doc, config, neon_path)
         summarize(rec.doc, cfg)
     return rec.doc
+
+
+def save_neon_lora(family: Family, bundle, swept: dict, folder: str) -> None:
+    """θneon as one LoRA on θr, −w·ΔW_s (exact: neon.lora.neon_lora), in the layouts the family's users load."""
+    loras = neon_lora(None, read_factors(lora_path(swept["theta_s"])), swept["best"]["w"])
+    write_folder(folder, lambda tmp: family.save_lora(bundle, loras, tmp))
 
 
 class Steps:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from neon import dist, fastpaths, paths
+from neon import dist, fastpaths, lora_train, paths
 from neon.checkpoint import atomic_open, atomic_save
 from neon.config import FinetuneConfig, build_config, check_args, snapshot_images
 from neon.errors import NeonError, shown
@@ -336,6 +336,12 @@ def snapshot_path(out_dir: str, images: int, bundle: Bundle, folder: bool = Fals
     return os.path.join(out_dir, f"snapshot-{images:010d}{suffix or '.pth'}")
 
 
+def lora_path(snapshot: str) -> str:
+    """Where a LoRA snapshot's factors go: finetune/lora/<snapshot name>.safetensors."""
+    name = os.path.splitext(os.path.basename(snapshot))[0]   # snapshot-<images>, a folder or a file
+    return os.path.join(os.path.dirname(snapshot), "lora", name + ".safetensors")
+
+
 def _autocast(device: torch.device, mode: str | None):
     if device.type != "cuda" or not mode:
         return torch.autocast("cpu", enabled=False)
@@ -360,6 +366,7 @@ class Trainer:
     scaler: torch.amp.GradScaler
     ema_net: torch.nn.Module | None
     beta: float | None
+    plain: torch.nn.Module | None = None   # LoRA: θr's architecture, to hold θs's fused weights when saved
 
     @classmethod
     def start(cls, family: Family, theta_r: Bundle, cfg: FinetuneConfig) -> Trainer:
@@ -367,17 +374,21 @@ class Trainer:
         bundle = dataclasses.replace(theta_r, net=copy_net(theta_r))
         device = next(bundle.net.parameters()).device
         bundle.net.train().requires_grad_(False)
-        named = list(family.trainable_parameters(bundle))
+        lora = lora_train.check_lora(cfg.lora)
+        if lora is not None:   # adapters on the copy; only they train
+            lora_train.add_adapters(bundle.net, lora, cfg.seed)
+            bundle.net.to(device)
+        named = lora_train.adapter_parameters(bundle.net) if lora else list(family.trainable_parameters(bundle))
         params = [p for _, p in named]
         for p in params:
             p.requires_grad_(True)
         beta = ema_beta(cfg.ema, cfg.batch)
-        ema_net = copy_net(theta_r).eval().requires_grad_(False) if beta is not None else None
+        ema_net = copy_net(bundle).eval().requires_grad_(False) if beta is not None else None
         scaler = torch.amp.GradScaler("cuda", init_scale=defaults.scaler_init_scale,
                                       growth_interval=defaults.scaler_growth_interval,
                                       enabled=device.type == "cuda" and defaults.autocast == "fp16")
         return cls(family, bundle, cfg, defaults, params, make_optimizer(named, cfg.lr, defaults), scaler,
-                   ema_net, beta)
+                   ema_net, beta, copy_net(theta_r).eval().requires_grad_(False) if lora else None)
 
     @property
     def device(self) -> torch.device:
@@ -431,11 +442,16 @@ class Trainer:
         return mean_loss.item(), lr
 
     def snapshot(self, path: str, state_path: str, step: int, snapshots: list[str]) -> None:
-        """θs so far (the EMA weights if EMA is on) in the family's container, and the state to resume from."""
+        """θs so far (the EMA weights if EMA is on) in the family's container, and the state to resume from. With
+        LoRA, θs is saved with its adapters fused, and their factors beside (`lora_path`)."""
         net = self.bundle.net
+        theta_s = self.ema_net if self.ema_net is not None else net
         if dist.is_main():
-            self.family.save(dataclasses.replace(self.bundle, net=self.ema_net if self.ema_net is not None else net),
-                             path)
+            if self.plain is not None:
+                lora_train.save_factors(lora_train.factors(theta_s), lora_path(path))
+                self.plain.load_state_dict(lora_train.fused_state_dict(theta_s))
+                theta_s = self.plain
+            self.family.save(dataclasses.replace(self.bundle, net=theta_s), path)
             atomic_save({"step": step, "net": net.state_dict(), "opt": self.opt.state_dict(),
                          "ema": self.ema_net.state_dict() if self.ema_net is not None else {},
                          "scaler": self.scaler.state_dict(), "snapshots": snapshots}, state_path)
@@ -530,6 +546,7 @@ def check_finetune_config(cfg: FinetuneConfig) -> None:
     if not (isinstance(cfg.accumulate, int) and 1 <= cfg.accumulate <= cfg.batch // dist.world_size()):
         raise NeonError(f"finetune.accumulate: micro-batches per step, from 1 to the {cfg.batch // dist.world_size()} "
                         f"images each process trains on per step, got {shown(cfg.accumulate)}")
+    lora_train.check_lora(cfg.lora)
 
 
 def check_finetune_data(family: Family, bundle: Bundle, data: str) -> None:
