@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from neon import paths, pipeline_folder, safe_pickle
+from neon.containers import is_safetensors_head
 from neon.errors import NeonError
 from neon.registry import Registry
 from neon.safe_pickle import BlobRef, Record, TensorRef
@@ -443,12 +444,16 @@ def _open_pickle(path: str, trust_architecture: bool = False) -> Checkpoint:
 
 def detect_format(path: str) -> str:
     with open(path, "rb") as f:
-        head = f.read(8)
+        head = f.read(9)
     if zipfile.is_zipfile(path):
         return "pth"
+    # safetensors first: its 8-byte header length can begin with the byte 0x80 that opens a pickle (one header
+    # length in 256), but its JSON header then opens with "{", and no pickle holds both.
+    if is_safetensors_head(head, os.path.getsize(path)):
+        return "safetensors"
     if head[:1] == b"\x80":
         return "pickle"
-    if path.endswith(".safetensors") or len(head) == 8 and struct.unpack("<Q", head)[0] < os.path.getsize(path):
+    if path.endswith(".safetensors"):
         return "safetensors"
     raise NeonError(f"{path}: unknown checkpoint format")
 

@@ -90,11 +90,18 @@ def kind(path: str) -> str | None:
         return _zip_kind(path)
     if head.startswith(_LEGACY_MAGIC):
         return LEGACY_TORCH
+    if is_safetensors_head(head, os.path.getsize(path)):
+        return SAFETENSORS   # before the pickle test: a header length may open with the pickle's byte 0x80
     if head[:1] == b"\x80":
         return PICKLE
-    if len(head) > 8 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < os.path.getsize(path):
-        return SAFETENSORS
     return None
+
+
+def is_safetensors_head(head: bytes, size: int) -> bool:
+    """Whether a file of `size` bytes opening with `head` (at least 9 bytes) is laid out as safetensors: an
+    8-byte little-endian header length that fits in the file, then the header's JSON object. One header length in
+    256 begins with the byte 0x80 that opens a pickle; no pickle also has the "{" and the fitting length."""
+    return len(head) > 8 and head[8:9] == b"{" and 8 + struct.unpack("<Q", head[:8])[0] <= size
 
 
 def _a(what: str) -> str:

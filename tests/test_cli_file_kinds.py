@@ -79,3 +79,20 @@ def test_an_npz_given_as_a_checkpoint_is_named_with_the_command_that_reads_it(fi
 def test_an_npz_given_as_the_guide_is_named_too(files, capsys):
     err = _refused(capsys, "--family", "edm", "--tiny", "--guide", files / "images.npz")
     assert f"{files / 'images.npz'}: an image set" in err and "not a checkpoint" in err
+
+
+def test_a_safetensors_file_whose_header_length_opens_like_a_pickle_is_safetensors(tmp_path):
+    """One header length in 256 has 0x80, a pickle's first byte, as its low byte."""
+    import struct
+
+    from safetensors.torch import save_file
+
+    from neon.checkpoint import detect_format, load_state_dict
+    path = tmp_path / "weights.bin"   # no telling suffix: the bytes alone decide
+    for pad in range(512):
+        save_file({"w": torch.ones(3)}, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80 and struct.unpack("<Q", path.read_bytes()[:8])[0] % 256 == 0x80
+    assert containers.kind(str(path)) == containers.SAFETENSORS and detect_format(str(path)) == "safetensors"
+    assert torch.equal(load_state_dict(str(path))["w"], torch.ones(3))
