@@ -73,7 +73,7 @@ def official_search(objective: Objective, w: Sequence[float], guidance: Sequence
     (`stop='best'`); FIDs are compared as the decimals they print as, as bc does in the scripts (see `_above`).
     `tolerance=None` walks the whole grid. Then, if `refine` is set, `refine_best` tries the
     neighbours of the best point. Unguided (`guidance=None`): one point per w, so only the outer rule acts."""
-    if stop not in STOP_RULES:
+    if tolerance is not None and stop not in STOP_RULES:   # without a tolerance no rule stops the walk
         raise ValueError(f"stop: expected one of {STOP_RULES}, got {stop!r}")
     visit = _Tracker(objective)
     reference = math.inf
