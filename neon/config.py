@@ -263,6 +263,9 @@ class MetricsConfig:
     kid_subsets: int = 100                  # toshas/torch-fidelity@5b1e99c defaults.py kid_subsets
     kid_subset_size: int = 1000             # ... kid_subset_size (the smaller set's size when it holds fewer)
     fd_dinov2: FDDinoV2Config | None = None  # also FD_DINOv2 ('fd_dinov2') of every point, from the same images
+    # A CLIP folder (transformers' layout): also the CLIP score ('clip_score', prompt adherence, torchmetrics'
+    # definition) of every point, each image against the text its label stands for (text-to-image models).
+    clip: str | None = None
     # the generated images' covariance: 'unbiased', or 'neon_edm' (the Neon repository's EDM evaluation; results
     # made with it record 'covariance'; neon.metrics.frechet.COVARIANCES)
     covariance: str = "unbiased"

@@ -30,7 +30,8 @@ from neon.sampling import (
     sample_to_npz,
 )
 
-# A metric is a factory of accumulators: acc = metric(); acc.update(uint8 NHWC, seeds); acc.finish() -> {'fid': ...}
+# A metric is a factory of accumulators: acc = metric(); acc.update(uint8 NHWC, seeds, labels); acc.finish() ->
+# {'fid': ...}
 MetricFactory = Callable[[], object]
 
 
@@ -47,9 +48,9 @@ def evaluate_images(family: Family, bundle: Bundle, metric: MetricFactory, num_i
     # Whole batches per rank, so every image is computed in the same batch on any number of processes.
     mine = [i for part in deal(plan_batches(len(seeds), batch)) for i in part]
     acc = metric()
-    for chunk, _, images in generate(family, bundle, [seeds[i] for i in mine],
+    for chunk, chunk_labels, images in generate(family, bundle, [seeds[i] for i in mine],
                                      None if labels is None else labels[mine], batch, sampler_args or {}, desc):
-        acc.update(torch.from_numpy(images), chunk)
+        acc.update(torch.from_numpy(images), chunk, chunk_labels)
     result = dict(acc.finish())
     result["num_images"] = len(seeds)
     return result
@@ -65,7 +66,7 @@ SMOKE_DINOV2_STATS = "smoke_ref_stats_dinov2.npz"
 
 class FIDMetric:
     """FID (and IS, precision/recall/density/coverage, KID when asked) of image batches; calling it starts one
-    accumulator: `acc = metric(); acc.update(uint8 images, seeds); acc.finish() -> {'fid', 'is_mean', ...}`.
+    accumulator: `acc = metric(); acc.update(uint8 images, seeds, labels); acc.finish() -> {'fid', 'is_mean', ...}`.
 
     Precision/recall and KID compare against the real images' features (`real_features`: a `neon stats
     --features` file); the accumulator then keeps the fake features too, gathered over ranks (float32, 8 KiB per
@@ -81,8 +82,17 @@ class FIDMetric:
                  kid_subset_size: int = 1000,            # torch-fidelity's kid_subset_size
                  dinov2_weights: str | None = None,      # also 'fd_dinov2' with this DINOv2 network's features ...
                  dinov2_ref: str | None = None,          # ... against these DINOv2 reference statistics
-                 covariance: str = "unbiased"):          # the images' sigma (neon.metrics.frechet.COVARIANCES)
+                 covariance: str = "unbiased",           # the images' sigma (neon.metrics.frechet.COVARIANCES)
+                 clip: str | None = None,                # also 'clip_score' with this CLIP folder's model ...
+                 texts: list[str] | None = None):        # ... of each image against texts[its label]
         from neon import metrics
+        self.clip, self.texts = None, texts
+        if clip is not None:
+            if not texts:
+                raise NeonError("metrics.clip: the CLIP score needs a text per label (a text-to-image model with a "
+                                "prompt set)")
+            from neon.metrics.clip_score import load_clip
+            self.clip = load_clip(clip, device)
         inception_score = inception_score and detector != "dinov2"   # IS is an Inception metric: FD_DINOv2 has none
         self.ref = metrics.load_stats(ref_stats)
         metrics.check_detector(self.ref, detector, ref_stats)
@@ -118,7 +128,7 @@ class FIDMetric:
 
     @classmethod
     def from_config(cls, m, ref_stats: str, device, stand_in: str | None = None, out: str | None = None,
-                    batch: int = 64) -> FIDMetric:
+                    batch: int = 64, texts: list[str] | None = None) -> FIDMetric:
         """The metric a run config's `metrics` section (neon.config.MetricsConfig) asks for. When precision/recall
         or KID is asked without `m.real_features` — which the config check allows in smoke runs only — features of
         the image set `stand_in` (the synthetic set S) are written once to `out`/smoke_real_features.npz and stand
@@ -135,7 +145,7 @@ class FIDMetric:
         return cls(m.detector, ref_stats, device, m.weights, m.inception_score, real_features=real,
                    precision_recall=m.precision_recall, kid=m.kid, kid_subsets=m.kid_subsets,
                    kid_subset_size=m.kid_subset_size, dinov2_weights=None if dinov2 is None else dinov2.weights,
-                   dinov2_ref=dinov2_ref, covariance=m.covariance)
+                   dinov2_ref=dinov2_ref, covariance=m.covariance, clip=m.clip, texts=texts)
 
     @property
     def keep_features(self) -> bool:
@@ -146,12 +156,13 @@ class FIDMetric:
         """The keys of the numbers every result holds (a value may be None: IS without real logits)."""
         return (("fid",) + (("is_mean", "is_std") if self.inception_score else ())
                 + (("precision", "recall", "density", "coverage") if self.precision_recall else ())
-                + (("kid_mean", "kid_std") if self.kid else ()) + (("fd_dinov2",) if self.dinov2 else ()))
+                + (("kid_mean", "kid_std") if self.kid else ()) + (("fd_dinov2",) if self.dinov2 else ())
+                + (("clip_score",) if self.clip else ()))
 
     def __call__(self):
         return _FIDAccumulator(self)
 
-    def score(self, summary, dinov2=None) -> dict:
+    def score(self, summary, dinov2=None, clip: tuple[float, int] | None = None) -> dict:
         """The metric's dict from a finished accumulator's Summary (or an accumulator: collective); `dinov2`: the
         Summary (or accumulator) of the same images' DINOv2 features, when FD_DINOv2 is asked for."""
         from neon.metrics import evaluate
@@ -161,6 +172,9 @@ class FIDMetric:
         if self.dinov2 is not None:
             result["fd_dinov2"] = evaluate(dinov2, self.dinov2_ref, inception_score=False,
                                            precision_recall=False)["fid"]
+        if self.clip is not None:   # (sum, count) of the per-image scores over every rank
+            total = dist.all_reduce_sum(torch.tensor(clip, dtype=torch.float64))
+            result["clip_score"] = float(total[0] / total[1]) if total[1] else None
         if self.covariance != "unbiased":
             result["covariance"] = self.covariance   # a number made with another estimator says so
         return result
@@ -175,13 +189,20 @@ class _FIDAccumulator:
         self.dinov2 = None if metric.dinov2 is None else FeatureAccumulator(metric.dinov2, logits=False,
                                                                             covariance=metric.covariance)
 
-    def update(self, images, seeds) -> None:
+        self.clip = [0.0, 0]   # sum and count of this rank's CLIP scores
+
+    def update(self, images, seeds, labels=None) -> None:
         self.acc.update(images, index=seeds)
         if self.dinov2 is not None:
             self.dinov2.update(images, index=seeds)
+        if self.metric.clip is not None:
+            if labels is None:
+                raise NeonError("metrics.clip: the CLIP score needs each image's label (its prompt)")
+            scores = self.metric.clip.pair_scores(images, [self.metric.texts[int(k)] for k in labels])
+            self.clip = [self.clip[0] + float(scores.sum()), self.clip[1] + len(scores)]
 
     def finish(self) -> dict:
-        return self.metric.score(self.acc, self.dinov2)
+        return self.metric.score(self.acc, self.dinov2, tuple(self.clip))
 
 
 def stand_in_stats(detector: str, weights: str | None, images: str, path: str, device, batch: int,

@@ -36,6 +36,8 @@ class Bundle:
                  snapshot), in eval mode. A sampler given `guide_scale` ω ≠ 0 evaluates both networks and uses
                  (1+ω)·out_net − ω·out_guide at every network evaluation; with ω = 0 it never runs the guide.
                  Never trained, never merged, never saved (`neon.guidance.with_guide` sets it).
+    lora:        θr's own low-rank adapters (module name -> neon.lora.Lora) when θr is a base network with a
+                 user's LoRA: `net` holds the base weights with them fused, and LoRA self-training continues them.
     """
     net: torch.nn.Module
     helpers: dict[str, torch.nn.Module] = dataclasses.field(default_factory=dict)
@@ -45,6 +47,7 @@ class Bundle:
     source: str | None = None
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
     guide: torch.nn.Module | None = None
+    lora: dict[str, Any] | None = None
 
     @property
     def conditional(self) -> bool:
@@ -186,6 +189,11 @@ class Family:
         can fetch (the default: a family reads local files only), else the local path `load` reads for it,
         fetched or found in a local cache now (a NeonError of one line when neither works). load_args: the
         config's `load_args` (e.g. a family's offline switch)."""
+        return None
+
+    def label_texts(self, bundle: Bundle) -> list[str] | None:
+        """The text each label stands for (a text-to-image model's prompts), for prompt-adherence metrics such
+        as the CLIP score; None: the labels are classes without a text."""
         return None
 
     def save_lora(self, bundle: Bundle, loras: dict, folder: str) -> None:

@@ -58,6 +58,31 @@ def add_adapters(net: torch.nn.Module, spec: dict, seed: int) -> None:
             raise NeonError(f"finetune.lora.targets: {str(e).splitlines()[0]}") from None
 
 
+def continue_adapters(net: torch.nn.Module, loras: dict[str, Lora]) -> None:
+    """Put θr's own adapters on `net` (in place), whose adapted weights hold base + ΔW_r: each becomes the base
+    W = (W + ΔW_r) − ΔW_r (in float32: the base again up to its rounding) with the factors A_r, B_r on it, so
+    training continues the user's LoRA from where it stands."""
+    from peft import LoraConfig, inject_adapter_in_model
+    ranks = {name: lora.rank for name, lora in loras.items()}
+    rank = max(set(ranks.values()), key=list(ranks.values()).count)
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(loras), rank_pattern=ranks,
+                        alpha_pattern=ranks, init_lora_weights=False)   # alpha = r: scale 1, folded into B below
+    try:
+        inject_adapter_in_model(config, net, adapter_name=ADAPTER)
+    except ValueError as e:
+        raise NeonError(f"θr's LoRA: {str(e).splitlines()[0]}") from None
+    layers = dict(_lora_layers(net))
+    with torch.no_grad():
+        for name, lora in loras.items():
+            if name not in layers:
+                raise NeonError(f"θr's LoRA adapts {name!r}, which the network has no such layer for")
+            m = layers[name]
+            base = m.get_base_layer().weight
+            base.copy_((base.float() - lora.delta().to(base.device).reshape(base.shape)).to(base.dtype))
+            m.lora_A[ADAPTER].weight.copy_(lora.down)
+            m.lora_B[ADAPTER].weight.copy_(lora.scale * lora.up)
+
+
 def adapter_parameters(net: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     """(name, parameter) of the adapters' factors: what LoRA self-training updates."""
     return [(n, p) for n, p in net.named_parameters() if ".lora_A." in n or ".lora_B." in n]

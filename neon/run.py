@@ -95,7 +95,7 @@ def load_base(family: Family, cfg: RunConfig, smoke: bool, device) -> tuple[Bund
     return family.load(path, device, **cfg.load_args), path
 
 
-def run_metric(cfg: RunConfig, out: str, device, synthetic: str):
+def run_metric(cfg: RunConfig, out: str, device, synthetic: str, texts: list[str] | None = None):
     """The sweep/final metric. With no reference statistics (smoke runs only), statistics of the synthetic set
     itself stand in, so the wiring is exercised; such numbers mean nothing and are labelled so in run.json."""
     ref = cfg.ref_stats
@@ -105,7 +105,7 @@ def run_metric(cfg: RunConfig, out: str, device, synthetic: str):
     elif not os.path.isfile(ref):
         raise NeonError(f"ref_stats: {ref} not found (bash download_models.sh fetches the reference statistics)")
     metric = FIDMetric.from_config(cfg.metrics, ref, device, synthetic if cfg.ref_stats is None else None, out,
-                                   cfg.synthetic.batch)
+                                   cfg.synthetic.batch, texts)
     return metric, ref
 
 
@@ -155,13 +155,17 @@ def stages(cfg: RunConfig, rec: RunRecord, base_path: str | None, smoke: bool, n
     upstream), where its result lives in run.json and which files of the run folder it writes."""
     c, m = cfg.to_dict(), cfg.metrics
     files = {"ref_stats": cfg.ref_stats, "metrics.weights": m.weights, "metrics.real_features": m.real_features,
+             "metrics.clip": m.clip,
              "metrics.fd_dinov2.weights": m.fd_dinov2 and m.fd_dinov2.weights,
              "metrics.fd_dinov2.ref_stats": m.fd_dinov2 and m.fd_dinov2.ref_stats}
     read = {f"{field}.sha256": rec.digest(path) for field, path in files.items() if path}
     point_files = ("sweep/snapshot-??????????.json", "sweep/snapshot-??????????.png",
                    "sweep/snapshot-??????????_*.png", "smoke_*.npz")
+    # A load argument naming a file (a prompt set, a user's LoRA, a VAE) keys S by its bytes, as the base does.
+    load_files = {f"load_args.{k}.sha256": rec.digest(v) for k, v in c["load_args"].items()
+                  if isinstance(v, str) and os.path.exists(v)}
     out = [Stage("sample", {"family": cfg.family, "smoke": smoke, "base": cfg.base,
-                            "base.sha256": rec.digest(base_path), **flatten(c["load_args"], "load_args"),
+                            "base.sha256": rec.digest(base_path), **flatten(c["load_args"], "load_args"), **load_files,
                             **flatten(c["synthetic"], "synthetic")},
                  ("sample",), ("synthetic.npz", "synthetic.npz.*")),
            Stage("finetune", {**flatten(c["finetune"], "finetune"), "after": Upstream("sample")},
@@ -218,7 +222,7 @@ def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device, config: 
     snapshots = select_snapshots(rec.stage("finetune")["snapshots"], cfg.sweep.snapshot)
 
     # 3. The sweep over w (× guidance scale), for every chosen θs snapshot, each with its final evaluation.
-    metric, ref = run_metric(cfg, out, device, synthetic)
+    metric, ref = run_metric(cfg, out, device, synthetic, family.label_texts(bundle))
     theta_r = state_dict_copy(bundle.net)
     scorer = Scorer(family, bundle, metric, theta_r)   # the one way weights enter bundle.net (neon/score.py)
     offset = final_seed_offset(cfg, bundle.num_classes)
@@ -250,7 +254,7 @@ def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device, config: 
         theta_s = load_state_dict(swept["theta_s"], bool(cfg.load_args.get("trust_architecture")))
         with scorer.holding(merge_state_dicts(theta_r, theta_s, swept["best"]["w"])):
             family.save(bundle, neon_path)
-    if dist.is_main() and cfg.finetune.lora and not os.path.exists(os.path.join(out, LORA_DIR)):
+    if dist.is_main() and (cfg.finetune.lora or bundle.lora) and not os.path.exists(os.path.join(out, LORA_DIR)):
         save_neon_lora(family, bundle, swept, os.path.join(out, LORA_DIR))
     dist.barrier()
     if not rec.stage("final"):
@@ -264,8 +268,9 @@ def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device, config: 
 
 
 def save_neon_lora(family: Family, bundle, swept: dict, folder: str) -> None:
-    """θneon as one LoRA on θr, −w·ΔW_s (exact: neon.lora.neon_lora), in the layouts the family's users load."""
-    loras = neon_lora(None, read_factors(lora_path(swept["theta_s"])), swept["best"]["w"])
+    """θneon as one LoRA, in the layouts the family's users load: −w·ΔW_s on θr for a fresh LoRA, or
+    (1+w)·ΔW_r − w·ΔW_s on the base when θr is base + ΔW_r (exact, by rank concatenation: neon.lora.neon_lora)."""
+    loras = neon_lora(bundle.lora, read_factors(lora_path(swept["theta_s"])), swept["best"]["w"])
     write_folder(folder, lambda tmp: family.save_lora(bundle, loras, tmp))
 
 

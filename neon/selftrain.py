@@ -375,10 +375,15 @@ class Trainer:
         device = next(bundle.net.parameters()).device
         bundle.net.train().requires_grad_(False)
         lora = lora_train.check_lora(cfg.lora)
-        if lora is not None:   # adapters on the copy; only they train
+        if theta_r.lora:       # θr = base + a user's LoRA: self-training continues that LoRA
+            lora = lora or {}
+            lora_train.continue_adapters(bundle.net, theta_r.lora)
+            bundle.net.to(device)
+        elif lora is not None:   # fresh adapters on the copy; only they train
             lora_train.add_adapters(bundle.net, lora, cfg.seed)
             bundle.net.to(device)
-        named = lora_train.adapter_parameters(bundle.net) if lora else list(family.trainable_parameters(bundle))
+        named = lora_train.adapter_parameters(bundle.net) if lora is not None else \
+            list(family.trainable_parameters(bundle))
         params = [p for _, p in named]
         for p in params:
             p.requires_grad_(True)
@@ -388,7 +393,7 @@ class Trainer:
                                       growth_interval=defaults.scaler_growth_interval,
                                       enabled=device.type == "cuda" and defaults.autocast == "fp16")
         return cls(family, bundle, cfg, defaults, params, make_optimizer(named, cfg.lr, defaults), scaler,
-                   ema_net, beta, copy_net(theta_r).eval().requires_grad_(False) if lora else None)
+                   ema_net, beta, copy_net(theta_r).eval().requires_grad_(False) if lora is not None else None)
 
     @property
     def device(self) -> torch.device:

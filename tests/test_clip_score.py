@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torchmetrics.functional.multimodal import clip_score as torchmetrics_clip_score
 from torchmetrics.multimodal import CLIPScore
 
-from hf_text2image.tokenizer_files import write_clip_tokenizer
+from hf_text2image.tiny_clip import write_tiny_clip
 from neon.errors import NeonError
 from neon.metrics.clip_score import load_clip
 
@@ -37,18 +37,7 @@ def _offline(monkeypatch):
 
 def _tiny_clip(folder: Path) -> Path:
     """A random CLIP in the released layout: pools at its tokenizer's end-of-text token, takes 32x32 images."""
-    write_clip_tokenizer(str(folder), PROMPTS + [LONG], max_length=CONTEXT)
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(folder)
-    text = dict(vocab_size=len(tokenizer), max_position_embeddings=CONTEXT, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    tiny = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2)
-    config = transformers.CLIPConfig(text_config={**text, **tiny}, projection_dim=16,
-                                     vision_config=dict(image_size=SIDE, patch_size=8, **tiny))
-    torch.manual_seed(0)
-    transformers.CLIPModel(config).save_pretrained(folder, safe_serialization=True)
-    transformers.CLIPImageProcessor(size={"shortest_edge": SIDE}, crop_size={"height": SIDE, "width": SIDE},
-                                    ).save_pretrained(folder)
-    return folder
+    return Path(write_tiny_clip(str(folder), PROMPTS + [LONG], side=SIDE, context=CONTEXT, seed=0))
 
 
 @pytest.fixture(scope="module")

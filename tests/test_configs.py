@@ -199,7 +199,10 @@ def test_smoke_run_goes_through_every_stage(config, tmp_path):
     assert final["neon"]["fid"] is not None
     for name in ("synthetic.npz", "sweep.json", "sweep.png"):
         assert (out / name).is_file(), name
-    (neon,), snapshots = list(out.glob("neon*")), list((out / "finetune").glob("snapshot-*"))
+    neon_lora = out / "neon_lora"   # θneon as a LoRA too, when self-training trained adapters
+    assert neon_lora.is_dir() == bool(load_config(str(config), smoke=True).finetune.lora)
+    (neon,) = [p for p in out.glob("neon*") if p != neon_lora]
+    snapshots = list((out / "finetune").glob("snapshot-*"))
     assert snapshots
     if neon.is_dir():   # a family that saves folders names them without a file extension
         assert neon.name == "neon" and all(p.is_dir() and not p.suffix for p in snapshots), (neon, snapshots)

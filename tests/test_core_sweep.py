@@ -32,7 +32,7 @@ class DistanceTo:
     def __init__(self, target):
         self.target, self.values = target, []
 
-    def update(self, images, seeds):
+    def update(self, images, seeds, labels=None):
         self.values.append(images.float().mean().item())
 
     def finish(self):

@@ -7,10 +7,11 @@ import dataclasses
 import pytest
 import torch
 
-from hf_diffusers.lora_files import KOHYA_FILE, PEFT_FILE
+from hf_diffusers.lora_files import KOHYA_FILE, PEFT_FILE, read_peft, save_peft
 from neon.config import FinetuneConfig
 from neon.errors import NeonError
 from neon.family import get_family
+from neon.lora import Lora
 from neon.lora_train import DEFAULT_TARGETS, check_lora, read_factors
 from neon.merge import merge_state_dicts
 from neon.run import save_neon_lora
@@ -118,3 +119,56 @@ def test_targets_that_match_no_module_are_refused(trained, tmp_path):
     cfg = FinetuneConfig(lr=1e-2, batch=3, total_images=3, lora={"targets": ["no_such_module"]})
     with pytest.raises(NeonError, match="finetune.lora.targets"):
         finetune(FAMILY, theta_r, examples, cfg, str(tmp_path / "bad"))
+
+
+@pytest.fixture(scope="module")
+def users_lora(tmp_path_factory):
+    """θr = the tiny pipeline (seed 3) + a user's rank-2 LoRA (scale 0.5) in diffusers' PEFT layout."""
+    base = FAMILY.tiny(seed=3)
+    g = torch.Generator().manual_seed(7)
+    adapters = {}
+    for name, module in base.net.named_modules():
+        if name.endswith(tuple(DEFAULT_TARGETS)):
+            out_f, in_f = module.weight.shape
+            adapters[name] = Lora(torch.randn(2, in_f, generator=g) / in_f ** 0.5, torch.randn(out_f, 2, generator=g),
+                                  0.5)
+    folder = tmp_path_factory.mktemp("users_lora")
+    return base, adapters, save_peft(adapters, str(folder))
+
+
+def test_a_users_lora_is_fused_into_theta_r_and_self_training_continues_it(users_lora, tmp_path):
+    base, adapters, path = users_lora
+    theta_r = FAMILY.tiny(seed=3, lora=path)
+    for name, lora in adapters.items():
+        torch.testing.assert_close(theta_r.net.get_submodule(name).weight,
+                                   base.net.get_submodule(name).weight + lora.delta(), rtol=0, atol=1e-6)
+    images = FAMILY.sample(theta_r, list(range(len(LABELS))), torch.tensor(LABELS), num_inference_steps=2)
+    examples = FAMILY.encode(theta_r, images, torch.tensor(LABELS))
+    cfg = FinetuneConfig(lr=1e-2, batch=3, total_images=6, log_every_images=6)   # θr's LoRA sets the rank
+    (snapshot,) = finetune(FAMILY, theta_r, examples, cfg, str(tmp_path / "finetune"))
+    trained = read_factors(lora_path(snapshot))
+    assert set(trained) == set(adapters) and {a.rank for a in trained.values()} == {2}
+    assert all(not torch.allclose(trained[k].delta(), adapters[k].delta()) for k in adapters)   # it moved ...
+    theta_s = FAMILY.load(snapshot).net
+    for name, lora in trained.items():   # ... from θr's adapters, on the base weights
+        torch.testing.assert_close(theta_s.get_submodule(name).weight,
+                                   base.net.get_submodule(name).weight + lora.delta(), rtol=0, atol=1e-5)
+
+    # θneon's LoRA, on the base: (1+w)·ΔW_r − w·ΔW_s of rank 2 + 2, is the merged θneon once fused
+    save_neon_lora(FAMILY, theta_r, {"theta_s": snapshot, "best": {"w": W}}, str(tmp_path / "neon_lora"))
+    merged = merge_state_dicts(theta_r.net.state_dict(), theta_s.state_dict(), W)
+    pipe = _pipeline(base)
+    pipe.load_lora_weights(str(tmp_path / "neon_lora"), weight_name=PEFT_FILE, adapter_name="neon")
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    fused = pipe.unet.state_dict()
+    assert max(float((fused[k].double() - v.double()).norm() / v.double().norm()) for k, v in merged.items()) <= 1e-6
+    assert {lora.rank for lora in read_peft(str(tmp_path / "neon_lora" / PEFT_FILE)).values()} == {4}
+
+
+def test_a_lora_for_another_network_is_refused_in_one_line(tmp_path):
+    save_peft({"no.such.layer": Lora(torch.zeros(2, 4), torch.zeros(4, 2))}, str(tmp_path))
+    with pytest.raises(NeonError, match="adapts 'no.such.layer', which the unet has no layer for"):
+        FAMILY.tiny(lora=str(tmp_path / PEFT_FILE))
+    with pytest.raises(NeonError, match="not found|no such"):
+        FAMILY.tiny(lora=str(tmp_path / "missing.safetensors"))

@@ -53,7 +53,7 @@ class Fig4Metric:
     def __init__(self, with_pr):
         self.values, self.with_pr = [], with_pr
 
-    def update(self, images, seeds):
+    def update(self, images, seeds, labels=None):
         self.values.append(images.float().mean().item())
 
     def finish(self):

@@ -36,7 +36,7 @@ class TwoMinima:
     def __init__(self):
         self.values = []
 
-    def update(self, images, seeds):
+    def update(self, images, seeds, labels=None):
         self.values.append(images.float().mean().item())
 
     def finish(self):

@@ -388,7 +388,7 @@ class SurfaceMetric:
     def __call__(self):
         return self
 
-    def update(self, images, seeds):
+    def update(self, images, seeds, labels=None):
         w20, c20, steps = images[0, 0, 0].tolist()
         self.point = ((w20 - 50) / 20, c20 / 20, steps)
 

@@ -1,0 +1,69 @@
+"""`neon run` on a text-to-image model with a prompt file and the CLIP score: every swept point and the final
+evaluation record the CLIP score of its images against their prompts, and the final one is the CLIP score of
+those images computed directly; the run writes θneon as a pipeline folder and as a LoRA."""
+import json
+import os
+
+import numpy as np
+import torch
+import yaml
+
+from hf_text2image.tiny_clip import write_tiny_clip
+from neon.family import get_family
+from neon.metrics.clip_score import load_clip
+from neon.run import run
+from neon.sampling import draw_labels, plan_seeds
+
+PROMPTS = ["a photo of a cat", "a red house by the sea", "a dog on the beach"]
+STEPS = {"num_inference_steps": 2, "guidance_scale": 2.0}
+
+
+def _config(tmp_path) -> str:
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    clip = write_tiny_clip(str(tmp_path / "clip"), PROMPTS)
+    cfg = {
+        "family": "text2image", "base": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "load_args": {"prompts": str(tmp_path / "prompts.txt")},
+        "metrics": {"weights": "fid-helper", "inception_score": False, "clip": clip},
+        "synthetic": {"num_images": 6, "batch": 3, "labels": "per_class", "sampler": STEPS},
+        "finetune": {"lora": {"rank": 2}, "lr": 1.0e-2, "batch": 3, "total_images": 6, "log_every_images": 3},
+        "sweep": {"w": [0.0, 1.0], "num_images": 6, "batch": 3, "search": "official", "tolerance": None,
+                  "sampler": STEPS},
+        "final": {"num_images": 6, "seed_offset": 100, "batch": 3, "sampler": STEPS, "base_sampler": STEPS},
+        # the tiny random pipeline for θr, S's statistics for the reference: a smoke run
+        "smoke": {"base": None, "ref_stats": None, "load_args": {"model": "sd", "resolution": 16}},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_a_text_to_image_run_records_the_clip_score_of_every_point(tmp_path):
+    doc = run(_config(tmp_path), str(tmp_path / "out"), smoke=True)
+    out = tmp_path / "out"
+    points = json.loads(next((out / "sweep").glob("snapshot-*[0-9].json")).read_text())
+    scores = [p["clip_score"] for p in points["points"]] if "points" in points else None
+    assert scores and all(0 <= s <= 100 for s in scores), points
+    final = doc["stages"]["final"]
+    assert 0 <= final["neon"]["clip_score"] <= 100 and 0 <= final["base"]["clip_score"] <= 100
+
+    # θneon's final CLIP score is that of its final images against their prompts, computed directly
+    family = get_family("text2image")
+    theta_neon = family.load(str(out / "neon"), prompts=str(tmp_path / "prompts.txt"))
+    seeds = plan_seeds(6, seed_offset=100)
+    labels = draw_labels(family, theta_neon, seeds, "random")
+    images = family.sample(theta_neon, seeds, torch.as_tensor(labels), **STEPS)
+    direct = load_clip(str(tmp_path / "clip")).pair_scores(images, [PROMPTS[k] for k in labels]).mean()
+    np.testing.assert_allclose(final["neon"]["clip_score"], direct, rtol=1e-6)
+    assert os.path.isfile(out / "neon_lora" / "pytorch_lora_weights.safetensors")
+    assert os.path.isfile(out / "neon_lora" / "neon_lora_kohya.safetensors")
+
+
+def test_an_edited_prompt_file_redoes_the_run_from_s(tmp_path, capsys):
+    config = _config(tmp_path)
+    run(config, str(tmp_path / "out"), smoke=True)
+    (tmp_path / "prompts.txt").write_text("\n".join(reversed(PROMPTS)) + "\n")   # same path, other prompts
+    capsys.readouterr()
+    doc = run(config, str(tmp_path / "out"), smoke=True)
+    assert "sample: redone (load_args.prompts.sha256 changed" in capsys.readouterr().out
+    assert doc["plan"]["sample"]["inputs"]["load_args.prompts.sha256"] is not None
