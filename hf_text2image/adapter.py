@@ -37,6 +37,7 @@ from hf_text2image.tiny import MODELS, tiny_parts
 from neon import containers, paths
 from neon.errors import NeonError
 from neon.family import Arg, Bundle, Family, TrainDefaults
+from neon.guidance import GUIDE_SCALE, active_guide, mix
 from neon.lora import merged_weight
 
 SD3 = "StableDiffusion3Pipeline"    # the flow-matching one: its own latents, loss and conditioning keywords
@@ -46,6 +47,7 @@ SAMPLER_ARGS = (
         "7 SD3)"),
     Arg("eta", float | None, None, "DDIM: weight of the fresh noise in each step; None: the pipeline's (0); SD3 has "
         "none"),
+    GUIDE_SCALE,
 )
 LOSS_ARGS = (
     Arg("snr_gamma", float | None, None, "SD/SDXL: Min-SNR weighting gamma (train_text_to_image --snr_gamma); None: "
@@ -128,23 +130,30 @@ class Text2ImageFamily(Family):
                ) -> torch.Tensor:
         """One image per seed -> uint8 (B, H, W, C) on CPU, as the pipeline's output_type="pil" images.
         labels: int64 (B,), the prompt of each image (an index into the prompt set). sampler_args: SAMPLER_ARGS;
-        None leaves the pipeline's own default."""
+        None leaves the pipeline's own default. guide_scale ω ≠ 0: every network output the pipeline uses is
+        (1+ω)·out_θr − ω·out_θs, θs = `bundle.guide` run on the same inputs (after it, the pipeline's own CFG)."""
         indices = _prompt_labels(bundle, labels, len(seeds))
         if not indices:
             return torch.zeros((0, bundle.resolution, bundle.resolution, 3), dtype=torch.uint8)
         pipe = _pipeline(bundle)
+        omega = float(sampler_args.pop("guide_scale", 0.0))
+        guide = active_guide(bundle, omega)
         chosen = {k: v for k, v in sampler_args.items() if v is not None}
         unknown = set(chosen) - set(inspect.signature(pipe.__call__).parameters)
         if unknown:
             raise NeonError(f"text2image sampler: {bundle.info['pipeline']} takes no {', '.join(sorted(unknown))}")
         was_training = bundle.net.training
         bundle.net.eval()
+        hook = None if guide is None else bundle.net.register_forward_hook(_guided_by(guide, omega),
+                                                                           with_kwargs=True)
         try:
             images = pipe(**text_embeddings(bundle, pipe, indices), height=bundle.resolution, width=bundle.resolution,
                           generator=[torch.Generator().manual_seed(int(s)) for s in seeds], output_type="pt",
                           **chosen).images
         finally:
             bundle.net.train(was_training)
+            if hook is not None:
+                hook.remove()
         return to_uint8(images)
 
     # -- training -------------------------------------------------------------------------------------------
@@ -193,6 +202,18 @@ class Text2ImageFamily(Family):
 
 
 # ---------------------------------------------------------------------------------------------------------
+
+def _guided_by(guide: torch.nn.Module, omega: float):
+    """A forward hook for θr's network: its output (a tuple or an output dataclass, the prediction first)
+    becomes (1+ω)·out_θr − ω·out_θs, the guide called with the same arguments."""
+    def hook(module, args, kwargs, out_r):
+        out_s = guide(*args, **kwargs)
+        if isinstance(out_r, tuple):
+            return (mix(out_r[0], out_s[0], omega),) + out_r[1:]
+        out_r.sample = mix(out_r.sample, out_s.sample, omega)
+        return out_r
+    return hook
+
 
 def _prompt_set(path: str | None) -> list[Prompt]:
     return read_prompts(path) if path is not None else []

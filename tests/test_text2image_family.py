@@ -161,3 +161,41 @@ def test_each_pipeline_folder_is_told_to_its_family(tmp_path):
         containers.check_reads(str(tmp_path / "sd"), diffusers_family, readers)
     with pytest.raises(NeonError, match="does not drive; it is for --family diffusers"):
         containers.check_reads(str(tmp_path / "ddpm"), FAMILY, readers)
+
+
+@pytest.mark.parametrize("model", ["sd", "sd3"])
+def test_theta_s_as_a_guide_extrapolates_every_network_output(model, prompt_file):
+    """Sampling θr with θs as its guide at ω equals sampling a network whose every output is (1+ω)·θr − ω·θs;
+    a guide with θr's own weights changes nothing."""
+    from neon.guidance import with_guide
+    theta_r = FAMILY.tiny(model=model, prompts=prompt_file, seed=1)
+    theta_s = FAMILY.tiny(model=model, prompts=prompt_file, seed=2).net.state_dict()
+    guided = with_guide(theta_r, theta_s)
+    ours = FAMILY.sample(guided, SEEDS, torch.tensor(LABELS), guide_scale=0.5, **ARGS)
+
+    class Extrapolated(torch.nn.Module):   # the mix by hand, around the pipeline's network
+        def __init__(self, r, s):
+            super().__init__()
+            self.r, self.s = r, s
+
+        def forward(self, *args, **kwargs):
+            a, b = self.r(*args, **kwargs), self.s(*args, **kwargs)
+            return (a[0] + 0.5 * (a[0] - b[0]),)
+
+    from hf_text2image.adapter import _pipeline
+    pipe = _pipeline(theta_r)
+    name = "transformer" if model == "sd3" else "unet"
+    by_hand_net = Extrapolated(theta_r.net, guided.guide)
+    net = theta_r.net
+    by_hand_net.config, by_hand_net.dtype, by_hand_net.device = net.config, net.dtype, net.device
+    object.__setattr__(pipe, name, by_hand_net)
+    from hf_text2image.adapter import text_embeddings  # the same embeddings: only the mix is compared
+    by_hand = pipe(**text_embeddings(theta_r, pipe, LABELS),
+                   generator=[torch.Generator().manual_seed(s) for s in SEEDS], output_type="np",
+                   height=theta_r.resolution, width=theta_r.resolution, **ARGS).images
+    ref = torch.from_numpy((by_hand * 255).round().astype("uint8"))
+    assert torch.equal(ours, ref), (ours.int() - ref.int()).abs().max()
+    same = with_guide(theta_r, theta_r.net.state_dict())
+    assert torch.equal(FAMILY.sample(same, SEEDS, torch.tensor(LABELS), guide_scale=0.5, **ARGS),
+                       FAMILY.sample(theta_r, SEEDS, torch.tensor(LABELS), **ARGS))
+    assert not torch.equal(ours, FAMILY.sample(theta_r, SEEDS, torch.tensor(LABELS), **ARGS))
