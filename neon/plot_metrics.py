@@ -83,13 +83,15 @@ def plot_precision_recall(points: list[dict], path: str, cfg_key: str = "cfg") -
     return True
 
 
-# One figure per distance the sweep may record, whichever of them is its objective: (key, file suffix, axis label)
-METRIC_FIGURES = (("fid", "fid", "FID"), ("fd_dinov2", "fd_dinov2", "FD_DINOv2"), ("kid_mean", "kid", "KID"))
+# One figure per metric the sweep may record, whichever of them is its objective: (key, file suffix, axis label).
+# The CLIP score (prompt adherence, higher is better) is drawn beside the distances on the same w axis.
+METRIC_FIGURES = (("fid", "fid", "FID"), ("fd_dinov2", "fd_dinov2", "FD_DINOv2"), ("kid_mean", "kid", "KID"),
+                  ("clip_score", "clip_score", "CLIP score, higher is better"))
 
 
 def plot_sweep_metrics(points: list[dict], sweep_path: str, cfg_key: str = "cfg") -> list[str]:
     """Next to sweep.json: `<stem>_precision_recall.png`, and `<stem>_fid.png`, `<stem>_fd_dinov2.png`,
-    `<stem>_kid.png`, each when the points recorded it. Returns the files written."""
+    `<stem>_kid.png`, `<stem>_clip_score.png`, each when the points recorded it. Returns the files written."""
     stem = os.path.splitext(sweep_path)[0]
     written = []
     if plot_precision_recall(points, stem + "_precision_recall.png", cfg_key):
