@@ -124,6 +124,10 @@ class SweepConfig:
     # of the plots: 'fid', 'fd_dinov2' (needs metrics.fd_dinov2) or 'kid' (KID's mean; needs metrics.kid).
     # Every point records every metric the metrics section asks for, whichever one is the objective.
     objective: str = "fid"
+    # Prompt adherence kept: a point whose CLIP score (metrics.clip) falls more than this below θr's — w = 0 at the
+    # same guidance and setting, on the same seeds — is not chosen, and ends the official walk along w as a worse
+    # objective would. None: the objective alone decides. Grid and official searches only.
+    clip_drop: float | None = None
 
     def __post_init__(self):
         check_search(self)
@@ -132,6 +136,8 @@ class SweepConfig:
 # sweep.objective -> the key of a metric result (neon.evaluate.FIDMetric) it minimises
 OBJECTIVES = {"fid": "fid", "fd_dinov2": "fd_dinov2", "kid": "kid_mean"}
 OBJECTIVE_LABELS = {"fid": "FID", "fd_dinov2": "FD_DINOv2", "kid_mean": "KID"}
+# Printed beside the objective when recorded (higher is better: not an objective)
+METRIC_LABELS = {**OBJECTIVE_LABELS, "clip_score": "CLIP score"}
 
 
 def metric_digits(key: str) -> int:
@@ -190,6 +196,8 @@ def check_search(c: SweepConfig, where: str = "sweep") -> None:
             raise ConfigError(f"{where}.refine_decimals: expected 0 to 12, got {c.refine_decimals}")
     if c.per_setting and c.grid:
         raise ConfigError(f"{where}.per_setting: give either grid or per_setting, not both")
+    if c.clip_drop is not None and not (isinstance(c.clip_drop, (int, float)) and c.clip_drop >= 0):
+        raise ConfigError(f"{where}.clip_drop: a CLIP-score drop of 0 or more, got {shown(c.clip_drop)}")
     seen = []
     for i, s in enumerate(c.per_setting):
         if s.setting in seen:
@@ -201,7 +209,7 @@ def check_search(c: SweepConfig, where: str = "sweep") -> None:
 
 def check_adaptive(c: SweepConfig, where: str) -> None:
     """search: adaptive walks one setting's (w, cfg) grid by a Fréchet distance, without the grid walks' rules."""
-    for name in OFFICIAL_ONLY + ("tolerance", "refine"):
+    for name in OFFICIAL_ONLY + ("tolerance", "refine", "clip_drop"):
         if getattr(c, name) is not None:
             raise ConfigError(f"{where}.{name}: not used by search: adaptive (only by grid / official)")
     if c.grid or c.per_setting:
@@ -489,6 +497,8 @@ def check_objective(cfg: RunConfig) -> None:
         hint = " (with metrics.detector: dinov2, 'fid' is FD_DINOv2)" if m.detector == "dinov2" else ""
         raise ConfigError(f"sweep.objective: {objective!r} is not computed by the metrics section: it needs "
                           f"{needs[objective][0]}{hint}")
+    if cfg.sweep.clip_drop is not None and m.clip is None:
+        raise ConfigError("sweep.clip_drop: the CLIP score is not computed: it needs metrics.clip (a CLIP folder)")
 
 
 # ---------------------------------------------------------------------------------------------------------

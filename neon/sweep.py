@@ -21,7 +21,7 @@ import torch
 from neon import dist
 from neon import score as points
 from neon.checkpoint import atomic_open, atomic_path
-from neon.config import OBJECTIVE_LABELS, SweepConfig, format_metric, objective_key
+from neon.config import METRIC_LABELS, OBJECTIVE_LABELS, SweepConfig, format_metric, objective_key
 from neon.errors import NeonError
 from neon.evaluate import MetricFactory
 from neon.family import Bundle, Family
@@ -123,12 +123,27 @@ class Sweep:
             self.save()
         return point
 
+    def adheres(self, point: dict) -> bool:
+        """Whether `point` keeps the prompt adherence `clip_drop` asks for: its CLIP score at most that far below
+        θr's (w = 0, same guidance and setting, same seeds; measured here if the walk has not). Always true without
+        clip_drop, and for θr itself. Records `clip_drop` (θr's score minus the point's) on the point."""
+        if self.cfg.clip_drop is None or point["w"] == 0:
+            return True
+        base = self.evaluate(0.0, point["cfg"], point.get("setting") or {})
+        point["clip_drop"] = round(base["clip_score"] - point["clip_score"], 6)
+        return point["clip_drop"] <= self.cfg.clip_drop
+
     def best(self, setting: dict | None = None) -> dict:
         """The point with the lowest objective (of one setting, or of all) among those the latest walk visited (all
-        points when none carries an `order`); a tie goes to the point visited first, as in the search."""
+        points when none carries an `order`) that keep the prompt adherence asked for (`adheres`); a tie goes to
+        the point visited first, as in the search."""
         points = [p for p in self.points.values() if setting is None or p.get("setting", {}) == setting]
         visited = [p for p in points if "order" in p]
-        return min(visited or points, key=lambda p: (p[self.key], p.get("order", math.inf)))
+        kept = [p for p in visited or points if self.adheres(p)]
+        if not kept:   # every point lost too much adherence: θr (w = 0, which `adheres` measured) stays
+            kept = [p for p in self.points.values()
+                    if p["w"] == 0 and (setting is None or p.get("setting", {}) == setting)]
+        return min(kept, key=lambda p: (p[self.key], p.get("order", math.inf)))
 
     def run(self) -> dict:
         """For every setting, walk its grid with the configured search. Returns the best point of all (the
@@ -139,15 +154,17 @@ class Sweep:
         c, found = self.cfg, []
         for setting, w, guidance in self.grids:
             def objective(w_i, g, setting=setting):
-                return self.evaluate(w_i, g, setting)[self.key]
+                point = self.evaluate(w_i, g, setting)
+                return point[self.key] if self.adheres(point) else math.inf   # kept out, as a worse point
             if c.search == "official":
                 b_w, b_g, _ = official_search(objective, w, guidance, c.tolerance, c.stop, c.refine,
                                               c.refine_pattern, c.refine_centre, c.refine_decimals)
             else:
                 b_w, b_g, _ = grid_search(objective, w, guidance, c.tolerance, c.refine)
-            found.append(self.evaluate(b_w, b_g, setting))   # known by now: evaluate only looks it up
+            point = self.evaluate(b_w, b_g, setting)   # known by now: evaluate only looks it up
+            found.append(point if self.adheres(point) else self.best(setting))   # every w lost adherence: θr
         self.save(plot=self.plot)
-        return min(found, key=lambda p: p[self.key])
+        return min(found, key=lambda p: p[self.key] if self.adheres(p) else math.inf)
 
     def save(self, plot: bool = False) -> None:
         if not self.path or not dist.is_main():
@@ -169,9 +186,9 @@ class Sweep:
 def metrics_label(result: dict, key: str = "fid") -> str:
     """'FID 12.3456  KID 0.012345' of a result: the objective `key` first, then the other recorded metrics, each
     ± its std over seed ranges where the result holds one (neon.repeats.combine_ranges)."""
-    keys = [key] + [k for k in OBJECTIVE_LABELS if k != key and result.get(k) is not None]
+    keys = [key] + [k for k in METRIC_LABELS if k != key and result.get(k) is not None]
     std = result.get("std") or {}
-    label = "  ".join(f"{OBJECTIVE_LABELS[k]} {format_metric(k, result[k])}"
+    label = "  ".join(f"{METRIC_LABELS[k]} {format_metric(k, result[k])}"
                       + ("" if std.get(k) is None else f" ± {format_metric(k, std[k])}") for k in keys)
     return label + (f" (covariance {result['covariance']})" if result.get("covariance") else "")
 

@@ -440,3 +440,37 @@ def test_a_resumed_official_sweep_walks_the_same_points_without_recomputing(tmp_
                            tmp_path / "sweep.json")
     assert again.run() == best
     assert {k: p["order"] for k, p in again.points.items()} == {k: p["order"] for k, p in first.points.items()}
+
+
+class AdherenceMetric(SurfaceMetric):
+    """FID falls as w grows, and so does the CLIP score: 30 − 4·w (θr: 30)."""
+    def finish(self):
+        w = self.point[0]
+        return {"fid": self.surface(*self.point), "clip_score": 30.0 - 4.0 * w}
+
+
+@pytest.mark.parametrize("search", ["grid", "official"])
+def test_clip_drop_keeps_the_chosen_point_within_its_prompt_adherence(tmp_path, search):
+    extra = {"stop": "previous"} if search == "official" else {}
+    cfg = SweepConfig(w=[0.5, 1.0, 1.5, 2.0, 2.5], search=search, tolerance=None, num_images=2, batch=2, **extra)
+    surface = lambda w, c, steps: 10.0 - w   # noqa: E731  (the objective alone would take w = 2.5)
+    free = neon_sweep(SurfaceFamily(), Bundle(net=OneWeight()), {"p": torch.tensor(0.0)}, {"p": torch.tensor(-1.0)},
+                      cfg, AdherenceMetric(surface), str(tmp_path / "free.json")).run()
+    assert free["w"] == 2.5
+    kept = neon_sweep(SurfaceFamily(), Bundle(net=OneWeight()), {"p": torch.tensor(0.0)}, {"p": torch.tensor(-1.0)},
+                      dataclasses.replace(cfg, clip_drop=6.0), AdherenceMetric(surface), str(tmp_path / "kept.json"))
+    best = kept.run()
+    assert best["w"] == 1.5 and best["clip_drop"] == 6.0   # 30 − 24: the largest w losing at most 6
+    doc = json.loads((tmp_path / "kept.json").read_text())
+    assert doc["best"]["w"] == 1.5 and any(p["w"] == 0 for p in doc["points"])   # θr measured as the reference
+    strict = neon_sweep(SurfaceFamily(), Bundle(net=OneWeight()), {"p": torch.tensor(0.0)}, {"p": torch.tensor(-1.0)},
+                        dataclasses.replace(cfg, clip_drop=0.0), AdherenceMetric(surface), str(tmp_path / "none.json"))
+    assert strict.run()["w"] == 0   # every w > 0 loses adherence: θr stays
+
+
+def test_clip_drop_needs_the_clip_score_and_a_grid_search():
+    from neon.config import ConfigError
+    with pytest.raises(ConfigError, match="sweep.clip_drop: not used by search: adaptive"):
+        SweepConfig(w=[0.0, 1.0], search="adaptive", clip_drop=1.0)
+    with pytest.raises(ConfigError, match="sweep.clip_drop: a CLIP-score drop of 0 or more"):
+        SweepConfig(w=[0.0, 1.0], search="grid", clip_drop=-1.0)
