@@ -189,6 +189,8 @@ def init_main(args) -> str:
     check_args(family.LOAD_ARGS, load_args, "--load-arg")
     device = dist.init()
     torch.manual_seed(0)
+    if os.path.exists(args.base):   # a file of another family or kind (--family given): said before `load`
+        containers.check_reads(args.base, family, readers)
     bundle = family.load(args.base, device, **load_args)
     t_detect, count = reference_statistics(args.images, stats, 64)
     batch = 16

@@ -85,6 +85,15 @@ def test_the_family_is_told_from_the_container_or_asked_for(own, tmp_path, capsy
     assert not (tmp_path / "c.yaml").exists() and not (tmp_path / "c_ref_stats.npz").exists()
 
 
+def test_a_family_given_for_a_checkpoint_it_does_not_read_is_refused_first(own, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["init", "--family", "edm", "--base", str(own / "my_pipeline"), "--images", str(own / "my_images"),
+                  "--out", str(tmp_path / "c.yaml")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "it is for --family diffusers" in err
+    assert not (tmp_path / "c.yaml").exists() and not (tmp_path / "c_ref_stats.npz").exists()
+
+
 def test_an_existing_config_is_kept_without_force(written, capsys):
     root, _ = written
     before = (root / "my_neon.yaml").read_bytes()
