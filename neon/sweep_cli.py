@@ -58,13 +58,16 @@ def sweep_main(args) -> None:
     if cfg.search != "adaptive" and len(args.synth) > 1:
         raise NeonError(f"--synth: search {cfg.search} sweeps one θs; give one file, or --search adaptive to choose "
                         f"among {len(args.synth)} snapshots")
-    snapshots = [load_state_dict(path, args.trust_architecture) for path in args.synth]   # each checked first
+    # Each snapshot read (and its embedded source checked) before anything is sampled, one at a time: the
+    # adaptive walk reads them again lazily, so only one is ever held beside θr.
+    for path in args.synth[1:]:
+        load_state_dict(path, args.trust_architecture)
+    theta_s = load_state_dict(args.synth[0], args.trust_architecture)
     device = next(bundle.net.parameters()).device
     metric = FIDMetric(args.detector, args.ref_stats, device, args.detector_weights)
     if cfg.search == "adaptive":
-        del snapshots   # the walk reads one snapshot at a time
+        del theta_s
         return adaptive_main(family, bundle, cfg, metric, args)
-    theta_s = snapshots[0]
     sweep = neon_sweep(family, bundle, state_dict_copy(bundle.net), theta_s, cfg, metric,
                        os.path.join(args.out, "sweep.json"))
     best = sweep.run()
