@@ -19,8 +19,11 @@ import transformers
 
 from hf_diffusers.config_bounds import check_numbers, class_name
 from hf_diffusers.pipeline import load_module, load_scheduler
-from neon.errors import NeonError
+from neon import paths
+from neon.checkpoint import check_state_dict
+from neon.errors import NeonError, one_line
 from neon.pipeline_folder import MODEL_INDEX, read_json
+from neon.transformers_folder import read_safetensors, weight_files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +52,7 @@ TEXT_ENCODERS = {name: getattr(transformers, name) for name in
                  ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")}
 TOKENIZERS = {name: getattr(transformers, name) for name in ("CLIPTokenizer", "T5TokenizerFast")}
 ABSENT = {"safety_checker", "feature_extractor", "image_encoder"}   # never loaded: not part of sampling
+MAX_TOKENIZER_BYTES = 64 << 20   # CLIP's vocab.json is 1.6 MB, T5's tokenizer.json 2.4 MB
 
 
 def components(folder: str) -> tuple[str, dict[str, tuple[str, str]]]:
@@ -83,6 +87,7 @@ def load_text_encoder(folder: str, cls_name: str, device) -> torch.nn.Module:
     config = read_json(config_path)
     for part in (config, config.get("text_config") or {}):
         check_numbers(config_path, {k: v for k, v in part.items() if not isinstance(v, dict)})
+    check_headers(folder, TEXT_ENCODERS[cls_name], config)
     transformers.utils.logging.disable_progress_bar()   # a bar per encoder would drown the run's own
     try:
         model, info = TEXT_ENCODERS[cls_name].from_pretrained(folder, use_safetensors=True, local_files_only=True,
@@ -99,9 +104,35 @@ def load_text_encoder(folder: str, cls_name: str, device) -> torch.nn.Module:
     return model.to(device).eval().requires_grad_(False)
 
 
+def check_headers(folder: str, cls, config: dict) -> None:
+    """Refuse a config whose model (built on the meta device: no memory) is not the one the safetensors headers
+    hold — each stored tensor a tensor of the model, of its shape, and every tensor of the model stored (but the
+    ones it ties to another) — before anything is allocated: what is then built is what the files hold."""
+    config_path = os.path.join(folder, "config.json")
+    try:
+        with torch.device("meta"):
+            model = cls(cls.config_class.from_dict(config))
+    except Exception as e:   # transformers' own refusals, and what a bad value breaks
+        raise NeonError(one_line(f"{config_path}: transformers cannot build {cls.__name__} from it "
+                                 f"({type(e).__name__}: {e})")) from None
+    expected = model.state_dict()
+    stored = {k: v for path in weight_files(folder) for k, v in read_safetensors(path, data=False).items()}
+    tied = getattr(model, "_tied_weights_keys", None) or ()
+    check_state_dict({k: v for k, v in expected.items() if k in stored or k not in tied},
+                     {k: v for k, v in stored.items() if k in expected or not k.endswith(".position_ids")},
+                     f"{folder}: the {cls.__name__} of its config.json is not the one its weights hold")
+
+
 def load_tokenizer(folder: str, cls_name: str):
+    """The tokenizer in `folder`: its files regular files of at most MAX_TOKENIZER_BYTES each (released ones are
+    a few MB), read by transformers as the JSON and text they are."""
     if cls_name not in TOKENIZERS:
         raise NeonError(f"{folder}: tokenizer class {cls_name!r} is not supported (known: {', '.join(TOKENIZERS)})")
+    for entry in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        path = paths.input_file(os.path.join(folder, entry), "tokenizer file")
+        if os.path.getsize(path) > MAX_TOKENIZER_BYTES:
+            raise NeonError(f"{path}: {os.path.getsize(path)} bytes, more than a tokenizer file holds (at most "
+                            f"{MAX_TOKENIZER_BYTES})")
     try:
         return TOKENIZERS[cls_name].from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as e:

@@ -133,8 +133,27 @@ def test_a_text_encoder_missing_a_weight_is_refused(tmp_path):
     state = safetensors.torch.load_file(str(weights))
     state.pop(sorted(state)[0])
     safetensors.torch.save_file(state, str(weights))
-    with pytest.raises(NeonError, match="text_encoder: weights do not match CLIPTextModel"):
+    with pytest.raises(NeonError, match="text_encoder: the CLIPTextModel of its config.json is not the one its "
+                                        "weights hold: 1 missing"):
         FAMILY.load(str(tmp_path / "pipe"))
+
+
+def test_a_text_encoder_config_far_larger_than_its_weights_is_refused_before_it_is_built(tmp_path, prompt_file):
+    """hidden 8192 × 64 layers asks for ~50 GB: refused from the headers, under a 6 GB address-space limit."""
+    import resource
+    import subprocess
+    import sys
+    FAMILY.save(FAMILY.tiny(prompts=prompt_file), str(tmp_path / "pipe"))
+    config = tmp_path / "pipe" / "text_encoder" / "config.json"
+    config.write_text(json.dumps(dict(json.loads(config.read_text()), hidden_size=8192, intermediate_size=32768,
+                                      num_hidden_layers=64, num_attention_heads=64)))
+    res = subprocess.run([sys.executable, "-m", "neon", "sample", "--family", "text2image", "--ckpt",
+                          str(tmp_path / "pipe"), "--load-arg", f"prompts={prompt_file}", "--seeds", "0-1",
+                          "--out", str(tmp_path / "s.npz")], capture_output=True, text=True, timeout=300,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30)))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr[-2000:]
+    assert "text_encoder: the CLIPTextModel of its config.json is not the one its weights hold" in res.stderr
+    assert not (tmp_path / "s.npz").exists()
 
 
 def test_an_unsupported_pipeline_or_component_class_is_refused(tmp_path):
@@ -199,3 +218,18 @@ def test_theta_s_as_a_guide_extrapolates_every_network_output(model, prompt_file
     assert torch.equal(FAMILY.sample(same, SEEDS, torch.tensor(LABELS), guide_scale=0.5, **ARGS),
                        FAMILY.sample(theta_r, SEEDS, torch.tensor(LABELS), **ARGS))
     assert not torch.equal(ours, FAMILY.sample(theta_r, SEEDS, torch.tensor(LABELS), **ARGS))
+
+
+def test_a_tokenizer_file_that_is_no_regular_file_or_too_large_is_refused(tmp_path):
+    import os
+    FAMILY.save(FAMILY.tiny(), str(tmp_path / "pipe"))
+    vocab = tmp_path / "pipe" / "tokenizer" / "tokenizer.json"   # as transformers' save_pretrained writes it
+    vocab.unlink()
+    os.mkfifo(vocab)   # reading it would block forever
+    with pytest.raises(NeonError, match="tokenizer.json: is a FIFO"):
+        FAMILY.load(str(tmp_path / "pipe"))
+    vocab.unlink()
+    with open(vocab, "wb") as f:
+        f.truncate((64 << 20) + 1)   # sparse: no disk used
+    with pytest.raises(NeonError, match="tokenizer.json: 67108865 bytes, more than a tokenizer file holds"):
+        FAMILY.load(str(tmp_path / "pipe"))

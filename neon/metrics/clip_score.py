@@ -26,8 +26,9 @@ from neon import paths
 from neon.checkpoint import check_state_dict
 from neon.errors import NeonError, one_line
 from neon.pipeline_folder import read_json
+from neon.transformers_folder import INDEX, read_safetensors, weight_files
 
-CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
+CONFIG = "config.json"
 PREPROCESSOR, VOCAB = "preprocessor_config.json", "vocab.json"
 FILES = (CONFIG, PREPROCESSOR, VOCAB, "merges.txt", "tokenizer_config.json")
 LEGACY_EOS = 2   # released OpenAI configs: transformers then pools at the highest token id (the end of text)
@@ -114,12 +115,12 @@ def load_clip(folder: str, device: str | torch.device = "cpu") -> ClipScorer:
 def _weights(folder: str, build) -> dict[str, torch.Tensor]:
     """The state dict of the folder's safetensors files, read only once their headers give exactly the names and
     shapes of `build()`'s model (built on the meta device: no memory)."""
-    files = _weight_files(folder)
+    files = weight_files(folder)
     with torch.device("meta"):
         expected = build().state_dict()
     stored: dict[str, torch.Tensor] = {}
     for path in files:
-        header = _safetensors(path, data=False)
+        header = read_safetensors(path, data=False)
         if stored.keys() & header.keys():
             raise NeonError(f"{path}: holds {min(stored.keys() & header.keys())}, which another shard holds too")
         stored.update(header)
@@ -128,7 +129,7 @@ def _weights(folder: str, build) -> dict[str, torch.Tensor]:
     label = files[0] if len(files) == 1 else os.path.join(folder, INDEX)
     check_state_dict(expected, {k: v for k, v in stored.items() if k not in computed},
                      f"{label}: not the CLIP model {CONFIG} describes")
-    return {k: v for path in files for k, v in _safetensors(path, data=True).items() if k not in computed}
+    return {k: v for path in files for k, v in read_safetensors(path, data=True).items() if k not in computed}
 
 
 def _config(path: str, config_class):
@@ -160,32 +161,6 @@ def _check_parts(folder: str, config, tokenizer, processor) -> None:
     if crop != (side, side) or not sane:   # a huge resize would allocate before the model refused the size
         raise NeonError(one_line(f"{os.path.join(folder, PREPROCESSOR)}: resizes to {processor.size} and crops to "
                                  f"{crop}, the vision model takes {side}x{side} images"))
-
-
-def _weight_files(folder: str) -> list[str]:
-    """model.safetensors, else the shards model.safetensors.index.json lists (plain names inside `folder`)."""
-    single, index = os.path.join(folder, WEIGHTS), os.path.join(folder, INDEX)
-    if not os.path.lexists(single) and os.path.lexists(index):
-        shards = read_json(index).get("weight_map")
-        names = list(dict.fromkeys(shards.values())) if isinstance(shards, dict) and shards else [None]
-        if not all(isinstance(n, str) and n not in ("", ".", "..") and os.path.basename(n) == n for n in names):
-            raise NeonError(one_line(f"{index}: weight_map must map tensors to file names in the folder"))
-        return [paths.input_file(os.path.join(folder, n), "safetensors file") for n in names]
-    if not os.path.lexists(single):
-        raise NeonError(f"{single}: not found (nor {INDEX}); only safetensors weights are read, never a .bin")
-    return [paths.input_file(single, "safetensors file")]
-
-
-def _safetensors(path: str, data: bool) -> dict[str, torch.Tensor]:
-    """The tensors of the safetensors file `path`; data=False: meta tensors of its header's shapes (no data read)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) if data else torch.empty(f.get_slice(k).get_shape(), device="meta")
-                    for k in f.keys()}
-    except Exception as e:   # safetensors' refusals: not its format, a bad header, offsets beyond the file
-        raise NeonError(one_line(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})")) from None
 
 
 def _built(path: str, build):
