@@ -22,7 +22,7 @@ from neon import dist
 from neon import score as points
 from neon.adaptive import Adaptive, Estimate, Point, jackknife_std
 from neon.checkpoint import atomic_open, load_state_dict
-from neon.config import RunConfig, SweepConfig, objective_key
+from neon.config import RunConfig, SweepConfig, class_count, objective_key
 from neon.errors import NeonError
 from neon.metrics.jackknife import frechet_jackknife
 from neon.repeats import per_range
@@ -59,12 +59,13 @@ class Measurer:
 
     def __init__(self, scorer: Scorer, paths: list[str], c: SweepConfig, trust: bool, log_path: str):
         self.scorer, self.paths, self.c, self.trust, self.log_path = scorer, paths, c, trust, log_path
-        self.n_max = c.num_images if not c.per_class else c.per_class * scorer.bundle.num_classes
+        classes = class_count(c, scorer.bundle.num_classes)   # the sweep's (sweep.classes), else the model's
+        self.n_max = c.num_images if not c.per_class else c.per_class * classes
         self.levels = levels(start_images(c, self.n_max), self.n_max)
         self.groups = jackknife_groups(c, self.levels[0])
-        self.seeds = plan_seeds(None if c.per_class else c.num_images, c.per_class, scorer.bundle.num_classes,
-                                c.seed_offset)
-        self.labels = draw_labels(scorer.family, scorer.bundle, self.seeds, "per_class" if c.per_class else "random")
+        self.seeds = plan_seeds(None if c.per_class else c.num_images, c.per_class, classes, c.seed_offset)
+        self.labels = draw_labels(scorer.family, scorer.bundle, self.seeds, "per_class" if c.per_class else "random",
+                                  classes=c.classes)
         metric = scorer.metric
         key = objective_key(c.objective)
         if key == "fid":

@@ -35,6 +35,8 @@ class SyntheticConfig:
     seed_offset: int = 0                 # first seed
     batch: int = 64                      # images per sampler call on one rank
     sampler: dict[str, Any] = dataclasses.field(default_factory=dict)   # family sampler kwargs
+    classes: list[int] | None = None     # [first, end): labels from these classes only (a text model's prompts
+                                         # first..end-1 of its prompt set); per_class counts them. None: all
 
 
 @dataclasses.dataclass
@@ -89,6 +91,7 @@ class SweepConfig:
     per_class: int | None = None         # balanced labels for the sweep samples (else random from the seed)
     seed_offset: int = 0
     batch: int = 64
+    classes: list[int] | None = None     # [first, end): the sweep's labels from these classes only (as synthetic's)
     # How the (w, cfg) plane is walked (neon/search.py):
     #   'grid': per cfg (outer), w in increasing order (inner), early stop once FID rises `tolerance` above the
     #           best along w; then best ± `refine` along w and along cfg.
@@ -242,6 +245,8 @@ class FinalConfig:
     seed_offset: int | None = None       # first seed; None: just past the sweep's seeds
     allow_overlap: bool = False          # accept final seeds that overlap the sweep's
     batch: int = 64
+    classes: list[int] | None = None     # [first, end): the final labels from these classes only (as synthetic's),
+                                         # e.g. prompts held out from the sweep's
     sampler: dict[str, Any] = dataclasses.field(default_factory=dict)   # θneon's (the sweep's cfg replaces its own)
     base_sampler: dict[str, Any] | None = None   # θr's own published settings; None: `sampler` as written
     evaluate_base: bool = True
@@ -447,6 +452,8 @@ def _semantic_checks(cfg: RunConfig, smoke: bool = False) -> None:
     for section in ("synthetic", "finetune", "sweep", "final"):
         if getattr(cfg, section).batch <= 0:
             raise ConfigError(f"{section}.batch: must be positive")
+    for section in ("synthetic", "sweep", "final"):
+        check_classes(getattr(cfg, section).classes, f"{section}.classes")
     if cfg.finetune.lr <= 0:
         raise ConfigError(f"finetune.lr: must be positive, got {cfg.finetune.lr}")
     if cfg.finetune.ema is not None and set(cfg.finetune.ema) - {"beta", "halflife_images"}:
@@ -574,11 +581,17 @@ def seed_range(num_images: int | None, per_class: int | None, seed_offset: int,
     return None if not count else (seed_offset, seed_offset + count - 1)
 
 
+def class_count(section, num_classes: int | None) -> int | None:
+    """The classes a section's labels come from: its `classes` span, else the model's (None before it loads)."""
+    return section.classes[1] - section.classes[0] if section.classes else num_classes
+
+
 def final_seed_offset(cfg: RunConfig, num_classes: int | None = None) -> int | None:
     """final.seed_offset, or where it is None the seed just past the sweep's last one."""
     if cfg.final.seed_offset is not None:
         return cfg.final.seed_offset
-    sweep = seed_range(cfg.sweep.num_images, cfg.sweep.per_class, cfg.sweep.seed_offset, num_classes)
+    sweep = seed_range(cfg.sweep.num_images, cfg.sweep.per_class, cfg.sweep.seed_offset,
+                       class_count(cfg.sweep, num_classes))
     return None if sweep is None else sweep[1] + 1
 
 
@@ -587,18 +600,29 @@ def final_seed_ranges(cfg: RunConfig, offset: int | None,
     """(first, last) seed of each of the final evaluation's `final.repeats` ranges, one after another from
     `offset`; None when the count is not known yet."""
     f = cfg.final
-    first = None if offset is None else seed_range(f.num_images, f.per_class, offset, num_classes)
+    first = None if offset is None else seed_range(f.num_images, f.per_class, offset, class_count(f, num_classes))
     if first is None:
         return None
     count = first[1] - first[0] + 1
     return [(first[0] + k * count, first[1] + k * count) for k in range(f.repeats)]
 
 
+def check_classes(classes, where: str, num_classes: int | None = None) -> None:
+    """A section's `classes`: [first, end) with 0 <= first < end (<= the model's classes, once it is loaded)."""
+    if classes is None:
+        return
+    if not (isinstance(classes, list) and len(classes) == 2 and all(type(c) is int for c in classes)
+            and 0 <= classes[0] < classes[1]):
+        raise ConfigError(f"{where}: expected [first, end) with 0 <= first < end, got {shown(classes)}")
+    if num_classes is not None and classes[1] > num_classes:
+        raise ConfigError(f"{where}: {classes} reaches past the model's {num_classes} classes (prompts)")
+
+
 def check_seed_overlap(cfg: RunConfig, num_classes: int | None = None) -> None:
     """Refuse final seeds, in any of the `final.repeats` ranges, that overlap the sweep's (unless
     final.allow_overlap). `num_classes`: the model's, once loaded (per-class sections count per_class·C seeds)."""
     s, f = cfg.sweep, cfg.final
-    sweep = seed_range(s.num_images, s.per_class, s.seed_offset, num_classes)
+    sweep = seed_range(s.num_images, s.per_class, s.seed_offset, class_count(s, num_classes))
     ranges = final_seed_ranges(cfg, final_seed_offset(cfg, num_classes), num_classes)
     if f.allow_overlap or sweep is None or ranges is None:
         return

@@ -38,18 +38,21 @@ MetricFactory = Callable[[], object]
 def evaluate_images(family: Family, bundle: Bundle, metric: MetricFactory, num_images: int | None = None,
                     per_class: int | None = None, seed_offset: int = 0, batch: int = 64,
                     sampler_args: dict | None = None, desc: str | None = None,
-                    seeds: list[int] | None = None, labels=None) -> dict:
+                    seeds: list[int] | None = None, labels=None, classes: list[int] | None = None) -> dict:
     """Sample `num_images` images (seeds from `seed_offset`, or the given `seeds`; split over ranks) and
-    return the metric's result. Labels: given, balanced with `per_class`, or drawn from each seed."""
+    return the metric's result. Labels: given, balanced with `per_class`, or drawn from each seed; from the
+    classes [first, end) only when `classes` is given (per_class then counts those)."""
     if seeds is None:
-        seeds = plan_seeds(None if per_class else num_images, per_class, bundle.num_classes, seed_offset)
+        count = classes[1] - classes[0] if classes else bundle.num_classes
+        seeds = plan_seeds(None if per_class else num_images, per_class, count, seed_offset)
     if labels is None:
-        labels = draw_labels(family, bundle, seeds, "per_class" if per_class else "random")
+        labels = draw_labels(family, bundle, seeds, "per_class" if per_class else "random", classes=classes)
     # Whole batches per rank, so every image is computed in the same batch on any number of processes.
     mine = [i for part in deal(plan_batches(len(seeds), batch)) for i in part]
     acc = metric()
     for chunk, chunk_labels, images in generate(family, bundle, [seeds[i] for i in mine],
-                                     None if labels is None else labels[mine], batch, sampler_args or {}, desc):
+                                                None if labels is None else labels[mine], batch, sampler_args or {},
+                                                desc):
         acc.update(torch.from_numpy(images), chunk, chunk_labels)
     result = dict(acc.finish())
     result["num_images"] = len(seeds)

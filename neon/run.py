@@ -29,7 +29,9 @@ from neon.config import (
     METHOD_KIND,
     OBJECTIVE_LABELS,
     RunConfig,
+    check_classes,
     check_seed_overlap,
+    class_count,
     config_kind,
     final_seed_offset,
     format_metric,
@@ -190,6 +192,8 @@ def stages(cfg: RunConfig, rec: RunRecord, base_path: str | None, smoke: bool, n
 def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device, config: str) -> dict:
     bundle, base_path = load_base(family, cfg, smoke, device)
     check_seed_overlap(cfg, bundle.num_classes)   # again with the model's class count, before anything is written
+    for section in ("synthetic", "sweep", "final"):
+        check_classes(getattr(cfg, section).classes, f"{section}.classes", bundle.num_classes)
     suffix = "" if family.SAVES_FOLDERS else os.path.splitext(base_path)[1] if base_path else ".pth"
     neon_path = os.path.join(out, "neon" + suffix)
     rec = RunRecord(out, cfg.to_dict(), {"smoke": smoke, "versions": _versions()})
@@ -203,10 +207,10 @@ def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device, config: 
     if not rec.stage("sample"):
         s = cfg.synthetic
         t0 = time.time()
-        seeds = plan_seeds(s.num_images, s.per_class, bundle.num_classes, s.seed_offset)
+        seeds = plan_seeds(s.num_images, s.per_class, class_count(s, bundle.num_classes), s.seed_offset)
         step(1, f"sample: S, {len(seeds):,} images from θr")
         if not os.path.isfile(synthetic):   # else: a killed run had joined S but not recorded it yet
-            labels = draw_labels(family, bundle, seeds, s.labels)
+            labels = draw_labels(family, bundle, seeds, s.labels, classes=s.classes)
             sample_to_npz(family, bundle, seeds, labels, synthetic, s.batch, s.sampler)
         rec.record("sample", {"path": synthetic, "num_images": len(seeds), "seconds": round(time.time() - t0, 1)})
 
@@ -237,7 +241,7 @@ def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device, config: 
         key = objective_key(cfg.sweep.objective)
         doc = write_summary(out, entries, cfg.sweep.cfg_key, key)
         first, last = seed_range(cfg.sweep.num_images, cfg.sweep.per_class, cfg.sweep.seed_offset,
-                                 bundle.num_classes)
+                                 class_count(cfg.sweep, bundle.num_classes))
         rec.record("sweep", {"best": doc["best"], "theta_s": best_entry(entries, key)["path"], "ref_stats": ref,
                              "objective": cfg.sweep.objective,
                              "snapshots": doc["snapshots"], "seeds": [first, last],

@@ -77,10 +77,17 @@ def plan_seeds(num_images: int | None = None, per_class: int | None = None, num_
 
 
 def class_labels(seeds: Sequence[int], num_classes: int, mode: str = "random",
-                 label_list: Sequence[int] | None = None, null_class: bool = False) -> np.ndarray | None:
+                 label_list: Sequence[int] | None = None, null_class: bool = False,
+                 classes: Sequence[int] | None = None) -> np.ndarray | None:
     """Labels for `seeds`: 'per_class' (the i-th seed gets class i mod C, so every prefix is balanced),
     'random' (drawn from the seed alone), 'list' (given), 'none' (unconditional models only).
-    null_class: a given list may also hold C, the model's unconditional class (see `allows_null_class`)."""
+    null_class: a given list may also hold C, the model's unconditional class (see `allows_null_class`).
+    classes: [first, end): 'per_class' and 'random' labels from these classes only (first + i mod (end − first))."""
+    if classes is not None and mode in ("per_class", "random") and num_classes > 0:
+        first, end = classes
+        if not 0 <= first < end <= num_classes:
+            raise NeonError(f"classes {list(classes)}: not within the model's {num_classes} classes")
+        return first + class_labels(seeds, end - first, mode)
     if num_classes <= 0:
         if mode == "list" and label_list is not None:
             raise NeonError("labels were given for an unconditional model")
@@ -118,10 +125,13 @@ def allows_null_class(family: Family) -> bool:
 
 
 def draw_labels(family: Family, bundle: Bundle, seeds: Sequence[int], mode: str = "random",
-                label_list: Sequence[int] | None = None) -> np.ndarray | None:
-    """`class_labels` for this model; 'random' labels come from the family's own rule where it has one
-    (`family.labels_from_seeds(bundle, seeds)`, e.g. EDM's generate.py draws the class from the image's
-    generator after its latents), so a seed gives the image the official code gives it."""
+                label_list: Sequence[int] | None = None, classes: Sequence[int] | None = None) -> np.ndarray | None:
+    """`class_labels` for this model; 'random' labels over all classes come from the family's own rule where it
+    has one (`family.labels_from_seeds(bundle, seeds)`, e.g. EDM's generate.py draws the class from the image's
+    generator after its latents), so a seed gives the image the official code gives it. classes: [first, end),
+    labels from these only."""
+    if classes is not None:
+        return class_labels(seeds, bundle.num_classes, mode, label_list, allows_null_class(family), classes)
     if mode == "random" and bundle.num_classes > 0:
         own = family.labels_from_seeds(bundle, list(seeds))
         if own is not None:

@@ -35,11 +35,13 @@ class Point:
 
 @dataclasses.dataclass(frozen=True)
 class Seeds:
-    """Which images a score is measured on: num_images seeds from `offset` (or per_class per class)."""
+    """Which images a score is measured on: num_images seeds from `offset` (or per_class per class), labels from
+    the classes [first, end) when `classes` is given."""
     num_images: int | None
     per_class: int | None
     offset: int
     batch: int
+    classes: tuple[int, int] | None = None
 
 
 class Scorer:
@@ -64,7 +66,7 @@ class Scorer:
         """The metric's result on the point's images (plus 'num_images')."""
         with self.holding(None if point.weights is None else point.weights()) as bundle:
             return evaluate_images(self.family, bundle, self.metric, seeds.num_images, seeds.per_class, seeds.offset,
-                                   seeds.batch, point.sampler, desc=desc)
+                                   seeds.batch, point.sampler, desc=desc, classes=seeds.classes)
 
     def with_bundle(self, bundle: Bundle) -> Scorer:
         """The same scorer sampling `bundle` (the same network with a guide set, say)."""

@@ -63,10 +63,10 @@ def final_result(scorer: Scorer, point: Point, cfg: RunConfig, offset: int, desc
     their mean, std and each range's numbers when there are several)."""
     f = cfg.final
     t0 = time.time()
-    ranges = final_seed_ranges(cfg, offset, scorer.bundle.num_classes)
+    ranges = final_seed_ranges(cfg, offset, scorer.bundle.num_classes)   # (per_class counts final.classes)
     results = []
     for first, last in ranges:
-        result = scorer.score(point, Seeds(f.num_images, f.per_class, first, f.batch),
+        result = scorer.score(point, Seeds(f.num_images, f.per_class, first, f.batch, f.classes),
                               desc=desc + (f" (seeds {first}–{last})" if len(ranges) > 1 else ""))
         results.append({**result, "seeds": [first, last]})
     return {**combine_ranges(results), "sampler": dict(point.sampler), "seconds": round(time.time() - t0, 1)}

@@ -91,7 +91,7 @@ class Sweep:
     def settings(self) -> dict:
         c = self.cfg
         return {"num_images": c.num_images, "per_class": c.per_class, "seed_offset": c.seed_offset,
-                "sampler": c.sampler, "cfg_key": c.cfg_key}
+                "sampler": c.sampler, "cfg_key": c.cfg_key, **({"classes": c.classes} if c.classes else {})}
 
     def point(self, w: float, guidance: float | None, setting: dict | None = None, base: dict | None = None) -> Point:
         """What is sampled at (w, guidance, setting): with the sweep's sampler arguments, or `base` (the final
@@ -109,7 +109,8 @@ class Sweep:
             t0 = time.time()
             label = point_label(at["w"], at["cfg"], at["setting"], self.cfg.cfg_key, "omega" in at)
             c = self.cfg
-            result = self.scorer.score(point, Seeds(c.num_images, c.per_class, c.seed_offset, c.batch), desc=label)
+            seeds = Seeds(c.num_images, c.per_class, c.seed_offset, c.batch, c.classes)
+            result = self.scorer.score(point, seeds, desc=label)
             if result.get(self.key) is None:
                 raise NeonError(f"sweep.objective: the metric gave no {self.key!r} (it gave {', '.join(result)})")
             self.points[key] = {**at, **result, "seconds": round(time.time() - t0, 2)}

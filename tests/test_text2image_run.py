@@ -5,10 +5,12 @@ import json
 import os
 
 import numpy as np
+import pytest
 import torch
 import yaml
 
 from hf_text2image.tiny_clip import write_tiny_clip
+from neon.errors import NeonError
 from neon.family import get_family
 from neon.metrics.clip_score import load_clip
 from neon.run import run
@@ -69,3 +71,46 @@ def test_an_edited_prompt_file_redoes_the_run_from_s(tmp_path, capsys):
     doc = run(config, str(tmp_path / "out"), smoke=True)
     assert "sample: redone (load_args.prompts.sha256 changed" in capsys.readouterr().out
     assert doc["plan"]["sample"]["inputs"]["load_args.prompts.sha256"] is not None
+
+
+def test_each_stage_draws_its_prompts_from_its_own_range(tmp_path):
+    """synthetic.classes / sweep.classes / final.classes: S from prompts 0–1, the sweep from 2–3, the final
+    evaluation from 4–5 of one prompt file; a range past the prompt set is refused before anything runs."""
+    from neon.evaluate import evaluate_images
+    from neon.sampling import class_labels
+    assert class_labels(range(6), 6, "per_class", classes=[2, 4]).tolist() == [2, 3, 2, 3, 2, 3]
+    assert set(class_labels(range(50), 6, "random", classes=[4, 6]).tolist()) == {4, 5}
+
+    six = PROMPTS + ["a blue car", "a green tree", "a white boat"]
+    config = yaml.safe_load(open(_config(tmp_path)))
+    (tmp_path / "prompts.txt").write_text("\n".join(six) + "\n")
+    config["metrics"].pop("clip")
+    config["synthetic"]["classes"], config["sweep"]["classes"] = [0, 2], [2, 4]
+    config["final"] |= {"classes": [4, 6], "per_class": 2}
+    (tmp_path / "ranges.yaml").write_text(yaml.safe_dump(config))
+    doc = run(str(tmp_path / "ranges.yaml"), str(tmp_path / "out"), smoke=True)
+    assert set(np.load(tmp_path / "out" / "synthetic.npz")["arr_1"].tolist()) == {0, 1}
+    assert doc["stages"]["final"]["neon"]["num_images"] == 4   # per_class 2 × the 2 prompts of final.classes
+
+    seen = []
+
+    class Labels:   # a metric that records the labels it is given
+        def __call__(self):
+            return self
+
+        def update(self, images, seeds, labels=None):
+            seen.extend(labels.tolist())
+
+        def finish(self):
+            return {"fid": 0.0}
+
+    bundle = get_family("text2image").tiny(prompts=str(tmp_path / "prompts.txt"))
+    evaluate_images(get_family("text2image"), bundle, Labels(), per_class=1, batch=4, classes=[2, 5],
+                    sampler_args=STEPS)
+    assert seen == [2, 3, 4]
+
+    config["final"]["classes"] = [4, 9]
+    (tmp_path / "past.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(NeonError, match=r"final.classes: \[4, 9\] reaches past the model's 6 classes"):
+        run(str(tmp_path / "past.yaml"), str(tmp_path / "out2"), smoke=True)
+    assert not (tmp_path / "out2" / "synthetic.npz").exists()
