@@ -19,12 +19,13 @@ from neon.lora import Lora
 
 DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]   # train_text_to_image_lora.py's target_modules
 ADAPTER = "default"                                     # PEFT's adapter name
-FIELDS = ("rank", "alpha", "targets")
+FIELDS = ("rank", "alpha", "targets", "out_rank")
 
 
 def check_lora(spec: dict | None, where: str = "finetune.lora") -> dict | None:
-    """{rank, alpha, targets} with defaults filled (alpha = rank, as the script; the four attention projections),
-    or None for full fine-tuning; a bad field is one line naming it."""
+    """{rank, alpha, targets, out_rank} with defaults filled (alpha = rank, as the script; the four attention
+    projections; out_rank None: θneon's LoRA keeps its exact rank), or None for full fine-tuning; a bad field is
+    one line naming it."""
     if spec is None:
         return None
     if not isinstance(spec, dict):
@@ -41,7 +42,11 @@ def check_lora(spec: dict | None, where: str = "finetune.lora") -> dict | None:
     targets = spec.get("targets", DEFAULT_TARGETS)
     if not (isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)):
         raise NeonError(f"{where}.targets: a non-empty list of module names, got {shown(targets)}")
-    return {"rank": rank, "alpha": float(alpha), "targets": list(targets)}
+    out_rank = spec.get("out_rank")
+    if out_rank is not None and not (isinstance(out_rank, int) and not isinstance(out_rank, bool) and out_rank >= 1):
+        raise NeonError(f"{where}.out_rank: a rank of at least 1 (θneon's LoRA cut to it by SVD), or null, got "
+                        f"{shown(out_rank)}")
+    return {"rank": rank, "alpha": float(alpha), "targets": list(targets), "out_rank": out_rank}
 
 
 def add_adapters(net: torch.nn.Module, spec: dict, seed: int) -> None:

@@ -42,7 +42,7 @@ from neon.config import (
 from neon.errors import NeonError
 from neon.evaluate import FIDMetric, stand_in_stats
 from neon.family import Bundle, Family, get_family
-from neon.lora import neon_lora
+from neon.lora import neon_lora, truncate
 from neon.lora_train import read_factors
 from neon.merge import merge_state_dicts
 from neon.model_card import write_model_card
@@ -259,7 +259,7 @@ def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device, config: 
         with scorer.holding(merge_state_dicts(theta_r, theta_s, swept["best"]["w"])):
             family.save(bundle, neon_path)
     if dist.is_main() and (cfg.finetune.lora or bundle.lora) and not os.path.exists(os.path.join(out, LORA_DIR)):
-        save_neon_lora(family, bundle, swept, os.path.join(out, LORA_DIR))
+        save_neon_lora(family, bundle, swept, os.path.join(out, LORA_DIR), (cfg.finetune.lora or {}).get("out_rank"))
     dist.barrier()
     if not rec.stage("final"):
         step(4, "final evaluation: θr on the final seeds" if cfg.final.evaluate_base else "final evaluation")
@@ -271,11 +271,25 @@ def _run(family: Family, cfg: RunConfig, out: str, smoke: bool, device, config: 
     return rec.doc
 
 
-def save_neon_lora(family: Family, bundle, swept: dict, folder: str) -> None:
+def save_neon_lora(family: Family, bundle, swept: dict, folder: str, out_rank: int | None = None) -> None:
     """θneon as one LoRA, in the layouts the family's users load: −w·ΔW_s on θr for a fresh LoRA, or
-    (1+w)·ΔW_r − w·ΔW_s on the base when θr is base + ΔW_r (exact, by rank concatenation: neon.lora.neon_lora)."""
+    (1+w)·ΔW_r − w·ΔW_s on the base when θr is base + ΔW_r (exact, by rank concatenation: neon.lora.neon_lora).
+    out_rank: cut each adapter to this rank by SVD instead, its relative error (Frobenius) said and written to
+    `folder`/truncation.json."""
     loras = neon_lora(bundle.lora, read_factors(lora_path(swept["theta_s"])), swept["best"]["w"])
-    write_folder(folder, lambda tmp: family.save_lora(bundle, loras, tmp))
+    errors = {}
+    if out_rank is not None:
+        for name in loras:
+            loras[name], errors[name] = truncate(loras[name], out_rank)
+        print(f"θneon's LoRA cut to rank {out_rank}: relative error of ΔW at most {max(errors.values()):.3g} "
+              f"(mean {sum(errors.values()) / len(errors):.3g}; {LORA_DIR}/truncation.json)")
+
+    def fill(tmp: str) -> None:
+        family.save_lora(bundle, loras, tmp)
+        if errors:
+            with open(os.path.join(tmp, "truncation.json"), "w") as f:
+                json.dump({"rank": out_rank, "relative_error": errors}, f, indent=1)
+    write_folder(folder, fill)
 
 
 class Steps:

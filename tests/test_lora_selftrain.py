@@ -3,6 +3,7 @@ fused, and θneon written as a LoRA and fused by diffusers' own pipeline loader 
 for weight — for the diffusers/PEFT file and the kohya file alike."""
 import copy
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -105,12 +106,13 @@ def test_the_same_seed_gives_the_same_adapters(trained, tmp_path):
     ({"rank": 4, "dropout": 0.1}, "finetune.lora: unknown field 'dropout'"),
     ({"alpha": -1}, "finetune.lora.alpha: a positive number"),
     ({"targets": []}, "finetune.lora.targets: a non-empty list"),
+    ({"out_rank": 0}, "finetune.lora.out_rank: a rank of at least 1"),
     ([4], "finetune.lora: expected a mapping"),
 ])
 def test_a_bad_lora_field_is_named_in_one_line(spec, message):
     with pytest.raises(NeonError, match=message):
         check_lora(spec)
-    assert check_lora({"rank": 8}) == {"rank": 8, "alpha": 8.0, "targets": DEFAULT_TARGETS}
+    assert check_lora({"rank": 8}) == {"rank": 8, "alpha": 8.0, "targets": DEFAULT_TARGETS, "out_rank": None}
 
 
 def test_targets_that_match_no_module_are_refused(trained, tmp_path):
@@ -164,6 +166,17 @@ def test_a_users_lora_is_fused_into_theta_r_and_self_training_continues_it(users
     fused = pipe.unet.state_dict()
     assert max(float((fused[k].double() - v.double()).norm() / v.double().norm()) for k, v in merged.items()) <= 1e-6
     assert {lora.rank for lora in read_peft(str(tmp_path / "neon_lora" / PEFT_FILE)).values()} == {4}
+
+    # asked for rank 2 instead: the best rank-2 ΔW of each (SVD), its relative error written beside and true
+    save_neon_lora(FAMILY, theta_r, {"theta_s": snapshot, "best": {"w": W}}, str(tmp_path / "cut"), out_rank=2)
+    exact = read_peft(str(tmp_path / "neon_lora" / PEFT_FILE))
+    cut = read_peft(str(tmp_path / "cut" / PEFT_FILE))
+    errors = json.loads((tmp_path / "cut" / "truncation.json").read_text())["relative_error"]
+    assert {lora.rank for lora in cut.values()} == {2} and set(errors) == set(exact)
+    for name, lora in exact.items():
+        delta = lora.delta().double()
+        true_error = float((delta - cut[name].delta().double()).norm() / delta.norm())
+        assert 0 < errors[name] and abs(errors[name] - true_error) <= 1e-5
 
 
 def test_a_lora_for_another_network_is_refused_in_one_line(tmp_path):
