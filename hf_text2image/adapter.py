@@ -17,6 +17,7 @@ pipeline's own `encode_prompt`, and kept for S, the sweep, the final evaluation 
 """
 from __future__ import annotations
 
+import collections
 import copy
 import inspect
 import os
@@ -29,6 +30,7 @@ from hf_diffusers.lora_files import read_peft, save_layouts
 from hf_diffusers.loss import diffusion_loss, noise_scheduler
 from hf_diffusers.pipeline import HUB_ID, pipeline_class, resolve
 from hf_diffusers.sampler import to_uint8
+from hf_text2image.build import BUILD_ARGS, build_parts
 from hf_text2image.flow_loss import DEFAULTS as FLOW_DEFAULTS
 from hf_text2image.flow_loss import flow_matching_loss, training_schedule
 from hf_text2image.pipeline import SPECS, load_pipeline, pipeline_object
@@ -36,7 +38,7 @@ from hf_text2image.prompts import Prompt, read_prompts
 from hf_text2image.tiny import MODELS, tiny_parts
 from neon import containers, paths
 from neon.errors import NeonError
-from neon.family import Arg, Bundle, Family, TrainDefaults
+from neon.family import Arg, Bundle, Family, TrainDefaults, arg_names
 from neon.guidance import GUIDE_SCALE, active_guide, mix
 from neon.lora import merged_weight
 
@@ -74,6 +76,7 @@ TINY_ARGS = (
     Arg("scheduler", str | None, None, "diffusers scheduler class; None: DDIMScheduler (SD3: "
         "FlowMatchEulerDiscreteScheduler)"),
 )
+CACHE_BYTES = 1 << 30   # prompt embeddings kept between batches
 SMOKE_PROMPTS = ("a photo of a cat", "a painting of a red house", "a dog on the beach")
 
 
@@ -82,6 +85,7 @@ class Text2ImageFamily(Family):
     CONTAINERS = (containers.PIPELINE_FOLDER,)
     SAVES_FOLDERS = True
     SAMPLER_ARGS, LOSS_ARGS, LOAD_ARGS, TINY_ARGS = SAMPLER_ARGS, LOSS_ARGS, LOAD_ARGS, TINY_ARGS
+    BUILD_ARGS = BUILD_ARGS
     loads_hub_ids = True
     # train_text_to_image.py / train_text_to_image_lora.py: AdamW(lr, betas=(0.9, 0.999), weight_decay=1e-2,
     # eps=1e-8), max_grad_norm 1.0, float32 (mixed precision on GPU is the user's --mixed_precision choice).
@@ -124,6 +128,24 @@ class Text2ImageFamily(Family):
                 part.to(device).eval().requires_grad_(False)
         return with_lora(_bundle(pipeline, parts, prompt_set, None), lora)
 
+    def build(self, device: torch.device | str = "cpu", seed: int = 0, resolution: int = 16, img_channels: int = 3,
+              prompts: str | None = None, **sizes) -> Bundle:
+        """A StableDiffusionPipeline built from scratch (hf_text2image/build.py) to train on your images: a random
+        UNet and VAE (train the VAE first), a frozen random CLIP text encoder whose tokenizer knows the prompts'
+        words; label i is prompt i of `prompts`. sizes: BUILD_ARGS. The same seed gives the same weights."""
+        unknown = set(sizes) - set(arg_names(BUILD_ARGS))
+        if unknown:
+            raise NeonError(f"text2image build: unknown arguments {sorted(unknown)} "
+                            f"(known: {', '.join(arg_names(BUILD_ARGS))})")
+        prompt_set = _prompt_set(prompts) or [Prompt(p) for p in SMOKE_PROMPTS]
+        pipeline, parts = build_parts(int(resolution), int(img_channels), [p.text for p in prompt_set] +
+                                      [p.negative for p in prompt_set], seed,
+                                      **({a.name: a.default for a in BUILD_ARGS} | sizes))
+        for part in parts.values():
+            if isinstance(part, torch.nn.Module):
+                part.to(device).eval().requires_grad_(False)
+        return _bundle(pipeline, parts, prompt_set, None)
+
     # -- sampling -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, bundle: Bundle, seeds: Sequence[int], labels: torch.Tensor | None, **sampler_args
@@ -134,7 +156,7 @@ class Text2ImageFamily(Family):
         (1+ω)·out_θr − ω·out_θs, θs = `bundle.guide` run on the same inputs (after it, the pipeline's own CFG)."""
         indices = _prompt_labels(bundle, labels, len(seeds))
         if not indices:
-            return torch.zeros((0, bundle.resolution, bundle.resolution, 3), dtype=torch.uint8)
+            return torch.zeros((0, bundle.resolution, bundle.resolution, bundle.channels), dtype=torch.uint8)
         pipe = _pipeline(bundle)
         omega = float(sampler_args.pop("guide_scale", 0.0))
         guide = active_guide(bundle, omega)
@@ -159,10 +181,11 @@ class Text2ImageFamily(Family):
     # -- training -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, bundle: Bundle, images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """uint8 (B, H, W, 3) -> {'x0': the VAE latents × scaling_factor, float32 (B, C, H/f, W/f) (C = 4; SD3's:
-        16, centred by shift_factor first), 'labels': the prompt of each image}. The posterior's mean, not a draw
+        """uint8 (B, H, W, C) (C = the VAE's in_channels: 3, or 1 for a grey `build`) -> {'x0': the VAE latents ×
+        scaling_factor, float32 (B, C', H/f, W/f) (C' = 4; SD3's: 16, centred by shift_factor first), 'labels': the
+        prompt of each image}. The posterior's mean, not a draw
         from it: the set is encoded once, and a draw would depend on how the images were split over processes."""
-        expected = (bundle.resolution, bundle.resolution, 3)
+        expected = (bundle.resolution, bundle.resolution, bundle.channels)
         if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise NeonError(f"text2image encode: expected uint8 images (B, {', '.join(map(str, expected))}), got "
                             f"{images.dtype} {tuple(images.shape)}")
@@ -197,8 +220,10 @@ class Text2ImageFamily(Family):
         return diffusion_loss(net, noise_scheduler(scheduler), x0, cond, False, snr_gamma)
 
     def save(self, bundle: Bundle, path: str) -> None:
-        """Write a pipeline folder at `path` that DiffusionPipeline.from_pretrained loads (atomically)."""
-        save_pipeline(bundle, path, lambda: _pipeline(bundle))
+        """Write a pipeline folder at `path` that DiffusionPipeline.from_pretrained loads (atomically). A network
+        without a folder of its own (tiny, built) is saved whole, from a copy on the CPU: transformers' save_pretrained
+        then sees host tensors, whatever device the run is on."""
+        save_pipeline(bundle, path, lambda: copy.deepcopy(_pipeline(bundle)).to("cpu"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -228,8 +253,9 @@ def _bundle(pipeline: str, parts: dict, prompts: list[Prompt], source: str | Non
         raise NeonError(f"text2image: only square images are supported (sample_size {side})")
     helpers = {name: part for name, part in parts.items() if isinstance(part, torch.nn.Module) and name != spec.net}
     info = dict(pipeline=pipeline, component=spec.net, parts={k: v for k, v in parts.items() if k != spec.net},
-                prompts=prompts, embeddings={})
-    return Bundle(net=net, helpers=helpers, num_classes=len(prompts), resolution=int(side) * scale, channels=3,
+                prompts=prompts, embeddings=collections.OrderedDict())
+    return Bundle(net=net, helpers=helpers, num_classes=len(prompts), resolution=int(side) * scale,
+                  channels=int(vae.config.in_channels),
                   source=source, info=info)
 
 
@@ -274,9 +300,12 @@ def _prompt_labels(bundle: Bundle, labels, batch: int) -> list[int]:
 
 
 def _encoded(bundle: Bundle, pipe, index: int) -> tuple[torch.Tensor, ...]:
-    """encode_prompt's outputs for prompt `index` (with its negative prompt), computed once, kept on the CPU."""
+    """encode_prompt's outputs for prompt `index` (with its negative prompt), kept on the CPU: computed once while
+    the kept ones fit in CACHE_BYTES (SDXL's are 1.3 MB a prompt), else again, least recently used first out."""
     cache = bundle.info["embeddings"]
-    if index not in cache:
+    if index in cache:
+        cache.move_to_end(index)
+    else:
         prompt = bundle.info["prompts"][index]
         args = dict(prompt=prompt.text, negative_prompt=prompt.negative, device=bundle.net.device,
                     num_images_per_prompt=1, do_classifier_free_guidance=True)
@@ -286,6 +315,9 @@ def _encoded(bundle: Bundle, pipe, index: int) -> tuple[torch.Tensor, ...]:
                   and p.name not in args]
         out = pipe.encode_prompt(**args, **dict.fromkeys(others))
         cache[index] = tuple(t.cpu() for t in out)
+        keep = max(1, CACHE_BYTES // sum(t.nbytes for t in cache[index]))   # every prompt's are the same size
+        while len(cache) > keep:
+            cache.popitem(last=False)
     return cache[index]
 
 

@@ -50,9 +50,10 @@ finally:
         json.dump(evaluations, f)
 '''
 
-# Two cheap smoke runs under simulation (about 35 s and 15 s on a 2-core machine): EDM's runs every baseline,
-# the guided ones included (θneon merged on the GPU from θs read from a file); the diffusers DiT encodes its latents.
-SMOKE_CONFIGS = ["configs/edm_cifar10_cond.yaml", "configs/diffusers_dit_256.yaml"]
+# Three cheap smoke runs under simulation (about 35, 15 and 40 s on a 2-core machine): EDM's runs every baseline,
+# the guided ones included (θneon merged on the GPU from θs read from a file); the diffusers DiT encodes its latents;
+# SD3 trains a LoRA with the flow-matching loss and writes θneon as a LoRA.
+SMOKE_CONFIGS = ["configs/edm_cifar10_cond.yaml", "configs/diffusers_dit_256.yaml", "configs/text2image_sd35.yaml"]
 
 
 def _simulated(tmp_path, code: str, *args: str) -> dict:

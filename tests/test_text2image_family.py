@@ -233,3 +233,14 @@ def test_a_tokenizer_file_that_is_no_regular_file_or_too_large_is_refused(tmp_pa
         f.truncate((64 << 20) + 1)   # sparse: no disk used
     with pytest.raises(NeonError, match="tokenizer.json: 67108865 bytes, more than a tokenizer file holds"):
         FAMILY.load(str(tmp_path / "pipe"))
+
+
+def test_the_embedding_cache_keeps_what_fits_and_recomputes_the_rest(prompt_file, monkeypatch):
+    import hf_text2image.adapter as adapter
+    bundle = FAMILY.tiny(prompts=prompt_file)
+    first = FAMILY.sample(bundle, SEEDS, torch.tensor(LABELS), **ARGS)
+    one = sum(t.nbytes for t in bundle.info["embeddings"][0])
+    monkeypatch.setattr(adapter, "CACHE_BYTES", 2 * one)   # room for two prompts' embeddings
+    small = FAMILY.tiny(prompts=prompt_file)
+    assert torch.equal(FAMILY.sample(small, SEEDS, torch.tensor(LABELS), **ARGS), first)
+    assert list(small.info["embeddings"]) == [1, 2]   # the two used last; prompt 0 recomputed when asked again
