@@ -169,9 +169,9 @@ class Text2ImageFamily(Family):
         hook = None if guide is None else bundle.net.register_forward_hook(_guided_by(guide, omega),
                                                                            with_kwargs=True)
         try:
+            generators = [torch.Generator().manual_seed(own_seed(bundle, i, s)) for i, s in zip(indices, seeds)]
             images = pipe(**text_embeddings(bundle, pipe, indices), height=bundle.resolution, width=bundle.resolution,
-                          generator=[torch.Generator().manual_seed(int(s)) for s in seeds], output_type="pt",
-                          **chosen).images
+                          generator=generators, output_type="pt", **chosen).images
         finally:
             bundle.net.train(was_training)
             if hook is not None:
@@ -238,6 +238,12 @@ def _guided_by(guide: torch.nn.Module, omega: float):
         out_r.sample = mix(out_r.sample, out_s.sample, omega)
         return out_r
     return hook
+
+
+def own_seed(bundle: Bundle, index: int, seed: int) -> int:
+    """The generator seed of an image of prompt `index` given the run's `seed`: the prompt's own, where it has one."""
+    fixed = bundle.info["prompts"][index].seed
+    return int(seed) if fixed is None else fixed
 
 
 def _prompt_set(path: str | None) -> list[Prompt]:

@@ -102,7 +102,8 @@ def test_a_text_model_without_prompts_is_refused_in_one_line(tmp_path):
 
 @pytest.mark.parametrize("name, text, message", [
     ("p.txt", "\n\n", "no prompts"),
-    ("p.jsonl", '{"prompt": "a cat"}\n{"prompt": "a dog", "seed": 3}\n', r"p.jsonl:2: unknown field 'seed'"),
+    ("p.jsonl", '{"prompt": "a cat"}\n{"prompt": "a dog", "steps": 3}\n', r"p.jsonl:2: unknown field 'steps'"),
+    ("p.jsonl", '{"prompt": "a dog", "seed": -1}\n', r"p.jsonl:1: seed must be an integer in \[0, 2\^63\)"),
     ("p.jsonl", '{"prompt": "a cat"}\nnot json\n', r"p.jsonl:2: not a JSON object"),
     ("p.jsonl", '{"negative_prompt": "x"}\n', r"p.jsonl:1: no prompt"),
     ("p.jsonl", '["a cat"]\n', r"p.jsonl:1: expected an object"),
@@ -244,3 +245,16 @@ def test_the_embedding_cache_keeps_what_fits_and_recomputes_the_rest(prompt_file
     small = FAMILY.tiny(prompts=prompt_file)
     assert torch.equal(FAMILY.sample(small, SEEDS, torch.tensor(LABELS), **ARGS), first)
     assert list(small.info["embeddings"]) == [1, 2]   # the two used last; prompt 0 recomputed when asked again
+
+
+def test_a_prompt_with_its_own_seed_is_drawn_from_it_whatever_the_runs_seed(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a photo of a cat", "seed": 1234}\n{"prompt": "a dog on the beach"}\n')
+    bundle = FAMILY.tiny(prompts=str(path))
+    fixed = FAMILY.sample(bundle, [5, 6, 7], torch.tensor([0, 0, 1]), **ARGS)
+    assert torch.equal(fixed[0], fixed[1])                                    # prompt 0: always seed 1234
+    assert torch.equal(fixed[:1], FAMILY.sample(bundle, [1234], torch.tensor([0]), **ARGS))
+    (tmp_path / "plain.txt").write_text("a photo of a cat\na dog on the beach\n")   # the same prompts, no seed
+    plain = FAMILY.tiny(prompts=str(tmp_path / "plain.txt"))
+    assert torch.equal(fixed[2], FAMILY.sample(plain, [7], torch.tensor([1]), **ARGS)[0])   # prompt 1: the run's seed
+    assert not torch.equal(fixed[0], FAMILY.sample(plain, [5], torch.tensor([0]), **ARGS)[0])
