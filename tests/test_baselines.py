@@ -211,7 +211,7 @@ def test_guidance_retune_refinement_stays_at_w_zero_with_the_official_search(mon
     theta_r = {k: v.clone() for k, v in bundle.net.state_dict().items()}
     sampled = []
 
-    def fake_evaluate(family, bundle, metric, num_images, per_class, seed_offset, batch, args, desc=""):
+    def fake_evaluate(family, bundle, metric, num_images, per_class, seed_offset, batch, args, desc="", classes=None):
         sampled.append((args["cfg"], all(torch.equal(v, theta_r[k]) for k, v in bundle.net.state_dict().items())))
         return {"fid": (args["cfg"] - 1.7) ** 2}          # lowest just off the grid: the refinement moves
     monkeypatch.setattr(score_module, "evaluate_images", fake_evaluate)
