@@ -19,11 +19,16 @@ SEEDS, LABELS = [3, 7, 11, 12], [2, 0, 1, 2]
 ARGS = dict(num_inference_steps=3, guidance_scale=3.0)
 
 
-@pytest.fixture
-def prompt_file(tmp_path):
-    path = tmp_path / "prompts.jsonl"
+def write_prompts(folder) -> str:
+    """PROMPTS as a JSONL prompt file in `folder` -> its path (the SD3 tests use it too)."""
+    path = folder / "prompts.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
     return str(path)
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    return write_prompts(tmp_path)
 
 
 def pipelines_own(bundle, folder=None) -> torch.Tensor:

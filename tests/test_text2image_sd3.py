@@ -1,30 +1,23 @@
 """The text-to-image family on SD3 / SD3.5 (StableDiffusion3Pipeline): a tiny random MMDiT pipeline built here, whose
 images equal the pipeline's own __call__, whose latents are SD3's shifted ones, and whose loss is the flow-matching
 objective of diffusers' examples/dreambooth/train_dreambooth_lora_sd3.py, step by step."""
-import json
 
 import diffusers
 import numpy as np
 import pytest
 import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+from test_text2image_family import ARGS, LABELS, PROMPTS, SEEDS, write_prompts
 
 from neon.errors import NeonError
 from neon.family import get_family
 
 FAMILY = get_family("text2image")
-PROMPTS = [{"prompt": "a photo of a cat", "negative_prompt": "blurry"},
-           {"prompt": "a red house by the sea"},
-           {"prompt": "a dog on the beach", "negative_prompt": "a cat"}]
-SEEDS, LABELS = [3, 7, 11, 12], [2, 0, 1, 2]
-ARGS = dict(num_inference_steps=3, guidance_scale=3.0)
 
 
 @pytest.fixture
 def prompt_file(tmp_path):
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
-    return str(path)
+    return write_prompts(tmp_path)
 
 
 @pytest.fixture

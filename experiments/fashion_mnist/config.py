@@ -151,12 +151,14 @@ def range_size(cfg: StudyConfig, num_classes: int = len(CLASSES)) -> int:
     return e.per_class * num_classes if cfg.model.conditional else e.num_images
 
 
-def parse_study(data: Any, smoke: bool = False) -> StudyFile:
+def parse_study(data: Any, smoke: bool = False, file_class: type = StudyFile):
+    """The study file `data` (its smoke section applied with `smoke`) as `file_class`, its study checked; a study
+    that extends this one's (experiments/fashion_t2i) passes its own file class and adds its checks."""
     if not isinstance(data, dict) or "study" not in data:
         raise ConfigError("study: a study config needs a top-level 'study:' section")
     if smoke:
         data = apply_smoke(data)
-    doc = build_config(StudyFile, data, "")
+    doc = build_config(file_class, data, "")
     _checks(doc.study)
     return doc
 

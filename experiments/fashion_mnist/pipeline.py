@@ -394,6 +394,26 @@ def stage_evaluate(family: Family, bundle: Bundle, theta_r: dict, thetas: dict, 
 
 # ---------------------------------------------------------------------------------------------------------
 
+def stage_arms(family: Family, bundle: Bundle, cfg: StudyConfig, rec: StudyRecord, data: dict[str, str],
+               data_key: str, clf, ref, clf_key: str, base_key: str) -> tuple[dict, dict]:
+    """From θr on: each arm's training set (S from the ODE sampler, the real control subset, S from the diverse
+    sampler), its self-training, and the paired evaluation -> (evaluation, the training sets' facts)."""
+    theta_r = {k: v.detach().clone() for k, v in bundle.net.state_dict().items()}
+    sets, set_keys = {}, {}
+    sets["ode"], set_keys["ode"] = stage_synthetic(family, bundle, cfg, rec, "synthetic_ode",
+                                                   cfg.synthetic.sampler, base_key)
+    sets["control"], set_keys["control"] = stage_real_subset(cfg, rec, data, data_key)
+    sets["diverse"], set_keys["diverse"] = stage_synthetic(family, bundle, cfg, rec, "synthetic_diverse",
+                                                           cfg.synthetic.diverse_sampler, base_key)
+    thetas, arm_keys = {}, {}
+    for arm in ARMS:
+        thetas[arm], arm_keys[arm] = stage_selftrain(family, bundle, theta_r, cfg, rec, arm, sets[arm],
+                                                     rec.key(None, set_keys[arm], base_key))
+    evaluation = stage_evaluate(family, bundle, theta_r, thetas, cfg, rec, clf, ref, [clf_key, base_key],
+                                arm_keys)
+    return evaluation, training_set_facts(sets, clf, ref)
+
+
 def run_study(config_path: str, out: str, smoke: bool = False) -> dict:
     """`neon run configs/fashion_mnist_16.yaml [--smoke]`: every stage, cached in `out`; returns study.json's
     content (also written to `out/study.json`, with table.md, fd_vs_w.png and samples.png)."""
@@ -409,19 +429,6 @@ def run_study(config_path: str, out: str, smoke: bool = False) -> dict:
         data, data_key = stage_data(cfg, rec)
         clf, ref, clf_key = stage_classifier(cfg, rec, data, data_key)
         bundle, _, base_key = stage_base(family, cfg, rec, data, data_key)
-        theta_r = {k: v.detach().clone() for k, v in bundle.net.state_dict().items()}
-        sets, set_keys = {}, {}
-        sets["ode"], set_keys["ode"] = stage_synthetic(family, bundle, cfg, rec, "synthetic_ode",
-                                                       cfg.synthetic.sampler, base_key)
-        sets["control"], set_keys["control"] = stage_real_subset(cfg, rec, data, data_key)
-        sets["diverse"], set_keys["diverse"] = stage_synthetic(family, bundle, cfg, rec, "synthetic_diverse",
-                                                               cfg.synthetic.diverse_sampler, base_key)
-        thetas, arm_keys = {}, {}
-        for arm in ARMS:
-            thetas[arm], arm_keys[arm] = stage_selftrain(family, bundle, theta_r, cfg, rec, arm, sets[arm],
-                                                         rec.key(None, set_keys[arm], base_key))
-        evaluation = stage_evaluate(family, bundle, theta_r, thetas, cfg, rec, clf, ref, [clf_key, base_key],
-                                    arm_keys)
-        facts = training_set_facts(sets, clf, ref)
+        evaluation, facts = stage_arms(family, bundle, cfg, rec, data, data_key, clf, ref, clf_key, base_key)
         summary = write_report(out, rec.doc, cfg, evaluation, facts, smoke, wall_seconds=time.time() - t_start)
     return summary

@@ -6,8 +6,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from experiments.fashion_mnist.config import StudyConfig, _checks
-from neon.config import ConfigError, apply_smoke, build_config, load_yaml
+from experiments.fashion_mnist.config import StudyConfig
+from experiments.fashion_mnist.config import parse_study as parse_image_study
+from neon.config import ConfigError, load_yaml
 
 KIND = "fashion_mnist_text2image"
 # Fashion-MNIST's ten classes in caption words, in label order (datasets.CLASSES): prompt i asks for class i.
@@ -65,13 +66,8 @@ class StudyFile:
 
 
 def parse_study(data: Any, smoke: bool = False) -> StudyFile:
-    if not isinstance(data, dict) or "study" not in data:
-        raise ConfigError("study: a study config needs a top-level 'study:' section")
-    if smoke:
-        data = apply_smoke(data)
-    doc = build_config(StudyFile, data, "")
+    doc = parse_image_study(data, smoke, StudyFile)   # the Fashion-MNIST study's checks, then the text ones
     cfg = doc.study
-    _checks(cfg)
     if not cfg.model.conditional:
         raise ConfigError("study.model.conditional: a text-to-image model is conditioned on its prompts")
     if len(cfg.prompts.classes) != len(CLASS_WORDS) or "{}" not in cfg.prompts.template:

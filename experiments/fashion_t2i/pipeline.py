@@ -12,20 +12,15 @@ import dataclasses
 import os
 import time
 
-from experiments.fashion_mnist.config import ARMS
 from experiments.fashion_mnist.pipeline import (
     StudyRecord,
     last_loss,
     log,
     read_all,
+    stage_arms,
     stage_classifier,
     stage_data,
-    stage_evaluate,
-    stage_real_subset,
-    stage_selftrain,
-    stage_synthetic,
     torch_threads,
-    training_set_facts,
 )
 from experiments.fashion_t2i.config import TextStudyConfig, load_study
 from experiments.fashion_t2i.report import write_text_report
@@ -106,20 +101,7 @@ def run_study(config_path: str, out: str, smoke: bool = False) -> dict:
         prompts, prompts_key = stage_prompts(cfg, rec)
         pipeline, vae_key = stage_vae(family, cfg, rec, data, prompts, [data_key, prompts_key])
         bundle, base_key = stage_base(family, cfg, rec, data, pipeline, prompts, vae_key)
-        theta_r = {k: v.detach().clone() for k, v in bundle.net.state_dict().items()}
-        sets, set_keys = {}, {}
-        sets["ode"], set_keys["ode"] = stage_synthetic(family, bundle, cfg, rec, "synthetic_ode",
-                                                       cfg.synthetic.sampler, base_key)
-        sets["control"], set_keys["control"] = stage_real_subset(cfg, rec, data, data_key)
-        sets["diverse"], set_keys["diverse"] = stage_synthetic(family, bundle, cfg, rec, "synthetic_diverse",
-                                                               cfg.synthetic.diverse_sampler, base_key)
-        thetas, arm_keys = {}, {}
-        for arm in ARMS:
-            thetas[arm], arm_keys[arm] = stage_selftrain(family, bundle, theta_r, cfg, rec, arm, sets[arm],
-                                                         rec.key(None, set_keys[arm], base_key))
-        evaluation = stage_evaluate(family, bundle, theta_r, thetas, cfg, rec, clf, ref, [clf_key, base_key],
-                                    arm_keys)
-        facts = training_set_facts(sets, clf, ref)
+        evaluation, facts = stage_arms(family, bundle, cfg, rec, data, data_key, clf, ref, clf_key, base_key)
         summary = write_text_report(out, rec.doc, cfg, evaluation, facts, smoke, time.time() - t_start,
                                     family.label_texts(bundle))
     return summary
